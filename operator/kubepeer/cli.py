@@ -1,0 +1,60 @@
+"""The `kubepeer` command: one entry point for every control-plane process and tool."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kubepeer import __version__
+from kubepeer.api.crd import stale_crds, write_crds
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _version(_: argparse.Namespace) -> int:
+    print(f"kubepeer {__version__}")
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    if args.check:
+        stale = stale_crds(args.out)
+        if stale:
+            print(
+                f"{args.out}/ is stale ({', '.join(stale)}): run `kubepeer crds` and commit",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.out}/ is up to date")
+        return 0
+    for path in write_crds(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubepeer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(run=_version)
+
+    crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
+    crds.add_argument("--out", type=Path, default=Path("crds"), help="directory (default: crds)")
+    crds.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the files are stale"
+    )
+    crds.set_defaults(run=_crds)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Command = args.run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
