@@ -1,0 +1,1 @@
+"""Livepeer wire facts, each stated once: pipelines, capability ids, billed units."""
