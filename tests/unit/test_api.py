@@ -60,7 +60,9 @@ def test_every_sample_round_trips_through_its_model(name, doc):
 
 def _subset(small: Any, big: Any) -> bool:
     if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and _subset(v, big[k]) for k, v in small.items())
+        return isinstance(big, dict) and all(
+            k in big and _subset(v, big[k]) for k, v in small.items()
+        )
     if isinstance(small, list):
         return isinstance(big, list) and len(small) == len(big) and all(map(_subset, small, big))
     if isinstance(small, float | int) and not isinstance(small, bool):
@@ -178,5 +180,7 @@ def test_crds_check_notices_a_stale_file(tmp_path: Path):
         (tmp_path / name).write_text(text)
     assert stale_crds(tmp_path) == []
     victim = next(iter(crd_files()))
-    (tmp_path / victim).write_text((tmp_path / victim).read_text().replace("minimum: 1", "minimum: 0"))
+    (tmp_path / victim).write_text(
+        (tmp_path / victim).read_text().replace("minimum: 1", "minimum: 0")
+    )
     assert stale_crds(tmp_path) == [victim]
