@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 from kubernetes import client, config
 
 from support import wait_for
@@ -110,6 +113,105 @@ def cluster(
 def api(cluster: Cluster) -> Iterator[client.ApiClient]:
     with cluster.api_client() as api_client:
         yield api_client
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    """The cluster with Kubepeer's CRDs installed from crds/."""
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    for name in ("aimodels.kubepeer.io", "pricings.kubepeer.io", "clusterkopfpeerings.kopf.dev"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    # Discovery (used by kubectl) catches up a moment after Established.
+    wait_for(
+        lambda: cluster.kubectl("get", "aimodels", "-A", check=False).returncode == 0,
+        timeout=30,
+        what="the aimodels resource in discovery",
+    )
+    return cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a loopback port, for the session."""
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no"],
+        stdout=(workdir / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, process=process)
+    wait_for(lambda: _pings(server), timeout=20, what="redis-server to answer PING")
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _pings(server: RedisServer) -> bool:
+    try:
+        return bool(server.client().ping())
+    except redis.ConnectionError:
+        return False
+
+
+@dataclass(frozen=True)
+class OperatorProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def operator(
+    request: pytest.FixtureRequest, crds: Cluster, redis_server: RedisServer, tmp_path_factory
+) -> Iterator[OperatorProcess]:
+    """`kubepeer operator` as a real process, watching the whole test cluster."""
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(crds.kubeconfig),
+        "PYTHONPATH": str(REPO / "operator"),
+        "KUBEPEER_RUNNER_IMAGE": "example.invalid/kubepeer-runner:test",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubepeer.cli", "operator", "--status-interval", "0.5",
+         "--redis-url", redis_server.url],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for(
+        lambda: process.poll() is not None or "watching" in log.read_text(),
+        timeout=30,
+        what="the operator to start",
+    )
+    assert process.poll() is None, log.read_text()
+    yield OperatorProcess(process=process, log=log)
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    if request.session.testsfailed:
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(log, ARTIFACTS / "operator.log")
+        print(f"\noperator log kept in {ARTIFACTS / 'operator.log'}")
 
 
 @pytest.fixture

@@ -34,6 +34,24 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from kubepeer.controller.main import run_operator
+
+    overrides = {
+        key: value
+        for key, value in {
+            "namespaces": args.namespace or None,
+            "standalone": args.standalone or None,
+            "status_interval_seconds": args.status_interval,
+            "redis_url": args.redis_url,
+            "proxy_url": args.proxy_url,
+            "runner_image": args.runner_image,
+        }.items()
+        if value is not None
+    }
+    return run_operator(overrides, liveness=args.liveness)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubepeer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="write nothing; exit 1 if the files are stale"
     )
     crds.set_defaults(run=_crds)
+
+    op = commands.add_parser(
+        "operator",
+        help="run the operator (settings also from KUBEPEER_* env; flags win)",
+    )
+    op.add_argument(
+        "--namespace", action="append", help="namespace to watch (repeat; default: all)"
+    )
+    op.add_argument("--standalone", action="store_true", help="no peering: a single replica")
+    op.add_argument("--status-interval", type=float, help="seconds between status refreshes")
+    op.add_argument("--redis-url", help="Redis with the proxy's demand records")
+    op.add_argument("--proxy-url", help="the proxy's URL, for aiModels.json")
+    op.add_argument("--runner-image", help="default runner image")
+    op.add_argument(
+        "--liveness", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
+    )
+    op.set_defaults(run=_operator)
     return parser
 
 

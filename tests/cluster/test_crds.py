@@ -15,23 +15,8 @@ from pydantic import ValidationError
 
 from conftest import REPO
 from kubepeer.api import GROUP, VERSION, AIModelSpec, Pipeline, PricingSpec
-from support import wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="session")
-def crds(cluster):
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    for name in ("aimodels.kubepeer.io", "pricings.kubepeer.io"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    # Discovery (used by kubectl) catches up a moment after Established.
-    wait_for(
-        lambda: cluster.kubectl("get", "aimodels", "-A", check=False).returncode == 0,
-        timeout=30,
-        what="the aimodels resource in discovery",
-    )
-    return cluster
 
 
 def test_every_sample_applies_cleanly(crds, namespace):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
@@ -413,6 +414,10 @@ class AIModelStatus(KubeModel):
     )
     last_cold_start_seconds: float | None = Field(
         default=None, ge=0, description="Seconds from the last scale-up to its first ready replica."
+    )
+    last_scale_up_time: datetime | None = Field(
+        default=None,
+        description="When replicas were last wanted after none were (creation or a wake-up).",
     )
 
 

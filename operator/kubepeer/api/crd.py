@@ -183,11 +183,48 @@ def build_crd(spec: CrdSpec) -> dict[str, Any]:
     }
 
 
+def kopf_peering_crds() -> list[dict[str, Any]]:
+    """kopf's peering resources, so that operator replicas agree which one acts."""
+    crds = []
+    for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
+        plural = kind.lower() + "s"
+        crds.append(
+            {
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.kopf.dev"},
+                "spec": {
+                    "group": "kopf.dev",
+                    "scope": scope,
+                    "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                    "versions": [
+                        {
+                            "name": "v1",
+                            "served": True,
+                            "storage": True,
+                            "schema": {
+                                "openAPIV3Schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "status": {
+                                            "type": "object",
+                                            "x-kubernetes-preserve-unknown-fields": True,
+                                        }
+                                    },
+                                }
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    return crds
+
+
 def crd_files() -> dict[str, str]:
     """File name -> YAML text of every CRD, as `crds/` should hold them."""
     files = {}
-    for spec in CRDS:
-        crd = build_crd(spec)
+    for crd in [build_crd(spec) for spec in CRDS] + kopf_peering_crds():
         text = yaml.safe_dump(crd, sort_keys=False, width=100, allow_unicode=True)
         files[f"{crd['metadata']['name']}.yaml"] = GENERATED_HEADER + text
     return files

@@ -1,0 +1,375 @@
+"""Pure builders: AIModels in, the manifests of their runners out. No I/O here.
+
+A *runner* is one Deployment and one Service. A dedicated runner serves one AIModel; a
+share-group runner packs every AIModel of one `gpu.shareGroup` into one pod on one GPU
+(the runner's multi-model mode, configured by the MODELS env var; see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kubepeer.api import API_VERSION, AIModelSpec, WarmPolicy
+from kubepeer.controller import labels as L
+from kubepeer.controller.settings import OperatorSettings
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB, as NVIDIA GPU feature discovery writes it
+AUTH_TOKEN_KEY = "token"
+MODELS_VOLUME = "models"
+
+
+class InvalidSpec(ValueError):
+    """An AIModel (or a share group) that cannot be turned into a runner, and why."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One AIModel as a runner sees it."""
+
+    name: str
+    uid: str
+    spec: AIModelSpec
+
+
+@dataclass(frozen=True)
+class RunnerPlan:
+    """What one runner must serve; built from AIModels, turned into manifests below."""
+
+    name: str
+    namespace: str
+    members: tuple[Member, ...]
+    share_group: str | None = None
+
+    @classmethod
+    def dedicated(cls, namespace: str, member: Member) -> RunnerPlan:
+        return cls(name=L.runner_name(aimodel=member.name), namespace=namespace, members=(member,))
+
+    @classmethod
+    def group(cls, namespace: str, share_group: str, members: list[Member]) -> RunnerPlan:
+        if not members:
+            raise InvalidSpec(f"share group '{share_group}' has no AIModels")
+        ordered = tuple(sorted(members, key=lambda m: m.name))
+        images = {m.spec.image for m in ordered}
+        if len(images) > 1:
+            listed = ", ".join(f"{m.name}={m.spec.image or 'default'}" for m in ordered)
+            raise InvalidSpec(
+                f"share group '{share_group}' mixes runner images ({listed}): "
+                "one runner process serves the group, so its AIModels must name the same image"
+            )
+        products = [set(m.spec.gpu.products) for m in ordered if m.spec.gpu.products]
+        if products and not set.intersection(*products):
+            raise InvalidSpec(
+                f"share group '{share_group}' allows no GPU product every member accepts"
+            )
+        return cls(
+            name=L.runner_name(share_group=share_group),
+            namespace=namespace,
+            members=ordered,
+            share_group=share_group,
+        )
+
+    # --- what the plan implies, derived from its members ---
+
+    @property
+    def lead(self) -> AIModelSpec:
+        return self.members[0].spec
+
+    @property
+    def replicas(self) -> int:
+        return max(m.spec.desired_replicas for m in self.members)
+
+    @property
+    def warm(self) -> bool:
+        return any(m.spec.warm.policy is WarmPolicy.ALWAYS for m in self.members)
+
+    @property
+    def gpus(self) -> int:
+        return 1 if self.share_group else self.lead.gpu.count
+
+    @property
+    def min_gpu_memory_mib(self) -> int | None:
+        needs = [m.spec.gpu.min_memory_mib for m in self.members if m.spec.gpu.min_memory]
+        return max(needs) if needs else None
+
+    @property
+    def gpu_products(self) -> list[str]:
+        allowed = [set(m.spec.gpu.products) for m in self.members if m.spec.gpu.products]
+        return sorted(set.intersection(*allowed)) if allowed else []
+
+    def labels(self) -> dict[str, str]:
+        result = L.common_labels(self.name)
+        if self.share_group:
+            result[L.SHARE_GROUP] = self.share_group
+        else:
+            result[L.AIMODEL] = self.members[0].name
+            result[L.PIPELINE] = self.lead.pipeline.value
+        return result
+
+    def models_annotation(self) -> str:
+        return json.dumps(
+            [
+                {
+                    "aimodel": m.name,
+                    "pipeline": m.spec.pipeline.value,
+                    "modelId": m.spec.model_id,
+                    "capacity": m.spec.capacity,
+                }
+                for m in self.members
+            ],
+            separators=(",", ":"),
+        )
+
+
+def owner_references(plan: RunnerPlan) -> list[dict[str, Any]]:
+    """Every member owns the runner: it is garbage-collected when the last one goes."""
+    dedicated = plan.share_group is None
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "AIModel",
+            "name": m.name,
+            "uid": m.uid,
+            "controller": dedicated,
+            "blockOwnerDeletion": dedicated,
+        }
+        for m in plan.members
+    ]
+
+
+def runner_env(
+    plan: RunnerPlan, settings: OperatorSettings, model_dir: str
+) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if plan.share_group:
+        models = [
+            {
+                "pipeline": m.spec.pipeline.value,
+                "model_id": m.spec.model_id,
+                "optimizations": [o.value for o in m.spec.optimizations],
+            }
+            for m in plan.members
+        ]
+        env.append({"name": "MODELS", "value": json.dumps(models, separators=(",", ":"))})
+    else:
+        env += [
+            {"name": "PIPELINE", "value": plan.lead.pipeline.value},
+            {"name": "MODEL_ID", "value": plan.lead.model_id},
+        ]
+        env += [{"name": flag.value, "value": "true"} for flag in plan.lead.optimizations]
+    env.append({"name": "MODEL_DIR", "value": model_dir})
+    env.append(
+        {
+            "name": "AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": settings.auth_secret, "key": AUTH_TOKEN_KEY}},
+        }
+    )
+    seen = {e["name"] for e in env}
+    for m in plan.members:
+        for var in m.spec.env:
+            if var.name not in seen:
+                env.append(var.to_wire())
+                seen.add(var.name)
+    return env
+
+
+def node_affinity(plan: RunnerPlan) -> dict[str, Any] | None:
+    expressions: list[dict[str, Any]] = []
+    if plan.gpu_products:
+        expressions.append(
+            {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": plan.gpu_products}
+        )
+    if plan.min_gpu_memory_mib:
+        # `Gt` compares the label as an integer: more than (need - 1) MiB means at least need.
+        expressions.append(
+            {
+                "key": GPU_MEMORY_LABEL,
+                "operator": "Gt",
+                "values": [str(plan.min_gpu_memory_mib - 1)],
+            }
+        )
+    if not expressions:
+        return None
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
+            }
+        }
+    }
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": min(period, 5),
+        "failureThreshold": failures,
+    }
+
+
+def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dict[str, Any]:
+    lead = plan.lead
+    cache = lead.model_cache
+    model_dir = cache.mount_path if cache else settings.model_dir
+    volume: dict[str, Any] = {"name": MODELS_VOLUME}
+    volume.update(cache.volume if cache else {"emptyDir": {}})
+
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    for m in plan.members:
+        limits.update(m.spec.resources.limits)
+        requests.update(m.spec.resources.requests)
+    if plan.gpus:
+        limits[GPU_RESOURCE] = str(plan.gpus)
+
+    period = settings.probe_period_seconds
+    container: dict[str, Any] = {
+        "name": "runner",
+        "image": lead.image or settings.image_for(lead.pipeline),
+        "ports": [{"name": "http", "containerPort": settings.runner_port, "protocol": "TCP"}],
+        "env": runner_env(plan, settings, model_dir),
+        "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
+        "volumeMounts": [
+            {
+                "name": MODELS_VOLUME,
+                "mountPath": model_dir,
+                "readOnly": bool(cache and cache.read_only),
+            }
+        ],
+        # /readyz and /livez mirror /health without needing AUTH_TOKEN: kubelet probes
+        # cannot carry a secret. Loading big weights may take many minutes, so the startup
+        # probe allows startup_timeout_seconds before liveness may restart anything.
+        "startupProbe": _probe(
+            "/readyz", period, math.ceil(settings.startup_timeout_seconds / period)
+        ),
+        "readinessProbe": _probe("/readyz", period, 1),
+        "livenessProbe": _probe("/livez", period, settings.liveness_failure_threshold),
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+    }
+
+    tolerations = [t.to_wire() for m in plan.members for t in m.spec.tolerations]
+    if plan.gpus:
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    tolerations = [
+        dict(t) for t in {json.dumps(t, sort_keys=True): t for t in tolerations}.values()
+    ]
+    node_selector: dict[str, str] = {}
+    for m in reversed(plan.members):
+        node_selector.update(m.spec.node_selector)
+
+    pod_spec: dict[str, Any] = {
+        "priorityClassName": (
+            settings.warm_priority_class if plan.warm else settings.cold_priority_class
+        ),
+        "containers": [container],
+        "volumes": [volume],
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if affinity := node_affinity(plan):
+        pod_spec["affinity"] = affinity
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+    labels = plan.labels()
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": plan.name,
+            "namespace": plan.namespace,
+            "labels": labels,
+            "ownerReferences": owner_references(plan),
+        },
+        "spec": {
+            "replicas": plan.replicas,
+            "selector": {"matchLabels": {L.RUNNER: plan.name}},
+            # Keep serving while rolling: bring the new replica up before the old goes.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {L.MODELS_ANNOTATION: plan.models_annotation()},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_runner_service(plan: RunnerPlan, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": plan.name,
+            "namespace": plan.namespace,
+            "labels": plan.labels(),
+            "ownerReferences": owner_references(plan),
+        },
+        "spec": {
+            "selector": {L.RUNNER: plan.name},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": settings.runner_port,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_auth_secret(namespace: str, settings: OperatorSettings, token: str) -> dict[str, Any]:
+    """The runners' AUTH_TOKEN, shared by the proxy; made once per namespace, never rotated here."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": settings.auth_secret,
+            "namespace": namespace,
+            "labels": {L.PART_OF: "kubepeer", L.MANAGED_BY: "kubepeer-operator"},
+        },
+        "stringData": {AUTH_TOKEN_KEY: token},
+    }
+
+
+def build_priority_classes(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Warm runners outrank cold ones, so the scheduler preempts a cold model to place a warm."""
+    return [
+        {
+            "apiVersion": "scheduling.k8s.io/v1",
+            "kind": "PriorityClass",
+            "metadata": {"name": name, "labels": {L.PART_OF: "kubepeer"}},
+            "value": value,
+            "globalDefault": False,
+            "preemptionPolicy": preemption,
+            "description": description,
+        }
+        for name, value, preemption, description in (
+            (
+                settings.warm_priority_class,
+                settings.warm_priority,
+                "PreemptLowerPriority",
+                "Kubepeer Always runners: may preempt OnDemand runners",
+            ),
+            (
+                settings.cold_priority_class,
+                settings.cold_priority,
+                "Never",
+                "Kubepeer OnDemand runners: preemptible, never preempt",
+            ),
+        )
+    ]

@@ -1,0 +1,199 @@
+"""Pure price compilation: AIModels and Pricings in, the proxy's table and aiModels.json out.
+
+Prices are exact rationals in wei per billed unit until the very edge, where the
+Livepeer wire wants two int64s (pricePerUnit / pixelsPerUnit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from kubepeer.api import AIModelSpec, Currency, Price, PriceEntry, PricingSpec, WarmPolicy
+from kubepeer.api.pricing import ANY
+from kubepeer.livepeer.capabilities import BILLING_UNIT, Unit, unit_fits
+
+WEI_PER_ETH = 10**18
+INT64_MAX = 2**63 - 1
+
+
+class PricingProblem(ValueError):
+    """No price applies to a model, and why."""
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """What one model costs: wei per billed unit, by default and per gateway."""
+
+    unit: Unit
+    wei_per_unit: Fraction
+    gateways: dict[str, Fraction] = field(default_factory=dict)
+    source: Price | None = None  # the price as the user wrote it, for aiModels.json
+    surge: dict[str, float] | None = None
+
+
+def wei_per_unit(price: Price, usd_per_eth: Fraction | None) -> Fraction:
+    amount = Fraction(price.price_per_unit)
+    match price.currency:
+        case Currency.WEI:
+            wei = amount
+        case Currency.ETH:
+            wei = amount * WEI_PER_ETH
+        case Currency.USD:
+            rate = Fraction(price.usd_per_eth) if price.usd_per_eth is not None else usd_per_eth
+            if not rate:
+                raise PricingProblem("a USD price needs a usdPerEth conversion rate above 0")
+            wei = amount * WEI_PER_ETH / rate
+    return wei / price.pixels_per_unit
+
+
+def price_info(wei: Fraction) -> tuple[int, int]:
+    """(pricePerUnit, pixelsPerUnit) as int64s, the closest the wire can say `wei`."""
+    best = wei.limit_denominator(INT64_MAX)
+    while best.numerator > INT64_MAX:  # a huge price: give up precision in the denominator
+        best = Fraction(round(best.numerator / 2), max(1, round(best.denominator / 2)))
+    return best.numerator, best.denominator
+
+
+def _matches(entry: PriceEntry, spec: AIModelSpec) -> int | None:
+    """How specifically `entry` prices `spec` (higher wins), or None when it does not."""
+    if entry.pipeline not in (ANY, spec.pipeline.value):
+        return None
+    if entry.model_id not in (ANY, spec.model_id):
+        return None
+    if entry.unit is not None and not unit_fits(spec.pipeline, entry.unit):
+        return None
+    return (2 if entry.pipeline != ANY else 0) + (1 if entry.model_id != ANY else 0)
+
+
+def _best(entries: list[PriceEntry], spec: AIModelSpec) -> PriceEntry | None:
+    scored = [(s, i, e) for i, e in enumerate(entries) if (s := _matches(e, spec)) is not None]
+    # Most specific first; among equals, the one written first.
+    return min(scored, key=lambda t: (-t[0], t[1]))[2] if scored else None
+
+
+def price_from_pricing(spec: AIModelSpec, pricing_name: str, pricing: PricingSpec) -> ModelPrice:
+    rate = Fraction(pricing.usd_per_eth) if pricing.usd_per_eth is not None else None
+    default = _best([e for e in pricing.prices if e.gateway is None], spec)
+    if default is None:
+        raise PricingProblem(
+            f"Pricing '{pricing_name}' has no price for {spec.pipeline.value} {spec.model_id}"
+        )
+    gateways: dict[str, Fraction] = {}
+    for address in sorted({e.gateway.lower() for e in pricing.prices if e.gateway}):
+        entries = [e for e in pricing.prices if e.gateway and e.gateway.lower() == address]
+        if best := _best(entries, spec):
+            gateways[address] = wei_per_unit(best, rate)
+    return ModelPrice(
+        unit=default.unit or BILLING_UNIT[spec.pipeline],
+        wei_per_unit=wei_per_unit(default, rate),
+        gateways=gateways,
+        source=default.model_copy(
+            update={"usd_per_eth": default.usd_per_eth or pricing.usd_per_eth}
+        ),
+        surge=pricing.surge.model_dump() if pricing.surge else None,
+    )
+
+
+def resolve_price(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelPrice:
+    """The price of one AIModel: inline, from the Pricing it names, or from any in its namespace."""
+    choice = spec.pricing
+    if choice and choice.price:
+        return ModelPrice(
+            unit=choice.price.unit or BILLING_UNIT[spec.pipeline],
+            wei_per_unit=wei_per_unit(choice.price, None),
+            source=choice.price,
+        )
+    if choice and choice.ref:
+        if choice.ref not in pricings:
+            raise PricingProblem(f"Pricing '{choice.ref}' not found in this namespace")
+        return price_from_pricing(spec, choice.ref, pricings[choice.ref])
+    problems = []
+    for name in sorted(pricings):
+        try:
+            return price_from_pricing(spec, name, pricings[name])
+        except PricingProblem as exc:
+            problems.append(str(exc))
+    raise PricingProblem(
+        "; ".join(problems) if problems else "no Pricing in this namespace and no inline price"
+    )
+
+
+@dataclass(frozen=True)
+class TableRow:
+    aimodel: str
+    spec: AIModelSpec
+    runner: str
+    price: ModelPrice | None
+
+
+def models_table(rows: list[TableRow], runner_port: int) -> dict[str, Any]:
+    """models.json: what the proxy routes and charges by (see DESIGN.md, "The proxy's inputs")."""
+    models = []
+    for row in sorted(rows, key=lambda r: r.aimodel):
+        entry: dict[str, Any] = {
+            "aimodel": row.aimodel,
+            "pipeline": row.spec.pipeline.value,
+            "modelId": row.spec.model_id,
+            "capability": row.spec.pipeline.capability,
+            "runner": row.runner,
+            "port": runner_port,
+            "capacity": row.spec.capacity,
+            "warm": row.spec.warm.policy.value,
+            "maxReplicas": row.spec.warm.max_replicas,
+            "price": None,
+        }
+        if row.price:
+            num, den = price_info(row.price.wei_per_unit)
+            entry["price"] = {
+                "unit": row.price.unit.value,
+                "weiPerUnit": _fraction(row.price.wei_per_unit),
+                "pricePerUnit": num,
+                "pixelsPerUnit": den,
+                "gateways": {a: _fraction(w) for a, w in row.price.gateways.items()},
+                "surge": row.price.surge,
+            }
+        models.append(entry)
+    return {"version": 1, "models": models}
+
+
+def _fraction(value: Fraction) -> str:
+    return (
+        str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    )
+
+
+def ai_models_json(rows: list[TableRow], proxy_url: str) -> list[dict[str, Any]]:
+    """go-livepeer's aiModels.json: every priced model as an external container at the proxy."""
+    entries = []
+    for row in sorted(rows, key=lambda r: r.aimodel):
+        if row.price is None:
+            continue  # unpriced models are not offered to gateways
+        entry: dict[str, Any] = {
+            "pipeline": row.spec.pipeline.value,
+            "model_id": row.spec.model_id,
+            "warm": row.spec.warm.policy is WarmPolicy.ALWAYS,
+            "capacity": row.spec.capacity * row.spec.warm.max_replicas,
+            "url": proxy_url,
+        }
+        if row.spec.optimizations:
+            entry["optimization_flags"] = {f.value: True for f in row.spec.optimizations}
+        source = row.price.source
+        if source is not None and source.currency is Currency.USD:
+            entry["price_per_unit"] = f"{format(source.price_per_unit, 'f')}USD"
+            entry["pixels_per_unit"] = source.pixels_per_unit
+            entry["currency"] = "USD"
+        else:
+            num, den = price_info(row.price.wei_per_unit)
+            entry["price_per_unit"] = num
+            entry["pixels_per_unit"] = den
+            entry["currency"] = "WEI"
+        entries.append(entry)
+        for address, wei in row.price.gateways.items():
+            num, den = price_info(wei)
+            entries.append(
+                {**entry, "price_per_unit": num, "pixels_per_unit": den, "currency": "WEI",
+                 "gateway": address}
+            )  # fmt: skip
+    return entries

@@ -1,0 +1,199 @@
+"""Pure status: what the Deployment and its pods say, turned into an AIModel's status.
+
+Nothing here is guessed: unschedulable comes from the scheduler's PodScheduled
+condition on the pods, a failed load from the runner's container state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubepeer.api import AIModelStatus, Condition, ConditionStatus, Phase
+
+READY, PROGRESSING, DEGRADED, PRICED = "Ready", "Progressing", "Degraded", "Priced"
+CRASH_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerError"}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator read from the cluster about one AIModel's runner."""
+
+    desired: int
+    generation: int
+    deployment: dict[str, Any] | None
+    pods: list[dict[str, Any]]
+    selector: str
+    invalid: str | None = None  # why the spec cannot be run, if it cannot
+    pricing_problem: str | None = None  # why no price applies, if none does
+
+
+def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
+    for pod in pods:
+        for cond in pod.get("status", {}).get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return cond.get("message") or "the scheduler found no node"
+    return None
+
+
+def _load_failure(pods: list[dict[str, Any]]) -> str | None:
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in CRASH_REASONS:
+                detail = waiting.get("message") or ""
+                last = (cs.get("lastState") or {}).get("terminated") or {}
+                if last.get("message"):
+                    detail = last["message"]
+                return f"{waiting['reason']} in pod {pod['metadata']['name']}" + (
+                    f": {detail}" if detail else ""
+                )
+    return None
+
+
+def _never_fits(scheduler_message: str) -> bool:
+    """True when no node could take the pod even if empty (affinity, selector, taints),
+    rather than every suitable node being full (`Insufficient ...`)."""
+    return "Insufficient" not in scheduler_message
+
+
+def compute_status(
+    observed: Observed, previous: AIModelStatus | None, now: datetime | None = None
+) -> AIModelStatus:
+    now = now or datetime.now(UTC)
+    previous = previous or AIModelStatus()
+    deploy_status = (observed.deployment or {}).get("status", {})
+    replicas = int(deploy_status.get("replicas") or 0)
+    ready = int(deploy_status.get("readyReplicas") or 0)
+    desired = observed.desired
+    unschedulable = _unschedulable(observed.pods)
+    load_failure = _load_failure(observed.pods)
+
+    # (phase, ready condition, progressing, degraded) as (status, reason, message)
+    if observed.invalid:
+        phase = Phase.FAILED
+        ready_c = (ConditionStatus.FALSE, "InvalidSpec", observed.invalid)
+        degraded_c = (ConditionStatus.TRUE, "InvalidSpec", observed.invalid)
+        progressing_c = (ConditionStatus.FALSE, "InvalidSpec", "nothing to roll out")
+    elif desired == 0:
+        phase = Phase.IDLE if replicas == 0 else Phase.PENDING
+        ready_c = (ConditionStatus.FALSE, "ScaledToZero", "no replicas wanted; wakes on demand")
+        degraded_c = (ConditionStatus.FALSE, "AsExpected", "")
+        progressing_c = (
+            (ConditionStatus.FALSE, "Idle", "scaled to zero")
+            if replicas == 0
+            else (ConditionStatus.TRUE, "ScalingDown", f"{replicas} replica(s) stopping")
+        )
+    else:
+        counts = f"{ready}/{desired} replicas ready"
+        problem = load_failure and ("ModelLoadFailed", load_failure)
+        problem = problem or (unschedulable and ("Unschedulable", unschedulable))
+        if ready >= desired:
+            phase = Phase.READY
+        elif problem and ready == 0:
+            reason = problem[0]
+            never = reason == "Unschedulable" and _never_fits(problem[1])
+            phase = Phase.FAILED if (reason == "ModelLoadFailed" or never) else Phase.PENDING
+        elif ready > 0:
+            phase = Phase.DEGRADED
+        elif replicas > 0 and not unschedulable and _all_scheduled(observed.pods):
+            phase = Phase.LOADING
+        else:
+            phase = Phase.PENDING
+        ready_c = (
+            (ConditionStatus.TRUE, "AllReplicasReady", counts)
+            if ready >= desired
+            else (
+                ConditionStatus.FALSE,
+                problem[0] if problem else phase.value,
+                _join(counts, problem),
+            )
+        )
+        degraded_c = (
+            (ConditionStatus.TRUE, problem[0], problem[1])
+            if problem
+            else (ConditionStatus.FALSE, "AsExpected", "")
+        )
+        progressing_c = (
+            (ConditionStatus.FALSE, "Stable", counts)
+            if ready >= desired and replicas == desired
+            else (ConditionStatus.TRUE, "ScalingUp" if ready < desired else "RollingOut", counts)
+        )
+
+    conditions = [
+        _condition(previous, READY, *ready_c, observed.generation, now),
+        _condition(previous, PROGRESSING, *progressing_c, observed.generation, now),
+        _condition(previous, DEGRADED, *degraded_c, observed.generation, now),
+    ]
+    if observed.pricing_problem:
+        priced = (ConditionStatus.FALSE, "PricingNotFound", observed.pricing_problem)
+    else:
+        priced = (ConditionStatus.TRUE, "PriceResolved", "")
+    conditions.append(_condition(previous, PRICED, *priced, observed.generation, now))
+
+    # Cold start: from the scale-up the handlers recorded (creation, or a wake from zero)
+    # to the moment the first pod turned Ready.
+    scale_up = previous.last_scale_up_time
+    if scale_up is None and desired > 0:
+        scale_up = now  # the operator missed the scale-up; count from when it noticed
+    cold_start = previous.last_cold_start_seconds
+    if ready > 0 and previous.ready_replicas == 0 and scale_up is not None:
+        ready_at = _first_ready(observed.pods) or now
+        cold_start = round(max(0.0, (max(ready_at, scale_up) - scale_up).total_seconds()), 3)
+
+    return AIModelStatus(
+        phase=phase,
+        replicas=replicas,
+        ready_replicas=ready,
+        selector=observed.selector,
+        conditions=conditions,
+        observed_generation=observed.generation,
+        last_cold_start_seconds=cold_start,
+        last_scale_up_time=scale_up,
+    )
+
+
+def _first_ready(pods: list[dict[str, Any]]) -> datetime | None:
+    """When the earliest of the pods turned Ready (the kubelet's own timestamp)."""
+    times = [
+        datetime.fromisoformat(c["lastTransitionTime"])
+        for pod in pods
+        for c in pod.get("status", {}).get("conditions") or []
+        if c.get("type") == "Ready" and c.get("status") == "True" and c.get("lastTransitionTime")
+    ]
+    return min(times) if times else None
+
+
+def _all_scheduled(pods: list[dict[str, Any]]) -> bool:
+    return bool(pods) and all(p.get("spec", {}).get("nodeName") for p in pods)
+
+
+def _join(counts: str, problem: tuple[str, str] | str | None) -> str:
+    return f"{counts}: {problem[1]}" if isinstance(problem, tuple) else counts
+
+
+def _condition(
+    previous: AIModelStatus,
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> Condition:
+    """A condition whose lastTransitionTime moves only when its status changes."""
+    before = next((c for c in previous.conditions if c.type == type_), None)
+    changed = before is None or before.status != status
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message[:4096],
+        observed_generation=generation,
+        last_transition_time=now if changed else before.last_transition_time,
+    )
