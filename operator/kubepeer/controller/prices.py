@@ -6,6 +6,7 @@ Livepeer wire wants two int64s (pricePerUnit / pixelsPerUnit).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -50,9 +51,13 @@ def wei_per_unit(price: Price, usd_per_eth: Fraction | None) -> Fraction:
 
 def price_info(wei: Fraction) -> tuple[int, int]:
     """(pricePerUnit, pixelsPerUnit) as int64s, the closest the wire can say `wei`."""
-    best = wei.limit_denominator(INT64_MAX)
-    while best.numerator > INT64_MAX:  # a huge price: give up precision in the denominator
-        best = Fraction(round(best.numerator / 2), max(1, round(best.denominator / 2)))
+    if wei > INT64_MAX:
+        raise PricingProblem(f"{float(wei):.3g} wei per unit is more than the wire can carry")
+    max_denominator = INT64_MAX if wei < 1 else INT64_MAX // math.ceil(wei)
+    best = wei.limit_denominator(max_denominator)
+    while best.numerator > INT64_MAX:  # rounding up may overshoot by a hair
+        max_denominator //= 2
+        best = wei.limit_denominator(max_denominator)
     return best.numerator, best.denominator
 
 
@@ -97,7 +102,16 @@ def price_from_pricing(spec: AIModelSpec, pricing_name: str, pricing: PricingSpe
 
 
 def resolve_price(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelPrice:
-    """The price of one AIModel: inline, from the Pricing it names, or from any in its namespace."""
+    """The price of one AIModel: inline, from the Pricing it names, or from any in its namespace.
+
+    Raises PricingProblem when none applies or it cannot be advertised on the wire."""
+    price = _resolve(spec, pricings)
+    for wei in (price.wei_per_unit, *price.gateways.values()):
+        price_info(wei)
+    return price
+
+
+def _resolve(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelPrice:
     choice = spec.pricing
     if choice and choice.price:
         return ModelPrice(

@@ -81,7 +81,7 @@ def compute_status(
         degraded_c = (ConditionStatus.TRUE, "InvalidSpec", observed.invalid)
         progressing_c = (ConditionStatus.FALSE, "InvalidSpec", "nothing to roll out")
     elif desired == 0:
-        phase = Phase.IDLE if replicas == 0 else Phase.PENDING
+        phase = Phase.IDLE  # Progressing says whether replicas are still stopping
         ready_c = (ConditionStatus.FALSE, "ScaledToZero", "no replicas wanted; wakes on demand")
         degraded_c = (ConditionStatus.FALSE, "AsExpected", "")
         progressing_c = (
