@@ -52,6 +52,16 @@ def _operator(args: argparse.Namespace) -> int:
     return run_operator(overrides, liveness=args.liveness)
 
 
+def _rbac(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubepeer.controller.rbac import operator_rbac
+    from kubepeer.controller.settings import OperatorSettings
+
+    print(yaml.safe_dump_all(operator_rbac(OperatorSettings(), args.namespace), sort_keys=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubepeer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--liveness", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
     )
     op.set_defaults(run=_operator)
+
+    rbac = commands.add_parser("rbac", help="print the operator's least-privilege RBAC as YAML")
+    rbac.add_argument("--namespace", default="kubepeer-system", help="the operator's namespace")
+    rbac.set_defaults(run=_rbac)
     return parser
 
 

@@ -99,11 +99,20 @@ def pricings_of(kube: Kube, namespace: str) -> dict[str, PricingSpec]:
 def reconcile_namespace(kube: Kube, settings: OperatorSettings, namespace: str) -> Plan:
     """Apply every runner the namespace's AIModels need, remove the rest, publish prices."""
     plan = plan_namespace(namespace, kube.list_aimodels(namespace))
+    if kube.namespace_terminating(namespace):
+        return plan  # its objects are going; creating any would be refused
     if plan.runners:
         kube.ensure_auth_secret(namespace, settings)
     for runner in plan.runners.values():
         kube.apply(build_runner_deployment(runner, settings))
         kube.apply(build_runner_service(runner, settings))
+    log.info(
+        "%s: %d runner(s) for %d AIModel(s)%s",
+        namespace,
+        len(plan.runners),
+        len(plan.runner_of) + len(plan.invalid),
+        f", invalid: {', '.join(sorted(plan.invalid))}" if plan.invalid else "",
+    )
     for name in set(kube.runner_deployments(namespace)) - set(plan.runners):
         log.info("removing runner %s/%s: no AIModel needs it any more", namespace, name)
         kube.delete_runner(namespace, name)

@@ -56,6 +56,14 @@ class Kube:
             force_conflicts=True,
         )
 
+    def namespace_terminating(self, namespace: str) -> bool:
+        try:
+            return self.core.read_namespace(namespace).status.phase == "Terminating"
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+
     def list_aimodels(self, namespace: str) -> list[dict[str, Any]]:
         return self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "aimodels")[
             "items"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any
 
 import kopf
@@ -54,6 +55,8 @@ def connect_redis(url: str | None) -> RedisLike | None:
 
 def run_operator(overrides: dict[str, Any], liveness: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf reports every handler and timer run at INFO; ours log their decisions instead.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = OperatorSettings(**overrides)
     kube = Kube.from_environment()
     if not settings.standalone:
@@ -69,6 +72,11 @@ def run_operator(overrides: dict[str, Any], liveness: str | None = None) -> int:
             namespaces=settings.namespaces,
             standalone=settings.standalone,
             peering_name=settings.peering_name,
+            priority=(
+                settings.peering_priority
+                if settings.peering_priority is not None
+                else random.randint(1, 2**31 - 1)
+            ),
             liveness_endpoint=liveness,
         )
     )

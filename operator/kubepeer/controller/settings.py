@@ -59,6 +59,13 @@ class OperatorSettings(BaseSettings):
         description="URL go-livepeer reaches the proxy at (aiModels.json `url`).",
     )
     peering_name: str = Field(default="kubepeer", description="kopf peering object name.")
+    peering_priority: int | None = Field(
+        default=None,
+        description=(
+            "kopf peering priority; the highest acts, the others pause. Default: random, "
+            "because replicas of equal priority would all pause."
+        ),
+    )
     standalone: bool = Field(default=False, description="Run without peering (one replica only).")
 
     def image_for(self, pipeline: Pipeline) -> str:

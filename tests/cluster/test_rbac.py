@@ -1,0 +1,92 @@
+"""The operator works under its own least-privilege ClusterRole, and nothing more."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from conftest import REPO
+from kubepeer.controller.rbac import operator_rbac
+from kubepeer.controller.settings import OperatorSettings
+from support import wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def operator_kubeconfig(crds, api, namespace, tmp_path) -> Path:
+    """A kubeconfig that authenticates as the operator's ServiceAccount."""
+    for manifest in operator_rbac(OperatorSettings(), namespace):
+        crds.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    token = (
+        client.CoreV1Api(api)
+        .create_namespaced_service_account_token(
+            "kubepeer-operator", namespace, {"spec": {"expirationSeconds": 3600}}
+        )
+        .status.token
+    )
+    admin = yaml.safe_load(crds.kubeconfig.read_text())
+    admin["users"] = [{"name": "operator", "user": {"token": token}}]
+    for context in admin["contexts"]:
+        context["context"]["user"] = "operator"
+    path = tmp_path / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
+@pytest.fixture
+def restricted_operator(operator_kubeconfig, namespace, tmp_path) -> Iterator[Path]:
+    log = tmp_path / "operator.log"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(operator_kubeconfig),
+        "PYTHONPATH": str(REPO / "operator"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubepeer.cli", "operator", "--namespace", namespace,
+         "--status-interval", "0.5"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    yield log
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_operator_runs_a_model_with_only_its_own_rbac(crds, namespace, restricted_operator):
+    crds.kubectl("-n", namespace, "apply", "-f", str(REPO / "manifests" / "pricing.yaml"))
+    crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=yaml.safe_dump({
+        "apiVersion": "kubepeer.io/v1alpha1", "kind": "AIModel", "metadata": {"name": "m"},
+        "spec": {"pipeline": "text-to-image", "modelId": "org/m", "pricing": {"ref": "default"}},
+    }))  # fmt: skip
+
+    def phase() -> str | None:
+        out = crds.kubectl("-n", namespace, "get", "aimodel", "m", "-o", "jsonpath={.status.phase}")
+        return out.stdout == "Ready" and out.stdout
+
+    try:
+        wait_for(phase, timeout=60, what="the model to be Ready under the operator's own RBAC")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{restricted_operator.read_text()}") from None
+    assert crds.kubectl("-n", namespace, "get", "configmap", "kubepeer-models").returncode == 0
+    log = restricted_operator.read_text()
+    assert "forbidden" not in log.lower(), log
+
+
+def test_operator_role_cannot_read_other_secrets(crds, api, namespace, operator_kubeconfig):
+    client.CoreV1Api(api).create_namespaced_secret(
+        namespace, {"metadata": {"name": "wallet"}, "stringData": {"key": "s3cret"}}
+    )
+    as_operator = ["--kubeconfig", str(operator_kubeconfig), "-n", namespace]
+    denied = subprocess.run(
+        [str(crds.bin_dir / "kubectl"), *as_operator, "get", "secret", "wallet"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert denied.returncode != 0
+    assert "forbidden" in denied.stderr
