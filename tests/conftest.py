@@ -21,6 +21,7 @@ import pytest
 import redis
 from kubernetes import client, config
 
+from devchain import DevChain
 from support import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,15 @@ def _pings(server: RedisServer) -> bool:
         return bool(server.client().ping())
     except redis.ConnectionError:
         return False
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
+    """Hardhat's dev node on a loopback port, with our test TicketBroker deployed."""
+    log = tmp_path_factory.mktemp("chain") / "hardhat.log"
+    dev = DevChain.start(free_port(), log)
+    yield dev
+    dev.stop()
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,38 @@ def _rbac(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protos(args: argparse.Namespace) -> int:
+    from kubepeer.livepeer import protos
+
+    if args.check:
+        if not protos.is_current():
+            print(f"{protos.GENERATED} is stale: run `kubepeer protos`", file=sys.stderr)
+            return 1
+        return 0
+    print(f"wrote {protos.write()}")
+    return 0
+
+
+def _payments(args: argparse.Namespace) -> int:
+    from kubepeer.payments.main import PaymentsConfig, run_payments
+
+    return run_payments(
+        PaymentsConfig(
+            redis_url=args.redis_url,
+            rpc_url=args.rpc_url,
+            keystore=args.keystore,
+            password_file=args.password_file,
+            network=args.network,
+            broker=args.broker,
+            consumer=args.consumer,
+            max_gas_price=args.max_gas_price,
+            confirmations=args.confirmations,
+            once=args.once,
+            metrics_port=args.metrics_port,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubepeer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     rbac = commands.add_parser("rbac", help="print the operator's least-privilege RBAC as YAML")
     rbac.add_argument("--namespace", default="kubepeer-system", help="the operator's namespace")
     rbac.set_defaults(run=_rbac)
+
+    pay = commands.add_parser("payments", help="redeem winning tickets on the TicketBroker")
+    pay.add_argument("--redis-url", required=True, help="the ledger's Redis")
+    pay.add_argument("--rpc-url", required=True, help="JSON-RPC of Arbitrum (or a dev chain)")
+    pay.add_argument("--keystore", type=Path, required=True, help="encrypted key (a Secret)")
+    pay.add_argument("--password-file", type=Path, required=True, help="its password (a Secret)")
+    pay.add_argument("--network", choices=["arbitrum-one", "dev"], default="arbitrum-one")
+    pay.add_argument("--broker", help="TicketBroker address (default: Arbitrum One's)")
+    pay.add_argument("--consumer", default="redeemer-0", help="stream consumer name")
+    pay.add_argument("--max-gas-price", type=int, default=100 * 10**9, help="wei; above, wait")
+    pay.add_argument("--confirmations", type=int, default=1, help="blocks before redeemed")
+    pay.add_argument("--once", action="store_true", help="handle what is queued, then exit")
+    pay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    pay.set_defaults(run=_payments)
+
+    protos = commands.add_parser("protos", help="regenerate livepeer/net_pb2.py from net.proto")
+    protos.add_argument("--check", action="store_true", help="exit 1 if net_pb2.py is stale")
+    protos.set_defaults(run=_protos)
     return parser
 
 

@@ -1,0 +1,5 @@
+"""Livepeer probabilistic micropayments: ticket maths (pure), the Redis ledger, the redeemer.
+
+Split by noun, as go-livepeer's pm/ is: ticket, recipient, sender, validator, ledger,
+redeemer.
+"""

@@ -1,0 +1,55 @@
+"""The gateway's side of a payment: sign tickets against an orchestrator's params.
+
+Kubepeer is an orchestrator; this exists so tests, benchmarks and the demo can pay it
+the way a real Livepeer gateway does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.payments.recipient import TicketParams
+from kubepeer.payments.ticket import Ticket, minimal_bytes
+
+
+def sign_payment(
+    params: TicketParams,
+    sender_key: bytes,
+    sender: bytes,
+    nonces: Iterable[int],
+    price: tuple[int, int],
+) -> net_pb2.Payment:
+    """A Payment carrying one signed ticket per nonce, echoing the params we were given."""
+    creation_round = params.creation_round
+    creation_round_block_hash = params.creation_round_block_hash
+    payment = net_pb2.Payment(
+        ticket_params=net_pb2.TicketParams(
+            recipient=params.recipient,
+            face_value=minimal_bytes(params.face_value),
+            win_prob=minimal_bytes(params.win_prob),
+            recipient_rand_hash=params.recipient_rand_hash,
+            seed=params.seed,
+            expiration_block=minimal_bytes(params.expiration_block),
+        ),
+        sender=sender,
+        expiration_params=net_pb2.TicketExpirationParams(
+            creation_round=creation_round, creation_round_block_hash=creation_round_block_hash
+        ),
+        expected_price=net_pb2.PriceInfo(price_per_unit=price[0], pixels_per_unit=price[1]),
+    )
+    for nonce in nonces:
+        ticket = Ticket(
+            recipient=params.recipient,
+            sender=sender,
+            face_value=params.face_value,
+            win_prob=params.win_prob,
+            sender_nonce=nonce,
+            recipient_rand_hash=params.recipient_rand_hash,
+            creation_round=creation_round,
+            creation_round_block_hash=creation_round_block_hash,
+        )
+        payment.ticket_sender_params.append(
+            net_pb2.TicketSenderParams(sender_nonce=nonce, sig=ticket.sign(sender_key))
+        )
+    return payment

@@ -1,0 +1,104 @@
+"""The ledger in Redis: credit a payment's expected value, debit job fees, refuse replays.
+
+Every credit is one Lua script, so it is atomic across proxy replicas: the nonce check,
+the nonce record, the balance increment and the winning tickets' append to the stream
+happen together or not at all. Run Redis with `appendonly yes` and `appendfsync always`
+so that an acknowledged credit survives a crash of Redis itself.
+
+Layout:
+    kubepeer:balance:{sender}:{manifest}   integer wei (EV credited minus fees debited)
+    kubepeer:nonces:{recipientRandHash}    set of sender nonces seen (at most 600)
+    kubepeer:tickets:winning               stream of winning tickets, field `ticket` (JSON)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import ResponseError
+
+from kubepeer.payments.queue import WinningTicket
+from kubepeer.payments.validator import TicketRejected, ValidPayment
+
+MAX_NONCES_PER_RAND = 600
+NONCE_TTL_SECONDS = 7 * 24 * 3600  # far past any params' expiration
+WINNING_STREAM = "kubepeer:tickets:winning"
+
+_CREDIT = """
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[4 + i]) == 1 then
+    return redis.error_reply('replayed-nonce ' .. ARGV[4 + i])
+  end
+end
+if redis.call('SCARD', KEYS[1]) + n > tonumber(ARGV[1]) then
+  return redis.error_reply('too-many-nonces')
+end
+for i = 1, n do
+  redis.call('SADD', KEYS[1], ARGV[4 + i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local balance = redis.call('INCRBY', KEYS[2], ARGV[2])
+for i = 5 + n, #ARGV do
+  redis.call('XADD', KEYS[3], '*', 'ticket', ARGV[i])
+end
+return balance
+"""
+
+
+def balance_key(sender: bytes, manifest: str) -> str:
+    return f"kubepeer:balance:0x{sender.hex()}:{manifest}"
+
+
+def nonces_key(recipient_rand_hash: bytes) -> str:
+    return f"kubepeer:nonces:0x{recipient_rand_hash.hex()}"
+
+
+def manifest_id(capability: int, model_id: str) -> str:
+    """Balances are kept per sender and per "<capability>_<model>", as go-livepeer does."""
+    return f"{capability}_{model_id}"
+
+
+class Ledger:
+    def __init__(self, redis: Redis, stream: str = WINNING_STREAM) -> None:
+        self.redis = redis
+        self.stream = stream
+        self._credit = redis.register_script(_CREDIT)
+
+    def credit(self, payment: ValidPayment, manifest: str) -> int:
+        """Credit every ticket's EV; queue the winners. Returns the new balance in wei.
+
+        Raises TicketRejected (and changes nothing) when any nonce was seen before."""
+        winners = [WinningTicket.from_accepted(t).to_json() for t in payment.tickets if t.winning]
+        args: list[Any] = [
+            MAX_NONCES_PER_RAND,
+            payment.expected_value,
+            NONCE_TTL_SECONDS,
+            len(payment.nonces),
+            *payment.nonces,
+            *winners,
+        ]
+        keys = [
+            nonces_key(payment.recipient_rand_hash),
+            balance_key(payment.sender, manifest),
+            self.stream,
+        ]
+        try:
+            return int(self._credit(keys=keys, args=args))
+        except ResponseError as exc:
+            reason, _, detail = str(exc).partition(" ")
+            if reason == "replayed-nonce":
+                raise TicketRejected(reason, f"nonce {detail} was already used") from None
+            if reason == "too-many-nonces":
+                raise TicketRejected(
+                    reason, f"more than {MAX_NONCES_PER_RAND} tickets for one recipientRand"
+                ) from None
+            raise
+
+    def debit(self, sender: bytes, manifest: str, fee: int) -> int:
+        """Charge a job's fee; returns the balance left (negative means owed)."""
+        return int(self.redis.decrby(balance_key(sender, manifest), fee))
+
+    def balance(self, sender: bytes, manifest: str) -> int:
+        return int(self.redis.get(balance_key(sender, manifest)) or 0)

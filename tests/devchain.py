@@ -1,0 +1,118 @@
+"""A real Ethereum JSON-RPC dev node (Hardhat's, from npm) with our test TicketBroker on it.
+
+Hardhat's node is a full EVM with automining; the contract is compiled from
+hack/chain/contracts by solc-js. Accounts are made fresh per test and funded with
+`hardhat_setBalance`, so no well-known private key is relied on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.contract import Contract
+
+from support import wait_for
+
+CHAIN_DIR = Path(__file__).resolve().parents[1] / "hack" / "chain"
+ETH = 10**18
+
+
+def compile_contracts() -> dict[str, dict]:
+    out = subprocess.run(
+        ["node", "compile.js"], cwd=CHAIN_DIR, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+class DevChain:
+    broker: Contract
+    rounds: Contract
+    deployer: LocalAccount
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes], w3: Web3) -> None:
+        self.url, self.process, self.w3 = url, process, w3
+
+    @classmethod
+    def start(cls, port: int, log: Path) -> DevChain:
+        process = subprocess.Popen(
+            [str(CHAIN_DIR / "node_modules" / ".bin" / "hardhat"), "node",
+             "--hostname", "127.0.0.1", "--port", str(port)],
+            cwd=CHAIN_DIR,
+            env={**os.environ, "HARDHAT_DISABLE_TELEMETRY_PROMPT": "true"},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
+
+        def answering() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"hardhat node exited:\n{log.read_text()}")
+            try:
+                return w3.eth.chain_id == 31337
+            except Exception:
+                return False
+
+        wait_for(answering, timeout=60, what="the hardhat node to answer")
+        chain = cls(url, process, w3)
+        chain.deployer = chain.new_account(100 * ETH)
+        artifacts = compile_contracts()
+        chain.rounds = chain.deploy(artifacts["TestRoundsManager"])
+        chain.broker = chain.deploy(artifacts["TestTicketBroker"], chain.rounds.address)
+        return chain
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def new_account(self, balance: int = 0) -> LocalAccount:
+        account = Account.create()
+        if balance:
+            self.w3.provider.make_request("hardhat_setBalance", [account.address, hex(balance)])
+        return account
+
+    def balance(self, address: str) -> int:
+        return self.w3.eth.get_balance(address)
+
+    def transact(self, account: LocalAccount, call, value: int = 0) -> dict:
+        tx = call.build_transaction(
+            {
+                "from": account.address,
+                "nonce": self.w3.eth.get_transaction_count(account.address),
+                "value": value,
+                "chainId": 31337,
+            }
+        )
+        signed = account.sign_transaction(tx)
+        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+        assert receipt.status == 1, receipt
+        return receipt
+
+    def deploy(self, artifact: dict, *args: object) -> Contract:
+        factory = self.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        receipt = self.transact(self.deployer, factory.constructor(*args))
+        return self.w3.eth.contract(address=receipt.contractAddress, abi=artifact["abi"])
+
+    def start_round(self, number: int) -> bytes:
+        """Make `number` the current round; its block hash is the latest block's."""
+        block_hash = bytes(self.w3.eth.get_block("latest").hash)
+        self.transact(self.deployer, self.rounds.functions.setRound(number, block_hash))
+        return block_hash
+
+    def fund_sender(self, sender: LocalAccount, deposit: int, reserve: int) -> None:
+        call = self.broker.functions.fundDepositAndReserve(deposit, reserve)
+        self.transact(sender, call, value=deposit + reserve)
+
+    def mine(self, blocks: int = 1) -> None:
+        self.w3.provider.make_request("hardhat_mine", [hex(blocks)])
+
+    def set_gas_price(self, wei: int) -> None:
+        self.w3.provider.make_request("hardhat_setNextBlockBaseFeePerGas", [hex(wei)])
+        self.mine()
