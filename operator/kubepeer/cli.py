@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kubepeer import __version__
 from kubepeer.api.crd import stale_crds, write_crds
+from kubepeer.payments.ledger import WINNING_STREAM
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -86,10 +87,12 @@ def _payments(args: argparse.Namespace) -> int:
             network=args.network,
             broker=args.broker,
             consumer=args.consumer,
+            stream=args.stream,
             max_gas_price=args.max_gas_price,
             confirmations=args.confirmations,
             once=args.once,
             metrics_port=args.metrics_port,
+            lease_namespace=args.lease_namespace,
         )
     )
 
@@ -137,10 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     pay.add_argument("--network", choices=["arbitrum-one", "dev"], default="arbitrum-one")
     pay.add_argument("--broker", help="TicketBroker address (default: Arbitrum One's)")
     pay.add_argument("--consumer", default="redeemer-0", help="stream consumer name")
+    pay.add_argument("--stream", default=WINNING_STREAM, help="Redis stream of winning tickets")
     pay.add_argument("--max-gas-price", type=int, default=100 * 10**9, help="wei; above, wait")
     pay.add_argument("--confirmations", type=int, default=1, help="blocks before redeemed")
     pay.add_argument("--once", action="store_true", help="handle what is queued, then exit")
     pay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    pay.add_argument("--lease-namespace", help="hold a Lease here so one redeemer acts")
     pay.set_defaults(run=_payments)
 
     protos = commands.add_parser("protos", help="regenerate livepeer/net_pb2.py from net.proto")

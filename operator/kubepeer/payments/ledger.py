@@ -39,11 +39,12 @@ for i = 1, n do
   redis.call('SADD', KEYS[1], ARGV[4 + i])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-local balance = redis.call('INCRBY', KEYS[2], ARGV[2])
+redis.call('INCRBY', KEYS[2], ARGV[2])
 for i = 5 + n, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'ticket', ARGV[i])
 end
-return balance
+-- GET, not INCRBY's reply: a Lua number is a double, exact only below 2^53 wei.
+return redis.call('GET', KEYS[2])
 """
 
 

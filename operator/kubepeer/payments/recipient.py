@@ -109,24 +109,51 @@ def issue_ticket_params(
     ev: int = DEFAULT_TICKET_EV,
     max_float: int | None = None,
 ) -> TicketParams:
+    """Params for one gateway, priced to make a winning ticket worth redeeming."""
     face = face_value_for(gas_price, ev, max_float)
-    issued = IssuedParams(
-        seed=secrets.token_bytes(32),
-        sender=sender,
+    return ticket_params(
+        secret,
+        recipient,
+        sender,
         face_value=face,
         win_prob=win_prob_for(face, ev),
         expiration_block=latest_block + EXPIRATION_BLOCKS,
+        price=price,
+        creation_round=creation_round,
+        creation_round_block_hash=creation_round_block_hash,
+    )
+
+
+def ticket_params(
+    secret: RecipientSecret,
+    recipient: bytes,
+    sender: bytes,
+    *,
+    face_value: int,
+    win_prob: int,
+    expiration_block: int,
+    price: tuple[int, int],
+    creation_round: int = 0,
+    creation_round_block_hash: bytes = b"\x00" * 32,
+) -> TicketParams:
+    """Params with a fresh seed, committed to by the recipientRand they imply."""
+    issued = IssuedParams(
+        seed=secrets.token_bytes(32),
+        sender=sender,
+        face_value=face_value,
+        win_prob=win_prob,
+        expiration_block=expiration_block,
         price_per_unit=price[0],
         pixels_per_unit=price[1],
         aux_data=aux_data(creation_round, creation_round_block_hash),
     )
     return TicketParams(
         recipient=recipient,
-        face_value=issued.face_value,
-        win_prob=issued.win_prob,
+        face_value=face_value,
+        win_prob=win_prob,
         recipient_rand_hash=recipient_rand_hash(recipient_rand(secret, issued)),
         seed=issued.seed,
-        expiration_block=issued.expiration_block,
+        expiration_block=expiration_block,
         creation_round=creation_round,
         creation_round_block_hash=creation_round_block_hash,
     )

@@ -94,7 +94,7 @@ class Redeemer:
                 self.settings.consumer,
                 {self.settings.stream: start},
                 count=100,
-                block=block_ms if start == ">" else None,
+                block=block_ms if start == ">" and block_ms > 0 else None,  # 0 = forever
             )
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
