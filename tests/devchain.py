@@ -80,15 +80,16 @@ class DevChain:
     def balance(self, address: str) -> int:
         return self.w3.eth.get_balance(address)
 
-    def transact(self, account: LocalAccount, call, value: int = 0) -> dict:
-        tx = call.build_transaction(
-            {
-                "from": account.address,
-                "nonce": self.w3.eth.get_transaction_count(account.address),
-                "value": value,
-                "chainId": 31337,
-            }
-        )
+    def transact(self, account: LocalAccount, call, value: int = 0, gas: int | None = None) -> dict:
+        fields = {
+            "from": account.address,
+            "nonce": self.w3.eth.get_transaction_count(account.address),
+            "value": value,
+            "chainId": 31337,
+        }
+        if gas is not None:  # estimates fall short when inner calls may fail silently
+            fields["gas"] = gas
+        tx = call.build_transaction(fields)
         signed = account.sign_transaction(tx)
         tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)

@@ -27,23 +27,11 @@ tickets = st.builds(
 )
 
 
-def as_tuple(t: Ticket) -> tuple:
-    return (
-        Web3.to_checksum_address(t.recipient),
-        Web3.to_checksum_address(t.sender),
-        t.face_value,
-        t.win_prob,
-        t.sender_nonce,
-        t.recipient_rand_hash,
-        t.aux_data,
-    )
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ticket=tickets, rand=uint256s)
 def test_hash_signature_and_win_rule_agree_with_the_contract(chain, ticket, rand):
     broker = chain.broker.functions
-    assert bytes(broker.getTicketHash(as_tuple(ticket)).call()) == ticket.hash
+    assert bytes(broker.getTicketHash(ticket.abi_tuple()).call()) == ticket.hash
 
     key = next(k for k in KEYS if bytes.fromhex(k.address[2:]) == ticket.sender).key
     sig = ticket.sign(key)

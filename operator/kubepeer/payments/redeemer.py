@@ -215,18 +215,8 @@ class Redeemer:
     # --- chain helpers ---
 
     def _redeem_call(self, winning: WinningTicket):  # noqa: ANN202 - a web3 ContractFunction
-        t = winning.ticket
-        ticket = (
-            Web3.to_checksum_address(t.recipient),
-            Web3.to_checksum_address(t.sender),
-            t.face_value,
-            t.win_prob,
-            t.sender_nonce,
-            t.recipient_rand_hash,
-            t.aux_data,
-        )
         return self.broker.functions.redeemWinningTicket(
-            ticket, winning.sig, winning.recipient_rand
+            winning.ticket.abi_tuple(), winning.sig, winning.recipient_rand
         )
 
     def _sender_funds(self, sender: bytes) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from eth_utils import keccak
+from eth_utils import keccak, to_checksum_address
 
 MAX_WIN_PROB = 2**256 - 1
 ZERO_ADDRESS = b"\x00" * 20
@@ -65,6 +65,18 @@ class Ticket:
     def expected_value(self) -> int:
         """The ticket's worth in wei, rounded down: faceValue x winProb / maxWinProb."""
         return self.face_value * self.win_prob // MAX_WIN_PROB
+
+    def abi_tuple(self) -> tuple:
+        """The ticket as the TicketBroker's `Ticket` struct argument."""
+        return (
+            to_checksum_address(self.recipient),
+            to_checksum_address(self.sender),
+            self.face_value,
+            self.win_prob,
+            self.sender_nonce,
+            self.recipient_rand_hash,
+            self.aux_data,
+        )
 
     def sign(self, private_key: bytes) -> bytes:
         """The sender's signature: personal_sign over the ticket hash (v is 27 or 28)."""
