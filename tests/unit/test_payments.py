@@ -146,6 +146,14 @@ def test_aux_data_is_empty_only_without_a_creation_round():
     assert aux == (5).to_bytes(32, "big") + b"\x22" * 32
 
 
+def test_secret_loads_from_a_mounted_secret_file(tmp_path):
+    (tmp_path / "hex").write_text("07" * 32 + "\n")
+    (tmp_path / "raw").write_bytes(b"\x07" * 32)
+    for name in ("hex", "raw"):
+        loaded = RecipientSecret.from_file(tmp_path / name)
+        assert loaded.mac(b"m") == SECRET.mac(b"m")
+
+
 def test_secret_never_shows_in_a_repr():
     assert "07" not in repr(SECRET)
     with pytest.raises(ValueError, match="32 bytes"):

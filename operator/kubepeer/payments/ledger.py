@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import Counter
 from redis import Redis
 from redis.exceptions import ResponseError
 
 from kubepeer.payments.queue import WinningTicket
 from kubepeer.payments.validator import TicketRejected, ValidPayment
+
+TICKETS_RECEIVED = Counter("kubepeer_tickets_received_total", "Tickets credited to the ledger")
+TICKETS_WINNING = Counter("kubepeer_tickets_winning_total", "Winning tickets queued to redeem")
+TICKETS_REJECTED = Counter("kubepeer_tickets_rejected_total", "Payments refused", ["reason"])
 
 MAX_NONCES_PER_RAND = 600
 NONCE_TTL_SECONDS = 7 * 24 * 3600  # far past any params' expiration
@@ -86,9 +91,10 @@ class Ledger:
             self.stream,
         ]
         try:
-            return int(self._credit(keys=keys, args=args))
+            balance = int(self._credit(keys=keys, args=args))
         except ResponseError as exc:
             reason, _, detail = str(exc).partition(" ")
+            TICKETS_REJECTED.labels(reason).inc()
             if reason == "replayed-nonce":
                 raise TicketRejected(reason, f"nonce {detail} was already used") from None
             if reason == "too-many-nonces":
@@ -96,6 +102,9 @@ class Ledger:
                     reason, f"more than {MAX_NONCES_PER_RAND} tickets for one recipientRand"
                 ) from None
             raise
+        TICKETS_RECEIVED.inc(len(payment.tickets))
+        TICKETS_WINNING.inc(len(winners))
+        return balance
 
     def debit(self, sender: bytes, manifest: str, fee: int) -> int:
         """Charge a job's fee; returns the balance left (negative means owed)."""

@@ -13,6 +13,7 @@ import hmac
 import math
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from kubepeer.payments.ticket import MAX_WIN_PROB, aux_data, minimal_bytes, recipient_rand_hash
 
@@ -31,6 +32,14 @@ class RecipientSecret:
         if len(value) != SECRET_BYTES:
             raise ValueError(f"the recipient secret must be {SECRET_BYTES} bytes, got {len(value)}")
         self._value = value
+
+    @classmethod
+    def from_file(cls, path: Path) -> RecipientSecret:
+        """Read the secret from a file mounted from a Kubernetes Secret (raw or hex)."""
+        raw = path.read_bytes().strip()
+        if len(raw) == 2 * SECRET_BYTES:
+            raw = bytes.fromhex(raw.decode())
+        return cls(raw)
 
     @classmethod
     def generate(cls) -> RecipientSecret:
