@@ -152,6 +152,11 @@ def test_secret_loads_from_a_mounted_secret_file(tmp_path):
     for name in ("hex", "raw"):
         loaded = RecipientSecret.from_file(tmp_path / name)
         assert loaded.mac(b"m") == SECRET.mac(b"m")
+    (tmp_path / "spaces").write_bytes(b" " * 32)  # raw bytes that happen to be whitespace
+    assert RecipientSecret.from_file(tmp_path / "spaces").mac(b"m") != SECRET.mac(b"m")
+    (tmp_path / "bad").write_text("not a secret")
+    with pytest.raises(ValueError, match="raw bytes or 64 hex digits"):
+        RecipientSecret.from_file(tmp_path / "bad")
 
 
 def test_secret_never_shows_in_a_repr():

@@ -36,10 +36,15 @@ class RecipientSecret:
     @classmethod
     def from_file(cls, path: Path) -> RecipientSecret:
         """Read the secret from a file mounted from a Kubernetes Secret (raw or hex)."""
-        raw = path.read_bytes().strip()
-        if len(raw) == 2 * SECRET_BYTES:
-            raw = bytes.fromhex(raw.decode())
-        return cls(raw)
+        raw = path.read_bytes()
+        if len(raw) == SECRET_BYTES:
+            return cls(raw)  # raw bytes: any byte may be whitespace, so strip nothing
+        try:
+            return cls(bytes.fromhex(raw.decode().strip()))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(
+                f"{path} must hold {SECRET_BYTES} raw bytes or {2 * SECRET_BYTES} hex digits"
+            ) from None
 
     @classmethod
     def generate(cls) -> RecipientSecret:
