@@ -7,6 +7,7 @@ uses `namespace` gets a fresh namespace in it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from devchain import DevChain
 from support import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
 ARTIFACTS = REPO / ".artifacts"
 GPU_NODES = 2
 GPUS_PER_NODE = 4
@@ -179,6 +181,21 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
     dev = DevChain.start(free_port(), log)
     yield dev
     dev.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """hack/tiny_models.py's models in a MODEL_DIR, cached by the script and library versions."""
+    from importlib.metadata import version
+
+    import tiny_models as builder
+
+    script = (REPO / "hack" / "tiny_models.py").read_bytes()
+    libs = " ".join(version(p) for p in ("torch", "diffusers", "transformers"))
+    key = hashlib.sha256(script + libs.encode()).hexdigest()[:16]
+    model_dir = CACHE / "tiny-models" / key
+    builder.build(model_dir)
+    return model_dir
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Tiny models with seeded random weights, saved in the Hugging Face cache layout.
+
+The runner loads them through the same `from_pretrained(model_id, cache_dir=MODEL_DIR)`
+path as real weights; nothing is fetched from any hub. Shapes are tiny so CPU inference
+takes milliseconds; the outputs are noise, but of the right kind and size.
+
+    hack/tiny_models.py MODEL_DIR [--pipeline text-to-image ...]
+
+prints `pipeline model_id` for each model it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import string
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+SEED = 1234
+MODEL_IDS = {
+    "text-to-image": "kubepeer-tiny/stable-diffusion",
+    "image-to-image": "kubepeer-tiny/stable-diffusion",
+    "llm": "kubepeer-tiny/llama",
+    "image-to-text": "kubepeer-tiny/blip",
+    "live-video-to-video": "noop",
+}
+
+
+def snapshot_dir(model_dir: Path, model_id: str) -> Path:
+    """Make models--org--name/{refs/main, snapshots/<rev>/} and return the snapshot."""
+    revision = hashlib.sha1(model_id.encode()).hexdigest()
+    repo = model_dir / ("models--" + model_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot
+
+
+def _clip_tokenizer(path: Path):  # noqa: ANN202
+    from transformers import CLIPTokenizer
+
+    symbols = string.ascii_lowercase + string.digits + ".,!?'-"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in symbols:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    vocab_file, merges_file = str(path / "vocab.json"), str(path / "merges.txt")
+    return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+
+
+def build_stable_diffusion(snapshot: Path) -> None:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    tokenizer_dir = snapshot / "_tokenizer_src"
+    tokenizer_dir.mkdir(exist_ok=True)
+    tokenizer = _clip_tokenizer(tokenizer_dir)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=32,
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(snapshot)
+    for f in tokenizer_dir.iterdir():
+        f.unlink()
+    tokenizer_dir.rmdir()
+
+
+def build_llama(snapshot: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(SEED)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = [
+        "Livepeer orchestrators serve AI jobs to gateways for tickets.",
+        "The quick brown fox jumps over the lazy dog. Hello, world!",
+        string.ascii_letters + string.digits + string.punctuation,
+    ] * 10
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    )
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>",
+    )  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+
+
+def build_blip(snapshot: Path) -> None:
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    torch.manual_seed(SEED)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *string.ascii_lowercase,
+             "a", "photo", "of", "cat", "dog", "the", "on", "grass", "sky"]  # fmt: skip
+    vocab = list(dict.fromkeys(words))
+    (snapshot / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(str(snapshot / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "pad_token_id": 0, "bos_token_id": 5, "sep_token_id": 3, "eos_token_id": 3,
+        },
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+        },
+        projection_dim=32,
+    )  # fmt: skip
+    BlipForConditionalGeneration(config).save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "kubepeer-tiny/stable-diffusion": build_stable_diffusion,
+    "kubepeer-tiny/llama": build_llama,
+    "kubepeer-tiny/blip": build_blip,
+}
+
+
+def build(model_dir: Path, pipelines: list[str] | None = None) -> dict[str, str]:
+    """Write the tiny models for `pipelines` (default: all) under model_dir.
+
+    Returns {pipeline: model_id}. A model already present is not rebuilt."""
+    chosen = {p: MODEL_IDS[p] for p in (pipelines or MODEL_IDS)}
+    for model_id in sorted(set(chosen.values())):
+        builder = BUILDERS.get(model_id)
+        if builder is None:
+            continue  # e.g. live-video-to-video's noop: nothing to load
+        snapshot = snapshot_dir(model_dir, model_id)
+        if not (snapshot / ".complete").exists():
+            builder(snapshot)
+            (snapshot / ".complete").touch()
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--pipeline", action="append", choices=sorted(MODEL_IDS))
+    args = parser.parse_args()
+    for pipeline, model_id in build(args.model_dir, args.pipeline).items():
+        print(pipeline, model_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

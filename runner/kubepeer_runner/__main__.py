@@ -1,0 +1,35 @@
+"""`python -m kubepeer_runner`: serve the models the environment names, on port 8000."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from kubepeer_runner.config import ConfigError, RunnerConfig
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from MODEL_DIR, never a hub
+    try:
+        config = RunnerConfig.from_env()
+    except ConfigError as exc:
+        print(f"kubepeer-runner: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from kubepeer_runner.app import create_app
+
+    host = os.environ.get("HOST", "0.0.0.0")
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=int(os.environ.get("PORT", "8000")),
+        log_config=None,  # keep the logging set up above, so load errors reach the log
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

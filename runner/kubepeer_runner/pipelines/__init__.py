@@ -1,0 +1,21 @@
+"""One module per Livepeer pipeline, each with the same two functions:
+
+load(spec, model_dir, device) -> a loaded model
+register(app, runner)         -> its routes, which ask runner.model() and runner.queue
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from kubepeer_runner.pipelines import (
+    image_to_image,
+    image_to_text,
+    live_video_to_video,
+    llm,
+    text_to_image,
+)
+
+PIPELINES: dict[str, ModuleType] = {
+    m.PIPELINE: m for m in (text_to_image, image_to_image, image_to_text, llm, live_video_to_video)
+}

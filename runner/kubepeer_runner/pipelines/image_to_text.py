@@ -1,0 +1,66 @@
+"""image-to-text: a transformers captioning model (BLIP-class) over an uploaded image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, UploadFile
+from pydantic import BaseModel
+
+from kubepeer_runner.config import ModelSpec
+from kubepeer_runner.hf import load_kwargs
+from kubepeer_runner.serving import Device, read_image
+
+PIPELINE = "image-to-text"
+MAX_NEW_TOKENS = 64
+
+
+class TextResponse(BaseModel):
+    text: str
+
+
+@dataclass
+class Loaded:
+    processor: Any
+    model: Any
+    device: Device
+
+
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = load_kwargs(model_dir, spec.model_id, device)
+    processor = AutoProcessor.from_pretrained(spec.model_id, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(
+        spec.model_id, torch_dtype=device.dtype, **kwargs
+    )
+    return Loaded(processor, model.to(device.name).eval(), device)
+
+
+def caption(model: Loaded, image: Any, prompt: str) -> TextResponse:
+    import torch
+
+    inputs = model.processor(images=image, text=prompt or None, return_tensors="pt")
+    inputs = {
+        k: v.to(model.device.name, model.device.dtype)
+        if v.is_floating_point()
+        else v.to(model.device.name)
+        for k, v in inputs.items()
+    }
+    with torch.inference_mode():
+        out = model.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return TextResponse(text=model.processor.decode(out[0], skip_special_tokens=True).strip())
+
+
+def register(app: FastAPI, runner: Any) -> None:
+    async def image_to_text(
+        image: UploadFile = File(...), prompt: str = Form(""), model_id: str = Form("")
+    ) -> TextResponse:
+        model = runner.model(PIPELINE, model_id)
+        picture = read_image(await image.read())
+        return await runner.queue.run(caption, model, picture, prompt)
+
+    app.post("/image-to-text", response_model=TextResponse)(image_to_text)
+    app.post("/image-to-text/", include_in_schema=False)(image_to_text)
