@@ -26,6 +26,7 @@ MODEL_IDS = {
     "image-to-image": "kubepeer-tiny/stable-diffusion",
     "llm": "kubepeer-tiny/llama",
     "image-to-text": "kubepeer-tiny/blip",
+    "audio-to-text": "kubepeer-tiny/wav2vec2",
     "live-video-to-video": "noop",
 }
 
@@ -173,7 +174,41 @@ def build_blip(snapshot: Path) -> None:
     processor.save_pretrained(snapshot)
 
 
+def build_wav2vec2(snapshot: Path) -> None:
+    """A CTC speech recogniser: the transformers ASR pipeline serves it as it serves Whisper."""
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    torch.manual_seed(SEED)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
+    for c in string.ascii_uppercase + "'":
+        vocab[c] = len(vocab)
+    (snapshot / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(snapshot / "vocab.json"), word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+        return_attention_mask=False,
+    )  # fmt: skip
+    model = Wav2Vec2ForCTC(
+        Wav2Vec2Config(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=37, conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8),
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
+            ctc_loss_reduction="mean", do_stable_layer_norm=True, feat_extract_norm="layer",
+        )
+    )  # fmt: skip
+    model.save_pretrained(snapshot)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(snapshot)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    "kubepeer-tiny/wav2vec2": build_wav2vec2,
     "kubepeer-tiny/stable-diffusion": build_stable_diffusion,
     "kubepeer-tiny/llama": build_llama,
     "kubepeer-tiny/blip": build_blip,

@@ -6,10 +6,13 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
 import time
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,7 @@ def fleet_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
         {"pipeline": "image-to-image", "model_id": "kubepeer-tiny/stable-diffusion"},
         {"pipeline": "llm", "model_id": "kubepeer-tiny/llama"},
         {"pipeline": "image-to-text", "model_id": "kubepeer-tiny/blip"},
+        {"pipeline": "audio-to-text", "model_id": "kubepeer-tiny/wav2vec2"},
         {"pipeline": "live-video-to-video", "model_id": "noop"},
     ]
     env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "MAX_QUEUE": "0"}
@@ -150,6 +154,32 @@ def test_image_to_text_returns_text(api):
     assert isinstance(response.json()["text"], str)
 
 
+def wav(seconds: float, rate: int = 22050) -> bytes:
+    samples = (int(8000 * math.sin(i / 10)) for i in range(int(seconds * rate)))
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"".join(struct.pack("<h", s) for s in samples))
+    return buffer.getvalue()
+
+
+def test_audio_to_text_transcribes_with_timestamps(api):
+    response = api.post("/audio-to-text", files={"audio": ("a.wav", wav(1.5), "audio/wav")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["text"], str)
+    assert body["chunks"]
+    assert all(0 <= c["timestamp"][0] <= 1.5 for c in body["chunks"])
+    plain = api.post(
+        "/audio-to-text",
+        data={"return_timestamps": "false"},
+        files={"audio": ("a.wav", wav(0.5), "audio/wav")},
+    ).json()
+    assert plain["chunks"] == []
+
+
 LLM = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0}
 
 
@@ -201,6 +231,8 @@ def test_live_video_to_video_echoes_the_control_plane_contract(api):
          "not an image"),
         ("/image-to-image", {"files": {"image": ("a.png", png(16, 16))}}, "prompt"),
         ("/image-to-text", {"data": {}}, "image"),
+        ("/audio-to-text", {"files": {"audio": ("a.wav", b"RIFF nonsense")}}, "FFmpeg"),
+        ("/audio-to-text", {"data": {}}, "audio"),
         ("/llm", {"json": {"messages": []}}, "messages"),
         ("/llm", {"json": {**LLM, "model": "other/model"}}, "does not match"),
         ("/live-video-to-video", {"json": {"subscribe_url": "ftp://x", "publish_url": "http://y"}},
@@ -243,7 +275,7 @@ def test_service_routes(api):
 def test_openapi_documents_the_reference_routes_and_fields(api):
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
-    routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/llm",
+    routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/audio-to-text", "/llm",
               "/live-video-to-video", "/health")  # fmt: skip
     for route in routes:
         assert route in paths, route

@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from kubepeer_runner.pipelines import (
+    audio_to_text,
     image_to_image,
     image_to_text,
     live_video_to_video,
@@ -16,6 +17,5 @@ from kubepeer_runner.pipelines import (
     text_to_image,
 )
 
-PIPELINES: dict[str, ModuleType] = {
-    m.PIPELINE: m for m in (text_to_image, image_to_image, image_to_text, llm, live_video_to_video)
-}
+MODULES = (text_to_image, image_to_image, image_to_text, audio_to_text, llm, live_video_to_video)
+PIPELINES: dict[str, ModuleType] = {m.PIPELINE: m for m in MODULES}

@@ -33,9 +33,7 @@ def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
 
     kwargs = load_kwargs(model_dir, spec.model_id, device)
     processor = AutoProcessor.from_pretrained(spec.model_id, **kwargs)
-    model = AutoModelForImageTextToText.from_pretrained(
-        spec.model_id, torch_dtype=device.dtype, **kwargs
-    )
+    model = AutoModelForImageTextToText.from_pretrained(spec.model_id, dtype=device.dtype, **kwargs)
     return Loaded(processor, model.to(device.name).eval(), device)
 
 

@@ -56,7 +56,7 @@ def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
 
     kwargs = load_kwargs(model_dir, spec.model_id, device)
     tokenizer = AutoTokenizer.from_pretrained(spec.model_id, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(spec.model_id, torch_dtype=device.dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_id, dtype=device.dtype, **kwargs)
     return Loaded(tokenizer, model.to(device.name).eval(), device, spec.model_id)
 
 
