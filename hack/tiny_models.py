@@ -27,6 +27,7 @@ MODEL_IDS = {
     "llm": "kubepeer-tiny/llama",
     "image-to-text": "kubepeer-tiny/blip",
     "audio-to-text": "kubepeer-tiny/wav2vec2",
+    "text-to-speech": "kubepeer-tiny/vits",
     "live-video-to-video": "noop",
 }
 
@@ -207,7 +208,33 @@ def build_wav2vec2(snapshot: Path) -> None:
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(snapshot)
 
 
+def build_vits(snapshot: Path) -> None:
+    """A VITS text-to-speech model with a character vocabulary (no phonemiser needed)."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    torch.manual_seed(SEED)
+    vocab = {c: i for i, c in enumerate(" " + string.ascii_lowercase + ".,!?'-")}
+    (snapshot / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = VitsTokenizer(
+        str(snapshot / "vocab.json"), add_blank=True, normalize=True, phonemize=False,
+        pad_token=" ", unk_token=" ",
+    )  # fmt: skip
+    config = VitsConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        ffn_dim=32, flow_size=16, spectrogram_bins=33, upsample_initial_channel=32,
+        upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16], resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=2,
+        prior_encoder_num_wavenet_layers=2, posterior_encoder_num_wavenet_layers=2,
+        duration_predictor_filter_channels=16, depth_separable_num_layers=2,
+        sampling_rate=16000,
+    )  # fmt: skip
+    VitsModel(config).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    "kubepeer-tiny/vits": build_vits,
     "kubepeer-tiny/wav2vec2": build_wav2vec2,
     "kubepeer-tiny/stable-diffusion": build_stable_diffusion,
     "kubepeer-tiny/llama": build_llama,

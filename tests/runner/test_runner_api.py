@@ -84,6 +84,7 @@ def fleet_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
         {"pipeline": "llm", "model_id": "kubepeer-tiny/llama"},
         {"pipeline": "image-to-text", "model_id": "kubepeer-tiny/blip"},
         {"pipeline": "audio-to-text", "model_id": "kubepeer-tiny/wav2vec2"},
+        {"pipeline": "text-to-speech", "model_id": "kubepeer-tiny/vits"},
         {"pipeline": "live-video-to-video", "model_id": "noop"},
     ]
     env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "MAX_QUEUE": "0"}
@@ -180,6 +181,17 @@ def test_audio_to_text_transcribes_with_timestamps(api):
     assert plain["chunks"] == []
 
 
+def test_text_to_speech_returns_a_wav(api):
+    response = api.post("/text-to-speech", json={"text": "hello world", "description": "calm"})
+    assert response.status_code == 200, response.text
+    url = response.json()["audio"]["url"]
+    prefix = "data:audio/wav;base64,"
+    assert url.startswith(prefix)
+    with wave.open(io.BytesIO(base64.b64decode(url[len(prefix) :]))) as audio:
+        assert audio.getframerate() == 16000
+        assert audio.getnframes() > 0
+
+
 LLM = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0}
 
 
@@ -234,6 +246,8 @@ def test_live_video_to_video_echoes_the_control_plane_contract(api):
         ("/audio-to-text", {"files": {"audio": ("a.wav", b"RIFF nonsense")}}, "FFmpeg"),
         ("/audio-to-text", {"data": {}}, "audio"),
         ("/llm", {"json": {"messages": []}}, "messages"),
+        ("/text-to-speech", {"json": {"text": ""}}, "text"),
+        ("/text-to-speech", {"json": {"text": "x" * 5000}}, "text"),
         ("/llm", {"json": {**LLM, "model": "other/model"}}, "does not match"),
         ("/live-video-to-video", {"json": {"subscribe_url": "ftp://x", "publish_url": "http://y"}},
          "http(s)"),
@@ -275,7 +289,8 @@ def test_service_routes(api):
 def test_openapi_documents_the_reference_routes_and_fields(api):
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
-    routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/audio-to-text", "/llm",
+    routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/audio-to-text",
+              "/text-to-speech", "/llm",
               "/live-video-to-video", "/health")  # fmt: skip
     for route in routes:
         assert route in paths, route

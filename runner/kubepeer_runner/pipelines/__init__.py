@@ -15,7 +15,16 @@ from kubepeer_runner.pipelines import (
     live_video_to_video,
     llm,
     text_to_image,
+    text_to_speech,
 )
 
-MODULES = (text_to_image, image_to_image, image_to_text, audio_to_text, llm, live_video_to_video)
+MODULES = (
+    text_to_image,
+    image_to_image,
+    image_to_text,
+    audio_to_text,
+    text_to_speech,
+    llm,
+    live_video_to_video,
+)
 PIPELINES: dict[str, ModuleType] = {m.PIPELINE: m for m in MODULES}
