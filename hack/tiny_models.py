@@ -28,6 +28,7 @@ MODEL_IDS = {
     "image-to-text": "kubepeer-tiny/blip",
     "audio-to-text": "kubepeer-tiny/wav2vec2",
     "text-to-speech": "kubepeer-tiny/vits",
+    "upscale": "kubepeer-tiny/x4-upscaler",
     "live-video-to-video": "noop",
 }
 
@@ -233,7 +234,54 @@ def build_vits(snapshot: Path) -> None:
     tokenizer.save_pretrained(snapshot)
 
 
+def build_upscaler(snapshot: Path) -> None:
+    """A 4x latent upscaler shaped like stabilityai/stable-diffusion-x4-upscaler."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    tokenizer_dir = snapshot / "_tokenizer_src"
+    tokenizer_dir.mkdir(exist_ok=True)
+    tokenizer = _clip_tokenizer(tokenizer_dir)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=32, in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, use_linear_projection=True,
+        only_cross_attention=(True, True, False), num_class_embeds=100, norm_num_groups=32,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=[32, 32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        norm_num_groups=32, scaling_factor=0.08333,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )  # fmt: skip
+    StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        max_noise_level=350,
+    ).save_pretrained(snapshot)  # fmt: skip
+    for f in tokenizer_dir.iterdir():
+        f.unlink()
+    tokenizer_dir.rmdir()
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    "kubepeer-tiny/x4-upscaler": build_upscaler,
     "kubepeer-tiny/vits": build_vits,
     "kubepeer-tiny/wav2vec2": build_wav2vec2,
     "kubepeer-tiny/stable-diffusion": build_stable_diffusion,

@@ -85,6 +85,7 @@ def fleet_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
         {"pipeline": "image-to-text", "model_id": "kubepeer-tiny/blip"},
         {"pipeline": "audio-to-text", "model_id": "kubepeer-tiny/wav2vec2"},
         {"pipeline": "text-to-speech", "model_id": "kubepeer-tiny/vits"},
+        {"pipeline": "upscale", "model_id": "kubepeer-tiny/x4-upscaler"},
         {"pipeline": "live-video-to-video", "model_id": "noop"},
     ]
     env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "MAX_QUEUE": "0"}
@@ -147,6 +148,18 @@ def test_image_to_image_keeps_the_input_size(api):
     )
     assert response.status_code == 200, response.text
     assert decode(response.json()["images"][0]["url"]).size == (40, 32)
+
+
+def test_upscale_returns_an_image_four_times_larger(api):
+    response = api.post(
+        "/upscale",
+        data={"prompt": "sharper", "num_inference_steps": "2", "seed": "5"},
+        files={"image": ("in.png", png(24, 16), "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    [image] = response.json()["images"]
+    assert image["seed"] == 5
+    assert decode(image["url"]).size == (96, 64)
 
 
 def test_image_to_text_returns_text(api):
@@ -243,6 +256,8 @@ def test_live_video_to_video_echoes_the_control_plane_contract(api):
          "not an image"),
         ("/image-to-image", {"files": {"image": ("a.png", png(16, 16))}}, "prompt"),
         ("/image-to-text", {"data": {}}, "image"),
+        ("/upscale", {"data": {"prompt": "x"}, "files": {"image": ("a.png", png(1024, 1024))}},
+         "larger than"),
         ("/audio-to-text", {"files": {"audio": ("a.wav", b"RIFF nonsense")}}, "FFmpeg"),
         ("/audio-to-text", {"data": {}}, "audio"),
         ("/llm", {"json": {"messages": []}}, "messages"),
@@ -290,7 +305,7 @@ def test_openapi_documents_the_reference_routes_and_fields(api):
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
     routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/audio-to-text",
-              "/text-to-speech", "/llm",
+              "/text-to-speech", "/upscale", "/llm",
               "/live-video-to-video", "/health")  # fmt: skip
     for route in routes:
         assert route in paths, route

@@ -16,11 +16,13 @@ from kubepeer_runner.pipelines import (
     llm,
     text_to_image,
     text_to_speech,
+    upscale,
 )
 
 MODULES = (
     text_to_image,
     image_to_image,
+    upscale,
     image_to_text,
     audio_to_text,
     text_to_speech,
