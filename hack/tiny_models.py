@@ -29,6 +29,7 @@ MODEL_IDS = {
     "audio-to-text": "kubepeer-tiny/wav2vec2",
     "text-to-speech": "kubepeer-tiny/vits",
     "upscale": "kubepeer-tiny/x4-upscaler",
+    "segment-anything-2": "kubepeer-tiny/sam2",
     "live-video-to-video": "noop",
 }
 
@@ -280,7 +281,48 @@ def build_upscaler(snapshot: Path) -> None:
     tokenizer_dir.rmdir()
 
 
+def build_sam2(snapshot: Path) -> None:
+    """A SAM2 (Hiera backbone) segmenter at 128x128, shaped like facebook/sam2-hiera-*."""
+    import torch
+    from transformers import (
+        Sam2Config,
+        Sam2ImageProcessorFast,
+        Sam2Model,
+        Sam2Processor,
+    )
+
+    torch.manual_seed(SEED)
+    size = 128
+    config = Sam2Config(
+        vision_config={
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model", "hidden_size": 12,
+                "num_attention_heads": 1, "image_size": [size, size],
+                "blocks_per_stage": [1, 2, 2, 1], "embed_dim_per_stage": [12, 24, 48, 96],
+                "num_attention_heads_per_stage": [1, 1, 1, 1],
+                "window_size_per_stage": [4, 4, 4, 4], "global_attention_blocks": [4],
+                "window_positional_embedding_background_size": [4, 4],
+            },
+            "backbone_channel_list": [96, 48, 24, 12],
+            "backbone_feature_sizes": [[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
+            "fpn_hidden_size": 32,
+        },
+        prompt_encoder_config={"hidden_size": 32, "image_size": size, "patch_size": 16,
+                               "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+    )  # fmt: skip
+    Sam2Model(config).save_pretrained(snapshot)
+    Sam2Processor(
+        image_processor=Sam2ImageProcessorFast(
+            size={"height": size, "width": size},
+            mask_size={"height": size // 4, "width": size // 4},
+        )
+    ).save_pretrained(snapshot)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    "kubepeer-tiny/sam2": build_sam2,
     "kubepeer-tiny/x4-upscaler": build_upscaler,
     "kubepeer-tiny/vits": build_vits,
     "kubepeer-tiny/wav2vec2": build_wav2vec2,

@@ -86,6 +86,7 @@ def fleet_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
         {"pipeline": "audio-to-text", "model_id": "kubepeer-tiny/wav2vec2"},
         {"pipeline": "text-to-speech", "model_id": "kubepeer-tiny/vits"},
         {"pipeline": "upscale", "model_id": "kubepeer-tiny/x4-upscaler"},
+        {"pipeline": "segment-anything-2", "model_id": "kubepeer-tiny/sam2"},
         {"pipeline": "live-video-to-video", "model_id": "noop"},
     ]
     env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "MAX_QUEUE": "0"}
@@ -160,6 +161,28 @@ def test_upscale_returns_an_image_four_times_larger(api):
     [image] = response.json()["images"]
     assert image["seed"] == 5
     assert decode(image["url"]).size == (96, 64)
+
+
+def test_segment_anything_2_returns_masks_the_size_of_the_image(api):
+    response = api.post(
+        "/segment-anything-2",
+        data={"point_coords": "[[20, 10], [30, 25]]", "point_labels": "[1, 0]",
+              "multimask_output": "true"},
+        files={"image": ("in.png", png(60, 40), "image/png")},
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    masks, scores = json.loads(body["masks"]), json.loads(body["scores"])
+    assert len(masks) == len(scores) == 3
+    assert (len(masks[0]), len(masks[0][0])) == (40, 60)
+    assert {v for row in masks[0] for v in row} <= {0, 1}
+    boxed = api.post(
+        "/segment-anything-2",
+        data={"box": "[5, 5, 50, 30]", "multimask_output": "false", "return_logits": "false"},
+        files={"image": ("in.png", png(60, 40), "image/png")},
+    ).json()
+    assert len(json.loads(boxed["masks"])) == 1
+    assert json.loads(boxed["logits"]) == []
 
 
 def test_image_to_text_returns_text(api):
@@ -260,6 +283,11 @@ def test_live_video_to_video_echoes_the_control_plane_contract(api):
          "larger than"),
         ("/audio-to-text", {"files": {"audio": ("a.wav", b"RIFF nonsense")}}, "FFmpeg"),
         ("/audio-to-text", {"data": {}}, "audio"),
+        ("/segment-anything-2", {"data": {}, "files": {"image": ("a.png", png(8, 8))}}, "box"),
+        ("/segment-anything-2", {"data": {"point_coords": "[[1,2]]", "point_labels": "[1, 1]"},
+                                 "files": {"image": ("a.png", png(8, 8))}}, "one label"),
+        ("/segment-anything-2", {"data": {"box": "[1,2"}, "files": {"image": ("a.png", png(8, 8))}},
+         "must be JSON"),
         ("/llm", {"json": {"messages": []}}, "messages"),
         ("/text-to-speech", {"json": {"text": ""}}, "text"),
         ("/text-to-speech", {"json": {"text": "x" * 5000}}, "text"),
@@ -305,7 +333,7 @@ def test_openapi_documents_the_reference_routes_and_fields(api):
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
     routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/audio-to-text",
-              "/text-to-speech", "/upscale", "/llm",
+              "/text-to-speech", "/upscale", "/segment-anything-2", "/llm",
               "/live-video-to-video", "/health")  # fmt: skip
     for route in routes:
         assert route in paths, route
