@@ -30,6 +30,7 @@ MODEL_IDS = {
     "text-to-speech": "kubepeer-tiny/vits",
     "upscale": "kubepeer-tiny/x4-upscaler",
     "segment-anything-2": "kubepeer-tiny/sam2",
+    "image-to-video": "kubepeer-tiny/svd",
     "live-video-to-video": "noop",
 }
 
@@ -321,7 +322,54 @@ def build_sam2(snapshot: Path) -> None:
     ).save_pretrained(snapshot)
 
 
+def build_svd(snapshot: Path) -> None:
+    """An image-to-video model shaped like Stable Video Diffusion, three frames long."""
+    import torch
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(SEED)
+    unet = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=8,
+        out_channels=4, num_frames=3, cross_attention_dim=32, num_attention_heads=8,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        projection_class_embeddings_input_dim=96, addition_time_embed_dim=32,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        interpolation_type="linear", prediction_type="v_prediction", sigma_max=700.0,
+        sigma_min=0.002, steps_offset=1, timestep_spacing="leading",
+        timestep_type="continuous", use_karras_sigmas=True,
+    )  # fmt: skip
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    )  # fmt: skip
+    # SVD resizes the conditioning image to 224x224 itself, so the encoder takes that size.
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+            image_size=224, intermediate_size=37, patch_size=16,
+        )
+    )  # fmt: skip
+    StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    ).save_pretrained(snapshot)  # fmt: skip
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    "kubepeer-tiny/svd": build_svd,
     "kubepeer-tiny/sam2": build_sam2,
     "kubepeer-tiny/x4-upscaler": build_upscaler,
     "kubepeer-tiny/vits": build_vits,

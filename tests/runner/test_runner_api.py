@@ -87,6 +87,7 @@ def fleet_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
         {"pipeline": "text-to-speech", "model_id": "kubepeer-tiny/vits"},
         {"pipeline": "upscale", "model_id": "kubepeer-tiny/x4-upscaler"},
         {"pipeline": "segment-anything-2", "model_id": "kubepeer-tiny/sam2"},
+        {"pipeline": "image-to-video", "model_id": "kubepeer-tiny/svd"},
         {"pipeline": "live-video-to-video", "model_id": "noop"},
     ]
     env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "MAX_QUEUE": "0"}
@@ -183,6 +184,19 @@ def test_segment_anything_2_returns_masks_the_size_of_the_image(api):
     ).json()
     assert len(json.loads(boxed["masks"])) == 1
     assert json.loads(boxed["logits"]) == []
+
+
+def test_image_to_video_returns_frames_of_the_asked_size(api):
+    response = api.post(
+        "/image-to-video",
+        data={"height": "32", "width": "48", "num_inference_steps": "2", "seed": "9"},
+        files={"image": ("in.png", png(40, 30), "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    [video] = response.json()["frames"]
+    assert len(video) == 3  # the tiny model's frame count
+    assert {decode(f["url"]).size for f in video} == {(48, 32)}
+    assert {f["seed"] for f in video} == {9}
 
 
 def test_image_to_text_returns_text(api):
@@ -283,6 +297,8 @@ def test_live_video_to_video_echoes_the_control_plane_contract(api):
          "larger than"),
         ("/audio-to-text", {"files": {"audio": ("a.wav", b"RIFF nonsense")}}, "FFmpeg"),
         ("/audio-to-text", {"data": {}}, "audio"),
+        ("/image-to-video", {"data": {"height": "30"}, "files": {"image": ("a.png", png(8, 8))}},
+         "multiple of 8"),
         ("/segment-anything-2", {"data": {}, "files": {"image": ("a.png", png(8, 8))}}, "box"),
         ("/segment-anything-2", {"data": {"point_coords": "[[1,2]]", "point_labels": "[1, 1]"},
                                  "files": {"image": ("a.png", png(8, 8))}}, "one label"),
@@ -333,7 +349,7 @@ def test_openapi_documents_the_reference_routes_and_fields(api):
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
     routes = ("/text-to-image", "/image-to-image", "/image-to-text", "/audio-to-text",
-              "/text-to-speech", "/upscale", "/segment-anything-2", "/llm",
+              "/text-to-speech", "/upscale", "/segment-anything-2", "/image-to-video", "/llm",
               "/live-video-to-video", "/health")  # fmt: skip
     for route in routes:
         assert route in paths, route

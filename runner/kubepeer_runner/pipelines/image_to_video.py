@@ -1,0 +1,100 @@
+"""image-to-video: a diffusers image-to-video pipeline (Stable Video Diffusion-class).
+
+Frames go back as PNG data URLs, one list per generated video, as ai-runner returns them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, UploadFile
+from pydantic import BaseModel
+
+from kubepeer_runner.config import ModelSpec
+from kubepeer_runner.hf import load_kwargs
+from kubepeer_runner.pipelines.text_to_image import Media, generators, seeds
+from kubepeer_runner.serving import Device, check_size, png_data_url, read_image
+
+PIPELINE = "image-to-video"
+
+
+class VideoResponse(BaseModel):
+    frames: list[list[Media]]
+
+
+@dataclass
+class Loaded:
+    pipe: Any
+    device: Device
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    image: Any
+    height: int
+    width: int
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    seed: int | None
+    num_inference_steps: int
+
+
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        spec.model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, spec.model_id, device)
+    )
+    pipe.to(device.name)
+    pipe.set_progress_bar_config(disable=True)
+    return Loaded(pipe, device)
+
+
+def animate(model: Loaded, req: VideoRequest) -> VideoResponse:
+    chosen = seeds(req.seed, 1)
+    frames = model.pipe(
+        req.image.resize((req.width, req.height)),
+        height=req.height,
+        width=req.width,
+        fps=req.fps,
+        motion_bucket_id=req.motion_bucket_id,
+        noise_aug_strength=req.noise_aug_strength,
+        num_inference_steps=req.num_inference_steps,
+        decode_chunk_size=8,
+        generator=generators(model.device, chosen),
+    ).frames
+    return VideoResponse(
+        frames=[
+            [Media(url=png_data_url(f), seed=chosen[0], nsfw=False) for f in video]
+            for video in frames
+        ]
+    )
+
+
+def register(app: FastAPI, runner: Any) -> None:
+    async def image_to_video(
+        image: UploadFile = File(...),
+        model_id: str = Form(""),
+        height: int = Form(576),
+        width: int = Form(1024),
+        fps: int = Form(6, ge=1, le=60),
+        motion_bucket_id: int = Form(127, ge=0, le=1023),
+        noise_aug_strength: float = Form(0.02, ge=0, le=1),
+        safety_check: bool = Form(True),
+        seed: int | None = Form(None, ge=0, lt=2**63),
+        num_inference_steps: int = Form(25, ge=1, le=500),
+    ) -> VideoResponse:
+        model = runner.model(PIPELINE, model_id)
+        check_size(height, width, max_pixels=1024 * 1024)
+        picture = read_image(await image.read())
+        req = VideoRequest(
+            picture, height, width, fps, motion_bucket_id, noise_aug_strength, seed,
+            num_inference_steps,
+        )  # fmt: skip
+        return await runner.queue.run(animate, model, req)
+
+    app.post("/image-to-video", response_model=VideoResponse)(image_to_video)
+    app.post("/image-to-video/", include_in_schema=False)(image_to_video)
