@@ -17,6 +17,7 @@ import hashlib
 import json
 import string
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,18 +47,29 @@ def snapshot_dir(model_dir: Path, model_id: str) -> Path:
     return snapshot
 
 
-def _clip_tokenizer(path: Path):  # noqa: ANN202
-    from transformers import CLIPTokenizer
+def _clip_text_parts():  # noqa: ANN202 - (CLIPTokenizer, CLIPTextModel)
+    """The tokenizer (a character vocabulary) and a tiny CLIP text encoder for diffusers."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     symbols = string.ascii_lowercase + string.digits + ".,!?'-"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in symbols:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    vocab_file, merges_file = str(path / "vocab.json"), str(path / "merges.txt")
-    return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )  # fmt: skip
+    return tokenizer, encoder
 
 
 def build_stable_diffusion(snapshot: Path) -> None:
@@ -68,19 +80,9 @@ def build_stable_diffusion(snapshot: Path) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED)
-    tokenizer_dir = snapshot / "_tokenizer_src"
-    tokenizer_dir.mkdir(exist_ok=True)
-    tokenizer = _clip_tokenizer(tokenizer_dir)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )
-    )  # fmt: skip
+    tokenizer, text_encoder = _clip_text_parts()
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
@@ -98,9 +100,6 @@ def build_stable_diffusion(snapshot: Path) -> None:
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(snapshot)
-    for f in tokenizer_dir.iterdir():
-        f.unlink()
-    tokenizer_dir.rmdir()
 
 
 def build_llama(snapshot: Path) -> None:
@@ -246,12 +245,9 @@ def build_upscaler(snapshot: Path) -> None:
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED)
-    tokenizer_dir = snapshot / "_tokenizer_src"
-    tokenizer_dir.mkdir(exist_ok=True)
-    tokenizer = _clip_tokenizer(tokenizer_dir)
+    tokenizer, text_encoder = _clip_text_parts()
     unet = UNet2DConditionModel(
         block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=32, in_channels=7,
         out_channels=4,
@@ -265,21 +261,11 @@ def build_upscaler(snapshot: Path) -> None:
         down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
         norm_num_groups=32, scaling_factor=0.08333,
     )  # fmt: skip
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )
-    )  # fmt: skip
     StableDiffusionUpscalePipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
         max_noise_level=350,
     ).save_pretrained(snapshot)  # fmt: skip
-    for f in tokenizer_dir.iterdir():
-        f.unlink()
-    tokenizer_dir.rmdir()
 
 
 def build_sam2(snapshot: Path) -> None:

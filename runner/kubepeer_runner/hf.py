@@ -27,3 +27,13 @@ def load_kwargs(model_dir: Path, model_id: str, device: Device) -> dict[str, Any
     if device.name == "cuda" and any(files.rglob("*.fp16.safetensors")):
         kwargs["variant"] = "fp16"
     return kwargs
+
+
+def load_diffusers(pipeline_class: Any, model_id: str, model_dir: Path, device: Device) -> Any:
+    """A diffusers pipeline from the cache, on the device, without progress bars."""
+    pipe = pipeline_class.from_pretrained(
+        model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, model_id, device)
+    )
+    pipe.to(device.name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -52,7 +52,7 @@ class DeviceQueue:
         self.waiting = 0
         self._lock = asyncio.Lock()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _take_device(self) -> None:
         if self._lock.locked() and self.waiting >= self.max_waiting:
             raise RunnerError(503, f"runner busy: {self.waiting} requests already waiting")
         self.waiting += 1
@@ -60,6 +60,9 @@ class DeviceQueue:
             await self._lock.acquire()
         finally:
             self.waiting -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        await self._take_device()
         work = asyncio.ensure_future(asyncio.to_thread(_guarded, fn, *args))
         try:
             return await asyncio.shield(work)
@@ -73,13 +76,7 @@ class DeviceQueue:
 
     async def stream(self, fn: Callable[..., None], *args: Any) -> AsyncIterator[Any]:
         """Like run, for a `fn(emit, *args)` that emits items as it goes; yields them."""
-        if self._lock.locked() and self.waiting >= self.max_waiting:
-            raise RunnerError(503, f"runner busy: {self.waiting} requests already waiting")
-        self.waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
+        await self._take_device()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
         done = object()

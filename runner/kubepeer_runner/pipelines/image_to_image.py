@@ -9,9 +9,14 @@ from typing import Any
 from fastapi import FastAPI, File, Form, UploadFile
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_kwargs
-from kubepeer_runner.pipelines.text_to_image import ImageResponse, Media, generators, seeds
-from kubepeer_runner.serving import Device, bad_request, check_size, png_data_url, read_image
+from kubepeer_runner.hf import load_diffusers
+from kubepeer_runner.pipelines.text_to_image import (
+    ImageResponse,
+    generators,
+    image_response,
+    seeds,
+)
+from kubepeer_runner.serving import Device, bad_request, check_size, read_image
 
 PIPELINE = "image-to-image"
 
@@ -38,12 +43,9 @@ class ImageToImageRequest:
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
     from diffusers import AutoPipelineForImage2Image
 
-    pipe = AutoPipelineForImage2Image.from_pretrained(
-        spec.model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, spec.model_id, device)
+    return Loaded(
+        load_diffusers(AutoPipelineForImage2Image, spec.model_id, model_dir, device), device
     )
-    pipe.to(device.name)
-    pipe.set_progress_bar_config(disable=True)
-    return Loaded(pipe, device)
 
 
 def generate(model: Loaded, req: ImageToImageRequest) -> ImageResponse:
@@ -62,12 +64,7 @@ def generate(model: Loaded, req: ImageToImageRequest) -> ImageResponse:
         generator=generators(model.device, chosen),
         **kwargs,
     )
-    return ImageResponse(
-        images=[
-            Media(url=png_data_url(img), seed=s, nsfw=False)
-            for img, s in zip(output.images, chosen, strict=True)
-        ]
-    )
+    return image_response(output.images, chosen)
 
 
 def register(app: FastAPI, runner: Any) -> None:

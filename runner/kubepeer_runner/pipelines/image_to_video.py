@@ -13,7 +13,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from pydantic import BaseModel
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_kwargs
+from kubepeer_runner.hf import load_diffusers
 from kubepeer_runner.pipelines.text_to_image import Media, generators, seeds
 from kubepeer_runner.serving import Device, check_size, png_data_url, read_image
 
@@ -45,12 +45,7 @@ class VideoRequest:
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(
-        spec.model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, spec.model_id, device)
-    )
-    pipe.to(device.name)
-    pipe.set_progress_bar_config(disable=True)
-    return Loaded(pipe, device)
+    return Loaded(load_diffusers(DiffusionPipeline, spec.model_id, model_dir, device), device)
 
 
 def animate(model: Loaded, req: VideoRequest) -> VideoResponse:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_kwargs
+from kubepeer_runner.hf import load_diffusers
 from kubepeer_runner.serving import Device, check_size, png_data_url
 
 PIPELINE = "text-to-image"
@@ -50,12 +50,9 @@ class Loaded:
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
     from diffusers import AutoPipelineForText2Image
 
-    pipe = AutoPipelineForText2Image.from_pretrained(
-        spec.model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, spec.model_id, device)
+    return Loaded(
+        load_diffusers(AutoPipelineForText2Image, spec.model_id, model_dir, device), device
     )
-    pipe.to(device.name)
-    pipe.set_progress_bar_config(disable=True)
-    return Loaded(pipe, device)
 
 
 def seeds(seed: int | None, count: int) -> list[int]:
@@ -67,6 +64,16 @@ def generators(device: Device, chosen: list[int]) -> list[Any]:
     import torch
 
     return [torch.Generator(device.name).manual_seed(s) for s in chosen]
+
+
+def image_response(images: list[Any], chosen: list[int]) -> ImageResponse:
+    # No safety checker ships with these weights: nsfw is reported as not detected.
+    return ImageResponse(
+        images=[
+            Media(url=png_data_url(img), seed=s, nsfw=False)
+            for img, s in zip(images, chosen, strict=True)
+        ]
+    )
 
 
 def generate(model: Loaded, req: TextToImageRequest) -> ImageResponse:
@@ -81,13 +88,7 @@ def generate(model: Loaded, req: TextToImageRequest) -> ImageResponse:
         num_images_per_prompt=req.num_images_per_prompt,
         generator=generators(model.device, chosen),
     )
-    # No safety checker ships with these weights: nsfw is reported as not detected.
-    return ImageResponse(
-        images=[
-            Media(url=png_data_url(img), seed=s, nsfw=False)
-            for img, s in zip(output.images, chosen, strict=True)
-        ]
-    )
+    return image_response(output.images, chosen)
 
 
 def register(app: FastAPI, runner: Any) -> None:

@@ -9,9 +9,14 @@ from typing import Any
 from fastapi import FastAPI, File, Form, UploadFile
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_kwargs
-from kubepeer_runner.pipelines.text_to_image import ImageResponse, Media, generators, seeds
-from kubepeer_runner.serving import Device, bad_request, png_data_url, read_image
+from kubepeer_runner.hf import load_diffusers
+from kubepeer_runner.pipelines.text_to_image import (
+    ImageResponse,
+    generators,
+    image_response,
+    seeds,
+)
+from kubepeer_runner.serving import Device, bad_request, read_image
 
 PIPELINE = "upscale"
 SCALE = 4
@@ -27,12 +32,9 @@ class Loaded:
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
     from diffusers import StableDiffusionUpscalePipeline
 
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(
-        spec.model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, spec.model_id, device)
+    return Loaded(
+        load_diffusers(StableDiffusionUpscalePipeline, spec.model_id, model_dir, device), device
     )
-    pipe.to(device.name)
-    pipe.set_progress_bar_config(disable=True)
-    return Loaded(pipe, device)
 
 
 def upscale(model: Loaded, prompt: str, image: Any, seed: int | None, steps: int) -> ImageResponse:
@@ -43,9 +45,7 @@ def upscale(model: Loaded, prompt: str, image: Any, seed: int | None, steps: int
         num_inference_steps=steps,
         generator=generators(model.device, chosen),
     )
-    return ImageResponse(
-        images=[Media(url=png_data_url(output.images[0]), seed=chosen[0], nsfw=False)]
-    )
+    return image_response(output.images, chosen)
 
 
 def register(app: FastAPI, runner: Any) -> None:
