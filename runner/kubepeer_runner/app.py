@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
 from contextlib import asynccontextmanager
 from enum import StrEnum
@@ -103,8 +102,8 @@ def create_app(config: RunnerConfig, device: Device | None = None, load: bool = 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
-        if load:
-            threading.Thread(target=runner.load_all, name="load", daemon=True).start()
+        if load:  # in the device thread, where inference will run: /health says LOADING meanwhile
+            runner.queue.submit(runner.load_all)
         yield
 
     def authorized(request: Request) -> None:

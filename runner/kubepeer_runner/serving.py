@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,6 +52,16 @@ class DeviceQueue:
         self.max_waiting = max_waiting
         self.waiting = 0
         self._lock = asyncio.Lock()
+        # Always the same thread: torch runs measurably slower when the calling thread
+        # changes from one inference to the next (hack/bench/runner.py shows it).
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        """Run fn in the device thread, ahead of any request (model loading)."""
+        self._device_thread.submit(fn)
+
+    def _in_device_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._device_thread, fn, *args)
 
     async def _take_device(self) -> None:
         if self._lock.locked() and self.waiting >= self.max_waiting:
@@ -63,7 +74,7 @@ class DeviceQueue:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         await self._take_device()
-        work = asyncio.ensure_future(asyncio.to_thread(_guarded, fn, *args))
+        work = self._in_device_thread(_guarded, fn, *args)
         try:
             return await asyncio.shield(work)
         finally:
@@ -92,7 +103,7 @@ class DeviceQueue:
             finally:
                 emit(done)
 
-        worker = asyncio.ensure_future(asyncio.to_thread(work))
+        worker = self._in_device_thread(work)
         worker.add_done_callback(lambda _: self._lock.release())
         while (item := await items.get()) is not done:
             if isinstance(item, Exception):
