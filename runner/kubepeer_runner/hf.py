@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,19 @@ def load_kwargs(model_dir: Path, model_id: str, device: Device) -> dict[str, Any
     return kwargs
 
 
-def load_diffusers(pipeline_class: Any, model_id: str, model_dir: Path, device: Device) -> Any:
+@dataclass
+class DiffusersModel:
+    pipe: Any
+    device: Device
+
+
+def load_diffusers(
+    pipeline_class: Any, model_id: str, model_dir: Path, device: Device
+) -> DiffusersModel:
     """A diffusers pipeline from the cache, on the device, without progress bars."""
     pipe = pipeline_class.from_pretrained(
         model_id, torch_dtype=device.dtype, **load_kwargs(model_dir, model_id, device)
     )
     pipe.to(device.name)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return DiffusersModel(pipe, device)

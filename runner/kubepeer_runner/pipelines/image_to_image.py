@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, File, Form, UploadFile
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_diffusers
+from kubepeer_runner.hf import DiffusersModel, load_diffusers
 from kubepeer_runner.pipelines.text_to_image import (
     ImageResponse,
     generators,
@@ -19,12 +19,6 @@ from kubepeer_runner.pipelines.text_to_image import (
 from kubepeer_runner.serving import Device, bad_request, check_size, read_image
 
 PIPELINE = "image-to-image"
-
-
-@dataclass
-class Loaded:
-    pipe: Any
-    device: Device
 
 
 @dataclass(frozen=True)
@@ -40,15 +34,13 @@ class ImageToImageRequest:
     num_images_per_prompt: int
 
 
-def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> DiffusersModel:
     from diffusers import AutoPipelineForImage2Image
 
-    return Loaded(
-        load_diffusers(AutoPipelineForImage2Image, spec.model_id, model_dir, device), device
-    )
+    return load_diffusers(AutoPipelineForImage2Image, spec.model_id, model_dir, device)
 
 
-def generate(model: Loaded, req: ImageToImageRequest) -> ImageResponse:
+def generate(model: DiffusersModel, req: ImageToImageRequest) -> ImageResponse:
     chosen = seeds(req.seed, req.num_images_per_prompt)
     kwargs: dict[str, Any] = {}
     if "image_guidance_scale" in model.pipe.__call__.__code__.co_varnames:

@@ -13,7 +13,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from pydantic import BaseModel
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_diffusers
+from kubepeer_runner.hf import DiffusersModel, load_diffusers
 from kubepeer_runner.pipelines.text_to_image import Media, generators, seeds
 from kubepeer_runner.serving import Device, check_size, png_data_url, read_image
 
@@ -22,12 +22,6 @@ PIPELINE = "image-to-video"
 
 class VideoResponse(BaseModel):
     frames: list[list[Media]]
-
-
-@dataclass
-class Loaded:
-    pipe: Any
-    device: Device
 
 
 @dataclass(frozen=True)
@@ -42,13 +36,13 @@ class VideoRequest:
     num_inference_steps: int
 
 
-def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> DiffusersModel:
     from diffusers import DiffusionPipeline
 
-    return Loaded(load_diffusers(DiffusionPipeline, spec.model_id, model_dir, device), device)
+    return load_diffusers(DiffusionPipeline, spec.model_id, model_dir, device)
 
 
-def animate(model: Loaded, req: VideoRequest) -> VideoResponse:
+def animate(model: DiffusersModel, req: VideoRequest) -> VideoResponse:
     chosen = seeds(req.seed, 1)
     frames = model.pipe(
         req.image.resize((req.width, req.height)),

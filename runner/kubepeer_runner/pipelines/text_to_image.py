@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_diffusers
+from kubepeer_runner.hf import DiffusersModel, load_diffusers
 from kubepeer_runner.serving import Device, check_size, png_data_url
 
 PIPELINE = "text-to-image"
@@ -41,18 +40,10 @@ class TextToImageRequest(BaseModel):
     num_images_per_prompt: int = Field(default=1, ge=1, le=8)
 
 
-@dataclass
-class Loaded:
-    pipe: Any
-    device: Device
-
-
-def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> DiffusersModel:
     from diffusers import AutoPipelineForText2Image
 
-    return Loaded(
-        load_diffusers(AutoPipelineForText2Image, spec.model_id, model_dir, device), device
-    )
+    return load_diffusers(AutoPipelineForText2Image, spec.model_id, model_dir, device)
 
 
 def seeds(seed: int | None, count: int) -> list[int]:
@@ -76,7 +67,7 @@ def image_response(images: list[Any], chosen: list[int]) -> ImageResponse:
     )
 
 
-def generate(model: Loaded, req: TextToImageRequest) -> ImageResponse:
+def generate(model: DiffusersModel, req: TextToImageRequest) -> ImageResponse:
     chosen = seeds(req.seed, req.num_images_per_prompt)
     output = model.pipe(
         prompt=req.prompt,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, UploadFile
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.hf import load_diffusers
+from kubepeer_runner.hf import DiffusersModel, load_diffusers
 from kubepeer_runner.pipelines.text_to_image import (
     ImageResponse,
     generators,
@@ -23,21 +22,15 @@ SCALE = 4
 MAX_INPUT_PIXELS = 512 * 512  # the output is 16 times larger
 
 
-@dataclass
-class Loaded:
-    pipe: Any
-    device: Device
-
-
-def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> DiffusersModel:
     from diffusers import StableDiffusionUpscalePipeline
 
-    return Loaded(
-        load_diffusers(StableDiffusionUpscalePipeline, spec.model_id, model_dir, device), device
-    )
+    return load_diffusers(StableDiffusionUpscalePipeline, spec.model_id, model_dir, device)
 
 
-def upscale(model: Loaded, prompt: str, image: Any, seed: int | None, steps: int) -> ImageResponse:
+def upscale(
+    model: DiffusersModel, prompt: str, image: Any, seed: int | None, steps: int
+) -> ImageResponse:
     chosen = seeds(seed, 1)
     output = model.pipe(
         prompt=prompt,
