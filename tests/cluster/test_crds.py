@@ -250,15 +250,21 @@ def _model_accepts(model: type, spec: dict) -> bool:
     return True
 
 
+def assert_model_and_server_agree(
+    api, namespace: str, kind: str, plural: str, model: type, spec: dict
+) -> None:
+    accepted = _model_accepts(model, spec)
+    event(f"model accepts: {accepted}")
+    custom = client.CustomObjectsApi(api)
+    assert _server_accepts(custom, namespace, kind, plural, spec) == accepted, spec
+
+
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(spec=specs)
 def test_model_and_api_server_agree_on_aimodel_validity(crds, api, namespace, spec):
-    accepted = _model_accepts(AIModelSpec, spec)
-    event(f"model accepts: {accepted}")
-    custom = client.CustomObjectsApi(api)
-    assert _server_accepts(custom, namespace, "AIModel", "aimodels", spec) == accepted, spec
+    assert_model_and_server_agree(api, namespace, "AIModel", "aimodels", AIModelSpec, spec)
 
 
 pricing_entries = st.fixed_dictionaries(
@@ -296,7 +302,4 @@ pricing_specs = st.fixed_dictionaries(
 )
 @given(spec=pricing_specs)
 def test_model_and_api_server_agree_on_pricing_validity(crds, api, namespace, spec):
-    accepted = _model_accepts(PricingSpec, spec)
-    event(f"model accepts: {accepted}")
-    custom = client.CustomObjectsApi(api)
-    assert _server_accepts(custom, namespace, "Pricing", "pricings", spec) == accepted, spec
+    assert_model_and_server_agree(api, namespace, "Pricing", "pricings", PricingSpec, spec)

@@ -20,13 +20,18 @@ class Currency(StrEnum):
     WEI = "wei"
 
 
+def _pipelines_by_unit() -> dict[Unit, list[str]]:
+    by_unit: dict[Unit, list[str]] = {}
+    for pipeline, unit in BILLING_UNIT.items():
+        by_unit.setdefault(unit, []).append(pipeline.value)
+    return by_unit
+
+
 def cel_unit_fits(pipeline: str, unit: str) -> str:
     """CEL for `unit_fits`, generated from the same table."""
-    by_unit: dict[Unit, list[str]] = {}
-    for p, u in BILLING_UNIT.items():
-        by_unit.setdefault(u, []).append(p.value)
     clauses = [
-        f"({unit} == '{u.value}' && {pipeline} in {sorted(ps)})" for u, ps in by_unit.items()
+        f"({unit} == '{u.value}' && {pipeline} in {sorted(ps)})"
+        for u, ps in _pipelines_by_unit().items()
     ]
     return f"{unit} == 'request' || " + " || ".join(clauses)
 
@@ -39,10 +44,7 @@ def unit_mismatch(pipeline: Pipeline, unit: Unit) -> str:
 
 
 def _unit_table() -> str:
-    by_unit: dict[Unit, list[str]] = {}
-    for p, u in BILLING_UNIT.items():
-        by_unit.setdefault(u, []).append(p.value)
-    return "; ".join(f"{u.value} for {', '.join(ps)}" for u, ps in by_unit.items())
+    return "; ".join(f"{u.value} for {', '.join(ps)}" for u, ps in _pipelines_by_unit().items())
 
 
 UNIT_MUST_FIT = f"unit must be the pipeline's Livepeer billing unit ({_unit_table()}) or request"

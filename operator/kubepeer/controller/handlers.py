@@ -71,9 +71,9 @@ def build_registry(
             reconcile_namespace(kube, operator_settings, namespace)
 
     @kopf.on.event(*PRICINGS, registry=registry)
-    def pricing_changed(type: str | None, namespace: str, **_: Any) -> None:
-        if type in (None, "ADDED", "MODIFIED", "DELETED"):
-            reconcile_namespace(kube, operator_settings, namespace)
+    def pricing_changed(namespace: str, **_: Any) -> None:
+        # Any event, the initial listing included: prices feed the namespace's table.
+        reconcile_namespace(kube, operator_settings, namespace)
 
     @kopf.timer(*AIMODELS, interval=operator_settings.status_interval_seconds, registry=registry)
     def refresh_status(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:

@@ -91,8 +91,11 @@ def compute_status(
         )
     else:
         counts = f"{ready}/{desired} replicas ready"
-        problem = load_failure and ("ModelLoadFailed", load_failure)
-        problem = problem or (unschedulable and ("Unschedulable", unschedulable))
+        problem: tuple[str, str] | None = None
+        if load_failure:
+            problem = ("ModelLoadFailed", load_failure)
+        elif unschedulable:
+            problem = ("Unschedulable", unschedulable)
         if ready >= desired:
             phase = Phase.READY
         elif problem and ready == 0:
@@ -111,7 +114,7 @@ def compute_status(
             else (
                 ConditionStatus.FALSE,
                 problem[0] if problem else phase.value,
-                _join(counts, problem),
+                f"{counts}: {problem[1]}" if problem else counts,
             )
         )
         degraded_c = (
@@ -171,10 +174,6 @@ def _first_ready(pods: list[dict[str, Any]]) -> datetime | None:
 
 def _all_scheduled(pods: list[dict[str, Any]]) -> bool:
     return bool(pods) and all(p.get("spec", {}).get("nodeName") for p in pods)
-
-
-def _join(counts: str, problem: tuple[str, str] | str | None) -> str:
-    return f"{counts}: {problem[1]}" if isinstance(problem, tuple) else counts
 
 
 def _condition(
