@@ -9,13 +9,6 @@ ARBITRUM_TICKET_BROKER = "0xa8bB618B1520E284046F3dFc448851A1Ff26e41B"
 ARBITRUM_CONTROLLER = "0xD8E8328501E9645d16Cf49539efC04f734606ee4"
 ARBITRUM_ROUNDS_MANAGER = "0xdd6f56DcC28D3F5f27084381fE8Df634985cc39f"
 
-# Errors after which retrying a redemption can never succeed.
-NON_RETRYABLE = (
-    "ticket already used",
-    "ticket is used",
-    "ticket creationRound does not have a block hash",
-)
-
 _TICKET = {
     "name": "ticket",
     "type": "tuple",

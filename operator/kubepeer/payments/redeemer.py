@@ -21,7 +21,7 @@ from redis import Redis
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
-from kubepeer.livepeer.broker import NON_RETRYABLE, TICKET_BROKER_ABI
+from kubepeer.livepeer.broker import TICKET_BROKER_ABI
 from kubepeer.payments.ledger import WINNING_STREAM
 from kubepeer.payments.queue import State, TicketBook, TicketRecord, WinningTicket
 
@@ -138,13 +138,15 @@ class Redeemer:
         funds = self._sender_funds(winning.ticket.sender)
         if winning.ticket.face_value <= tx_cost or funds <= tx_cost:
             return self._fail(
-                winning, "not worth its gas: face value or sender funds below tx cost"
+                winning, "not worth its gas: face value or sender funds below tx cost", "uneconomic"
             )
 
         call = self._redeem_call(winning)
         try:
             gas = call.estimate_gas({"from": self.account.address})
         except ContractLogicError as exc:
+            # The contract refuses it as it stands ("ticket already used", "ticket
+            # creationRound does not have a block hash", "ticket did not win", ...): final.
             return self._fail(winning, f"reverts: {exc.message or exc}")
         tx = call.build_transaction(
             {
@@ -204,10 +206,9 @@ class Redeemer:
         )  # fmt: skip
         return True
 
-    def _fail(self, winning: WinningTicket, reason: str) -> bool:
-        final = any(marker in reason for marker in NON_RETRYABLE) or "reverts" in reason
-        label = "non-retryable" if final else "uneconomic"
-        FAILED.labels(label).inc()
+    def _fail(self, winning: WinningTicket, reason: str, kind: str = "non-retryable") -> bool:
+        """Give up on a ticket for good; `kind` labels the metric (non-retryable, uneconomic)."""
+        FAILED.labels(kind).inc()
         log.warning("ticket 0x%s failed: %s", winning.hash.hex(), reason)
         self.book.put(winning.hash, TicketRecord(state=State.FAILED, reason=reason))
         return True
