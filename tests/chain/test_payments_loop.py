@@ -11,6 +11,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -20,18 +21,20 @@ from eth_account.signers.local import LocalAccount
 
 from conftest import REPO, free_port
 from devchain import ETH, DevChain
+from kubepeer.livepeer import wire
 from kubepeer.payments.gateway import sign_payment
-from kubepeer.payments.ledger import Ledger, balance_key, manifest_id
+from kubepeer.payments.ledger import WINNING_STREAM, Ledger, balance_key, manifest_id
 from kubepeer.payments.queue import State, TicketBook, WinningTicket
-from kubepeer.payments.recipient import RecipientSecret, ticket_params
+from kubepeer.payments.recipient import EXPIRATION_BLOCKS, RecipientSecret, ticket_params
+from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.ticket import MAX_WIN_PROB
-from kubepeer.payments.validator import TicketRejected, ValidPayment, validate_payment
+from kubepeer.payments.validator import PaymentContext, TicketRejected, ValidPayment, check_payment
 from support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
 
 MANIFEST = manifest_id(27, "org/model")
-PRICE = (1000, 1)
+PRICE = Fraction(1000, 1)
 PASSWORD = "correct horse battery staple"
 
 
@@ -59,7 +62,8 @@ def orchestrator(chain: DevChain, redis_server, tmp_path) -> Orchestrator:
     keystore.write_text(json.dumps(Account.encrypt(account.key, PASSWORD)))
     password_file = tmp_path / "password"
     password_file.write_text(PASSWORD + "\n")
-    ledger = Ledger(redis_server.client(), stream=f"kubepeer:tickets:winning:{uuid.uuid4().hex}")
+    chain.set_active(account.address)  # only an active orchestrator claims from reserves
+    ledger = Ledger(redis_server.client(), stream=f"{WINNING_STREAM}:{uuid.uuid4().hex}")
     return Orchestrator(
         account, RecipientSecret.generate(), ledger, keystore, password_file, redis_server.url
     )
@@ -76,27 +80,48 @@ def gateway(chain: DevChain) -> LocalAccount:
 _nonces = itertools.count(1)
 
 
+def chain_view(chain: DevChain) -> ChainView:
+    """The dev chain as the chain watcher would report it (its own block number is L1's)."""
+    round_number = chain.current_round()
+    return ChainView(
+        l1_block=chain.w3.eth.block_number,
+        current_round=round_number,
+        creation_round=round_number,
+        creation_round_block_hash=bytes(
+            chain.rounds.functions.blockHashForRound(round_number).call()
+        ),
+    )
+
+
 def pay(
     chain: DevChain, orch: Orchestrator, gateway: LocalAccount, tickets: int,
     win_prob: int = MAX_WIN_PROB // 2, face_value: int = ETH // 100,
 ) -> ValidPayment:  # fmt: skip
     """A gateway pays `tickets` tickets against fresh params; we validate them."""
-    round_number = chain.rounds.functions.currentRound().call() or 1
-    block_hash = chain.start_round(round_number)
+    chain.start_round(chain.current_round() or 1)
+    view = chain_view(chain)
+    sender = bytes.fromhex(gateway.address[2:])
     params = ticket_params(
         orch.secret,
         orch.address,
-        bytes.fromhex(gateway.address[2:]),
+        sender,
         face_value=face_value,
         win_prob=win_prob,
-        expiration_block=chain.w3.eth.block_number + 40,
+        expiration_block=view.l1_block + EXPIRATION_BLOCKS,
         price=PRICE,
-        creation_round=round_number,
-        creation_round_block_hash=block_hash,
+        creation_round=view.creation_round,
+        creation_round_block_hash=view.creation_round_block_hash,
     )
     nonces = [next(_nonces) for _ in range(tickets)]
-    payment = sign_payment(params, gateway.key, bytes.fromhex(gateway.address[2:]), nonces, PRICE)
-    return validate_payment(payment, orch.address, orch.secret, chain.w3.eth.block_number)
+    payment = sign_payment(params, gateway.key, sender, nonces)
+    context = PaymentContext(orch.address, orch.secret, view, issued_prices=lambda _: {PRICE})
+    valid = check_payment(wire.encode(payment), context)
+    assert isinstance(valid, ValidPayment), valid
+    return valid
+
+
+def funds(chain: DevChain, orch: Orchestrator) -> tuple[int, int]:
+    return chain.balance(orch.account.address), chain.fees_earned(orch.account.address)
 
 
 def run_redeemer(
@@ -119,7 +144,10 @@ def winners(payment: ValidPayment) -> list[WinningTicket]:
     return [WinningTicket.from_accepted(t) for t in payment.tickets if t.winning]
 
 
-def assert_redeemed_exactly_once(chain, orch, tickets, balance_before, nonce_before):
+def assert_redeemed_exactly_once(chain, orch, tickets, before: tuple[int, int], nonce_before):
+    """Each ticket used once, by one transaction each, its face value credited to our fee
+    pool by the broker (deposits cover them here), our ETH spent only on gas."""
+    balance_before, fees_before = before
     book = TicketBook(orch.ledger.redis)
     records = [book.get(t.hash) for t in tickets]
     assert all(r is not None and r.state is State.REDEEMED for r in records), records
@@ -129,7 +157,8 @@ def assert_redeemed_exactly_once(chain, orch, tickets, balance_before, nonce_bef
     receipts = [chain.w3.eth.get_transaction_receipt(r.tx_hash) for r in records]
     gas = sum(r["gasUsed"] * r["effectiveGasPrice"] for r in receipts)
     faces = sum(t.ticket.face_value for t in tickets)
-    assert chain.balance(orch.account.address) - balance_before == faces - gas
+    assert chain.fees_earned(orch.account.address) - fees_before == faces
+    assert chain.balance(orch.account.address) - balance_before == -gas
     events = chain.broker.events.WinningTicketRedeemed().get_logs(from_block=0)
     redeemed_nonces = [
         e.args.senderNonce for e in events if e.args.recipient == orch.account.address
@@ -145,7 +174,7 @@ def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
     assert queued, "with winProb 1/2, twelve tickets without a winner is a 1-in-4096 fluke"
     assert orchestrator.ledger.redis.xlen(orchestrator.ledger.stream) == len(queued)
 
-    before = chain.balance(orchestrator.account.address)
+    before = funds(chain, orchestrator)
     nonce = chain.w3.eth.get_transaction_count(orchestrator.account.address)
     early = run_redeemer(chain, orchestrator)
     assert early.returncode == 0, early.stderr
@@ -168,7 +197,7 @@ def test_redeemer_killed_at_any_point_loses_nothing_and_pays_once(
     queued = winners(payment)
     assert len(queued) == 3
     chain.mine(41)
-    before = chain.balance(orchestrator.account.address)
+    before = funds(chain, orchestrator)
     nonce = chain.w3.eth.get_transaction_count(orchestrator.account.address)
 
     crashed = run_redeemer(chain, orchestrator, failpoint=failpoint)
@@ -194,7 +223,7 @@ def test_gas_price_over_the_ceiling_defers_without_losing_the_ticket(chain, orch
     assert TicketBook(orchestrator.ledger.redis).get(ticket.hash).state is State.PENDING
     assert chain.w3.eth.get_transaction_count(orchestrator.account.address) == nonce
 
-    before = chain.balance(orchestrator.account.address)
+    before = funds(chain, orchestrator)
     assert run_redeemer(chain, orchestrator).returncode == 0
     assert_redeemed_exactly_once(chain, orchestrator, [ticket], before, nonce)
 
@@ -248,7 +277,7 @@ def test_an_acknowledged_credit_survives_redis_being_killed(chain, orchestrator,
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     client = redis_lib.Redis(port=port)
     wait_for(lambda: _pings(client), timeout=20, what="the AOF redis-server")
-    ledger = Ledger(client, stream="kubepeer:tickets:winning:durable")
+    ledger = Ledger(client, stream=f"{WINNING_STREAM}:durable")
     payment = pay(chain, orchestrator, gateway, tickets=4, win_prob=MAX_WIN_PROB)
     balance = ledger.credit(payment, MANIFEST)
 
@@ -258,7 +287,7 @@ def test_an_acknowledged_credit_survives_redis_being_killed(chain, orchestrator,
     try:
         wait_for(lambda: _pings(client), timeout=20, what="redis-server to come back")
         assert int(client.get(balance_key(payment.sender, MANIFEST))) == balance
-        assert client.xlen("kubepeer:tickets:winning:durable") == 4
+        assert client.xlen(f"{WINNING_STREAM}:durable") == 4
         with pytest.raises(TicketRejected):
             ledger.credit(payment, MANIFEST)  # the nonces survived too
     finally:
