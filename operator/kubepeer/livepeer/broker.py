@@ -119,6 +119,9 @@ TICKET_BROKER_EVENTS_ABI: list[dict[str, Any]] = [
     ),
 ]
 TICKET_BROKER_ABI.extend(TICKET_BROKER_EVENTS_ABI)
+# What our share of a sender's reserve is now (0 unless we are active): the redeemer's
+# estimate of what a ticket will actually pay.
+TICKET_BROKER_ABI.append(_view("claimableReserve", ["address", "address"], "uint256"))
 
 CONTROLLER_ABI: list[dict[str, Any]] = [
     _view("getContract", ["bytes32"], "address"),
