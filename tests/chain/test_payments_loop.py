@@ -2,172 +2,31 @@
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
 import signal
 import subprocess
-import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 
-from conftest import REPO, free_port
-from devchain import ETH, DevChain
-from kubepeer.livepeer import wire
-from kubepeer.payments.gateway import sign_payment
-from kubepeer.payments.ledger import WINNING_STREAM, Ledger, balance_key, manifest_id
-from kubepeer.payments.queue import State, TicketBook, WinningTicket
-from kubepeer.payments.recipient import EXPIRATION_BLOCKS, RecipientSecret, ticket_params
-from kubepeer.payments.rounds import ChainView
+import paying
+from conftest import free_port
+from kubepeer.payments.ledger import WINNING_STREAM, Ledger, balance_key
+from kubepeer.payments.queue import State, TicketBook
 from kubepeer.payments.ticket import MAX_WIN_PROB
-from kubepeer.payments.validator import PaymentContext, TicketRejected, ValidPayment, check_payment
+from kubepeer.payments.validator import TicketRejected, ValidPayment
+from paying import (
+    MANIFEST,
+    assert_redeemed_exactly_once,
+    funds,
+    pay,
+    run_redeemer,
+    winners,
+)
 from support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
-
-MANIFEST = manifest_id(27, "org/model")
-PRICE = Fraction(1000, 1)
-PASSWORD = "correct horse battery staple"
-
-
-@dataclass
-class Orchestrator:
-    """Our side: the recipient account (which also sends the redemptions), its secret, its
-    ledger on a stream of its own, and a keystore the redeemer process unlocks."""
-
-    account: LocalAccount
-    secret: RecipientSecret
-    ledger: Ledger
-    keystore: Path
-    password_file: Path
-    redis_url: str
-
-    @property
-    def address(self) -> bytes:
-        return bytes.fromhex(self.account.address[2:])
-
-
-@pytest.fixture
-def orchestrator(chain: DevChain, redis_server, tmp_path) -> Orchestrator:
-    account = chain.new_account(10 * ETH)
-    keystore = tmp_path / "keystore.json"
-    keystore.write_text(json.dumps(Account.encrypt(account.key, PASSWORD)))
-    password_file = tmp_path / "password"
-    password_file.write_text(PASSWORD + "\n")
-    chain.set_active(account.address)  # only an active orchestrator claims from reserves
-    ledger = Ledger(redis_server.client(), stream=f"{WINNING_STREAM}:{uuid.uuid4().hex}")
-    return Orchestrator(
-        account, RecipientSecret.generate(), ledger, keystore, password_file, redis_server.url
-    )
-
-
-@pytest.fixture
-def gateway(chain: DevChain) -> LocalAccount:
-    """A sender with a deposit and a reserve on the broker."""
-    sender = chain.new_account(20 * ETH)
-    chain.fund_sender(sender, deposit=5 * ETH, reserve=5 * ETH)
-    return sender
-
-
-_nonces = itertools.count(1)
-
-
-def chain_view(chain: DevChain) -> ChainView:
-    """The dev chain as the chain watcher would report it (its own block number is L1's)."""
-    round_number = chain.current_round()
-    return ChainView(
-        l1_block=chain.w3.eth.block_number,
-        current_round=round_number,
-        creation_round=round_number,
-        creation_round_block_hash=bytes(
-            chain.rounds.functions.blockHashForRound(round_number).call()
-        ),
-    )
-
-
-def pay(
-    chain: DevChain, orch: Orchestrator, gateway: LocalAccount, tickets: int,
-    win_prob: int = MAX_WIN_PROB // 2, face_value: int = ETH // 100,
-) -> ValidPayment:  # fmt: skip
-    """A gateway pays `tickets` tickets against fresh params; we validate them."""
-    chain.start_round(chain.current_round() or 1)
-    view = chain_view(chain)
-    sender = bytes.fromhex(gateway.address[2:])
-    params = ticket_params(
-        orch.secret,
-        orch.address,
-        sender,
-        face_value=face_value,
-        win_prob=win_prob,
-        expiration_block=view.l1_block + EXPIRATION_BLOCKS,
-        price=PRICE,
-        creation_round=view.creation_round,
-        creation_round_block_hash=view.creation_round_block_hash,
-    )
-    nonces = [next(_nonces) for _ in range(tickets)]
-    payment = sign_payment(params, gateway.key, sender, nonces)
-    context = PaymentContext(orch.address, orch.secret, view, issued_prices=lambda _: {PRICE})
-    valid = check_payment(wire.encode(payment), context)
-    assert isinstance(valid, ValidPayment), valid
-    return valid
-
-
-def funds(chain: DevChain, orch: Orchestrator) -> tuple[int, int]:
-    return chain.balance(orch.account.address), chain.fees_earned(orch.account.address)
-
-
-def run_redeemer(
-    chain: DevChain, orch: Orchestrator, *extra: str, failpoint: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator"), "KUBEPEER_RPC_URL": chain.url}
-    if failpoint:
-        env["KUBEPEER_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "kubepeer.cli", "payments", "--once", "--network", "dev",
-         "--redis-url", orch.redis_url,
-         "--controller", chain.controller.address, "--max-fee-per-gas", str(100 * 10**9),
-         "--keystore", str(orch.keystore), "--password-file", str(orch.password_file),
-         "--stream", orch.ledger.stream, *extra],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-
-
-def winners(payment: ValidPayment) -> list[WinningTicket]:
-    return [WinningTicket.from_accepted(t) for t in payment.tickets if t.winning]
-
-
-def assert_redeemed_exactly_once(chain, orch, tickets, before: tuple[int, int], nonce_before):
-    """Each ticket used once, its face value credited to our fee pool by the broker
-    (deposits cover them here) and recorded as paid, our ETH spent only on gas, and no
-    transaction sent that did not redeem something."""
-    balance_before, fees_before = before
-    book = TicketBook(orch.ledger.redis)
-    records = [book.get(t.hash) for t in tickets]
-    assert all(r is not None and r.state is State.REDEEMED for r in records), records
-    assert all(chain.broker.functions.usedTickets(t.hash).call() for t in tickets)
-    transactions = {r.tx_hash for r in records}
-    assert chain.w3.eth.get_transaction_count(orch.account.address) - nonce_before == len(
-        transactions
-    )
-    receipts = [chain.w3.eth.get_transaction_receipt(h) for h in transactions]
-    gas = sum(r["gasUsed"] * r["effectiveGasPrice"] for r in receipts)
-    faces = sum(t.ticket.face_value for t in tickets)
-    assert [r.amount_paid for r in records] == [t.ticket.face_value for t in tickets]
-    assert chain.fees_earned(orch.account.address) - fees_before == faces
-    assert chain.balance(orch.account.address) - balance_before == -gas
-    events = chain.broker.events.WinningTicketRedeemed().get_logs(from_block=0)
-    redeemed_nonces = [
-        e.args.senderNonce for e in events if e.args.recipient == orch.account.address
-    ]
-    assert sorted(redeemed_nonces) == sorted(t.ticket.sender_nonce for t in tickets)
+pytest_plugins = ["paying"]
 
 
 def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
@@ -188,7 +47,7 @@ def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
     done = run_redeemer(chain, orchestrator)
     assert done.returncode == 0, done.stderr
     assert_redeemed_exactly_once(chain, orchestrator, queued, before, nonce)
-    assert PASSWORD not in done.stderr
+    assert paying.PASSWORD not in done.stderr
     assert orchestrator.account.key.hex() not in done.stderr
 
 

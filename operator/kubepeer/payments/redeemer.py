@@ -366,6 +366,8 @@ class Redeemer:
         previous: tuple[str, ...],
     ) -> TicketRecord:
         """Sign, record for every ticket in the group, then send (Lease permitting)."""
+        if not self.may_send():
+            raise LeaseLost("the Lease is no longer ours: not sending")
         tickets = [w for _, w in group]
         tx = self._redeem_call(tickets).build_transaction(
             {
