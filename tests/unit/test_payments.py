@@ -6,6 +6,7 @@ import base64
 import itertools
 from dataclasses import replace
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 from eth_account import Account
@@ -25,6 +26,7 @@ from kubepeer.payments.recipient import (
     ticket_params,
     win_prob_for,
 )
+from kubepeer.payments.redeemer import Fees, bumped, fees_for, redemptions_in, revert_is_retryable
 from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.sender import SenderInfo
 from kubepeer.payments.ticket import (
@@ -32,6 +34,7 @@ from kubepeer.payments.ticket import (
     SECP256K1_N,
     Ticket,
     minimal_bytes,
+    recipient_rand_hash,
 )
 from kubepeer.payments.validator import (
     PaymentContext,
@@ -458,3 +461,53 @@ def test_committed_protobuf_code_is_current():
     from kubepeer.livepeer import protos
 
     assert protos.is_current(), "run `kubepeer protos` and commit net_pb2.py"
+
+
+# --- the redeemer's decisions ---
+
+
+def test_fees_stay_under_the_ceiling_and_wait_above_it():
+    assert fees_for(base_fee=10, ceiling=1000, priority_fee=1) == Fees(21, 1)
+    assert fees_for(base_fee=600, ceiling=1000, priority_fee=0) == Fees(1000, 0)  # capped
+    assert fees_for(base_fee=1000, ceiling=1000, priority_fee=1) is None
+
+
+def test_a_replacement_bumps_both_fees_and_never_passes_the_ceiling():
+    old = Fees(100, 10)
+    assert bumped(old, None, ceiling=1000, percent=15) == Fees(115, 12)
+    assert bumped(old, Fees(400, 0), ceiling=1000, percent=15) == Fees(400, 12)
+    assert bumped(old, None, ceiling=114, percent=15) is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "retryable"),
+    [
+        ("execution reverted: current round is not initialized", True),
+        ("execution reverted: system is paused", True),
+        ("execution reverted: ticket is used", False),
+        ("execution reverted: ticket is expired", False),
+        ("execution reverted: ECDSA: invalid signature 's' value", False),
+        ("execution reverted: ticket creationRoundBlockHash invalid for creationRound", False),
+    ],
+)
+def test_only_reverts_a_later_block_can_undo_are_retried(reason, retryable):
+    assert revert_is_retryable(reason) is retryable
+
+
+def test_each_redeemed_ticket_is_paid_what_its_own_transfer_says():
+    def event(index, **args):
+        return SimpleNamespace(logIndex=index, args=SimpleNamespace(**args))
+
+    tickets = [Ticket(RECIPIENT, SENDER, 100 + n, MAX_WIN_PROB, n, recipient_rand_hash(n), 7,
+                      ROUND_HASH) for n in range(3)]  # fmt: skip
+    who = {"sender": GATEWAY.address, "recipient": ORCH.address}
+    redeemed = [
+        event(10 * n + 1, **who, faceValue=t.face_value, winProb=t.win_prob,
+              senderNonce=t.sender_nonce, recipientRand=n, auxData=t.aux_data)
+        for n, t in enumerate(tickets)
+    ]  # fmt: skip
+    # The first paid in full, the second nothing (no transfer), the third in part.
+    transfers = [event(0, **who, amount=100), event(20, **who, amount=55)]
+    assert redemptions_in(redeemed, transfers) == {
+        tickets[0].hash: 100, tickets[1].hash: 0, tickets[2].hash: 55,
+    }  # fmt: skip
