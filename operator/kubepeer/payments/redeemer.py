@@ -212,7 +212,10 @@ class Redeemer:
                 groups.setdefault(record.tx_nonce, []).append((entry_id, winning))
         for group in groups.values():
             finished += self._guarded(group, lambda g=group: self._settle(g))
-        for _key, (entry_id, winning) in tickets.items():
+        settled = {w.hash for group in groups.values() for _, w in group}
+        for key, (entry_id, winning) in tickets.items():
+            if key in settled:
+                continue
             finished += self._guarded(
                 [(entry_id, winning)], lambda e=entry_id, w=winning: self._prepare(e, w, ready)
             )
