@@ -9,13 +9,19 @@ import time
 from fractions import Fraction
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devchain import ETH
+from kubepeer.livepeer import wire
+from kubepeer.payments.gateway import sign_payment
 from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.queue import State, TicketBook
+from kubepeer.payments.recipient import EXPIRATION_BLOCKS, ticket_params
 from kubepeer.payments.redeemer import LeaseLost
 from kubepeer.payments.reward import RewardCaller
-from kubepeer.payments.validator import TicketRejected, ValidPayment
+from kubepeer.payments.ticket import MAX_WIN_PROB
+from kubepeer.payments.validator import PaymentContext, TicketRejected, ValidPayment, check_payment
 from paying import (
     MANIFEST,
     assert_redeemed_exactly_once,
@@ -263,3 +269,40 @@ def test_a_payment_without_tickets_spends_the_existing_balance(chain, orchestrat
         ledger.admit(ticketless, MANIFEST, ticket_ev)
     assert str(refused.value) == "Insufficient balance"
     assert ledger.balance(first.sender, MANIFEST) == 0
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.one_of(st.integers(0, 2**64), st.integers(0, 2**256 - 1)),
+    face_value=st.integers(1, ETH // 100),
+    nonce=st.integers(0, 2**32 - 1),
+)  # fmt: skip
+def test_every_ticket_the_validator_accepts_the_contract_would_pay(
+    chain, orchestrator, gateway, seed, face_value, nonce
+):
+    """Params with any seed (leading zero bytes included, sent as a Go gateway's big.Int),
+    signed by the gateway, accepted by check_payment: the broker's own redeem accepts them."""
+    chain.start_round(chain.current_round() or 1)
+    view = chain_view(chain)
+    sender = bytes.fromhex(gateway.address[2:])
+    params = ticket_params(
+        orchestrator.secret, orchestrator.address, sender, face_value=face_value,
+        win_prob=MAX_WIN_PROB, expiration_block=view.l1_block + EXPIRATION_BLOCKS,
+        price=Fraction(1000), creation_round=view.creation_round,
+        creation_round_block_hash=view.creation_round_block_hash, seed=seed,
+    )  # fmt: skip
+    header = wire.encode(sign_payment(params, gateway.key, sender, [nonce]))
+    context = PaymentContext(
+        orchestrator.address, orchestrator.secret, view, issued_prices=lambda _: set()
+    )
+    valid = check_payment(header, context)
+    assert isinstance(valid, ValidPayment), valid
+    [accepted] = valid.tickets
+    call = chain.broker.functions.redeemWinningTicket(
+        accepted.ticket.abi_tuple(), accepted.sig, accepted.recipient_rand
+    )
+    assert call.estimate_gas({"from": orchestrator.account.address}) > 0  # no revert
