@@ -9,10 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -135,22 +139,35 @@ def funds(chain: DevChain, orch: Orchestrator) -> tuple[int, int]:
     return chain.balance(orch.account.address), chain.fees_earned(orch.account.address)
 
 
-def run_redeemer(
+def payments_process(
     chain: DevChain, orch: Orchestrator, *extra: str, failpoint: str | None = None,
     rpc_url: str | None = None,
-) -> subprocess.CompletedProcess[str]:  # fmt: skip
+) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """The command line and environment of `kubepeer payments` for this orchestrator."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "operator"),
            "KUBEPEER_RPC_URL": rpc_url or chain.url}  # fmt: skip
     if failpoint:
         env["KUBEPEER_FAILPOINT"] = failpoint
+    command = [
+        sys.executable, "-m", "kubepeer.cli", "payments", "--network", "dev",
+        "--redis-url", orch.redis_url,
+        "--controller", chain.controller.address, "--max-fee-per-gas", str(100 * 10**9),
+        "--keystore", str(orch.keystore), "--password-file", str(orch.password_file),
+        "--stream", orch.ledger.stream, *extra,
+    ]  # fmt: skip
+    return command, env
+
+
+def run_redeemer(
+    chain: DevChain, orch: Orchestrator, *extra: str, failpoint: str | None = None,
+    rpc_url: str | None = None,
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`kubepeer payments --once`: one pass over what is queued."""
+    command, env = payments_process(chain, orch, "--once", *extra, failpoint=failpoint,
+                                    rpc_url=rpc_url)  # fmt: skip
     return subprocess.run(
-        [sys.executable, "-m", "kubepeer.cli", "payments", "--once", "--network", "dev",
-         "--redis-url", orch.redis_url,
-         "--controller", chain.controller.address, "--max-fee-per-gas", str(100 * 10**9),
-         "--keystore", str(orch.keystore), "--password-file", str(orch.password_file),
-         "--stream", orch.ledger.stream, *extra],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        command, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def winners(payment: ValidPayment) -> list[WinningTicket]:
@@ -207,3 +224,36 @@ def queue_winners(chain: DevChain, orch: Orchestrator, gateway: LocalAccount, co
     orch.ledger.credit(payment, MANIFEST)
     chain.mine(EXPIRATION_BLOCKS + 1)
     return winners(payment)
+
+
+@contextmanager
+def relay_rpc(upstream: str, rewrite: Callable[[dict, dict], dict]) -> Iterator[str]:
+    """A loopback JSON-RPC server in front of the real dev node that hands each request
+    and the node's answer to `rewrite` and returns what it makes of them."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            forwarded = urllib.request.Request(
+                upstream, data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(forwarded, timeout=30) as reply:
+                response = rewrite(json.loads(body), json.loads(reply.read()))
+            payload = json.dumps(response).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import threading
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 from web3 import Web3
 
 from devchain import DevChain
 from kubepeer.payments.watcher import ChainWatcher, load_view, save_view
+from paying import relay_rpc
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
 
@@ -67,46 +61,22 @@ def test_a_stale_view_is_no_view(chain, redis_server):
     assert load_view(redis, max_age=60, now=1061.0) is None
 
 
-@contextmanager
-def arbitrum_shaped_rpc(upstream: str, l1_block: int, l2_offset: int) -> Iterator[str]:
+def arbitrum_shaped_rpc(upstream: str, l1_block: int, l2_offset: int):
     """THE ONE FAKE in the payment tests, because Arbitrum cannot run on this machine: a
     loopback JSON-RPC server in front of the real dev node that answers as Arbitrum's RPC
     does, its block numbers the L2 chain's (here the dev block + `l2_offset`) and every block
     carrying `l1BlockNumber` (here `l1_block`). Contract calls pass through untouched."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            request = json.loads(body)
-            forwarded = urllib.request.Request(
-                upstream, data=body, headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(forwarded, timeout=30) as reply:
-                response = json.loads(reply.read())
-            result = response.get("result")
-            if request["method"] == "eth_blockNumber":
-                response["result"] = hex(int(result, 16) + l2_offset)
-            elif request["method"] == "eth_getBlockByNumber" and result:
-                result["number"] = hex(int(result["number"], 16) + l2_offset)
-                result["l1BlockNumber"] = hex(l1_block)
-            payload = json.dumps(response).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def arbitrum(request: dict, response: dict) -> dict:
+        result = response.get("result")
+        if request["method"] == "eth_blockNumber":
+            response["result"] = hex(int(result, 16) + l2_offset)
+        elif request["method"] == "eth_getBlockByNumber" and result:
+            result["number"] = hex(int(result["number"], 16) + l2_offset)
+            result["l1BlockNumber"] = hex(l1_block)
+        return response
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return relay_rpc(upstream, arbitrum)
 
 
 def test_on_arbitrum_the_l1_block_comes_from_the_block_not_eth_block_number(chain):

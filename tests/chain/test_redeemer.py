@@ -4,6 +4,7 @@ outcome is asserted against the contract (usedTickets, the fee pool, its events)
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from fractions import Fraction
@@ -28,18 +29,22 @@ from paying import (
     chain_view,
     funds,
     pay,
+    payments_process,
     queue_winners,
     redeemer,
+    relay_rpc,
     run_redeemer,
+    winners,
 )
+from support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
 pytest_plugins = ["paying"]
 
 
-def states(orch, tickets) -> list[State]:
+def states(orch, tickets) -> list[State | None]:
     book = TicketBook(orch.ledger.redis)
-    return [book.get(t.hash).state for t in tickets]
+    return [record.state if (record := book.get(t.hash)) else None for t in tickets]
 
 
 def sent(chain, orch) -> int:
@@ -306,3 +311,41 @@ def test_every_ticket_the_validator_accepts_the_contract_would_pay(
         accepted.ticket.abi_tuple(), accepted.sig, accepted.recipient_rand
     )
     assert call.estimate_gas({"from": orchestrator.account.address}) > 0  # no revert
+
+
+def test_rpc_errors_never_stop_the_payments_process(chain, orchestrator, gateway, tmp_path):
+    """The RPC node answering errors for a while (fault injection in front of the real node):
+    the process backs off and carries on, and the ticket is redeemed once it answers again."""
+    payment = pay(chain, orchestrator, gateway, tickets=1, win_prob=MAX_WIN_PROB)
+    orchestrator.ledger.credit(payment, MANIFEST)
+    tickets = winners(payment)
+    before, nonce = funds(chain, orchestrator), sent(chain, orchestrator)
+    failing = threading.Event()
+
+    def flaky(request: dict, response: dict) -> dict:
+        if not failing.is_set():
+            return response
+        error = {"code": -32000, "message": "upstream request timeout"}
+        return {"jsonrpc": "2.0", "id": request.get("id"), "error": error}
+
+    log = tmp_path / "payments.log"
+    with relay_rpc(chain.url, flaky) as url:
+        command, env = payments_process(chain, orchestrator, rpc_url=url)
+        process = subprocess.Popen(
+            command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(lambda: "redeeming as" in log.read_text(), timeout=60, what="startup")
+            failing.set()
+            chain.mine(EXPIRATION_BLOCKS + 1)  # the ticket is ready, the RPC is failing
+            wait_for(lambda: log.read_text().count("payments pass failed") >= 2, timeout=60,
+                     what="failed passes")  # fmt: skip
+            assert process.poll() is None, log.read_text()
+            failing.clear()
+            wait_for(lambda: states(orchestrator, tickets) == [State.REDEEMED], timeout=90,
+                     what="the ticket to be redeemed")  # fmt: skip
+            assert process.poll() is None, log.read_text()
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+    assert_redeemed_exactly_once(chain, orchestrator, tickets, before, nonce)

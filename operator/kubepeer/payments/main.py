@@ -203,7 +203,9 @@ def _run(config: PaymentsConfig, rpc_url: str) -> int:
                 time.sleep(keeper.interval if keeper else 1.0)
         except LeaseLost as exc:
             log.warning("%s", exc)
-        except TRANSPORT_ERRORS as exc:  # the RPC or Redis is away: retry, never crash
-            log.warning("payments: %s; retrying in %.0fs", exc, backoff)
+        except Exception as exc:  # the RPC or Redis is away, or worse: back off, never crash
+            transport = isinstance(exc, TRANSPORT_ERRORS)  # expected: no traceback
+            log.warning("payments pass failed (%s); retrying in %.0fs", exc, backoff,
+                        exc_info=not transport)  # fmt: skip
             time.sleep(backoff)
             backoff = min(backoff * 2, 60)

@@ -57,9 +57,10 @@ REPLACED = Counter("kubepeer_redeem_tx_replaced_total", "Stuck transactions repl
 
 # Reverts that a later block can undo; every other revert is the ticket's own fault.
 RETRYABLE_REVERTS = ("current round is not initialized", "system is paused")
-# The network, not the entry: stop this pass and let the process back off.
+# The network or the RPC node, not the entry (an error answer from the node included, e.g.
+# our account short of gas money): stop this pass and let the process back off.
 TRANSPORT_ERRORS = (ConnectionError, TimeoutError, OSError, RequestsConnectionError,
-                    RequestsTimeout, TimeExhausted)  # fmt: skip
+                    RequestsTimeout, TimeExhausted, Web3RPCError)  # fmt: skip
 
 
 def failpoint(name: str) -> None:
