@@ -349,3 +349,16 @@ def test_rpc_errors_never_stop_the_payments_process(chain, orchestrator, gateway
             process.terminate()
             process.wait(timeout=20)
     assert_redeemed_exactly_once(chain, orchestrator, tickets, before, nonce)
+
+
+def test_the_payments_process_calls_reward_once_a_round_when_asked(chain, orchestrator):
+    me = orchestrator.account.address
+    chain.start_round(chain.current_round() + 1)
+    calls = chain.bonding.functions.rewardCalls(me).call
+    assert run_redeemer(chain, orchestrator).returncode == 0  # not asked: no call
+    assert calls() == 0
+    for _ in range(2):
+        done = run_redeemer(chain, orchestrator, "--reward")
+        assert done.returncode == 0, done.stderr
+        assert calls() == 1
+    assert chain.bonding.functions.lastRewardRound(me).call() == chain.current_round()
