@@ -36,6 +36,7 @@ class RecipientSecret:
         if len(value) != SECRET_BYTES:
             raise ValueError(f"the recipient secret must be {SECRET_BYTES} bytes, got {len(value)}")
         self._value = value
+        self._keyed = hmac.new(value, digestmod=hashlib.sha256)  # copied per MAC: no re-keying
 
     @classmethod
     def from_file(cls, path: Path) -> RecipientSecret:
@@ -55,7 +56,9 @@ class RecipientSecret:
         return cls(secrets.token_bytes(SECRET_BYTES))
 
     def mac(self, message: bytes) -> bytes:
-        return hmac.new(self._value, message, hashlib.sha256).digest()
+        mac = self._keyed.copy()
+        mac.update(message)
+        return mac.digest()
 
     def __repr__(self) -> str:
         return "RecipientSecret([redacted])"
