@@ -362,3 +362,30 @@ def test_the_payments_process_calls_reward_once_a_round_when_asked(chain, orches
         assert done.returncode == 0, done.stderr
         assert calls() == 1
     assert chain.bonding.functions.lastRewardRound(me).call() == chain.current_round()
+
+
+def test_a_ticket_the_batch_skips_is_reported_apart_from_the_ones_it_paid(
+    chain, orchestrator, gateway_factory
+):
+    """The deposit covers one ticket and there is no reserve: in one batch the broker pays
+    the first and skips the second ('sender deposit and reserve are zero'), which the events
+    show; the skipped one then fails with the contract's reason, without another send."""
+    face = ETH // 100
+    short = gateway_factory(deposit=face, reserve=0)
+    tickets = queue_winners(chain, orchestrator, short, 2, face_value=face)
+    nonce = sent(chain, orchestrator)
+    worker = redeemer(chain, orchestrator, batch_size=8)
+    assert worker.run_once() == 1
+    book = TicketBook(orchestrator.ledger.redis)
+    records = [book.get(t.hash) for t in tickets]
+    paid, skipped = sorted(records, key=lambda r: r.state is not State.REDEEMED)
+    assert (paid.state, paid.amount_paid) == (State.REDEEMED, face)
+    assert skipped.state is State.PENDING
+    assert paid.tx_hash in skipped.reason  # "not redeemed by <the batch>"
+    assert sent(chain, orchestrator) - nonce == 1
+
+    assert worker.run_once() == 1
+    assert sent(chain, orchestrator) - nonce == 1
+    failed = [book.get(t.hash) for t in tickets if book.get(t.hash).state is State.FAILED]
+    assert len(failed) == 1
+    assert "sender deposit and reserve are zero" in failed[0].reason

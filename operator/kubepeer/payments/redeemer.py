@@ -202,8 +202,12 @@ class Redeemer:
         tickets: dict[bytes, tuple[bytes, WinningTicket]] = {}
         for entry_id, fields in entries:
             winning = self._parse(entry_id, fields)
-            if winning is not None:
-                tickets[winning.hash] = (entry_id, winning)
+            if winning is None:
+                continue
+            if winning.hash in tickets:  # the same ticket queued twice: one entry carries it
+                self._ack(entry_id)
+                continue
+            tickets[winning.hash] = (entry_id, winning)
         # Submitted transactions first, a whole batch at a time, as they were sent.
         groups: dict[int, list[tuple[bytes, WinningTicket]]] = {}
         ready: list[Ready] = []
