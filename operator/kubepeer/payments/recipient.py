@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from kubepeer.livepeer import net_pb2
 from kubepeer.payments.rounds import ChainView
-from kubepeer.payments.ticket import MAX_WIN_PROB, recipient_rand_hash, uint256
+from kubepeer.payments.ticket import MAX_WIN_PROB, minimal_bytes, recipient_rand_hash, uint256
 
 SECRET_BYTES = 32
 REDEEM_GAS_L2 = 1_200_000
@@ -212,3 +213,27 @@ def as_price(price: Fraction | tuple[int, int]) -> Fraction:
     if isinstance(price, Fraction):
         return price
     return Fraction(*price)
+
+
+def ticket_params_message(params: TicketParams) -> net_pb2.TicketParams:
+    """The params as `OrchestratorInfo.ticket_params` carries them to a gateway: integers
+    as go-livepeer sends its big.Ints (big-endian, no leading zeros), the round and its
+    block hash in `expiration_params`."""
+    return net_pb2.TicketParams(
+        recipient=params.recipient,
+        face_value=minimal_bytes(params.face_value),
+        win_prob=minimal_bytes(params.win_prob),
+        recipient_rand_hash=params.recipient_rand_hash,
+        seed=minimal_bytes(params.seed),
+        expiration_block=minimal_bytes(params.expiration_block),
+        expiration_params=net_pb2.TicketExpirationParams(
+            creation_round=params.creation_round,
+            creation_round_block_hash=params.creation_round_block_hash,
+        ),
+    )
+
+
+def price_info(price: Fraction) -> net_pb2.PriceInfo:
+    """A price as `PriceInfo` carries it: the reduced fraction (both fit int64 in practice;
+    the operator refuses prices that do not)."""
+    return net_pb2.PriceInfo(price_per_unit=price.numerator, pixels_per_unit=price.denominator)
