@@ -53,13 +53,17 @@ SECRET = RecipientSecret(b"\x07" * 32)
 PRICE = Fraction(1200, 1)
 ROUND_HASH = b"\x11" * 32
 CHAIN = ChainView(
-    l1_block=1000, current_round=7, creation_round=7, creation_round_block_hash=ROUND_HASH
+    l1_block=1000,
+    current_round=7,
+    creation_round=7,
+    creation_round_block_hash=ROUND_HASH,
+    gas_price=10**8,
 )
 
 
 def params(chain=CHAIN, **overrides):
     kwargs = dict(secret=SECRET, recipient=RECIPIENT, sender=SENDER, chain=chain,
-                  gas_price=10**8, price=PRICE)  # fmt: skip
+                  price=PRICE)  # fmt: skip
     return issue_ticket_params(**{**kwargs, **overrides})
 
 

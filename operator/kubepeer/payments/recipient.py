@@ -148,16 +148,17 @@ def issue_ticket_params(
     sender: bytes,
     chain: ChainView,
     *,
-    gas_price: int,
     price: Fraction | tuple[int, int],
+    gas_price: int | None = None,
     ev: int = DEFAULT_TICKET_EV,
     max_float: int | None = None,
 ) -> TicketParams:
     """Params for one gateway, priced to make a winning ticket worth redeeming.
 
-    They expire EXPIRATION_BLOCKS after the watcher's L1 block and carry its last initialized
-    round and block hash. Raises InsufficientSenderReserve (see face_value_for)."""
-    face = face_value_for(gas_price, ev, max_float)
+    They expire EXPIRATION_BLOCKS after the watcher's L1 block, carry its last initialized
+    round and block hash, and cover its gas price unless `gas_price` says otherwise.
+    Raises InsufficientSenderReserve (see face_value_for)."""
+    face = face_value_for(chain.gas_price if gas_price is None else gas_price, ev, max_float)
     return ticket_params(
         secret,
         recipient,
