@@ -99,10 +99,16 @@ def main() -> int:
         stdout=(work / "agent.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
+        deadline = time.monotonic() + 120
+        while "watching" not in (work / "agent.log").read_text():  # it registers, then says so
+            if time.monotonic() > deadline or agent.poll() is not None:
+                raise SystemExit(f"the agent did not start; see {work / 'agent.log'}")
+            time.sleep(0.5)
         kubectl("wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=60s")
         direct = direct_start_to_ready(model_dir)
         probe = {"httpGet": {"path": "/readyz", "port": 8000}, "periodSeconds": 1}
-        runner = {"name": "runner", "image": "kubepeer-runner", "startupProbe": probe,
+        startup = {**probe, "failureThreshold": 300}
+        runner = {"name": "runner", "image": "kubepeer-runner", "startupProbe": startup,
                   "readinessProbe": probe,
                   "env": [{"name": k, "value": v} for k, v in
                           {**RUNNER_ENV, "MODEL_DIR": "/models"}.items()],
