@@ -42,6 +42,7 @@ from node_agent.volumes import materialise
 
 log = logging.getLogger("node-agent")
 TICK = 0.25
+BACKOFF_RESET_SECONDS = 600  # the kubelet forgets a back-off after 10 min without a crash
 
 
 def now_rfc3339() -> str:
@@ -96,6 +97,7 @@ class Container:
     unrunnable: bool = False  # unmapped image: never started, like a failing pull
     killing_since: float | None = None  # liveness/startup failure: SIGTERM sent
     ran_before: bool = False  # so the next start is a restart
+    crashes: int = 0  # restarts counted for back-off (reset after a long healthy run)
 
 
 class PodWorker(threading.Thread):
@@ -196,7 +198,7 @@ class PodWorker(threading.Thread):
                 view.restart_count = old.get("restartCount", 0)
                 view.last_state = old.get("lastState") or {}
             ran = bool(old) and ("waiting" not in old.get("state", {}) or bool(view.last_state))
-            c = Container(spec=spec, view=view, ran_before=ran)
+            c = Container(spec=spec, view=view, ran_before=ran, crashes=view.restart_count)
             ports = {p["name"]: p["containerPort"] for p in spec.get("ports") or [] if "name" in p}
             try:
                 for kind in ("startup", "readiness", "liveness"):
@@ -335,7 +337,10 @@ class PodWorker(threading.Thread):
             c.view.state = {"terminated": terminated}
             c.unrunnable = True
             return
-        delay = backoff_seconds(c.view.restart_count, self.settings.backoff_base)
+        if time.monotonic() - c.started_mono > BACKOFF_RESET_SECONDS:
+            c.crashes = 0
+        delay = backoff_seconds(c.crashes, self.settings.backoff_base)
+        c.crashes += 1
         c.restart_at = time.monotonic() + delay
         if delay:
             self._wait(
@@ -453,7 +458,9 @@ class PodWorker(threading.Thread):
     def _write_kubeconfig(self) -> Path:
         """A kubeconfig for the pod's ServiceAccount, usable from inside its netns."""
         assert self.sandbox is not None
-        token = self.api.token(self.pod, None, 3600)
+        # Not rotated as a kubelet rotates projected tokens: ask for a day (the API server
+        # may shorten it) so that a demo or a test session never outlives it.
+        token = self.api.token(self.pod, None, 86400)
         path = self.dir / "kubeconfig"
         ca = self.dir / "ca.crt"
         ca.write_text(self.settings.ca_pem)
