@@ -42,6 +42,7 @@ from node_agent.volumes import materialise
 
 log = logging.getLogger("node-agent")
 TICK = 0.25
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where in-cluster config looks
 BACKOFF_RESET_SECONDS = 600  # the kubelet forgets a back-off after 10 min without a crash
 
 
@@ -284,6 +285,8 @@ class PodWorker(threading.Thread):
         }
         full_env.update({k: rewrite_path(v, mounts) for k, v in env.items()})
         argv = [rewrite_path(a, mounts) for a in argv]
+        if SA_DIR in mounts and self.settings.cluster_dns:
+            argv = self._in_cluster(argv, mounts[SA_DIR], full_env)
         workdir = rewrite_path(spec.get("workingDir", ""), mounts) or str(self.dir)
         logfile = self.dir / f"{spec['name']}.log"
         with logfile.open("ab") as out:
@@ -313,6 +316,18 @@ class PodWorker(threading.Thread):
                 c.next_probe[kind] = c.started_mono + state.spec.initial_delay
         self._save_processes()
         log.info("pod %s/%s: started %s (pid %d)", self.ns, self.name, spec["name"], c.process.pid)
+
+    @staticmethod
+    def _in_cluster(argv: list[str], sa_dir: str, env: dict[str, str]) -> list[str]:
+        """In-cluster config, the one real mount: the ServiceAccount files bind-mounted at
+        their fixed path inside the mount namespace `ip netns exec` makes for the process
+        (private to it), and the API server as the `kubernetes` Service by a name its
+        certificate carries (kube-proxy and CoreDNS do the rest)."""
+        Path(SA_DIR).mkdir(parents=True, exist_ok=True)  # the mount point, empty on the host
+        env["KUBERNETES_SERVICE_HOST"] = "kubernetes.default.svc"
+        env["KUBERNETES_SERVICE_PORT"] = "443"
+        script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+        return ["sh", "-c", script, "sh", sa_dir, SA_DIR, *argv]
 
     def _exited(self, c: Container, code: int) -> None:
         kill_group(c.process.pid, signal.SIGKILL)  # stray children of the container

@@ -334,14 +334,16 @@ def test_deletion_sends_sigterm_then_sigkill_after_the_grace_period(node_agent, 
 
 SA_CLIENT = """
 from kubernetes import client, config
-config.load_kube_config()
-core = client.CoreV1Api()
-for name in ('allowed', 'denied'):
-    try:
-        core.read_namespaced_secret(name, '{ns}')
-        print(name, 200, flush=True)
-    except client.ApiException as e:
-        print(name, e.status, flush=True)
+for how, load in (('kubeconfig', config.load_kube_config),
+                  ('in-cluster', config.load_incluster_config)):
+    load()
+    core = client.CoreV1Api()
+    for name in ('allowed', 'denied'):
+        try:
+            core.read_namespaced_secret(name, '{ns}')
+            print(how, name, 200, flush=True)
+        except client.ApiException as e:
+            print(how, name, e.status, flush=True)
 """
 
 
@@ -389,8 +391,9 @@ def test_process_has_its_service_accounts_rights_and_no_more(node_agent, api, po
     )
     pods.wait_phase("sa-client", "Succeeded", timeout=60)
     out = node_agent.log_file(namespace, "sa-client", "main").read_text()
-    assert "allowed 200" in out
-    assert "denied 403" in out
+    for how in ("kubeconfig", "in-cluster"):  # the Service `kubernetes` via kube-proxy + DNS
+        assert f"{how} allowed 200" in out
+        assert f"{how} denied 403" in out
 
 
 class Fleet:
