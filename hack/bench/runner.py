@@ -2,8 +2,10 @@
 """Runner overhead: text-to-image through HTTP against the same pipeline called in-process.
 
 Both sides load the same tiny model (hack/tiny_models.py) and run the same request; the
-difference is what the HTTP API, JSON, PNG encoding and the device queue cost. On a CUDA
-machine the same script times the GPU (it picks the device the runner would).
+difference is what the HTTP API, JSON, the guard and the device queue cost. Then requests
+per second over HTTP at concurrency 1, 4 and 16 (against the in-process rate), and the
+runner's peak memory while it refuses a 100 MB upload (against its memory before). On a
+CUDA machine the same script times the GPU (it picks the device the runner would).
 
 Run: .venv/bin/python hack/bench/runner.py [--requests 20] [--size 64] [--steps 4]
 """
@@ -11,6 +13,8 @@ Run: .venv/bin/python hack/bench/runner.py [--requests 20] [--size 64] [--steps 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import socket
 import statistics
@@ -31,6 +35,7 @@ from kubepeer_runner.pipelines import text_to_image  # noqa: E402
 from kubepeer_runner.serving import Device  # noqa: E402
 
 MODEL_ID = tiny_models.MODEL_IDS["text-to-image"]
+MIB = 1024 * 1024
 
 
 def free_port() -> int:
@@ -49,6 +54,48 @@ def timed(fn, count: int) -> list[float]:  # noqa: ANN001
     return samples
 
 
+def rate(url: str, body: dict, concurrency: int, count: int) -> float:
+    """Requests per second with `concurrency` clients each sending its share in turn."""
+
+    async def run() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+            async def worker(n: int) -> None:
+                for _ in range(n):
+                    (await client.post("/text-to-image", json=body)).raise_for_status()
+
+            share = max(1, count // concurrency)
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(share) for _ in range(concurrency)))
+            return share * concurrency / (time.perf_counter() - started)
+
+    return asyncio.run(run())
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def refuse_upload(url: str, size: int) -> int:
+    async def run() -> int:
+        async def body():  # noqa: ANN202 - streamed, as a client without Content-Length
+            yield (b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                   b"Content-Type: image/png\r\n\r\n")  # fmt: skip
+            for _ in range(size // MIB):
+                yield b"\0" * MIB
+            yield b"\r\n--x--\r\n"
+
+        headers = {"content-type": "multipart/form-data; boundary=x"}
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            response = await client.post("/image-to-image", content=body(), headers=headers)
+            return response.status_code
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20)
@@ -63,20 +110,24 @@ def main() -> None:
         tiny_models.build(model_dir, ["text-to-image"])
         device = Device.pick()
         model = text_to_image.load(ModelSpec("text-to-image", MODEL_ID), model_dir, device)
-        request = text_to_image.TextToImageRequest(**body)
+        request = text_to_image.TextToImageParams(**body)
         direct = timed(lambda: text_to_image.generate(model, request), args.requests)
 
         port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO / "runner"), "PIPELINE": "text-to-image",
-               "MODEL_ID": MODEL_ID, "MODEL_DIR": tmp, "HOST": "127.0.0.1",
-               "PORT": str(port)}  # fmt: skip
+        # image-to-image too: the route the 100 MB upload is sent to.
+        models = json.dumps([{"pipeline": p, "model_id": MODEL_ID}
+                             for p in ("text-to-image", "image-to-image")])  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO / "runner"), "MODELS": models,
+               "MODEL_DIR": tmp, "HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
+        tiny_models.build(model_dir, ["image-to-image"])
         server = subprocess.Popen(
             [sys.executable, "-m", "kubepeer_runner"], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                deadline = time.monotonic() + 120
+            with httpx.Client(base_url=url, timeout=120) as client:
+                deadline = time.monotonic() + 180
                 while time.monotonic() < deadline:
                     try:
                         if client.get("/health").json()["status"] == "OK":
@@ -89,6 +140,10 @@ def main() -> None:
                     client.post("/text-to-image", json=body).raise_for_status()
 
                 http = timed(over_http, args.requests)
+            rates = {c: rate(url, body, c, args.requests) for c in (1, 4, 16)}
+            before = memory_kib(server.pid, "VmRSS")
+            status = refuse_upload(url, 100 * MIB)
+            peak = memory_kib(server.pid, "VmHWM")
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -98,6 +153,14 @@ def main() -> None:
           f"{args.requests} requests")  # fmt: skip
     print(f"in-process {d * 1000:.1f} ms, over HTTP {h * 1000:.1f} ms (median); "
           f"ratio HTTP/in-process {h / d:.2f}, overhead {(h - d) * 1000:.1f} ms")  # fmt: skip
+    for c, r in rates.items():
+        print(
+            f"concurrency {c:2d}: {r:6.1f} req/s over HTTP; "
+            f"ratio to in-process {r * d:.2f} (in-process {1 / d:.1f} req/s, one at a time)"
+        )
+    print(f"100 MB upload refused with {status}: runner RSS {before / 1024:.0f} MiB before, "
+          f"peak {peak / 1024:.0f} MiB (+{(peak - before) / 1024:.1f} MiB; "
+          f"ratio peak/before {peak / before:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":
