@@ -160,8 +160,10 @@ def route_policies(config: RunnerConfig) -> dict[str, RoutePolicy]:
     policies = {path: RoutePolicy(protected=False) for path in open_routes}
     policies["/metrics"] = RoutePolicy(protected=True)
     for spec in config.models:
-        limit = getattr(config.limits, PIPELINES[spec.pipeline].BODY_LIMIT)
-        policies["/" + spec.pipeline] = RoutePolicy(True, limit, spec.pipeline)
+        module = PIPELINES[spec.pipeline]
+        limit = getattr(config.limits, module.BODY_LIMIT)
+        too_large = getattr(module, "TOO_LARGE_STATUS", 400)
+        policies["/" + spec.pipeline] = RoutePolicy(True, limit, spec.pipeline, too_large)
     return policies
 
 

@@ -27,6 +27,9 @@ class RoutePolicy:
     protected: bool  # needs the bearer token
     max_body_bytes: int | None = None
     pipeline: str | None = None  # admitted against this model's capacity
+    # 413 where ai-runner's document gives the route one, else its 400 (go-livepeer's
+    # client knows no other status for the route).
+    too_large_status: int = 400
 
 
 class Metrics:
@@ -138,9 +141,9 @@ class Guard:
             if declared.isdigit() and int(declared) > limit:
                 self.metrics.refused.labels(label, "too_large").inc()
                 await drain(receive)
-                await too_large(limit)(scope, receive, send)
+                await too_large(policy)(scope, receive, send)
                 return
-            receive = counting(receive, limit)
+            receive = counting(receive, policy)
         if policy.pipeline is not None:
             try:
                 self.admission.enter(policy.pipeline)
@@ -156,28 +159,27 @@ class Guard:
 
         try:
             await self.app(scope, receive, send_once_started)
-        except BodyTooLarge as exc:
+        except BodyTooLarge:
             # Raised while a route read its body: answer unless the route already began to.
             if started[0]:
                 raise
-            await too_large(exc.limit)(scope, receive, send)
+            await too_large(policy)(scope, receive, send)
         finally:
             if policy.pipeline is not None:
                 self.admission.leave(policy.pipeline)
 
 
 class BodyTooLarge(RunnerError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, too_large_message(limit))
-        self.limit = limit
+    def __init__(self, policy: RoutePolicy) -> None:
+        super().__init__(policy.too_large_status, too_large_message(policy))
 
 
-def too_large_message(limit: int) -> str:
-    return f"request body is larger than the {limit} bytes this route accepts"
+def too_large_message(policy: RoutePolicy) -> str:
+    return f"request body is larger than the {policy.max_body_bytes} bytes this route accepts"
 
 
-def too_large(limit: int) -> Any:
-    return error_response(413, too_large_message(limit))
+def too_large(policy: RoutePolicy) -> Any:
+    return error_response(policy.too_large_status, too_large_message(policy))
 
 
 # How much of a refused body is read and thrown away so the client, still sending, reads
@@ -196,10 +198,10 @@ async def drain(receive: Callable, message: dict[str, Any] | None = None) -> Non
         drained += len(message.get("body", b""))
 
 
-def counting(receive: Callable, limit: int) -> Callable:
-    """receive, refusing the body once more than `limit` bytes have arrived (the bytes go
-    through one chunk at a time: nothing is kept here)."""
-    seen = 0
+def counting(receive: Callable, policy: RoutePolicy) -> Callable:
+    """receive, refusing the body once more than the route's limit has arrived (the bytes
+    go through one chunk at a time: nothing is kept here)."""
+    seen, limit = 0, policy.max_body_bytes or 0
 
     async def receive_counted() -> dict[str, Any]:
         nonlocal seen
@@ -208,7 +210,7 @@ def counting(receive: Callable, limit: int) -> Callable:
             seen += len(message.get("body", b""))
             if seen > limit:
                 await drain(receive, message)
-                raise BodyTooLarge(limit)
+                raise BodyTooLarge(policy)
         return message
 
     return receive_counted

@@ -105,3 +105,19 @@ def test_masks_over_the_byte_budget_are_halved_until_they_fit():
     assert (400 // height, 600 // width) in {(2**k, 2**k) for k in range(1, 9)}
     small = encode_masks(noisy[:, :8, :8], max_bytes=50_000)
     assert json.loads(small)[0]["size"] == [8, 8]
+
+
+def test_an_oversized_body_gets_a_status_ai_runner_documents_for_its_route():
+    from runners import ai_runner_spec
+
+    from kubepeer_runner.app import route_policies
+    from kubepeer_runner.config import PIPELINES, ModelSpec
+
+    spec = ai_runner_spec()
+    config = RunnerConfig(models=tuple(ModelSpec(p, "a/b") for p in PIPELINES))
+    policies = route_policies(config)
+    for pipeline in PIPELINES:
+        status = policies["/" + pipeline].too_large_status
+        assert str(status) in spec["paths"]["/" + pipeline]["post"]["responses"], pipeline
+    assert policies["/audio-to-text"].too_large_status == 413
+    assert policies["/image-to-image"].too_large_status == 400

@@ -20,6 +20,7 @@ from kubepeer_runner.hf import load_kwargs
 from kubepeer_runner.serving import Device, RunnerError, bad_request, off_loop, serve
 
 PIPELINE = "audio-to-text"
+TOO_LARGE_STATUS = 413  # ai-runner documents a 413 for this route
 BODY_LIMIT = "max_audio_upload_bytes"
 SAMPLE_RATE = 16_000
 UNSUPPORTED = "Unsupported audio format or malformed file."  # ai-runner's words, with 415
@@ -138,4 +139,6 @@ def register(app: FastAPI, runner: Any) -> None:
         samples = await off_loop(decode_audio, audio.file, runner.limits.max_audio_seconds)
         return await runner.queue.run(transcribe, model, samples, timestamps)
 
-    serve(app, "/" + PIPELINE, audio_to_text, "genAudioToText", TextResponse, (413, 415))
+    serve(
+        app, "/" + PIPELINE, audio_to_text, "genAudioToText", TextResponse, (TOO_LARGE_STATUS, 415)
+    )

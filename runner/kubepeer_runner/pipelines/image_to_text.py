@@ -14,6 +14,7 @@ from kubepeer_runner.hf import load_kwargs
 from kubepeer_runner.serving import Device, read_upload, serve
 
 PIPELINE = "image-to-text"
+TOO_LARGE_STATUS = 413  # ai-runner documents a 413 for this route
 BODY_LIMIT = "max_upload_bytes"
 MAX_NEW_TOKENS = 64
 
@@ -63,4 +64,11 @@ def register(app: FastAPI, runner: Any) -> None:
         picture = await read_upload(image, runner.limits)
         return await runner.queue.run(caption, model, picture, prompt)
 
-    serve(app, "/" + PIPELINE, image_to_text, "genImageToText", ImageToTextResponse, (413,))
+    serve(
+        app,
+        "/" + PIPELINE,
+        image_to_text,
+        "genImageToText",
+        ImageToTextResponse,
+        (TOO_LARGE_STATUS,),
+    )
