@@ -87,8 +87,10 @@ class Runner:
         self.loaded = False
         self.load_failure: str | None = None
         self.device_health = DeviceHealth(config.limits.max_consecutive_oom)
-        self.queue = DeviceQueue(self.device_health, config.limits.wait_timeout_seconds)
         self.metrics = Metrics()
+        self.queue = DeviceQueue(
+            self.device_health, config.limits.wait_timeout_seconds, self.metrics.inference.observe
+        )
         self.admission = Admission(
             {s.pipeline: config.capacity(s) for s in config.models}, self.metrics
         )

@@ -50,6 +50,10 @@ class Metrics:
             "runner_refused_total", "Requests refused before reaching a route", ["route", "reason"],
             registry=self.registry,
         )  # fmt: skip
+        self.inference = Histogram(
+            "runner_inference_seconds", "Time each request held the device",
+            registry=self.registry,
+        )  # fmt: skip
         self.load_seconds = Gauge(
             "runner_model_load_seconds", "Time to load each model", ["pipeline"],
             registry=self.registry,
@@ -133,15 +137,14 @@ class Guard:
                 response = error_response(
                     401, "Invalid bearer token", {"WWW-Authenticate": "Bearer"}
                 )
-                await response(scope, receive, send)
+                await refuse(response, scope, receive, send)
                 return
         limit = policy.max_body_bytes
         if limit is not None:
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > limit:
                 self.metrics.refused.labels(label, "too_large").inc()
-                await drain(receive)
-                await too_large(policy)(scope, receive, send)
+                await refuse(too_large(policy), scope, receive, send)
                 return
             receive = counting(receive, policy)
         if policy.pipeline is not None:
@@ -149,7 +152,7 @@ class Guard:
                 self.admission.enter(policy.pipeline)
             except RunnerError as exc:
                 self.metrics.refused.labels(label, "capacity").inc()
-                await error_response(exc.status, exc.msg)(scope, receive, send)
+                await refuse(error_response(exc.status, exc.msg), scope, receive, send)
                 return
         started = [False]
 
@@ -196,6 +199,12 @@ async def drain(receive: Callable, message: dict[str, Any] | None = None) -> Non
             return
         message = await receive()
         drained += len(message.get("body", b""))
+
+
+async def refuse(response: Any, scope: Scope, receive: Callable, send: Callable) -> None:
+    """Answer without serving: the unread body is drained first, so the client gets it."""
+    await drain(receive)
+    await response(scope, receive, send)
 
 
 def counting(receive: Callable, policy: RoutePolicy) -> Callable:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,8 +119,13 @@ class DeviceQueue:
 
     How many may wait is the admission's business (Runner.admit): `capacity` per model."""
 
-    def __init__(self, health: DeviceHealth, timeout: float) -> None:
-        self.health, self.timeout = health, timeout
+    def __init__(
+        self,
+        health: DeviceHealth,
+        timeout: float,
+        observe: Callable[[float], object] = lambda seconds: None,
+    ) -> None:
+        self.health, self.timeout, self.observe = health, timeout, observe
         self._lock = asyncio.Lock()
         # Always the same thread: torch runs measurably slower when the calling thread
         # changes from one inference to the next (hack/bench/runner.py shows it).
@@ -146,6 +152,7 @@ class DeviceQueue:
         about the device."""
         if self.health.broken:
             raise RunnerError(500, f"device unusable: {self.health.broken}")
+        started = time.perf_counter()
         try:
             result = fn(*args)
         except Exception as exc:
@@ -154,6 +161,8 @@ class DeviceQueue:
             if failure.out_of_memory:
                 _release_cached_memory()
             raise failure.error from None
+        finally:
+            self.observe(time.perf_counter() - started)
         self.health.record(None)
         return result
 
