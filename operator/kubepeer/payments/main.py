@@ -145,7 +145,9 @@ def _run(config: PaymentsConfig, rpc_url: str) -> int:
         return 2
     controller = Web3.to_checksum_address(controller)
     account = load_account(config.keystore, config.password_file)
-    redis = Redis.from_url(config.redis_url)
+    # Well above the redeemer's 2 s wait for new entries, which a 5 s default could not hold
+    # on a loaded machine.
+    redis = Redis.from_url(config.redis_url, socket_timeout=30)
     keeper = None
     if config.lease_namespace:
         lease = Lease(
@@ -197,7 +199,7 @@ def _run(config: PaymentsConfig, rpc_url: str) -> int:
     backoff = 1.0
     while True:
         try:
-            one_pass(5000)
+            one_pass(2000)
             backoff = 1.0
             if not may_send():
                 time.sleep(keeper.interval if keeper else 1.0)

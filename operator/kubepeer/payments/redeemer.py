@@ -34,6 +34,8 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from prometheus_client import Counter
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import Timeout as RequestsTimeout
 from web3 import Web3
@@ -60,7 +62,8 @@ RETRYABLE_REVERTS = ("current round is not initialized", "system is paused")
 # The network or the RPC node, not the entry (an error answer from the node included, e.g.
 # our account short of gas money): stop this pass and let the process back off.
 TRANSPORT_ERRORS = (ConnectionError, TimeoutError, OSError, RequestsConnectionError,
-                    RequestsTimeout, TimeExhausted, Web3RPCError)  # fmt: skip
+                    RequestsTimeout, TimeExhausted, Web3RPCError, RedisConnectionError,
+                    RedisTimeoutError)  # fmt: skip
 
 
 def failpoint(name: str) -> None:
@@ -230,6 +233,8 @@ class Redeemer:
         return finished
 
     def _read(self, block_ms: int) -> list[tuple[bytes, dict]]:
+        """Entries read before and not finished, then new ones, waiting up to `block_ms` for
+        them (which also paces a loop whose tickets are all waiting)."""
         entries = []
         for start in ("0", ">"):
             response = self.redis.xreadgroup(
@@ -237,7 +242,7 @@ class Redeemer:
                 self.settings.consumer,
                 {self.settings.stream: start},
                 count=100,
-                block=block_ms if start == ">" and block_ms > 0 else None,  # 0 = forever
+                block=block_ms if start == ">" and block_ms > 0 else None,
             )
             for _stream, batch in response or []:
                 entries.extend(batch)
