@@ -97,6 +97,36 @@ def _payments(args: argparse.Namespace) -> int:
     )
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from kubepeer.proxy.main import ProxyArgs, run_proxy
+
+    return run_proxy(
+        ProxyArgs(
+            bind=args.bind,
+            public_url=args.public_url,
+            namespace=args.namespace,
+            models_file=args.models_file,
+            redis_url=args.redis_url,
+            endpoints_file=args.endpoints_file,
+            plaintext=args.plaintext,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            auth_secret_file=args.auth_secret_file,
+            recipient=args.recipient,
+            recipient_secret_file=args.recipient_secret_file,
+            payments=not args.no_payments,
+            bearer_token_file=args.bearer_token_file,
+            runner_token_file=args.runner_token_file,
+            max_body_bytes=args.max_body_bytes,
+            max_queue=args.max_queue,
+            queue_timeout=args.queue_timeout,
+            hold_timeout=args.hold_timeout,
+            version=args.livepeer_version,
+            wake=not args.no_wake,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubepeer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,6 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
     pay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     pay.add_argument("--lease-namespace", help="hold a Lease here so one redeemer acts")
     pay.set_defaults(run=_payments)
+
+    px = commands.add_parser(
+        "proxy", help="serve gateways: discovery (gRPC) and jobs (HTTP) on one TLS port"
+    )
+    px.add_argument("--bind", default="0.0.0.0:8935", help="host:port to listen on")
+    px.add_argument("--public-url", required=True, help="our service URI, as gateways dial it")
+    px.add_argument("--namespace", required=True, help="the namespace of the AIModels served")
+    px.add_argument("--models-file", type=Path, required=True, help="models.json (ConfigMap)")
+    px.add_argument("--redis-url", required=True, help="ledger, results, demand records")
+    px.add_argument(
+        "--endpoints-file", type=Path,
+        help="static ready URLs per runner Service (JSON) instead of watching EndpointSlices",
+    )  # fmt: skip
+    px.add_argument("--plaintext", action="store_true", help="h2c: TLS ends at the ingress")
+    px.add_argument("--tls-cert", type=Path, help="certificate (a Secret); default: self-signed")
+    px.add_argument("--tls-key", type=Path, help="its key (a Secret)")
+    px.add_argument("--auth-secret-file", type=Path, help="auth token HMAC key shared by replicas")
+    px.add_argument("--recipient", help="our ticket recipient address (0x...)")
+    px.add_argument("--recipient-secret-file", type=Path, help="recipientRand secret (a Secret)")
+    px.add_argument("--no-payments", action="store_true", help="private mode: bearer token only")
+    px.add_argument("--bearer-token-file", type=Path, help="private mode's token (a Secret)")
+    px.add_argument("--runner-token-file", type=Path, help="the runners' AUTH_TOKEN (a Secret)")
+    px.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    px.add_argument("--max-queue", type=int, default=8, help="jobs waiting per model")
+    px.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a job waits")
+    px.add_argument("--hold-timeout", type=float, default=900.0, help="seconds held while waking")
+    px.add_argument("--livepeer-version", default="0.9.1", help="protocol version advertised")
+    px.add_argument("--no-wake", action="store_true", help="never scale OnDemand models up")
+    px.set_defaults(run=_proxy)
 
     protos = commands.add_parser("protos", help="regenerate livepeer/net_pb2.py from net.proto")
     protos.add_argument("--check", action="store_true", help="exit 1 if net_pb2.py is stale")
