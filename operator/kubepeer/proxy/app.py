@@ -376,6 +376,8 @@ class Proxy:
                     )
                 except NoCapacity:
                     raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
+            except aiohttp.ClientError as exc:
+                raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
 
     async def _reply(
         self, job: JobRequest, upstream: aiohttp.ClientResponse, request: Request, request_id: str

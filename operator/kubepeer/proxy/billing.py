@@ -174,7 +174,9 @@ class Billing:
     def sufficient_balance(self, payment: net_pb2.Payment, manifest: str) -> bool:
         if payment.expected_price.price_per_unit <= 0:
             return True
-        return self.ledger.balance(payment.sender, manifest) >= self.ticket_ev
+        # The ledger credits each ticket's EV rounded down to whole wei, so one honest
+        # ticket may credit up to 1 wei below the EV it was issued for.
+        return self.ledger.balance(payment.sender, manifest) >= self.ticket_ev - 1
 
     def debit(self, payment: net_pb2.Payment, manifest: str, units: int) -> int:
         """Charge a finished job at the payment's expected price; returns the fee."""

@@ -9,6 +9,7 @@ Waiters are served strictly in arrival order: a new job never jumps the queue.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -78,18 +79,21 @@ class Router:
 
     # -- taking and giving back slots ----------------------------------------------------
     def _pick(self, model: ServedModel, exclude: frozenset[str]) -> Slot | None:
-        best: tuple[int, str] | None = None
-        for url in self.urls(model):
-            if url in exclude:
-                continue
-            busy = self._in_flight.get((url, model.aimodel), 0)
-            if busy < model.capacity and (best is None or busy < best[0]):
-                best = (busy, url)
-        if best is None:
+        """The least busy replica with a free slot; ties broken at random so that several
+        proxy replicas do not all pile onto the same runner."""
+        open_ = [
+            (self._in_flight.get((url, model.aimodel), 0), url)
+            for url in self.urls(model)
+            if url not in exclude
+        ]
+        open_ = [(busy, url) for busy, url in open_ if busy < model.capacity]
+        if not open_:
             return None
-        key = (best[1], model.aimodel)
+        least = min(busy for busy, _ in open_)
+        url = random.choice([u for busy, u in open_ if busy == least])
+        key = (url, model.aimodel)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        return Slot(model.aimodel, best[1])
+        return Slot(model.aimodel, url)
 
     def try_reserve(self, model: ServedModel, exclude: Iterable[str] = ()) -> Slot | None:
         if self._waiters.get(model.aimodel):
