@@ -7,6 +7,7 @@ loopback addresses in EndpointSlices, and kwok pod IPs must never be dialled).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -238,3 +239,37 @@ def ticket_ev(info: net_pb2.OrchestratorInfo) -> int:
 def fee(units: int, info: net_pb2.OrchestratorInfo) -> int:
     price = Fraction(info.price_info.price_per_unit, info.price_info.pixels_per_unit)
     return -(-units * price.numerator // price.denominator)
+
+
+PROBE_SOURCE = Path(__file__).resolve().parent / "proxy" / "grpcprobe"
+CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
+
+
+def grpc_go_probe() -> Path:
+    """tests/proxy/grpcprobe built once with grpc-go from the Go module proxy, cached by content."""
+    digest = hashlib.sha256()
+    for name in ("main.go", "go.mod", "go.sum"):
+        digest.update((PROBE_SOURCE / name).read_bytes())
+    binary = CACHE / "grpcprobe" / digest.hexdigest()[:16] / "grpcprobe"
+    if not binary.exists():
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["go", "build", "-o", str(binary.with_suffix(".partial")), "."],
+            cwd=PROBE_SOURCE, check=True, timeout=900,
+            env={**os.environ, "GOFLAGS": "-mod=readonly"},
+        )  # fmt: skip
+        binary.with_suffix(".partial").replace(binary)
+    return binary
+
+
+def go_get_orchestrator(proxy: ProxyServer, request: net_pb2.OrchestratorRequest):
+    """(OrchestratorInfo, None) or (None, "ERR <code>: <message>") from grpc-go."""
+    result = subprocess.run(
+        [str(grpc_go_probe()), f"127.0.0.1:{proxy.port}", proxy.scheme],
+        input=request.SerializeToString().hex() + "\n", capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    out = result.stdout.strip()
+    if result.returncode == 0:
+        return net_pb2.OrchestratorInfo.FromString(bytes.fromhex(out)), None
+    return None, out or result.stderr

@@ -49,7 +49,7 @@ def start_runner(env: dict[str, str], log: Path, token: str | None = None) -> Ru
         runner.statuses.append(status)
         return status in ("OK", "ERROR")
 
-    wait_for(healthy, timeout=120, every=0.02, what="the runner to finish loading")
+    wait_for(healthy, timeout=300, every=0.02, what="the runner to finish loading")
     return runner
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ from proxies import (
     Gateway,
     ProxyServer,
     fee,
+    go_get_orchestrator,
     models_json,
     start_proxy,
     stop_proxy,
@@ -424,5 +426,27 @@ def test_private_mode_takes_a_bearer_token_instead_of_payment(redis_server, flee
                 response_deserializer=net_pb2.OrchestratorInfo.FromString,
             )(request, timeout=10)
         assert not info.HasField("ticket_params")
+    finally:
+        stop_proxy(server)
+
+
+# -- grpc-go, as go-livepeer dials ----------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs the Go toolchain to build grpc-go")
+@pytest.mark.parametrize("plaintext", [False, True], ids=["tls", "h2c"])
+def test_a_grpc_go_client_gets_orchestrator_info(redis_server, chain_facts, tmp_path, plaintext):
+    server = start_proxy(tmp_path, redis_server, models=models_json(), endpoints={},
+                         plaintext=plaintext)  # fmt: skip
+    try:
+        gateway = Gateway()
+        info, error = go_get_orchestrator(server, gateway.request(27, SD))
+        assert error is None, error
+        assert info.transcoder == server.url
+        assert SD in info.capabilities.constraints.per_capability[27].models
+        bad = gateway.request(27, SD)
+        bad.sig = bad.sig[:64] + b"\x00"
+        info, error = go_get_orchestrator(server, bad)
+        assert error == (
+            "ERR Unknown: Invalid orchestrator request: orchestrator req sig check failed"
+        )
     finally:
         stop_proxy(server)
