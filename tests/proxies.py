@@ -41,7 +41,9 @@ GATEWAY_DEFAULT_CAPS = [*range(13), 14, 26]
 CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33}
 
 
-def models_json(price: str = "1/4", capacity: int = 1, extra: list[dict] | None = None) -> dict:
+def models_json(
+    price: str = "1/4", capacity: int = 1, extra: list[dict] | None = None, base: bool = True
+) -> dict:
     def entry(aimodel, pipeline, model_id, runner="runner-fleet", warm="Always"):
         return {
             "aimodel": aimodel, "pipeline": pipeline, "modelId": model_id,
@@ -51,11 +53,13 @@ def models_json(price: str = "1/4", capacity: int = 1, extra: list[dict] | None 
         }  # fmt: skip
 
     models = [
-        entry("sd", "text-to-image", SD),
-        entry("llama", "llm", LLAMA),
-        entry("svd", "image-to-video", SVD),
+        *(
+            [entry("sd", "text-to-image", SD), entry("llama", "llm", LLAMA),
+             entry("svd", "image-to-video", SVD)]
+            if base else []
+        ),
         *(entry(**e) for e in extra or []),
-    ]
+    ]  # fmt: skip
     return {"version": 1, "models": models}
 
 
@@ -96,7 +100,8 @@ class ProxyServer:
 
 def start_proxy(
     workdir: Path, redis: RedisServer, *, models: dict, endpoints: dict, args: list[str] = (),
-    plaintext: bool = False, shared: Path | None = None,
+    plaintext: bool = False, shared: Path | None = None, namespace: str = "test",
+    kubeconfig: Path | None = None,
 ) -> ProxyServer:  # fmt: skip
     """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,17 +117,20 @@ def start_proxy(
     proxy.set_endpoints(endpoints)
     command = [
         sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
-        "--public-url", proxy.url, "--namespace", "test", "--redis-url", redis.url,
+        "--public-url", proxy.url, "--namespace", namespace, "--redis-url", redis.url,
         "--models-file", str(workdir / "models.json"),
         "--endpoints-file", str(workdir / "endpoints.json"),
         "--recipient", "0x" + RECIPIENT.hex(),
         "--recipient-secret-file", str(shared / "recipient-secret"),
         "--auth-secret-file", str(shared / "auth-secret"),
-        "--runner-token-file", str(shared / "runner-token"), "--no-wake",
+        "--runner-token-file", str(shared / "runner-token"),
+        *(["--no-wake"] if kubeconfig is None else []),
         *(["--plaintext"] if plaintext else []), *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
     env.pop("KUBECONFIG", None)
+    if kubeconfig is not None:  # the proxy wakes OnDemand models through this API server
+        env["KUBECONFIG"] = str(kubeconfig)
     proxy.process = subprocess.Popen(
         command, env=env, stdout=proxy.log.open("wb"), stderr=subprocess.STDOUT
     )

@@ -123,6 +123,7 @@ def _proxy(args: argparse.Namespace) -> int:
             hold_timeout=args.hold_timeout,
             version=args.livepeer_version,
             wake=not args.no_wake,
+            demand_ttl=args.demand_ttl,
         )
     )
 
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--hold-timeout", type=float, default=900.0, help="seconds held while waking")
     px.add_argument("--livepeer-version", default="0.9.1", help="protocol version advertised")
     px.add_argument("--no-wake", action="store_true", help="never scale OnDemand models up")
+    px.add_argument(
+        "--demand-ttl", type=float, default=60.0,
+        help="seconds a demand record outlives this proxy's last heartbeat",
+    )  # fmt: skip
     px.set_defaults(run=_proxy)
 
     protos = commands.add_parser("protos", help="regenerate livepeer/net_pb2.py from net.proto")

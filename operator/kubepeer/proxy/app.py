@@ -243,9 +243,12 @@ class Proxy:
         model = self.catalogue().find(pipeline, job.model_id)
         if model is None:
             raise JobRefused(503, INSUFFICIENT_CAPACITY)
-        held: list[Slot] = [await self._admit(model)]
+        # A job counts as demand from arrival (a held job keeps its model awake) to its end.
+        self.demand.start(model)
+        held: list[Slot] = []
         handed_off = False
         try:
+            held.append(await self._admit(model))
             manifest = manifest_id(model.capability, model.model_id)
             if payment is not None:
                 assert self.billing is not None
@@ -255,7 +258,6 @@ class Proxy:
                     raise JobRefused(400, str(exc)) from None
                 if not self.billing.sufficient_balance(payment, manifest):
                     raise JobRefused(400, "Insufficient balance")
-            self.demand.start(model)
             metrics.IN_FLIGHT.labels(model.aimodel).inc()
             try:
                 upstream = await self._send(job, model, held)
@@ -279,9 +281,9 @@ class Proxy:
             finally:
                 if not handed_off:
                     metrics.IN_FLIGHT.labels(model.aimodel).dec()
-                    self.demand.end(model)
         finally:
             if not handed_off:
+                self.demand.end(model)
                 for slot in held:
                     self.router.release(slot, model)
 

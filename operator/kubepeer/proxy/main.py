@@ -25,7 +25,6 @@ from kubepeer.proxy.server import hypercorn_config, serve
 
 log = logging.getLogger("kubepeer.proxy")
 
-DEMAND_TTL_SECONDS = 60  # a crashed proxy's demand record dies this long after its last beat
 RELOAD_SECONDS = 1.0
 
 
@@ -52,6 +51,7 @@ class ProxyArgs:
     hold_timeout: float = 900.0
     version: str = "0.9.1"
     wake: bool = True
+    demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -116,10 +116,13 @@ class KubeWaker(Waker):
 
     def _wake(self, model: ServedModel) -> None:
         args = ("kubepeer.io", "v1alpha1", self.namespace, "aimodels", model.aimodel)
-        scale = self.api.get_namespaced_custom_object_scale(*args)
-        if (scale.get("spec") or {}).get("replicas", 0) > 0:
+        aimodel = self.api.get_namespaced_custom_object(*args)
+        if aimodel["spec"].get("replicas", 0) > 0:
             return
-        self.api.patch_namespaced_custom_object_scale(*args, {"spec": {"replicas": 1}})
+        if "replicas" in aimodel["spec"]:
+            self.api.patch_namespaced_custom_object_scale(*args, {"spec": {"replicas": 1}})
+        else:  # the scale subresource cannot read a field never set: set it on the object
+            self.api.patch_namespaced_custom_object(*args, {"spec": {"replicas": 1}})
         log.info("woke %s: spec.replicas 0 -> 1", model.aimodel)
 
     async def wake(self, model: ServedModel) -> None:
@@ -130,13 +133,15 @@ class RedisDemand(Demand):
     """DESIGN.md's demand records, with an expiry this proxy keeps refreshing while it has
     jobs in flight, so a crashed proxy never pins a model on its GPU."""
 
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(self, redis: Redis, namespace: str, ttl: float) -> None:
         self.redis = redis
         self.namespace = namespace
+        self.ttl = ttl
         self.mine: dict[str, int] = {}
 
     def _touch(self, aimodel: str) -> None:
-        self.redis.expire(demand_records.demand_key(self.namespace, aimodel), DEMAND_TTL_SECONDS)
+        key = demand_records.demand_key(self.namespace, aimodel)
+        self.redis.pexpire(key, int(self.ttl * 1000))
 
     def start(self, model: ServedModel) -> None:
         demand_records.record_job_start(self.redis, self.namespace, model.aimodel)
@@ -186,7 +191,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,
     )
-    demand = RedisDemand(redis, args.namespace)
+    demand = RedisDemand(redis, args.namespace, args.demand_ttl)
     synced = {"endpoints": False}
     proxy = Proxy(
         config,
@@ -229,7 +234,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
                 router.serve_waiters(models.value.models)
             if endpoints_file is not None and endpoints_file.refresh():
                 apply_endpoints(endpoints_file.value)
-            if time.monotonic() - last_beat > DEMAND_TTL_SECONDS / 3:
+            if time.monotonic() - last_beat > args.demand_ttl / 3:
                 await asyncio.to_thread(demand.heartbeat)
                 last_beat = time.monotonic()
 
