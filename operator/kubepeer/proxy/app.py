@@ -394,7 +394,10 @@ class Proxy:
             upstream.release()
         as_urls = request.headers.get("authorization") == AI_WORKER_AUTHORIZATION
         store = self._storer(request_id) if as_urls else None
-        reply = await asyncio.to_thread(shape_reply, job.pipeline, body, job.fields, store)
+        if job.pipeline is Pipeline.IMAGE_TO_VIDEO:  # H.264 encoding: off the event loop
+            reply = await asyncio.to_thread(shape_reply, job.pipeline, body, job.fields, store)
+        else:
+            reply = shape_reply(job.pipeline, body, job.fields, store)
         return Response(json.dumps(reply) + "\n", media_type="application/json")
 
     def _storer(self, request_id: str) -> Callable[[str, bytes], str]:

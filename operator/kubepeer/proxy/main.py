@@ -139,19 +139,22 @@ class RedisDemand(Demand):
         self.ttl = ttl
         self.mine: dict[str, int] = {}
 
-    def _touch(self, aimodel: str) -> None:
+    def _touch(self, aimodel: str, redis: Any = None) -> None:
         key = demand_records.demand_key(self.namespace, aimodel)
-        self.redis.pexpire(key, int(self.ttl * 1000))
+        (redis or self.redis).pexpire(key, int(self.ttl * 1000))
+
+    def _record(self, model: ServedModel, record: Callable[..., None], change: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)  # one round trip for the write and expiry
+        record(pipe, self.namespace, model.aimodel)
+        self._touch(model.aimodel, pipe)
+        pipe.execute()
+        self.mine[model.aimodel] = self.mine.get(model.aimodel, 0) + change
 
     def start(self, model: ServedModel) -> None:
-        demand_records.record_job_start(self.redis, self.namespace, model.aimodel)
-        self._touch(model.aimodel)
-        self.mine[model.aimodel] = self.mine.get(model.aimodel, 0) + 1
+        self._record(model, demand_records.record_job_start, +1)
 
     def end(self, model: ServedModel) -> None:
-        demand_records.record_job_end(self.redis, self.namespace, model.aimodel)
-        self._touch(model.aimodel)
-        self.mine[model.aimodel] -= 1
+        self._record(model, demand_records.record_job_end, -1)
 
     def heartbeat(self) -> None:
         for aimodel, count in self.mine.items():
