@@ -25,6 +25,8 @@ from kubernetes import client, config
 from devchain import DevChain
 from support import wait_for
 
+pytest.register_assert_rewrite("paying")  # the chain tests' shared helpers assert too
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
 ARTIFACTS = REPO / ".artifacts"

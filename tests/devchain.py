@@ -1,8 +1,10 @@
 """A real Ethereum JSON-RPC dev node (Hardhat's, from npm) with our test TicketBroker on it.
 
-Hardhat's node is a full EVM with automining; the contract is compiled from
-hack/chain/contracts by solc-js. Accounts are made fresh per test and funded with
-`hardhat_setBalance`, so no well-known private key is relied on.
+Hardhat's node is a full EVM with automining; the contracts are compiled from
+hack/chain/contracts by solc-js: a Controller (registry and pause switch), a RoundsManager
+and a BondingManager driven by the tests, and a TicketBroker as strict as Livepeer's.
+Accounts are made fresh per test and funded with `hardhat_setBalance`, so no well-known
+private key is relied on.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def compile_contracts() -> dict[str, dict]:
 
 
 class DevChain:
+    controller: Contract
     broker: Contract
     rounds: Contract
+    bonding: Contract
     deployer: LocalAccount
 
     def __init__(self, url: str, process: subprocess.Popen[bytes], w3: Web3) -> None:
@@ -63,8 +67,13 @@ class DevChain:
         chain = cls(url, process, w3)
         chain.deployer = chain.new_account(100 * ETH)
         artifacts = compile_contracts()
+        controller = chain.controller = chain.deploy(artifacts["TestController"])
         chain.rounds = chain.deploy(artifacts["TestRoundsManager"])
-        chain.broker = chain.deploy(artifacts["TestTicketBroker"], chain.rounds.address)
+        chain.bonding = chain.deploy(artifacts["TestBondingManager"], controller.address)
+        chain.broker = chain.deploy(artifacts["TestTicketBroker"], controller.address)
+        for name, contract in (("RoundsManager", chain.rounds), ("BondingManager", chain.bonding),
+                               ("TicketBroker", chain.broker)):  # fmt: skip
+            chain.transact(chain.deployer, controller.functions.setContract(name, contract.address))
         return chain
 
     def stop(self) -> None:
@@ -102,10 +111,38 @@ class DevChain:
         return self.w3.eth.contract(address=receipt.contractAddress, abi=artifact["abi"])
 
     def start_round(self, number: int) -> bytes:
-        """Make `number` the current round; its block hash is the latest block's."""
+        """Make `number` the current, initialized round; its block hash is the latest block's."""
+        if self.current_round() != number:
+            self.begin_round(number)
+        if self.rounds.functions.currentRoundInitialized().call():
+            return bytes(self.rounds.functions.blockHashForRound(number).call())
+        return self.initialize_round()
+
+    def begin_round(self, number: int) -> None:
+        """Move to round `number` without initializing it (as when no one has called
+        initializeRound yet)."""
+        self.transact(self.deployer, self.rounds.functions.setCurrentRound(number))
+
+    def initialize_round(self) -> bytes:
         block_hash = bytes(self.w3.eth.get_block("latest").hash)
-        self.transact(self.deployer, self.rounds.functions.setRound(number, block_hash))
+        self.transact(self.deployer, self.rounds.functions.initializeRound(block_hash))
         return block_hash
+
+    def current_round(self) -> int:
+        return self.rounds.functions.currentRound().call()
+
+    def set_paused(self, paused: bool) -> None:
+        switch = self.controller.functions.pause if paused else self.controller.functions.unpause
+        self.transact(self.deployer, switch())
+
+    def set_active(self, address: str, active: bool = True) -> None:
+        """Put an orchestrator in (or out of) the active set; only active ones may claim
+        from a sender's reserve, each up to its share."""
+        self.transact(self.deployer, self.bonding.functions.setActive(address, active))
+
+    def fees_earned(self, address: str) -> int:
+        """The recipient's fee pool: where the broker credits winning tickets."""
+        return self.bonding.functions.feesEarned(address).call()
 
     def fund_sender(self, sender: LocalAccount, deposit: int, reserve: int) -> None:
         call = self.broker.functions.fundDepositAndReserve(deposit, reserve)

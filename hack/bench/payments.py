@@ -24,12 +24,28 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
 from eth_account import Account  # noqa: E402
 
 from devchain import ETH, DevChain  # noqa: E402
+from kubepeer.livepeer import wire  # noqa: E402
 from kubepeer.payments.gateway import sign_payment  # noqa: E402
 from kubepeer.payments.recipient import RecipientSecret, ticket_params  # noqa: E402
+from kubepeer.payments.rounds import ChainView  # noqa: E402
 from kubepeer.payments.ticket import MAX_WIN_PROB  # noqa: E402
-from kubepeer.payments.validator import validate_payment  # noqa: E402
+from kubepeer.payments.validator import PaymentContext, ValidPayment, check_payment  # noqa: E402
 
 PRICE = (1000, 1)
+
+
+def context(
+    recipient: bytes, secret: RecipientSecret, l1_block: int, round_number: int, round_hash: bytes
+) -> PaymentContext:
+    view = ChainView(l1_block=l1_block, current_round=round_number, creation_round=round_number,
+                     creation_round_block_hash=round_hash)  # fmt: skip
+    return PaymentContext(recipient, secret, view, issued_prices=lambda _: set())
+
+
+def validated(header: str, ctx: PaymentContext) -> ValidPayment:
+    outcome = check_payment(header, ctx)
+    assert isinstance(outcome, ValidPayment), outcome
+    return outcome
 
 
 def validation_rate(count: int) -> None:
@@ -38,26 +54,28 @@ def validation_rate(count: int) -> None:
     secret = RecipientSecret.generate()
     params = ticket_params(
         secret, recipient, sender, face_value=10**16, win_prob=MAX_WIN_PROB // 100,
-        expiration_block=10**6, price=PRICE, creation_round=5,
+        expiration_block=1040, price=PRICE, creation_round=5,
         creation_round_block_hash=b"\x01" * 32,
     )  # fmt: skip
-    payments = [sign_payment(params, gateway.key, sender, [n], PRICE) for n in range(count)]
+    ctx = context(recipient, secret, 1000, 5, b"\x01" * 32)
+    headers = [wire.encode(sign_payment(params, gateway.key, sender, [n])) for n in range(count)]
 
-    start = time.perf_counter()
-    for payment in payments:
-        validate_payment(payment, recipient, secret, current_block=1)
-    validated = count / (time.perf_counter() - start)
+    # From the raw header, as the proxy sees it: base64, protobuf, every check.
+    start = time.process_time()
+    for header in headers:
+        validated(header, ctx)
+    rate = count / (time.process_time() - start)
 
-    tickets = [validate_payment(payments[0], recipient, secret, 1).tickets[0].ticket]
-    sig = payments[0].ticket_sender_params[0].sig
-    start = time.perf_counter()
+    tickets = [validated(headers[0], ctx).tickets[0].ticket]
+    sig = wire.decode_payment(headers[0]).ticket_sender_params[0].sig
+    start = time.process_time()
     for _ in range(count):
         tickets[0].signer(sig)
-    recovered = count / (time.perf_counter() - start)
+    recovered = count / (time.process_time() - start)
 
-    print(f"validation: {validated:,.0f} tickets/s on one core "
+    print(f"validation: {rate:,.0f} tickets/s per CPU-second (one core), from the raw header "
           f"(baseline, bare signature recovery: {recovered:,.0f}/s; "
-          f"ratio {validated / recovered:.2f})")  # fmt: skip
+          f"ratio {rate / recovered:.2f}; target >= 5,000/s)")  # fmt: skip
 
 
 def free_port() -> int:
@@ -71,6 +89,7 @@ def redemption_gas(count: int) -> None:
         chain = DevChain.start(free_port(), Path(tmp) / "hardhat.log")
         try:
             orch = chain.new_account(10 * ETH)
+            chain.set_active(orch.address)
             gateway = chain.new_account(20 * ETH)
             chain.fund_sender(gateway, deposit=5 * ETH, reserve=5 * ETH)
             block_hash = chain.start_round(1)
@@ -78,11 +97,12 @@ def redemption_gas(count: int) -> None:
             recipient, sender = bytes.fromhex(orch.address[2:]), bytes.fromhex(gateway.address[2:])
             params = ticket_params(
                 secret, recipient, sender, face_value=ETH // 1000, win_prob=MAX_WIN_PROB,
-                expiration_block=chain.w3.eth.block_number + 1000, price=PRICE,
+                expiration_block=chain.w3.eth.block_number + 40, price=PRICE,
                 creation_round=1, creation_round_block_hash=block_hash,
             )  # fmt: skip
-            payment = sign_payment(params, gateway.key, sender, range(2 * count), PRICE)
-            valid = validate_payment(payment, recipient, secret, chain.w3.eth.block_number)
+            payment = sign_payment(params, gateway.key, sender, range(2 * count))
+            ctx = context(recipient, secret, chain.w3.eth.block_number, 1, block_hash)
+            valid = validated(wire.encode(payment), ctx)
 
             def args(t):  # noqa: ANN001, ANN202
                 return t.ticket.abi_tuple(), t.sig, t.recipient_rand

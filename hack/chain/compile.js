@@ -17,7 +17,15 @@ const input = {
     outputSelection: { "*": { "*": ["abi", "evm.bytecode.object"] } },
   },
 };
-const output = JSON.parse(solc.compile(JSON.stringify(input)));
+// Imports (@openzeppelin/contracts) come from node_modules, pinned by package-lock.json.
+function findImports(name) {
+  try {
+    return { contents: fs.readFileSync(require.resolve(name, { paths: [__dirname] }), "utf8") };
+  } catch (e) {
+    return { error: `${name}: ${e.message}` };
+  }
+}
+const output = JSON.parse(solc.compile(JSON.stringify(input), { import: findImports }));
 const errors = (output.errors || []).filter((e) => e.severity === "error");
 if (errors.length) {
   for (const e of errors) console.error(e.formattedMessage);

@@ -81,15 +81,17 @@ def _payments(args: argparse.Namespace) -> int:
     return run_payments(
         PaymentsConfig(
             redis_url=args.redis_url,
-            rpc_url=args.rpc_url,
+            rpc_url_file=args.rpc_url_file,
             keystore=args.keystore,
             password_file=args.password_file,
             network=args.network,
-            broker=args.broker,
+            controller=args.controller,
             consumer=args.consumer,
             stream=args.stream,
-            max_gas_price=args.max_gas_price,
+            max_fee_per_gas=args.max_fee_per_gas,
+            stuck_after=args.stuck_after,
             confirmations=args.confirmations,
+            reward=args.reward,
             once=args.once,
             metrics_port=args.metrics_port,
             lease_namespace=args.lease_namespace,
@@ -165,14 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     pay = commands.add_parser("payments", help="redeem winning tickets on the TicketBroker")
     pay.add_argument("--redis-url", required=True, help="the ledger's Redis")
-    pay.add_argument("--rpc-url", required=True, help="JSON-RPC of Arbitrum (or a dev chain)")
+    pay.add_argument(
+        "--rpc-url-file", type=Path,
+        help="file (a Secret) holding the JSON-RPC URL of Arbitrum or a dev chain; "
+        "default: $KUBEPEER_RPC_URL. Never a flag: providers put API keys in it",
+    )  # fmt: skip
     pay.add_argument("--keystore", type=Path, required=True, help="encrypted key (a Secret)")
     pay.add_argument("--password-file", type=Path, required=True, help="its password (a Secret)")
     pay.add_argument("--network", choices=["arbitrum-one", "dev"], default="arbitrum-one")
-    pay.add_argument("--broker", help="TicketBroker address (default: Arbitrum One's)")
+    pay.add_argument("--controller", help="Livepeer Controller address (default: Arbitrum One's)")
     pay.add_argument("--consumer", default="redeemer-0", help="stream consumer name")
     pay.add_argument("--stream", default=WINNING_STREAM, help="Redis stream of winning tickets")
-    pay.add_argument("--max-gas-price", type=int, default=100 * 10**9, help="wei; above, wait")
+    pay.add_argument(
+        "--max-fee-per-gas", type=int, default=10**9,
+        help="wei per gas, the EIP-1559 ceiling (default 1 gwei, for Arbitrum One)",
+    )  # fmt: skip
+    pay.add_argument(
+        "--stuck-after", type=float, default=30.0,
+        help="seconds before an unmined transaction is replaced with higher fees",
+    )  # fmt: skip
+    pay.add_argument("--reward", action="store_true", help="call reward() once per round")
     pay.add_argument("--confirmations", type=int, default=1, help="blocks before redeemed")
     pay.add_argument("--once", action="store_true", help="handle what is queued, then exit")
     pay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")

@@ -2,139 +2,31 @@
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
 import signal
 import subprocess
-import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 
-from conftest import REPO, free_port
-from devchain import ETH, DevChain
-from kubepeer.payments.gateway import sign_payment
-from kubepeer.payments.ledger import Ledger, balance_key, manifest_id
-from kubepeer.payments.queue import State, TicketBook, WinningTicket
-from kubepeer.payments.recipient import RecipientSecret, ticket_params
+import paying
+from conftest import free_port
+from kubepeer.payments.ledger import WINNING_STREAM, Ledger, balance_key
+from kubepeer.payments.queue import State, TicketBook
 from kubepeer.payments.ticket import MAX_WIN_PROB
-from kubepeer.payments.validator import TicketRejected, ValidPayment, validate_payment
+from kubepeer.payments.validator import TicketRejected, ValidPayment
+from paying import (
+    MANIFEST,
+    assert_redeemed_exactly_once,
+    funds,
+    pay,
+    run_redeemer,
+    winners,
+)
 from support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
-
-MANIFEST = manifest_id(27, "org/model")
-PRICE = (1000, 1)
-PASSWORD = "correct horse battery staple"
-
-
-@dataclass
-class Orchestrator:
-    """Our side: the recipient account (which also sends the redemptions), its secret, its
-    ledger on a stream of its own, and a keystore the redeemer process unlocks."""
-
-    account: LocalAccount
-    secret: RecipientSecret
-    ledger: Ledger
-    keystore: Path
-    password_file: Path
-    redis_url: str
-
-    @property
-    def address(self) -> bytes:
-        return bytes.fromhex(self.account.address[2:])
-
-
-@pytest.fixture
-def orchestrator(chain: DevChain, redis_server, tmp_path) -> Orchestrator:
-    account = chain.new_account(10 * ETH)
-    keystore = tmp_path / "keystore.json"
-    keystore.write_text(json.dumps(Account.encrypt(account.key, PASSWORD)))
-    password_file = tmp_path / "password"
-    password_file.write_text(PASSWORD + "\n")
-    ledger = Ledger(redis_server.client(), stream=f"kubepeer:tickets:winning:{uuid.uuid4().hex}")
-    return Orchestrator(
-        account, RecipientSecret.generate(), ledger, keystore, password_file, redis_server.url
-    )
-
-
-@pytest.fixture
-def gateway(chain: DevChain) -> LocalAccount:
-    """A sender with a deposit and a reserve on the broker."""
-    sender = chain.new_account(20 * ETH)
-    chain.fund_sender(sender, deposit=5 * ETH, reserve=5 * ETH)
-    return sender
-
-
-_nonces = itertools.count(1)
-
-
-def pay(
-    chain: DevChain, orch: Orchestrator, gateway: LocalAccount, tickets: int,
-    win_prob: int = MAX_WIN_PROB // 2, face_value: int = ETH // 100,
-) -> ValidPayment:  # fmt: skip
-    """A gateway pays `tickets` tickets against fresh params; we validate them."""
-    round_number = chain.rounds.functions.currentRound().call() or 1
-    block_hash = chain.start_round(round_number)
-    params = ticket_params(
-        orch.secret,
-        orch.address,
-        bytes.fromhex(gateway.address[2:]),
-        face_value=face_value,
-        win_prob=win_prob,
-        expiration_block=chain.w3.eth.block_number + 40,
-        price=PRICE,
-        creation_round=round_number,
-        creation_round_block_hash=block_hash,
-    )
-    nonces = [next(_nonces) for _ in range(tickets)]
-    payment = sign_payment(params, gateway.key, bytes.fromhex(gateway.address[2:]), nonces, PRICE)
-    return validate_payment(payment, orch.address, orch.secret, chain.w3.eth.block_number)
-
-
-def run_redeemer(
-    chain: DevChain, orch: Orchestrator, *extra: str, failpoint: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
-    if failpoint:
-        env["KUBEPEER_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "kubepeer.cli", "payments", "--once", "--network", "dev",
-         "--redis-url", orch.redis_url,
-         "--rpc-url", chain.url, "--broker", chain.broker.address,
-         "--keystore", str(orch.keystore), "--password-file", str(orch.password_file),
-         "--stream", orch.ledger.stream, *extra],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-
-
-def winners(payment: ValidPayment) -> list[WinningTicket]:
-    return [WinningTicket.from_accepted(t) for t in payment.tickets if t.winning]
-
-
-def assert_redeemed_exactly_once(chain, orch, tickets, balance_before, nonce_before):
-    book = TicketBook(orch.ledger.redis)
-    records = [book.get(t.hash) for t in tickets]
-    assert all(r is not None and r.state is State.REDEEMED for r in records), records
-    assert all(chain.broker.functions.usedTickets(t.hash).call() for t in tickets)
-    # One transaction per ticket, no more: a crash never cost a second send.
-    assert chain.w3.eth.get_transaction_count(orch.account.address) - nonce_before == len(tickets)
-    receipts = [chain.w3.eth.get_transaction_receipt(r.tx_hash) for r in records]
-    gas = sum(r["gasUsed"] * r["effectiveGasPrice"] for r in receipts)
-    faces = sum(t.ticket.face_value for t in tickets)
-    assert chain.balance(orch.account.address) - balance_before == faces - gas
-    events = chain.broker.events.WinningTicketRedeemed().get_logs(from_block=0)
-    redeemed_nonces = [
-        e.args.senderNonce for e in events if e.args.recipient == orch.account.address
-    ]
-    assert sorted(redeemed_nonces) == sorted(t.ticket.sender_nonce for t in tickets)
+pytest_plugins = ["paying"]
 
 
 def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
@@ -145,7 +37,7 @@ def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
     assert queued, "with winProb 1/2, twelve tickets without a winner is a 1-in-4096 fluke"
     assert orchestrator.ledger.redis.xlen(orchestrator.ledger.stream) == len(queued)
 
-    before = chain.balance(orchestrator.account.address)
+    before = funds(chain, orchestrator)
     nonce = chain.w3.eth.get_transaction_count(orchestrator.account.address)
     early = run_redeemer(chain, orchestrator)
     assert early.returncode == 0, early.stderr
@@ -155,7 +47,7 @@ def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
     done = run_redeemer(chain, orchestrator)
     assert done.returncode == 0, done.stderr
     assert_redeemed_exactly_once(chain, orchestrator, queued, before, nonce)
-    assert PASSWORD not in done.stderr
+    assert paying.PASSWORD not in done.stderr
     assert orchestrator.account.key.hex() not in done.stderr
 
 
@@ -168,7 +60,7 @@ def test_redeemer_killed_at_any_point_loses_nothing_and_pays_once(
     queued = winners(payment)
     assert len(queued) == 3
     chain.mine(41)
-    before = chain.balance(orchestrator.account.address)
+    before = funds(chain, orchestrator)
     nonce = chain.w3.eth.get_transaction_count(orchestrator.account.address)
 
     crashed = run_redeemer(chain, orchestrator, failpoint=failpoint)
@@ -187,14 +79,14 @@ def test_gas_price_over_the_ceiling_defers_without_losing_the_ticket(chain, orch
     chain.mine(41)
     nonce = chain.w3.eth.get_transaction_count(orchestrator.account.address)
 
-    deferred = run_redeemer(chain, orchestrator, "--max-gas-price", "1")
+    deferred = run_redeemer(chain, orchestrator, "--max-fee-per-gas", "1")
     assert deferred.returncode == 0, deferred.stderr
     assert "over the ceiling" in deferred.stderr
     assert not chain.broker.functions.usedTickets(ticket.hash).call()
     assert TicketBook(orchestrator.ledger.redis).get(ticket.hash).state is State.PENDING
     assert chain.w3.eth.get_transaction_count(orchestrator.account.address) == nonce
 
-    before = chain.balance(orchestrator.account.address)
+    before = funds(chain, orchestrator)
     assert run_redeemer(chain, orchestrator).returncode == 0
     assert_redeemed_exactly_once(chain, orchestrator, [ticket], before, nonce)
 
@@ -248,7 +140,7 @@ def test_an_acknowledged_credit_survives_redis_being_killed(chain, orchestrator,
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     client = redis_lib.Redis(port=port)
     wait_for(lambda: _pings(client), timeout=20, what="the AOF redis-server")
-    ledger = Ledger(client, stream="kubepeer:tickets:winning:durable")
+    ledger = Ledger(client, stream=f"{WINNING_STREAM}:durable")
     payment = pay(chain, orchestrator, gateway, tickets=4, win_prob=MAX_WIN_PROB)
     balance = ledger.credit(payment, MANIFEST)
 
@@ -258,7 +150,7 @@ def test_an_acknowledged_credit_survives_redis_being_killed(chain, orchestrator,
     try:
         wait_for(lambda: _pings(client), timeout=20, what="redis-server to come back")
         assert int(client.get(balance_key(payment.sender, MANIFEST))) == balance
-        assert client.xlen("kubepeer:tickets:winning:durable") == 4
+        assert client.xlen(f"{WINNING_STREAM}:durable") == 4
         with pytest.raises(TicketRejected):
             ledger.credit(payment, MANIFEST)  # the nonces survived too
     finally:

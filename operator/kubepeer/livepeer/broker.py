@@ -78,3 +78,70 @@ TICKET_BROKER_ABI: list[dict[str, Any]] = [
         ],
     },
 ]
+
+
+def _view(name: str, inputs: list[str], output: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "function",
+        "stateMutability": "view",
+        "inputs": [{"name": f"arg{i}", "type": t} for i, t in enumerate(inputs)],
+        "outputs": [{"name": "", "type": output}],
+    }
+
+
+def _event(name: str, fields: list[tuple[str, str, bool]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "event",
+        "anonymous": False,
+        "inputs": [{"name": n, "type": t, "indexed": i} for n, t, i in fields],
+    }
+
+
+# What the redeemer reads back from a receipt: which ticket was redeemed, and what it paid.
+TICKET_BROKER_EVENTS_ABI: list[dict[str, Any]] = [
+    _event(
+        "WinningTicketRedeemed",
+        [
+            ("sender", "address", True),
+            ("recipient", "address", True),
+            ("faceValue", "uint256", False),
+            ("winProb", "uint256", False),
+            ("senderNonce", "uint256", False),
+            ("recipientRand", "uint256", False),
+            ("auxData", "bytes", False),
+        ],
+    ),
+    _event(
+        "WinningTicketTransfer",
+        [("sender", "address", True), ("recipient", "address", True), ("amount", "uint256", False)],
+    ),
+]
+TICKET_BROKER_ABI.extend(TICKET_BROKER_EVENTS_ABI)
+# What our share of a sender's reserve is now (0 unless we are active): the redeemer's
+# estimate of what a ticket will actually pay.
+TICKET_BROKER_ABI.append(_view("claimableReserve", ["address", "address"], "uint256"))
+
+CONTROLLER_ABI: list[dict[str, Any]] = [
+    _view("getContract", ["bytes32"], "address"),
+    _view("paused", [], "bool"),
+]
+
+ROUNDS_MANAGER_ABI: list[dict[str, Any]] = [
+    _view("currentRound", [], "uint256"),
+    _view("currentRoundInitialized", [], "bool"),
+    _view("lastInitializedRound", [], "uint256"),
+    _view("blockHashForRound", ["uint256"], "bytes32"),
+]
+
+BONDING_MANAGER_ABI: list[dict[str, Any]] = [
+    _view("isActiveTranscoder", ["address"], "bool"),
+    {
+        "name": "reward",
+        "type": "function",
+        "stateMutability": "nonpayable",
+        "inputs": [],
+        "outputs": [],
+    },
+]

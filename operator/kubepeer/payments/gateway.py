@@ -1,12 +1,14 @@
 """The gateway's side of a payment: sign tickets against an orchestrator's params.
 
 Kubepeer is an orchestrator; this exists so tests, benchmarks and the demo can pay it
-the way a real Livepeer gateway does.
+the way a real Livepeer gateway does. Like go-livepeer's sender, it sends every integer as
+Go's big.Int.Bytes() does: big-endian with no leading zero bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from fractions import Fraction
 
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.recipient import TicketParams
@@ -18,25 +20,26 @@ def sign_payment(
     sender_key: bytes,
     sender: bytes,
     nonces: Iterable[int],
-    price: tuple[int, int],
+    price: Fraction | tuple[int, int] | None = None,
 ) -> net_pb2.Payment:
-    """A Payment carrying one signed ticket per nonce, echoing the params we were given."""
-    creation_round = params.creation_round
-    creation_round_block_hash = params.creation_round_block_hash
+    """A Payment carrying one signed ticket per nonce, echoing the params we were given
+    (and the price they were issued with, unless `price` says otherwise)."""
+    num, den = _price_pair(params.price if price is None else price)
     payment = net_pb2.Payment(
         ticket_params=net_pb2.TicketParams(
             recipient=params.recipient,
             face_value=minimal_bytes(params.face_value),
             win_prob=minimal_bytes(params.win_prob),
             recipient_rand_hash=params.recipient_rand_hash,
-            seed=params.seed,
+            seed=minimal_bytes(params.seed),
             expiration_block=minimal_bytes(params.expiration_block),
         ),
         sender=sender,
         expiration_params=net_pb2.TicketExpirationParams(
-            creation_round=creation_round, creation_round_block_hash=creation_round_block_hash
+            creation_round=params.creation_round,
+            creation_round_block_hash=params.creation_round_block_hash,
         ),
-        expected_price=net_pb2.PriceInfo(price_per_unit=price[0], pixels_per_unit=price[1]),
+        expected_price=net_pb2.PriceInfo(price_per_unit=num, pixels_per_unit=den),
     )
     for nonce in nonces:
         ticket = Ticket(
@@ -46,10 +49,24 @@ def sign_payment(
             win_prob=params.win_prob,
             sender_nonce=nonce,
             recipient_rand_hash=params.recipient_rand_hash,
-            creation_round=creation_round,
-            creation_round_block_hash=creation_round_block_hash,
+            creation_round=params.creation_round,
+            creation_round_block_hash=params.creation_round_block_hash,
         )
         payment.ticket_sender_params.append(
             net_pb2.TicketSenderParams(sender_nonce=nonce, sig=ticket.sign(sender_key))
         )
     return payment
+
+
+def ticketless_payment(sender: bytes, price: Fraction | tuple[int, int]) -> net_pb2.Payment:
+    """What a gateway sends while its credit with us still covers the fee: no tickets."""
+    num, den = _price_pair(price)
+    return net_pb2.Payment(
+        sender=sender, expected_price=net_pb2.PriceInfo(price_per_unit=num, pixels_per_unit=den)
+    )
+
+
+def _price_pair(price: Fraction | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(price, Fraction):
+        return price.numerator, price.denominator
+    return price

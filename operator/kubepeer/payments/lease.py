@@ -6,10 +6,16 @@ book see to that), but both would waste gas racing; the Lease keeps one acting.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
 
 
 class Lease:
@@ -74,3 +80,45 @@ class Lease:
                 return False
             raise
         return True
+
+
+class LeaseKeeper:
+    """Keeps renewing a Lease in a background thread, so a long batch never outlives it.
+
+    `held()` is True only while the last successful renewal is recent enough that no
+    standby can have taken the Lease over: the redeemer asks it before every send."""
+
+    def __init__(self, lease: Lease, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lease, self.clock = lease, clock
+        self.interval = lease.duration / 3
+        self._held_until = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.lease.duration)
+
+    def held(self) -> bool:
+        return self.clock() < self._held_until
+
+    def renew(self) -> bool:
+        started = self.clock()
+        try:
+            ok = self.lease.try_acquire()
+        except Exception:  # the API server is away: we cannot know, so we do not hold it
+            log.warning("renewing the Lease failed", exc_info=True)
+            ok = False
+        # Others count the Lease from its renewTime, which is no earlier than `started`;
+        # stop a third of its duration early for clock skew and a slow send.
+        self._held_until = started + self.lease.duration * 2 / 3 if ok else 0.0
+        return ok
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.renew()
+            self._stop.wait(self.interval)

@@ -5,14 +5,19 @@ the nonce record, the balance increment and the winning tickets' append to the s
 happen together or not at all. Run Redis with `appendonly yes` and `appendfsync always`
 so that an acknowledged credit survives a crash of Redis itself.
 
-Layout:
-    kubepeer:balance:{sender}:{manifest}   integer wei (EV credited minus fees debited)
-    kubepeer:nonces:{recipientRandHash}    set of sender nonces seen (at most 600)
-    kubepeer:tickets:winning               stream of winning tickets, field `ticket` (JSON)
+Layout (every key carries the hash tag `{pm}`, so on a Redis Cluster the keys one script
+touches together live in one slot):
+    kubepeer:{pm}:balance:<sender>:<manifest>   integer wei (EV credited minus fees debited)
+    kubepeer:{pm}:nonces:<recipientRandHash>    set of sender nonces seen (at most 600)
+    kubepeer:{pm}:tickets:winning               stream of winning tickets, field `ticket`
+    kubepeer:{pm}:prices:<sender>               prices offered to the sender: sorted set of
+                                                "num/den", scored by when the offer lapses
 """
 
 from __future__ import annotations
 
+import time
+from fractions import Fraction
 from typing import Any
 
 from prometheus_client import Counter
@@ -28,7 +33,11 @@ TICKETS_REJECTED = Counter("kubepeer_tickets_rejected_total", "Payments refused"
 
 MAX_NONCES_PER_RAND = 600
 NONCE_TTL_SECONDS = 7 * 24 * 3600  # far past any params' expiration
-WINNING_STREAM = "kubepeer:tickets:winning"
+# A gateway echoes the price of its last GetOrchestrator; go-livepeer forgets idle balances
+# after 10 minutes, and so do we forget an offer.
+PRICE_MEMORY_SECONDS = 600
+PREFIX = "kubepeer:{pm}"
+WINNING_STREAM = f"{PREFIX}:tickets:winning"
 
 _CREDIT = """
 local n = tonumber(ARGV[4])
@@ -54,11 +63,22 @@ return redis.call('GET', KEYS[2])
 
 
 def balance_key(sender: bytes, manifest: str) -> str:
-    return f"kubepeer:balance:0x{sender.hex()}:{manifest}"
+    return f"{PREFIX}:balance:0x{sender.hex()}:{manifest}"
 
 
 def nonces_key(recipient_rand_hash: bytes) -> str:
-    return f"kubepeer:nonces:0x{recipient_rand_hash.hex()}"
+    return f"{PREFIX}:nonces:0x{recipient_rand_hash.hex()}"
+
+
+def prices_key(sender: bytes) -> str:
+    return f"{PREFIX}:prices:0x{sender.hex()}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes to pick its slot."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else key
 
 
 def manifest_id(capability: int, model_id: str) -> str:
@@ -68,6 +88,8 @@ def manifest_id(capability: int, model_id: str) -> str:
 
 class Ledger:
     def __init__(self, redis: Redis, stream: str = WINNING_STREAM) -> None:
+        if hash_tag(stream) != hash_tag(PREFIX):
+            raise ValueError(f"stream {stream!r} must carry the ledger's hash tag {PREFIX!r}")
         self.redis = redis
         self.stream = stream
         self._credit = redis.register_script(_CREDIT)
@@ -75,7 +97,10 @@ class Ledger:
     def credit(self, payment: ValidPayment, manifest: str) -> int:
         """Credit every ticket's EV; queue the winners. Returns the new balance in wei.
 
-        Raises TicketRejected (and changes nothing) when any nonce was seen before."""
+        Raises TicketRejected (and changes nothing) when any nonce was seen before. A payment
+        without tickets credits nothing: the caller checks the balance covers the job."""
+        if not payment.tickets:
+            return self.balance(payment.sender, manifest)
         winners = [WinningTicket.from_accepted(t).to_json() for t in payment.tickets if t.winning]
         args: list[Any] = [
             MAX_NONCES_PER_RAND,
@@ -96,7 +121,9 @@ class Ledger:
             reason, _, detail = str(exc).partition(" ")
             TICKETS_REJECTED.labels(reason).inc()
             if reason == "replayed-nonce":
-                raise TicketRejected(reason, f"nonce {detail} was already used") from None
+                raise TicketRejected(
+                    reason, f"invalid ticket senderNonce: {detail} was already used"
+                ) from None
             if reason == "too-many-nonces":
                 raise TicketRejected(
                     reason, f"more than {MAX_NONCES_PER_RAND} tickets for one recipientRand"
@@ -106,9 +133,35 @@ class Ledger:
         TICKETS_WINNING.inc(len(winners))
         return balance
 
+    def admit(self, payment: ValidPayment, manifest: str, ticket_ev: int) -> int:
+        """Credit, then check the job may run as go-livepeer checks it: with a non-zero price
+        the balance must reach one ticket's EV. Returns the balance; raises TicketRejected
+        ('Insufficient balance', the text gateways know) when it does not."""
+        balance = self.credit(payment, manifest)
+        if payment.price > 0 and balance < ticket_ev:
+            TICKETS_REJECTED.labels("insufficient-balance").inc()
+            raise TicketRejected("insufficient-balance", "Insufficient balance")
+        return balance
+
     def debit(self, sender: bytes, manifest: str, fee: int) -> int:
         """Charge a job's fee; returns the balance left (negative means owed)."""
         return int(self.redis.decrby(balance_key(sender, manifest), fee))
 
     def balance(self, sender: bytes, manifest: str) -> int:
         return int(self.redis.get(balance_key(sender, manifest)) or 0)
+
+    def offer_price(self, sender: bytes, price: Fraction, now: float | None = None) -> None:
+        """Remember that `price` was offered to `sender` (with ticket params, or in
+        discovery), so a payment without tickets may claim it for a while."""
+        now = time.time() if now is None else now
+        key = prices_key(sender)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(key, {f"{price.numerator}/{price.denominator}": now + PRICE_MEMORY_SECONDS})
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.expire(key, PRICE_MEMORY_SECONDS)
+        pipe.execute()
+
+    def offered_prices(self, sender: bytes, now: float | None = None) -> set[Fraction]:
+        now = time.time() if now is None else now
+        members = self.redis.zrangebyscore(prices_key(sender), now, "+inf")
+        return {Fraction(m.decode()) for m in members}

@@ -1,4 +1,10 @@
-"""`kubepeer payments`: the redeemer process, wired from flags and Secrets."""
+"""`kubepeer payments`: the chain watcher, the redeemer and reward calling, wired from flags
+and Secrets.
+
+The RPC URL (providers put API keys in it) comes from a file mounted from a Secret or from
+`KUBEPEER_RPC_URL` (a secretKeyRef), never a flag, and every log line has it, its path,
+query and credentials replaced by `[rpc-url]`.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from eth_account import Account
 from kubernetes import client as kube_client
@@ -17,26 +25,37 @@ from prometheus_client import start_http_server
 from redis import Redis
 from web3 import Web3
 
-from kubepeer.livepeer.broker import ARBITRUM_ONE_CHAIN_ID, ARBITRUM_TICKET_BROKER
-from kubepeer.payments.lease import Lease
+from kubepeer.livepeer.broker import ARBITRUM_CONTROLLER, ARBITRUM_ONE_CHAIN_ID
+from kubepeer.payments.lease import Lease, LeaseKeeper
 from kubepeer.payments.ledger import WINNING_STREAM
-from kubepeer.payments.redeemer import Redeemer, RedeemerSettings
+from kubepeer.payments.redeemer import (
+    TRANSPORT_ERRORS,
+    LeaseLost,
+    Redeemer,
+    RedeemerSettings,
+)
+from kubepeer.payments.reward import RewardCaller
+from kubepeer.payments.watcher import ChainWatcher, contract_address
 
 log = logging.getLogger("kubepeer.payments")
+
+RPC_URL_ENV = "KUBEPEER_RPC_URL"
 
 
 @dataclass(frozen=True)
 class PaymentsConfig:
     redis_url: str
-    rpc_url: str
     keystore: Path
     password_file: Path
-    network: str = "arbitrum-one"  # or "dev": any chain id, broker given explicitly
-    broker: str | None = None
+    rpc_url_file: Path | None = None  # else $KUBEPEER_RPC_URL
+    network: str = "arbitrum-one"  # or "dev": any chain id, controller given explicitly
+    controller: str | None = None
     consumer: str = "redeemer-0"
     stream: str = WINNING_STREAM
-    max_gas_price: int = 100 * 10**9
+    max_fee_per_gas: int = RedeemerSettings.max_fee_per_gas
+    stuck_after: float = RedeemerSettings.stuck_after
     confirmations: int = 1
+    reward: bool = False
     once: bool = False
     metrics_port: int | None = None
     lease_namespace: str | None = None  # set in a cluster: one redeemer per recipient acts
@@ -50,6 +69,46 @@ def load_account(keystore: Path, password_file: Path):  # noqa: ANN201 - LocalAc
     return Account.from_key(key)
 
 
+def load_rpc_url(path: Path | None) -> str:
+    url = path.read_text().strip() if path else os.environ.get(RPC_URL_ENV, "").strip()
+    if not url:
+        raise ValueError(
+            f"no RPC URL: mount it from a Secret (--rpc-url-file) or set {RPC_URL_ENV}"
+        )
+    return url
+
+
+def secret_parts(url: str) -> list[str]:
+    """Every piece of an RPC URL that may carry a key, longest first."""
+    parts = urlsplit(url)
+    pieces = [url, parts.path if len(parts.path) > 1 else "", parts.query,
+              parts.password or "", parts.username or ""]  # fmt: skip
+    return sorted({p for p in pieces if p}, key=len, reverse=True)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then blanks out the RPC URL's secrets (exception texts included:
+    HTTP client errors quote the URL's path)."""
+
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "[rpc-url]")
+        return text
+
+
+def setup_logging(secrets: list[str]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", secrets)
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def leader_api() -> kube_client.CoordinationV1Api:
     try:
         kube_config.load_incluster_config()
@@ -59,33 +118,35 @@ def leader_api() -> kube_client.CoordinationV1Api:
 
 
 def run_payments(config: PaymentsConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    w3 = Web3(Web3.HTTPProvider(config.rpc_url, request_kwargs={"timeout": 30}))
+    try:
+        rpc_url = load_rpc_url(config.rpc_url_file)
+    except (OSError, ValueError) as exc:
+        setup_logging([])
+        log.error("%s", exc)
+        return 2
+    setup_logging(secret_parts(rpc_url))
+    try:
+        return _run(config, rpc_url)
+    except Exception:
+        log.exception("payments stopped")  # through the redacting formatter
+        return 1
+
+
+def _run(config: PaymentsConfig, rpc_url: str) -> int:
+    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
     chain_id = w3.eth.chain_id
-    if config.network == "arbitrum-one" and chain_id != ARBITRUM_ONE_CHAIN_ID:
-        log.error("RPC %s is chain %d, not Arbitrum One (%d)", config.rpc_url, chain_id,
-                  ARBITRUM_ONE_CHAIN_ID)  # fmt: skip
+    arbitrum = config.network == "arbitrum-one"
+    if arbitrum and chain_id != ARBITRUM_ONE_CHAIN_ID:
+        log.error("the RPC is chain %d, not Arbitrum One (%d)", chain_id, ARBITRUM_ONE_CHAIN_ID)
         return 2
-    broker = config.broker or (ARBITRUM_TICKET_BROKER if config.network == "arbitrum-one" else None)
-    if broker is None:
-        log.error("--broker is required on network %s", config.network)
+    controller = config.controller or (ARBITRUM_CONTROLLER if arbitrum else None)
+    if controller is None:
+        log.error("--controller is required on network %s", config.network)
         return 2
+    controller = Web3.to_checksum_address(controller)
     account = load_account(config.keystore, config.password_file)
-    redeemer = Redeemer(
-        Redis.from_url(config.redis_url),
-        w3,
-        Web3.to_checksum_address(broker),
-        account,
-        RedeemerSettings(
-            consumer=config.consumer,
-            stream=config.stream,
-            max_gas_price=config.max_gas_price,
-            confirmations=config.confirmations,
-        ),
-    )
-    if config.metrics_port:
-        start_http_server(config.metrics_port)
-    lease = None
+    redis = Redis.from_url(config.redis_url)
+    keeper = None
     if config.lease_namespace:
         lease = Lease(
             leader_api(),
@@ -93,22 +154,58 @@ def run_payments(config: PaymentsConfig) -> int:
             f"kubepeer-redeemer-{account.address.lower()}",
             identity=f"{socket.gethostname()}-{os.getpid()}",
         )
+        keeper = LeaseKeeper(lease)
+        keeper.renew()
+        keeper.start()
+    may_send = keeper.held if keeper else (lambda: True)
+    watcher = ChainWatcher(w3, controller, account.address, arbitrum=arbitrum)
+    broker = contract_address(w3, controller, "TicketBroker")
+    settings = RedeemerSettings(
+        consumer=config.consumer,
+        stream=config.stream,
+        max_fee_per_gas=config.max_fee_per_gas,
+        stuck_after=config.stuck_after,
+        confirmations=config.confirmations,
+    )
+    redeemer = Redeemer(
+        redis, w3, broker, account, settings, l1_block=watcher.l1_block, may_send=may_send
+    )
+    rewards = None
+    if config.reward:
+        rewards = RewardCaller(
+            redis, w3, contract_address(w3, controller, "BondingManager"), account,
+            config.max_fee_per_gas, may_send=may_send,
+        )  # fmt: skip
+    if config.metrics_port:
+        start_http_server(config.metrics_port)
     log.info("redeeming as %s on chain %d via broker %s", account.address, chain_id, broker)
+
+    def one_pass(block_ms: int) -> None:
+        view = watcher.publish(redis)  # every replica keeps the shared view fresh
+        if not may_send():
+            return
+        if rewards is not None:
+            rewards.maybe_reward(view)
+        redeemer.run_once(block_ms=block_ms)
+
     if config.once:
-        if lease and not lease.try_acquire():
-            log.info("another redeemer holds the lease; nothing to do")
-            return 0
-        redeemer.run_once()
+        try:
+            one_pass(0)
+        except LeaseLost as exc:
+            log.info("%s", exc)
         return 0
     backoff = 1.0
     while True:
-        if lease and not lease.try_acquire():
-            time.sleep(lease.duration / 3)
-            continue
         try:
-            redeemer.run_once(block_ms=5000)
+            one_pass(5000)
             backoff = 1.0
-        except (ConnectionError, TimeoutError, OSError) as exc:  # transient: retry
-            log.warning("redeemer: %s; retrying in %.0fs", exc, backoff)
+            if not may_send():
+                time.sleep(keeper.interval if keeper else 1.0)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+        except Exception as exc:  # the RPC or Redis is away, or worse: back off, never crash
+            transport = isinstance(exc, TRANSPORT_ERRORS)  # expected: no traceback
+            log.warning("payments pass failed (%s); retrying in %.0fs", exc, backoff,
+                        exc_info=not transport)  # fmt: skip
             time.sleep(backoff)
             backoff = min(backoff * 2, 60)

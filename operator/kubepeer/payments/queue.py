@@ -93,11 +93,28 @@ class State(StrEnum):
 @dataclass(frozen=True)
 class TicketRecord:
     state: State
-    tx_hash: str = ""
+    # While submitted: every transaction signed for it at `tx_nonce` (a stuck one is
+    # replaced at the same nonce with higher fees, and any of them may be the one mined),
+    # the latest one's raw bytes and fees, and the tickets sharing it (a batch).
+    tx_hashes: tuple[str, ...] = ()
     tx_nonce: int = -1
     raw_tx: str = ""
+    max_fee: int = 0
+    priority_fee: int = 0
+    gas: int = 0
+    batch: tuple[str, ...] = ()
+    amount_paid: int = 0  # wei, from the broker's WinningTicketTransfer event
     reason: str = ""
+    attempts: int = 0  # sends that did not redeem it, and unexpected errors
     updated: float = 0.0
+
+    @property
+    def tx_hash(self) -> str:
+        return self.tx_hashes[-1] if self.tx_hashes else ""
+
+
+_LISTS = ("tx_hashes", "batch")
+_INTS = ("tx_nonce", "max_fee", "priority_fee", "gas", "amount_paid", "attempts")
 
 
 def record_key(ticket_hash: bytes) -> str:
@@ -114,17 +131,14 @@ class TicketBook:
         raw = self.redis.hgetall(record_key(ticket_hash))
         if not raw:
             return None
-        d = {k.decode(): v.decode() for k, v in raw.items()}
-        return TicketRecord(
-            state=State(d["state"]),
-            tx_hash=d.get("tx_hash", ""),
-            tx_nonce=int(d.get("tx_nonce", -1)),
-            raw_tx=d.get("raw_tx", ""),
-            reason=d.get("reason", ""),
-            updated=float(d.get("updated", 0)),
-        )
+        d: dict = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {name: d[name] for name in ("raw_tx", "reason") if name in d}
+        fields.update({name: tuple(json.loads(d[name])) for name in _LISTS if name in d})
+        fields.update({name: int(d[name]) for name in _INTS if name in d})
+        return TicketRecord(state=State(d["state"]), updated=float(d.get("updated", 0)), **fields)
 
     def put(self, ticket_hash: bytes, record: TicketRecord) -> None:
-        fields = {k: str(v) for k, v in asdict(record).items()}
+        fields = {k: str(v) for k, v in asdict(record).items() if k not in _LISTS}
+        fields.update({name: json.dumps(list(getattr(record, name))) for name in _LISTS})
         fields["updated"] = str(time.time())
         self.redis.hset(record_key(ticket_hash), mapping=fields)

@@ -3,7 +3,9 @@
 recipientRand is never stored per gateway: it is re-derived from the params a payment
 echoes back, with a 32-byte secret every proxy replica shares (from a Kubernetes Secret).
 A gateway that alters any param gets a different recipientRand, whose hash then fails
-to match the recipientRandHash it was given.
+to match the recipientRandHash it was given. The HMAC covers the sender, so params issued
+to one gateway are useless to another, and the price, so a payment's expected price is
+bound to the one we issued with the params.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import hmac
 import math
 import secrets
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
-from kubepeer.payments.ticket import MAX_WIN_PROB, aux_data, minimal_bytes, recipient_rand_hash
+from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.ticket import MAX_WIN_PROB, recipient_rand_hash, uint256
 
 SECRET_BYTES = 32
 REDEEM_GAS_L2 = 1_200_000
@@ -32,6 +36,7 @@ class RecipientSecret:
         if len(value) != SECRET_BYTES:
             raise ValueError(f"the recipient secret must be {SECRET_BYTES} bytes, got {len(value)}")
         self._value = value
+        self._keyed = hmac.new(value, digestmod=hashlib.sha256)  # copied per MAC: no re-keying
 
     @classmethod
     def from_file(cls, path: Path) -> RecipientSecret:
@@ -51,7 +56,9 @@ class RecipientSecret:
         return cls(secrets.token_bytes(SECRET_BYTES))
 
     def mac(self, message: bytes) -> bytes:
-        return hmac.new(self._value, message, hashlib.sha256).digest()
+        mac = self._keyed.copy()
+        mac.update(message)
+        return mac.digest()
 
     def __repr__(self) -> str:
         return "RecipientSecret([redacted])"
@@ -59,28 +66,36 @@ class RecipientSecret:
 
 @dataclass(frozen=True)
 class IssuedParams:
-    """What went into a recipientRand: every field the gateway must echo unchanged."""
+    """What went into a recipientRand: every field the gateway must echo unchanged, as the
+    integers they are (a gateway's big-integer code drops leading zero bytes)."""
 
-    seed: bytes
-    sender: bytes
+    seed: int
+    sender: bytes  # 20 bytes
     face_value: int
     win_prob: int
     expiration_block: int
-    price_per_unit: int
-    pixels_per_unit: int
-    aux_data: bytes
+    price: Fraction  # wei per unit, in lowest terms (as a gateway's big.Rat holds it)
+    creation_round: int
+    creation_round_block_hash: bytes  # 32 bytes
 
 
 def recipient_rand(secret: RecipientSecret, p: IssuedParams) -> int:
-    message = (
-        p.seed
-        + p.sender
-        + minimal_bytes(p.face_value)
-        + minimal_bytes(p.win_prob)
-        + minimal_bytes(p.expiration_block)
-        + minimal_bytes(p.price_per_unit)
-        + minimal_bytes(p.pixels_per_unit)
-        + p.aux_data
+    """HMAC over fixed-width fields, so no byte can move from one field to its neighbour.
+
+    Only we compute it (the gateway sees its hash), so the encoding is ours to choose;
+    every value must already be within its width (the validator checks before calling)."""
+    message = b"".join(
+        (
+            uint256(p.seed),
+            p.sender,
+            uint256(p.face_value),
+            uint256(p.win_prob),
+            uint256(p.expiration_block),
+            uint256(p.price.numerator),
+            uint256(p.price.denominator),
+            uint256(p.creation_round),
+            p.creation_round_block_hash,
+        )
     )
     return int.from_bytes(secret.mac(message), "big")
 
@@ -91,17 +106,32 @@ class TicketParams:
     face_value: int
     win_prob: int
     recipient_rand_hash: bytes
-    seed: bytes
+    seed: int
     expiration_block: int
-    creation_round: int = 0
-    creation_round_block_hash: bytes = b"\x00" * 32
+    price: Fraction
+    creation_round: int
+    creation_round_block_hash: bytes
+
+
+class InsufficientSenderReserve(ValueError):
+    """No face value both worth redeeming and coverable by the sender: go-livepeer says
+    "insufficient sender reserve" to the gateway rather than issue params it would refuse."""
 
 
 def face_value_for(gas_price: int, ev: int, max_float: int | None = None) -> int:
-    """Big enough that redeeming a winner is worth its gas, small enough for the sender."""
+    """Big enough that redeeming a winner is worth its gas, small enough for the sender.
+
+    Raises InsufficientSenderReserve when the sender's max float leaves no face value above
+    the ticket EV: such a ticket always wins, and gateways refuse it ('ticket faceValue too
+    low', go-livepeer's sender checks EV < faceValue)."""
     face = max(REDEEM_GAS_L2 * gas_price * TX_COST_MULTIPLIER, ev * EV_MULTIPLIER)
-    if max_float is not None:
-        face = min(face, max_float)
+    if max_float is not None and max_float < face:
+        face = max_float
+    if ev <= 0 or face <= 0 or win_prob_for(face, ev) >= MAX_WIN_PROB:
+        raise InsufficientSenderReserve(
+            f"insufficient sender reserve: max float {max_float} wei cannot cover a ticket "
+            f"with EV {ev} wei"
+        )
     return face
 
 
@@ -115,15 +145,17 @@ def issue_ticket_params(
     secret: RecipientSecret,
     recipient: bytes,
     sender: bytes,
-    latest_block: int,
+    chain: ChainView,
+    *,
     gas_price: int,
-    price: tuple[int, int],
-    creation_round: int = 0,
-    creation_round_block_hash: bytes = b"\x00" * 32,
+    price: Fraction | tuple[int, int],
     ev: int = DEFAULT_TICKET_EV,
     max_float: int | None = None,
 ) -> TicketParams:
-    """Params for one gateway, priced to make a winning ticket worth redeeming."""
+    """Params for one gateway, priced to make a winning ticket worth redeeming.
+
+    They expire EXPIRATION_BLOCKS after the watcher's L1 block and carry its last initialized
+    round and block hash. Raises InsufficientSenderReserve (see face_value_for)."""
     face = face_value_for(gas_price, ev, max_float)
     return ticket_params(
         secret,
@@ -131,10 +163,10 @@ def issue_ticket_params(
         sender,
         face_value=face,
         win_prob=win_prob_for(face, ev),
-        expiration_block=latest_block + EXPIRATION_BLOCKS,
+        expiration_block=chain.l1_block + EXPIRATION_BLOCKS,
         price=price,
-        creation_round=creation_round,
-        creation_round_block_hash=creation_round_block_hash,
+        creation_round=chain.creation_round,
+        creation_round_block_hash=chain.creation_round_block_hash,
     )
 
 
@@ -146,20 +178,21 @@ def ticket_params(
     face_value: int,
     win_prob: int,
     expiration_block: int,
-    price: tuple[int, int],
-    creation_round: int = 0,
-    creation_round_block_hash: bytes = b"\x00" * 32,
+    price: Fraction | tuple[int, int],
+    creation_round: int,
+    creation_round_block_hash: bytes,
+    seed: int | None = None,
 ) -> TicketParams:
     """Params with a fresh seed, committed to by the recipientRand they imply."""
     issued = IssuedParams(
-        seed=secrets.token_bytes(32),
+        seed=secrets.randbits(256) if seed is None else seed,
         sender=sender,
         face_value=face_value,
         win_prob=win_prob,
         expiration_block=expiration_block,
-        price_per_unit=price[0],
-        pixels_per_unit=price[1],
-        aux_data=aux_data(creation_round, creation_round_block_hash),
+        price=as_price(price),
+        creation_round=creation_round,
+        creation_round_block_hash=creation_round_block_hash,
     )
     return TicketParams(
         recipient=recipient,
@@ -168,6 +201,14 @@ def ticket_params(
         recipient_rand_hash=recipient_rand_hash(recipient_rand(secret, issued)),
         seed=issued.seed,
         expiration_block=expiration_block,
+        price=issued.price,
         creation_round=creation_round,
         creation_round_block_hash=creation_round_block_hash,
     )
+
+
+def as_price(price: Fraction | tuple[int, int]) -> Fraction:
+    """A price in lowest terms (Fraction reduces), as the PriceInfo we advertise carries it."""
+    if isinstance(price, Fraction):
+        return price
+    return Fraction(*price)

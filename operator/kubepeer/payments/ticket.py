@@ -3,19 +3,48 @@
 The hash packs the fields exactly as the TicketBroker's `getTicketHash` does:
 recipient (20) | sender (20) | faceValue (32) | winProb (32) | senderNonce (32) |
 recipientRandHash (32) | auxData, with auxData = leftpad32(creationRound) |
-creationRoundBlockHash, or empty when both are zero.
+creationRoundBlockHash (64 bytes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+from coincurve import PublicKey
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from eth_utils import keccak, to_checksum_address
+from eth_hash.auto import keccak  # eth_utils.keccak adds argument checks that cost a third
+from eth_utils import to_checksum_address
 
 MAX_WIN_PROB = 2**256 - 1
+UINT256_LIMIT = 2**256
 ZERO_ADDRESS = b"\x00" * 20
+# secp256k1's group order. OpenZeppelin's ECDSA (the TicketBroker's) and go-ethereum refuse
+# s above half of it: for every signature (r, s) the twin (r, n - s) recovers the same
+# address, and only the low-s one is redeemable.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+SECP256K1_HALF_N = SECP256K1_N // 2
+SIGNED_MESSAGE_PREFIX = b"\x19Ethereum Signed Message:\n32"  # personal_sign of 32 bytes
+
+
+class BadSignature(ValueError):
+    """A signature the TicketBroker would refuse; `reason` names which rule it breaks."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_signature_shape(sig: bytes) -> None:
+    """Raise BadSignature unless `sig` is 65 bytes, low-s, with v 27 or 28."""
+    if len(sig) != 65:
+        raise BadSignature("signature-length", f"a ticket signature is 65 bytes, not {len(sig)}")
+    if sig[64] not in (27, 28):
+        raise BadSignature("signature-v", f"signature v is {sig[64]}, not 27 or 28")
+    s = int.from_bytes(sig[32:64], "big")
+    if s > SECP256K1_HALF_N:
+        raise BadSignature("signature-high-s", "signature s is in the upper half (high-s)")
 
 
 def uint256(value: int) -> bytes:
@@ -28,9 +57,8 @@ def minimal_bytes(value: int) -> bytes:
 
 
 def aux_data(creation_round: int, creation_round_block_hash: bytes) -> bytes:
-    """leftpad32(creationRound) | creationRoundBlockHash; empty when both are zero."""
-    if creation_round == 0 and not any(creation_round_block_hash):
-        return b""
+    """leftpad32(creationRound) | creationRoundBlockHash: always 64 bytes, because the
+    TicketBroker refuses any other length ('invalid length for ticket auxData')."""
     return uint256(creation_round) + creation_round_block_hash
 
 
@@ -84,11 +112,26 @@ class Ticket:
         return signed.signature
 
     def signer(self, sig: bytes) -> bytes:
-        """The address that made `sig` over this ticket (raises ValueError if malformed)."""
-        if len(sig) != 65 or sig[64] not in (27, 28):
-            raise ValueError("a ticket signature is 65 bytes ending in v = 27 or 28")
-        address = Account.recover_message(encode_defunct(primitive=self.hash), signature=sig)
-        return bytes.fromhex(address[2:])
+        """The address that made `sig` over this ticket, as the TicketBroker recovers it.
+
+        Raises BadSignature for any signature the contract would refuse."""
+        check_signature_shape(sig)
+        # coincurve (libsecp256k1) directly: this is the proxy's hot path, and
+        # eth_account's checks and conversions around the same call triple its cost.
+        digest = keccak(SIGNED_MESSAGE_PREFIX + self.hash)
+        try:
+            public = PublicKey.from_signature_and_message(
+                sig[:64] + bytes([sig[64] - 27]), digest, hasher=None
+            )
+        except ValueError as exc:  # r or s out of range, or no point on the curve
+            raise BadSignature("signature-invalid", f"signature does not recover: {exc}") from None
+        return _address_of(public.format(compressed=False))
+
+
+@lru_cache(maxsize=4096)
+def _address_of(uncompressed_public_key: bytes) -> bytes:
+    """keccak of the key, last 20 bytes; cached, as a few gateways send every ticket."""
+    return keccak(uncompressed_public_key[1:])[12:]
 
 
 def recipient_rand_hash(recipient_rand: int) -> bytes:
