@@ -14,6 +14,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +30,8 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.wire import encode
 from kubepeer.payments.gateway import sign_payment
 from kubepeer.payments.recipient import TicketParams
+from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.watcher import save_view
 from support import wait_for
 
 RECIPIENT = bytes.fromhex("5a" * 20)
@@ -221,8 +224,9 @@ class Gateway:
             face_value=int.from_bytes(tp.face_value, "big"),
             win_prob=int.from_bytes(tp.win_prob, "big"),
             recipient_rand_hash=tp.recipient_rand_hash,
-            seed=tp.seed,
+            seed=int.from_bytes(tp.seed, "big"),
             expiration_block=int.from_bytes(tp.expiration_block, "big"),
+            price=Fraction(*price),
             creation_round=tp.expiration_params.creation_round,
             creation_round_block_hash=tp.expiration_params.creation_round_block_hash,
         )
@@ -281,3 +285,21 @@ def go_get_orchestrator(proxy: ProxyServer, request: net_pb2.OrchestratorRequest
     if result.returncode == 0:
         return net_pb2.OrchestratorInfo.FromString(bytes.fromhex(out)), None
     return None, out or result.stderr
+
+
+class FreshChainView:
+    """A fixed chain view kept fresh in Redis, standing in for the payments process's chain
+    watcher (which needs the dev chain's contracts; not started by these tests)."""
+
+    VIEW = ChainView(l1_block=5_000, current_round=10, creation_round=10,
+                     creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
+
+    def __init__(self, redis) -> None:
+        self.redis = redis
+        self.stop = threading.Event()
+        save_view(redis, self.VIEW)
+        threading.Thread(target=self._keep, daemon=True).start()
+
+    def _keep(self) -> None:
+        while not self.stop.wait(5):
+            save_view(self.redis, self.VIEW)

@@ -126,6 +126,7 @@ def _proxy(args: argparse.Namespace) -> int:
             version=args.livepeer_version,
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
+            gas_price=args.gas_price,
         )
     )
 
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--hold-timeout", type=float, default=900.0, help="seconds held while waking")
     px.add_argument("--livepeer-version", default="0.9.1", help="protocol version advertised")
     px.add_argument("--no-wake", action="store_true", help="never scale OnDemand models up")
+    px.add_argument(
+        "--gas-price", type=int, default=10**7,
+        help="wei per gas a winning ticket's redemption is sized for (Arbitrum: ~0.01 gwei)",
+    )  # fmt: skip
     px.add_argument(
         "--demand-ttl", type=float, default=60.0,
         help="seconds a demand record outlives this proxy's last heartbeat",

@@ -23,12 +23,14 @@ import pytest
 from PIL import Image
 
 from kubepeer.livepeer import net_pb2
+from kubepeer.payments.ledger import balance_key
 from proxies import (
     LLAMA,
     RECIPIENT,
     RUNNER_TOKEN,
     SD,
     SVD,
+    FreshChainView,
     Gateway,
     ProxyServer,
     fee,
@@ -61,13 +63,10 @@ def fleet(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
 
 
 @pytest.fixture(scope="module")
-def chain_facts(redis_server):
-    from kubepeer.proxy.billing import ChainFacts, write_chain_facts
-
-    # Fixed facts stand in for the payments issue's chain watcher (not on this branch yet).
-    facts = ChainFacts(block=5_000, gas_price=10**8)
-    write_chain_facts(redis_server.client(), facts)
-    return facts
+def chain_facts(redis_server) -> Iterator[FreshChainView]:
+    view = FreshChainView(redis_server.client())
+    yield view
+    view.stop.set()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,7 @@ def proxy(tmp_path_factory, redis_server, fleet, chain_facts) -> Iterator[ProxyS
 
 
 def balance(redis_server, gateway: Gateway, cap: int, model: str) -> int:
-    raw = redis_server.client().get(f"kubepeer:balance:0x{gateway.address.hex()}:{cap}_{model}")
+    raw = redis_server.client().get(balance_key(gateway.address, f"{cap}_{model}"))
     return int(raw or 0)
 
 
@@ -251,10 +250,14 @@ def test_rejections_in_go_livepeers_order_change_no_balance(proxy, redis_server)
     response = post(gateway.headers(info, 27, SD, tickets=0))
     assert (response.status_code, response.text) == (400, "Insufficient balance\n")
 
-    # A price we never quoted to this gateway (go-livepeer would trust it without tickets).
+    # A price we never quoted to this gateway: with tickets the recipientRand binds it (as in
+    # go-livepeer); without, go-livepeer would trust the claim, we do not.
     response = post(gateway.headers(info, 27, SD, price=(1, 1000)))
     assert response.status_code == 400
-    assert "was never quoted to this sender" in response.text
+    assert response.text.startswith("invalid recipientRand for ticket recipientRandHash")
+    response = post(gateway.headers(info, 27, SD, tickets=0, price=(1, 1000)))
+    assert response.status_code == 400
+    assert response.text.startswith("expected price 1/1000 wei/unit was not offered")
     assert balance(redis_server, gateway, 27, SD) == 0
 
     # The runner's own 400 is passed on for the gateway to answer its client 400.

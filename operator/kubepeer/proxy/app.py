@@ -250,22 +250,20 @@ class Proxy:
         try:
             held.append(await self._admit(model))
             manifest = manifest_id(model.capability, model.model_id)
-            if payment is not None:
-                assert self.billing is not None
+            paid = None
+            if payment is not None and self.billing is not None:
                 try:
-                    self.billing.process(payment, manifest)
+                    paid = self.billing.admit(payment, manifest)
                 except PaymentRefused as exc:
-                    raise JobRefused(400, str(exc)) from None
-                if not self.billing.sufficient_balance(payment, manifest):
-                    raise JobRefused(400, "Insufficient balance")
+                    raise JobRefused(exc.status, str(exc)) from None
             metrics.IN_FLIGHT.labels(model.aimodel).inc()
             try:
                 upstream = await self._send(job, model, held)
                 if upstream.status != 200:
                     raise JobRefused(500, await _runner_error(pipeline, upstream))
                 fee = 0
-                if payment is not None and self.billing is not None:
-                    fee = self.billing.debit(payment, manifest, units)
+                if paid is not None and self.billing is not None:
+                    fee = self.billing.debit(paid, manifest, units)
                     metrics.FEES.labels(model.aimodel).inc(fee)
                 log.info(
                     "job served",

@@ -1,21 +1,15 @@
 """The proxy's one door to payments: ticket params out, payments in, fees debited.
 
-Everything the proxy needs from `kubepeer.payments` goes through `Billing`, so a change
-in the payments code is a change here only. Checks follow go-livepeer's
-`ProcessPayment` and `handleAIRequest` (gateway-wire 2.2, 3.1) with one addition: a
-payment must claim a price we issued to that sender (go-livepeer trusts the claim when a
-payment carries no tickets; the ticket HMAC binds the price only when it does).
-
-Redis layout (beside the ledger's):
-    kubepeer:issued-prices:{sender}   set of "num/den" prices quoted to the sender;
-                                      expires ISSUED_PRICE_SECONDS after the last quote
-    kubepeer:chain                    hash the chain watcher keeps: block, gas_price,
-                                      round, round_block_hash (hex)
+Everything the proxy needs from `kubepeer.payments` goes through `Billing`, so a change in
+the payments code is a change here only. The payments code judges a payment
+(`validate_payment`), credits it and checks the balance (`Ledger.admit`), remembers the
+prices offered to each sender (`Ledger.offer_price`: a payment without tickets must claim
+one of them, beyond go-livepeer, which trusts the claim), and issues params against the
+chain watcher's view of the chain (`load_view`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from fractions import Fraction
 
 from redis import Redis
@@ -24,66 +18,35 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.recipient import (
     DEFAULT_TICKET_EV,
+    InsufficientSenderReserve,
     RecipientSecret,
+    as_price,
     issue_ticket_params,
 )
+from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.ticket import minimal_bytes
-from kubepeer.payments.validator import TicketRejected, validate_payment
+from kubepeer.payments.validator import (
+    PaymentContext,
+    TicketRejected,
+    ValidPayment,
+    validate_payment,
+)
+from kubepeer.payments.watcher import load_view
 
-ISSUED_PRICE_SECONDS = 3600  # a gateway echoes the price of its last discovery, up to ~30 min old
-CHAIN_KEY = "kubepeer:chain"
+ARBITRUM_GAS_PRICE = 10**7  # wei (0.01 gwei): what a winning ticket's redemption is sized for
 
 
 class PaymentRefused(ValueError):
-    """400 with this text: the payment credits nothing."""
+    """The payment credits nothing; `status` and the text are what the gateway gets."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-@dataclass(frozen=True)
-class ChainFacts:
-    block: int
-    gas_price: int
-    round: int = 0
-    round_block_hash: bytes = b"\x00" * 32
-
-
-def read_chain_facts(redis: Redis) -> ChainFacts | None:
-    raw = redis.hgetall(CHAIN_KEY)
-    if not raw or b"block" not in raw:
-        return None
-    return ChainFacts(
-        block=int(raw[b"block"]),
-        gas_price=int(raw.get(b"gas_price", b"0")),
-        round=int(raw.get(b"round", b"0")),
-        round_block_hash=bytes.fromhex(
-            raw.get(b"round_block_hash", b"").decode().removeprefix("0x")
-        )
-        or b"\x00" * 32,
-    )
-
-
-def write_chain_facts(redis: Redis, facts: ChainFacts) -> None:
-    """What a chain watcher writes (tests and the dev chain use it too)."""
-    redis.hset(
-        CHAIN_KEY,
-        mapping={
-            "block": facts.block,
-            "gas_price": facts.gas_price,
-            "round": facts.round,
-            "round_block_hash": facts.round_block_hash.hex(),
-        },
-    )
-
-
-def price_key(price: tuple[int, int]) -> str:
-    reduced = Fraction(price[0], price[1])
-    return f"{reduced.numerator}/{reduced.denominator}"
-
-
-def fee(units: int, price: net_pb2.PriceInfo) -> int:
-    """DebitFees: units x pricePerUnit / pixelsPerUnit, in whole wei (rounded up: never owed)."""
-    if price.pixels_per_unit <= 0:
-        return 0
-    return -(-units * price.price_per_unit // price.pixels_per_unit)
+def fee(units: int, price: Fraction) -> int:
+    """DebitFees: units x price, in whole wei (rounded up: never less than owed)."""
+    return -(-units * price.numerator // price.denominator)
 
 
 class Billing:
@@ -92,45 +55,41 @@ class Billing:
         redis: Redis,
         recipient: bytes,
         secret: RecipientSecret,
+        *,
         ticket_ev: int = DEFAULT_TICKET_EV,
+        gas_price: int = ARBITRUM_GAS_PRICE,
+        chain_max_age: float = 60.0,
     ) -> None:
         self.redis = redis
         self.recipient = recipient
         self.secret = secret
         self.ticket_ev = ticket_ev
+        self.gas_price = gas_price
+        self.chain_max_age = chain_max_age
         self.ledger = Ledger(redis)
 
-    def chain(self) -> ChainFacts:
-        facts = read_chain_facts(self.redis)
-        if facts is None:
-            raise PaymentRefused("chain facts unavailable: no block seen yet")
-        return facts
+    def chain(self) -> ChainView:
+        view = load_view(self.redis, self.chain_max_age)
+        if view is None:
+            raise PaymentRefused("no recent view of the chain: the chain watcher has stalled")
+        return view
 
     # -- discovery -------------------------------------------------------------------
     def ticket_params(self, sender: bytes, price: tuple[int, int]) -> net_pb2.TicketParams:
-        facts = self.chain()
-        params = issue_ticket_params(
-            self.secret,
-            self.recipient,
-            sender,
-            latest_block=facts.block,
-            gas_price=facts.gas_price,
-            price=price,
-            creation_round=facts.round,
-            creation_round_block_hash=facts.round_block_hash,
-            ev=self.ticket_ev,
-        )
-        key = f"kubepeer:issued-prices:0x{sender.hex()}"
-        pipe = self.redis.pipeline()
-        pipe.sadd(key, price_key(price))
-        pipe.expire(key, ISSUED_PRICE_SECONDS)
-        pipe.execute()
+        try:
+            params = issue_ticket_params(
+                self.secret, self.recipient, sender, self.chain(),
+                gas_price=self.gas_price, price=price, ev=self.ticket_ev,
+            )  # fmt: skip
+        except InsufficientSenderReserve as exc:
+            raise PaymentRefused(str(exc)) from None
+        self.ledger.offer_price(sender, as_price(price))
         return net_pb2.TicketParams(
             recipient=params.recipient,
             face_value=minimal_bytes(params.face_value),
             win_prob=minimal_bytes(params.win_prob),
             recipient_rand_hash=params.recipient_rand_hash,
-            seed=params.seed,
+            seed=minimal_bytes(params.seed),
             expiration_block=minimal_bytes(params.expiration_block),
             expiration_params=net_pb2.TicketExpirationParams(
                 creation_round=params.creation_round,
@@ -139,48 +98,26 @@ class Billing:
         )
 
     # -- a job -------------------------------------------------------------------------
-    def issued(self, sender: bytes, price: net_pb2.PriceInfo) -> bool:
-        if price.pixels_per_unit <= 0:
-            return False
-        key = f"kubepeer:issued-prices:0x{sender.hex()}"
-        return bool(
-            self.redis.sismember(key, price_key((price.price_per_unit, price.pixels_per_unit)))
+    def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
+        """ProcessPayment and the balance check (gateway-wire 2.2 steps 5 and 6)."""
+        context = PaymentContext(
+            recipient=self.recipient,
+            secret=self.secret,
+            chain=self.chain(),
+            issued_prices=self.ledger.offered_prices,
         )
-
-    def process(self, payment: net_pb2.Payment, manifest: str) -> None:
-        """ProcessPayment: credit the tickets (if any) to (sender, manifest)."""
-        price = payment.expected_price
-        if not payment.HasField("expected_price") or price.pixels_per_unit <= 0:
-            raise PaymentRefused("invalid expected price: pixelsPerUnit must be above 0")
-        if price.price_per_unit < 0:
-            raise PaymentRefused("invalid expected price: pricePerUnit is negative")
-        if not self.issued(payment.sender, price):
-            raise PaymentRefused(
-                f"expected price {price.price_per_unit}/{price.pixels_per_unit} was never "
-                "quoted to this sender"
-            )
-        if not payment.ticket_sender_params:
-            return  # spending credit already on the ledger
         try:
-            valid = validate_payment(payment, self.recipient, self.secret, self.chain().block)
-            self.ledger.credit(valid, manifest)
+            valid = validate_payment(payment, context)
+            # The ledger credits each ticket's EV rounded down to whole wei, so one honest
+            # ticket may credit up to 1 wei below the EV its params were issued for.
+            self.ledger.admit(valid, manifest, self.ticket_ev - 1)
         except TicketRejected as exc:
-            if exc.reason == "expired":
-                raise PaymentRefused(f"TicketParams expired: {exc}") from None
-            if exc.reason == "replayed-nonce":
-                raise PaymentRefused(f"invalid ticket senderNonce: {exc}") from None
-            raise PaymentRefused(str(exc)) from None
+            raise PaymentRefused(str(exc), exc.status) from None
+        return valid
 
-    def sufficient_balance(self, payment: net_pb2.Payment, manifest: str) -> bool:
-        if payment.expected_price.price_per_unit <= 0:
-            return True
-        # The ledger credits each ticket's EV rounded down to whole wei, so one honest
-        # ticket may credit up to 1 wei below the EV it was issued for.
-        return self.ledger.balance(payment.sender, manifest) >= self.ticket_ev - 1
-
-    def debit(self, payment: net_pb2.Payment, manifest: str, units: int) -> int:
+    def debit(self, payment: ValidPayment, manifest: str, units: int) -> int:
         """Charge a finished job at the payment's expected price; returns the fee."""
-        charged = fee(units, payment.expected_price)
+        charged = fee(units, payment.price)
         if charged:
             self.ledger.debit(payment.sender, manifest, charged)
         return charged

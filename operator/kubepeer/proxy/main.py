@@ -51,6 +51,7 @@ class ProxyArgs:
     hold_timeout: float = 900.0
     version: str = "0.9.1"
     wake: bool = True
+    gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
 
 
@@ -180,7 +181,12 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         if not (args.recipient and args.recipient_secret_file):
             raise SystemExit("payments on: --recipient and --recipient-secret-file are required")
         recipient = bytes.fromhex(args.recipient.removeprefix("0x"))
-        billing = Billing(redis, recipient, RecipientSecret.from_file(args.recipient_secret_file))
+        billing = Billing(
+            redis,
+            recipient,
+            RecipientSecret.from_file(args.recipient_secret_file),
+            gas_price=args.gas_price,
+        )
     bearer = _secret_bytes(args.bearer_token_file)
     runner_token = _secret_bytes(args.runner_token_file)
     config = ProxyConfig(
