@@ -18,12 +18,17 @@ Never touches a kwok pod IP: nothing listens there.
 
 from __future__ import annotations
 
+import sys
+
+# This file's name shadows the standard library's `operator` for anything imported from
+# its folder, which Python puts first on sys.path: take the folder off before importing.
+sys.path.pop(0)
+
 import argparse
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +45,7 @@ from kubepeer.controller.builders import (  # noqa: E402
     Member,
     RunnerPlan,
     build_auth_secret,
+    build_priority_classes,
     build_runner_deployment,
 )
 from kubepeer.controller.labels import MANAGED_BY  # noqa: E402
@@ -106,8 +112,10 @@ def ready_deployments(cluster: Cluster, namespace: str) -> int:
 def raw_deployments(n: int, namespace: str, settings: OperatorSettings) -> list[dict[str, Any]]:
     """The runners the operator would build, as plain Deployments nobody owns."""
     spec = AIModelSpec.model_validate(SPEC)
-    out: list[dict[str, Any]] = [build_auth_secret(namespace, settings, "bench-token")]
-    out[0]["metadata"]["namespace"] = namespace
+    out: list[dict[str, Any]] = [
+        *build_priority_classes(settings),
+        build_auth_secret(namespace, settings, "bench-token"),
+    ]
     for i in range(n):
         plan = RunnerPlan.dedicated(namespace, Member(name=f"m{i:04d}", uid="-", spec=spec))
         deployment = build_runner_deployment(plan, settings)
@@ -121,7 +129,7 @@ def aimodels(n: int) -> list[dict[str, Any]]:
     return [
         {"apiVersion": "kubepeer.io/v1alpha1", "kind": "AIModel",
          "metadata": {"name": f"m{i:04d}", "namespace": "models"},
-         "spec": {**SPEC, "pricing": {"price": {"pricePerUnit": "1", "currency": "WEI"}}}}
+         "spec": {**SPEC, "pricing": {"price": {"pricePerUnit": "1", "currency": "wei"}}}}
         for i in range(n)
     ]  # fmt: skip
 

@@ -70,7 +70,8 @@ def run_operator(overrides: dict[str, Any], liveness: str | None = None) -> int:
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=settings.standalone,
-            peering_name=settings.peering_name,
+            # A peering name makes kopf wait for peering even when standalone: give none then.
+            peering_name=None if settings.standalone else settings.peering_name,
             priority=(
                 settings.peering_priority
                 if settings.peering_priority is not None
