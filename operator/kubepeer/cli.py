@@ -47,6 +47,7 @@ def _operator(args: argparse.Namespace) -> int:
             "redis_url": args.redis_url,
             "proxy_url": args.proxy_url,
             "runner_image": args.runner_image,
+            "nodes_fixed": args.nodes_fixed or None,
         }.items()
         if value is not None
     }
@@ -59,7 +60,26 @@ def _rbac(args: argparse.Namespace) -> int:
     from kubepeer.controller.rbac import operator_rbac
     from kubepeer.controller.settings import OperatorSettings
 
-    print(yaml.safe_dump_all(operator_rbac(OperatorSettings(), args.namespace), sort_keys=False))
+    settings = OperatorSettings(namespaces=args.watch or [])
+    print(yaml.safe_dump_all(operator_rbac(settings, args.namespace), sort_keys=False))
+    return 0
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from kubepeer.controller.kube import Kube
+
+    released = Kube.from_environment().release_aimodels(args.namespace or [])
+    print(f"released {released} AIModel(s): none holds a Kubepeer finalizer any more")
+    return 0
+
+
+def _ai_models_json(args: argparse.Namespace) -> int:
+    import json
+
+    from kubepeer.controller.kube import Kube
+
+    entries = Kube.from_environment().ai_models_entries(args.namespace)
+    print(json.dumps(entries, indent=1))
     return 0
 
 
@@ -158,13 +178,36 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--proxy-url", help="the proxy's URL, for aiModels.json")
     op.add_argument("--runner-image", help="default runner image")
     op.add_argument(
+        "--nodes-fixed",
+        action="store_true",
+        help="the cluster never adds nodes: a model no node can take is Failed, not Pending",
+    )
+    op.add_argument(
         "--liveness", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
     )
     op.set_defaults(run=_operator)
 
     rbac = commands.add_parser("rbac", help="print the operator's least-privilege RBAC as YAML")
     rbac.add_argument("--namespace", default="kubepeer-system", help="the operator's namespace")
+    rbac.add_argument(
+        "--watch",
+        action="append",
+        help="a namespace the operator watches (repeat): Roles there only, no cluster-wide rules",
+    )
     rbac.set_defaults(run=_rbac)
+
+    uninstall = commands.add_parser(
+        "uninstall",
+        help="remove Kubepeer's finalizer from every AIModel (run before removing the operator)",
+    )
+    uninstall.add_argument("--namespace", action="append", help="only these (default: all)")
+    uninstall.set_defaults(run=_uninstall)
+
+    table = commands.add_parser(
+        "ai-models-json", help="print go-livepeer's aiModels.json for a namespace's AIModels"
+    )
+    table.add_argument("--namespace", "-n", required=True, help="the AIModels' namespace")
+    table.set_defaults(run=_ai_models_json)
 
     pay = commands.add_parser("payments", help="redeem winning tickets on the TicketBroker")
     pay.add_argument("--redis-url", required=True, help="the ledger's Redis")
