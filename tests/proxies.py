@@ -102,9 +102,9 @@ class ProxyServer:
 
 
 def start_proxy(
-    workdir: Path, redis: RedisServer, *, models: dict, endpoints: dict, args: list[str] = (),
-    plaintext: bool = False, shared: Path | None = None, namespace: str = "test",
-    kubeconfig: Path | None = None,
+    workdir: Path, redis: RedisServer, *, models: dict | None, endpoints: dict,
+    args: list[str] = (), plaintext: bool = False, shared: Path | None = None,
+    namespace: str = "test", kubeconfig: Path | None = None,
 ) -> ProxyServer:  # fmt: skip
     """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -116,12 +116,13 @@ def start_proxy(
     port = free_port()
     proxy = ProxyServer(port, None, workdir / "proxy.log", workdir,  # type: ignore[arg-type]
                         scheme="http" if plaintext else "https")  # fmt: skip
-    proxy.set_models(models)
+    if models is not None:  # else: the operator's table ConfigMaps, watched
+        proxy.set_models(models)
     proxy.set_endpoints(endpoints)
     command = [
         sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
         "--public-url", proxy.url, "--namespace", namespace, "--redis-url", redis.url,
-        "--models-file", str(workdir / "models.json"),
+        *(["--models-file", str(workdir / "models.json")] if models is not None else []),
         "--endpoints-file", str(workdir / "endpoints.json"),
         "--recipient", "0x" + RECIPIENT.hex(),
         "--recipient-secret-file", str(shared / "recipient-secret"),

@@ -243,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--bind", default="0.0.0.0:8935", help="host:port to listen on")
     px.add_argument("--public-url", required=True, help="our service URI, as gateways dial it")
     px.add_argument("--namespace", required=True, help="the namespace of the AIModels served")
-    px.add_argument("--models-file", type=Path, required=True, help="models.json (ConfigMap)")
+    px.add_argument(
+        "--models-file", type=Path,
+        help="one models.json ({version, models}) instead of watching the operator's table",
+    )  # fmt: skip
     px.add_argument("--redis-url", required=True, help="ledger, results, demand records")
     px.add_argument(
         "--endpoints-file", type=Path,

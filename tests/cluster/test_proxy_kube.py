@@ -20,9 +20,10 @@ import yaml
 from kubernetes import client
 
 from kubepeer.api import GROUP, VERSION
-from kubepeer.demand import demand_key
-from kubepeer.proxy.endpoints import EndpointSliceWatch
-from proxies import SD, models_json, start_proxy, stop_proxy
+from kubepeer.controller.labels import WOKEN_AT
+from kubepeer.demand import read_demand
+from kubepeer.proxy.endpoints import endpoint_slice_watch
+from proxies import SD, FreshChainView, Gateway, models_json, start_proxy, stop_proxy
 from runners import RunnerProcess, start_runner, stop
 from support import wait_for
 
@@ -35,7 +36,7 @@ class Watched:
 
     def __init__(self, api, namespace: str) -> None:
         self.tables: queue.Queue[dict[str, tuple[str, ...]]] = queue.Queue()
-        self.watch = EndpointSliceWatch(api, namespace, self.tables.put)
+        self.watch = endpoint_slice_watch(api, namespace, self.tables.put)
 
     def next_where(self, check, timeout: float = 30) -> dict[str, tuple[str, ...]]:
         deadline = time.monotonic() + timeout
@@ -105,6 +106,33 @@ def test_the_watch_sees_an_operator_runner_pod_become_an_endpoint(
     watched.next_where(lambda t: not t.get("runner-sd"), timeout=90)
 
 
+def test_the_proxy_offers_what_the_operators_table_configmaps_say(
+    operator, crds, namespace, redis_server, tmp_path
+):
+    """The contract with the operator: its per-AIModel ConfigMaps, watched, priced as it says."""
+    view = FreshChainView(redis_server.client())
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AIModel", "metadata": {"name": "sd"},
+            "spec": {"pipeline": "text-to-image", "modelId": SD, "gpu": {"count": 1},
+                     "warm": {"policy": "Always"},
+                     "pricing": {"price": {"pricePerUnit": "3", "currency": "wei"}}}}  # fmt: skip
+    crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=yaml.safe_dump(body))
+    proxy = start_proxy(tmp_path, redis_server, models=None, endpoints={}, namespace=namespace,
+                        kubeconfig=crds.kubeconfig)  # fmt: skip
+    try:
+        info = wait_for(
+            lambda: (i := Gateway().discover(proxy, 27, SD)).price_info.price_per_unit and i,
+            timeout=60, what="the model in discovery",
+        )  # fmt: skip
+        assert (info.price_info.price_per_unit, info.price_info.pixels_per_unit) == (3, 1)
+        assert SD in info.capabilities.constraints.per_capability[27].models
+        crds.kubectl("-n", namespace, "delete", "aimodel", "sd")
+        wait_for(lambda: SD not in Gateway().discover(proxy, 27, SD).capabilities.constraints
+                 .per_capability[27].models, timeout=60, what="the model to go")  # fmt: skip
+    finally:
+        stop_proxy(proxy)
+        view.stop.set()
+
+
 # -- waking an OnDemand model ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
@@ -156,24 +184,26 @@ def test_jobs_for_a_cold_model_wake_it_once_and_are_served_in_arrival_order(
             finished.append((i, response.status_code))
 
         threads = []
-        for i in range(8):  # arrival order is the order they were sent
+        redis = redis_server.client()
+        for i in range(8):  # each sent once the one before has arrived (is counted as demand)
             threads.append(threading.Thread(target=job, args=(i,)))
             threads[-1].start()
-            time.sleep(0.05)
+            wait_for(lambda n=i + 1: read_demand(redis, namespace, "cold").in_flight == n,
+                     timeout=30, every=0.01, what=f"job {i} to arrive")  # fmt: skip
         wait_for(lambda: aimodel()["spec"].get("replicas") == 1, timeout=30, what="a wake-up")
-        record = redis_server.client().hgetall(demand_key(namespace, "cold"))
-        assert int(record[b"in_flight"]) == 8  # held jobs count as demand
+        assert read_demand(redis, namespace, "cold").in_flight == 8  # held jobs are demand
         time.sleep(0.5)  # every job is held; none went anywhere
         assert finished == []
         assert aimodel()["metadata"]["generation"] == generation + 1  # exactly one scale-up
+        assert WOKEN_AT in aimodel()["metadata"]["annotations"]
         proxy.set_endpoints({"runner-cold": [sd_runner.url]})  # the replica turned ready
         for thread in threads:
             thread.join(timeout=120)
         assert finished == [(i, 200) for i in range(8)]
         assert aimodel()["metadata"]["generation"] == generation + 1
-        record = redis_server.client().hgetall(demand_key(namespace, "cold"))
-        assert int(record[b"in_flight"]) == 0
-        assert float(record[b"last_request"]) > time.time() - 60
+        demand = read_demand(redis_server.client(), namespace, "cold")
+        assert demand.in_flight == 0
+        assert demand.last_request > time.time() - 60
     finally:
         stop_proxy(proxy)
 
@@ -183,7 +213,6 @@ def test_a_proxy_killed_mid_hold_leaves_no_demand_behind(crds, namespace, redis_
     proxy = start_proxy(tmp_path, redis_server, models=cold_models("sleepy"), endpoints={},
                         namespace=namespace, kubeconfig=crds.kubeconfig,
                         args=private(tmp_path))  # fmt: skip
-    key = demand_key(namespace, "sleepy")
     redis = redis_server.client()
 
     def held() -> None:
@@ -196,10 +225,12 @@ def test_a_proxy_killed_mid_hold_leaves_no_demand_behind(crds, namespace, redis_
     thread = threading.Thread(target=held)
     thread.start()
     try:
-        wait_for(lambda: redis.hget(key, "in_flight") == b"1", timeout=30, what="the hold")
+        wait_for(lambda: read_demand(redis, namespace, "sleepy").in_flight == 1, timeout=30,
+                 what="the hold")  # fmt: skip
         os.kill(proxy.process.pid, signal.SIGKILL)
         proxy.process.wait()
-        wait_for(lambda: not redis.exists(key), timeout=20, what="the demand record to expire")
+        wait_for(lambda: read_demand(redis, namespace, "sleepy").in_flight == 0, timeout=20,
+                 what="the crashed proxy's job to expire")  # fmt: skip
     finally:
         thread.join(timeout=60)
         stop_proxy(proxy)

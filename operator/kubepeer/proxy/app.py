@@ -81,8 +81,11 @@ class Waker:
 class Demand:
     """Demand records the operator reads (no-op when the proxy has no Redis for them)."""
 
-    def start(self, model: ServedModel) -> None: ...
-    def end(self, model: ServedModel) -> None: ...
+    def start(self, model: ServedModel, job_id: str) -> bool:
+        """Record a job; True when the operator had claimed the model idle (wake it)."""
+        return False
+
+    def end(self, model: ServedModel, job_id: str) -> None: ...
 
 
 class Proxy:
@@ -244,7 +247,8 @@ class Proxy:
         if model is None:
             raise JobRefused(503, INSUFFICIENT_CAPACITY)
         # A job counts as demand from arrival (a held job keeps its model awake) to its end.
-        self.demand.start(model)
+        if self.demand.start(model, request_id) and model.on_demand:
+            await self._wake(model, force=True)  # the operator is putting it to sleep
         held: list[Slot] = []
         handed_off = False
         try:
@@ -273,7 +277,7 @@ class Proxy:
                 )  # fmt: skip
                 if job.streams:
                     handed_off = True
-                    return self._stream(upstream, model, held), model.aimodel
+                    return self._stream(upstream, model, held, request_id), model.aimodel
                 reply = await self._reply(job, upstream, request, request_id)
                 return reply, model.aimodel
             finally:
@@ -281,7 +285,7 @@ class Proxy:
                     metrics.IN_FLIGHT.labels(model.aimodel).dec()
         finally:
             if not handed_off:
-                self.demand.end(model)
+                self.demand.end(model, request_id)
                 for slot in held:
                     self.router.release(slot, model)
 
@@ -313,25 +317,32 @@ class Proxy:
         if slot is not None:
             return slot
         hold = model.on_demand and not self.router.ready(model)
-        if hold:
-            await self._wake(model)
         metrics.QUEUED.labels(model.aimodel).inc()
         started = time.monotonic()
-        try:
-            return await self.router.reserve(
+        waiting = asyncio.ensure_future(
+            self.router.reserve(
                 model,
                 timeout=self.config.hold_timeout if hold else self.config.queue_timeout,
                 hold=hold,
             )
+        )
+        try:
+            if hold:
+                await asyncio.sleep(0)  # take our place in line before the (slow) wake call
+                await self._wake(model)
+            return await waiting
         except NoCapacity:
             raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
         finally:
+            if not waiting.done():
+                waiting.cancel()
             metrics.QUEUED.labels(model.aimodel).dec()
             metrics.HOLD.labels(model.aimodel).observe(time.monotonic() - started)
 
-    async def _wake(self, model: ServedModel) -> None:
-        """Ask for a replica once per model, however many jobs arrive while it wakes."""
-        if self.waker is None or model.aimodel in self._waking:
+    async def _wake(self, model: ServedModel, force: bool = False) -> None:
+        """Ask for a replica once per model, however many jobs arrive while it wakes
+        (`force`: again, because the operator has just claimed it idle)."""
+        if self.waker is None or (model.aimodel in self._waking and not force):
             return
         self._waking.add(model.aimodel)
         try:
@@ -408,7 +419,7 @@ class Proxy:
         return store
 
     def _stream(
-        self, upstream: aiohttp.ClientResponse, model: ServedModel, held: list[Slot]
+        self, upstream: aiohttp.ClientResponse, model: ServedModel, held: list[Slot], job_id: str
     ) -> Response:
         """llm SSE, chunk by chunk, until the chunk with a finish_reason; no [DONE]."""
 
@@ -427,7 +438,7 @@ class Proxy:
             finally:
                 upstream.release()
                 metrics.IN_FLIGHT.labels(model.aimodel).dec()
-                self.demand.end(model)
+                self.demand.end(model, job_id)
                 for slot in held:
                     self.router.release(slot, model)
 

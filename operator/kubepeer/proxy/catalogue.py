@@ -5,6 +5,7 @@ inputs"), read into typed values. The one module that knows that file's shape. P
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -14,6 +15,7 @@ from kubepeer.controller.prices import price_info
 from kubepeer.livepeer.capabilities import Pipeline
 
 SUPPORTED_VERSION = 1
+log = logging.getLogger("kubepeer.proxy.catalogue")
 
 
 class CatalogueError(ValueError):
@@ -107,35 +109,72 @@ def _price(raw: dict[str, Any] | None, where: str) -> ModelPrice | None:
     )
 
 
+def parse_model(entry: dict[str, Any], where: str) -> ServedModel:
+    """One model's row (a `model.json` of the operator's table ConfigMaps)."""
+    where = f"{where} ({entry.get('aimodel', '?')})"
+    try:
+        return ServedModel(
+            aimodel=entry["aimodel"],
+            pipeline=Pipeline(entry["pipeline"]),
+            model_id=entry["modelId"],
+            runner=entry["runner"],
+            port=int(entry["port"]),
+            capacity=int(entry["capacity"]),
+            on_demand=entry["warm"] == "OnDemand",
+            max_replicas=int(entry["maxReplicas"]),
+            price=_price(entry.get("price"), f"{where}.price"),
+        )
+    except KeyError as exc:
+        raise CatalogueError(f"{where}: missing field {exc.args[0]}") from None
+    except CatalogueError:
+        raise
+    except ValueError as exc:
+        raise CatalogueError(f"{where}: {exc}") from None
+
+
 def parse_catalogue(document: dict[str, Any], namespace: str) -> Catalogue:
+    """A whole table in one document (`--models-file`): {"version": 1, "models": [...]}."""
     if document.get("version") != SUPPORTED_VERSION:
         raise CatalogueError(
             f"models.json version {document.get('version')!r} is not {SUPPORTED_VERSION}"
         )
-    models = []
-    for i, entry in enumerate(document.get("models", [])):
-        where = f"models[{i}] ({entry.get('aimodel', '?')})"
-        try:
-            models.append(
-                ServedModel(
-                    aimodel=entry["aimodel"],
-                    pipeline=Pipeline(entry["pipeline"]),
-                    model_id=entry["modelId"],
-                    runner=entry["runner"],
-                    port=int(entry["port"]),
-                    capacity=int(entry["capacity"]),
-                    on_demand=entry["warm"] == "OnDemand",
-                    max_replicas=int(entry["maxReplicas"]),
-                    price=_price(entry.get("price"), f"{where}.price"),
-                )
-            )
-        except KeyError as exc:
-            raise CatalogueError(f"{where}: missing field {exc.args[0]}") from None
-        except ValueError as exc:
-            if isinstance(exc, CatalogueError):
-                raise
-            raise CatalogueError(f"{where}: {exc}") from None
+    models = [parse_model(e, f"models[{i}]") for i, e in enumerate(document.get("models", []))]
     return Catalogue(namespace=namespace, models=tuple(models))
+
+
+class TableRows:
+    """The operator's per-AIModel table ConfigMaps (label kubepeer.io/table=model), kept
+    from their watch: a row that does not parse is left out, and logged."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.rows: dict[str, ServedModel] = {}  # ConfigMap name -> model
+
+    def apply(self, event: str, config_map: Any) -> bool:
+        meta = config_map.metadata if hasattr(config_map, "metadata") else None
+        name = meta.name if meta else config_map["metadata"]["name"]
+        data = (config_map.data if meta else config_map.get("data")) or {}
+        before = self.rows.get(name)
+        if event == "DELETED":
+            self.rows.pop(name, None)
+        else:
+            try:
+                self.rows[name] = parse_model(json.loads(data.get("model.json", "{}")), name)
+            except (CatalogueError, json.JSONDecodeError) as exc:
+                log.error("ignoring ConfigMap %s: %s", name, exc)
+                self.rows.pop(name, None)
+        return self.rows.get(name) != before
+
+    def replace(self, config_maps: list[Any]) -> bool:
+        before = dict(self.rows)
+        self.rows.clear()
+        for config_map in config_maps:
+            self.apply("ADDED", config_map)
+        return self.rows != before
+
+    def catalogue(self) -> Catalogue:
+        models = sorted(self.rows.values(), key=lambda m: m.aimodel)
+        return Catalogue(namespace=self.namespace, models=tuple(models))
 
 
 def load_catalogue(path: Path, namespace: str) -> Catalogue:

@@ -90,16 +90,26 @@ class EndpointTable:
         return {s: self.urls(s) for s in services}
 
 
-class EndpointSliceWatch:
-    """list + watch runner EndpointSlices in one namespace; `on_change` gets the full table."""
+class ListWatch:
+    """list + watch one kind in one namespace on a thread; `apply(event, obj) -> changed`
+    and `replace(objects) -> changed` keep a table, `on_change()` hears about changes."""
 
-    def __init__(self, api_client: Any, namespace: str, on_change: Changed) -> None:
-        self.api_client = api_client
+    def __init__(
+        self,
+        list_call: Callable[..., Any],
+        namespace: str,
+        label_selector: str,
+        replace: Callable[[list[Any]], bool],
+        apply: Callable[[str, Any], bool],
+        on_change: Callable[[], None],
+        name: str,
+    ) -> None:
+        self.list_call = list_call
         self.namespace = namespace
-        self.on_change = on_change
-        self.table = EndpointTable()
+        self.label_selector = label_selector
+        self.replace, self.apply, self.on_change = replace, apply, on_change
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="endpointslice-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._watch: Any = None
         self.synced = threading.Event()
 
@@ -112,34 +122,47 @@ class EndpointSliceWatch:
             self._watch.stop()
 
     def _run(self) -> None:
-        from kubernetes import client, watch
+        from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
-        discovery = client.DiscoveryV1Api(self.api_client)
         while not self._stop.is_set():
             try:
-                listed = discovery.list_namespaced_endpoint_slice(
-                    self.namespace, label_selector=RUNNER
-                )
-                if self.table.replace(listed.items) or not self.synced.is_set():
-                    self.on_change(self.table.snapshot())
+                listed = self.list_call(self.namespace, label_selector=self.label_selector)
+                if self.replace(listed.items) or not self.synced.is_set():
+                    self.on_change()
                 self.synced.set()
                 self._watch = watch.Watch()
                 for event in self._watch.stream(
-                    discovery.list_namespaced_endpoint_slice,
+                    self.list_call,
                     self.namespace,
-                    label_selector=RUNNER,
+                    label_selector=self.label_selector,
                     resource_version=listed.metadata.resource_version,
                     timeout_seconds=300,
                 ):
                     if self._stop.is_set():
                         return
-                    if self.table.apply(event["type"], event["object"]):
-                        self.on_change(self.table.snapshot())
+                    if self.apply(event["type"], event["object"]):
+                        self.on_change()
             except ApiException as exc:
                 if exc.status != 410:  # 410 Gone: our resourceVersion expired; list again
-                    log.warning("EndpointSlice watch failed: %s; listing again", exc.reason)
+                    log.warning("%s failed: %s; listing again", self._thread.name, exc.reason)
                     self._stop.wait(1)
             except Exception:
-                log.exception("EndpointSlice watch failed; listing again")
+                log.exception("%s failed; listing again", self._thread.name)
                 self._stop.wait(1)
+
+
+def endpoint_slice_watch(api_client: Any, namespace: str, on_change: Changed) -> ListWatch:
+    """Runner EndpointSlices (they carry their Service's `kubepeer.io/runner` label)."""
+    from kubernetes import client
+
+    table = EndpointTable()
+    return ListWatch(
+        client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice,
+        namespace,
+        RUNNER,
+        replace=lambda items: bool(table.replace(items)),
+        apply=lambda event, obj: bool(table.apply(event, obj)),
+        on_change=lambda: on_change(table.snapshot()),
+        name="endpointslice-watch",
+    )

@@ -14,11 +14,19 @@ from typing import Any
 from redis import Redis
 
 from kubepeer import demand as demand_records
+from kubepeer.controller.labels import TABLE, WOKEN_AT
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import Demand, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
-from kubepeer.proxy.catalogue import Catalogue, CatalogueError, ServedModel, load_catalogue
+from kubepeer.proxy.catalogue import (
+    Catalogue,
+    CatalogueError,
+    ServedModel,
+    TableRows,
+    load_catalogue,
+)
 from kubepeer.proxy.credentials import AuthSecret
+from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
 from kubepeer.proxy.server import hypercorn_config, serve
@@ -33,8 +41,8 @@ class ProxyArgs:
     bind: str
     public_url: str
     namespace: str
-    models_file: Path
     redis_url: str
+    models_file: Path | None = None  # one models.json instead of watching the table ConfigMaps
     endpoints_file: Path | None = None  # a static endpoint table instead of the watch
     plaintext: bool = False
     tls_cert: Path | None = None
@@ -107,7 +115,8 @@ def read_endpoints(path: Path) -> dict[str, tuple[str, ...]]:
 
 
 class KubeWaker(Waker):
-    """Sets spec.replicas through the AIModel's scale subresource when it reads 0."""
+    """Wakes an OnDemand model as DESIGN.md's "Demand in Redis" says: a patch of the AIModel
+    with spec.replicas >= 1 and the annotation kubepeer.io/woken-at."""
 
     def __init__(self, api_client: Any, namespace: str) -> None:
         from kubernetes import client
@@ -118,49 +127,42 @@ class KubeWaker(Waker):
     def _wake(self, model: ServedModel) -> None:
         args = ("kubepeer.io", "v1alpha1", self.namespace, "aimodels", model.aimodel)
         aimodel = self.api.get_namespaced_custom_object(*args)
-        if aimodel["spec"].get("replicas", 0) > 0:
-            return
-        if "replicas" in aimodel["spec"]:
-            self.api.patch_namespaced_custom_object_scale(*args, {"spec": {"replicas": 1}})
-        else:  # the scale subresource cannot read a field never set: set it on the object
-            self.api.patch_namespaced_custom_object(*args, {"spec": {"replicas": 1}})
-        log.info("woke %s: spec.replicas 0 -> 1", model.aimodel)
+        replicas = max(1, aimodel["spec"].get("replicas") or 0)
+        patch = {
+            "metadata": {"annotations": {WOKEN_AT: repr(time.time())}},
+            "spec": {"replicas": replicas},
+        }
+        self.api.patch_namespaced_custom_object(*args, patch)
+        log.info("woke %s: spec.replicas %s", model.aimodel, replicas)
 
     async def wake(self, model: ServedModel) -> None:
         await asyncio.to_thread(self._wake, model)
 
 
 class RedisDemand(Demand):
-    """DESIGN.md's demand records, with an expiry this proxy keeps refreshing while it has
-    jobs in flight, so a crashed proxy never pins a model on its GPU."""
+    """DESIGN.md's demand records (kubepeer/demand.py): each job in flight has an expiry
+    this proxy pushes out while the job runs, so a crashed proxy pins no GPU."""
 
     def __init__(self, redis: Redis, namespace: str, ttl: float) -> None:
         self.redis = redis
         self.namespace = namespace
         self.ttl = ttl
-        self.mine: dict[str, int] = {}
+        self.mine: dict[str, set[str]] = {}  # aimodel -> job ids in flight here
 
-    def _touch(self, aimodel: str, redis: Any = None) -> None:
-        key = demand_records.demand_key(self.namespace, aimodel)
-        (redis or self.redis).pexpire(key, int(self.ttl * 1000))
+    def start(self, model: ServedModel, job_id: str) -> bool:
+        self.mine.setdefault(model.aimodel, set()).add(job_id)
+        return demand_records.job_started(
+            self.redis, self.namespace, model.aimodel, job_id, ttl=self.ttl
+        )
 
-    def _record(self, model: ServedModel, record: Callable[..., None], change: int) -> None:
-        pipe = self.redis.pipeline(transaction=False)  # one round trip for the write and expiry
-        record(pipe, self.namespace, model.aimodel)
-        self._touch(model.aimodel, pipe)
-        pipe.execute()
-        self.mine[model.aimodel] = self.mine.get(model.aimodel, 0) + change
-
-    def start(self, model: ServedModel) -> None:
-        self._record(model, demand_records.record_job_start, +1)
-
-    def end(self, model: ServedModel) -> None:
-        self._record(model, demand_records.record_job_end, -1)
+    def end(self, model: ServedModel, job_id: str) -> None:
+        self.mine.get(model.aimodel, set()).discard(job_id)
+        demand_records.job_finished(self.redis, self.namespace, model.aimodel, job_id)
 
     def heartbeat(self) -> None:
-        for aimodel, count in self.mine.items():
-            if count > 0:
-                self._touch(aimodel)
+        for aimodel, jobs in list(self.mine.items()):
+            for job_id in list(jobs):
+                demand_records.job_alive(self.redis, self.namespace, aimodel, job_id, ttl=self.ttl)
 
 
 def _secret_bytes(path: Path | None) -> bytes | None:
@@ -170,9 +172,13 @@ def _secret_bytes(path: Path | None) -> bytes | None:
 def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callable[[], Any]]:
     """The Proxy and the coroutine factory that keeps its inputs current."""
     redis = Redis.from_url(args.redis_url)
-    models = WatchedFile(args.models_file, lambda p: load_catalogue(p, args.namespace))
-    if models.value is None:
-        models.value = Catalogue(namespace=args.namespace)
+    current: dict[str, Any] = {"catalogue": Catalogue(args.namespace), "models": False,
+                               "endpoints": False}  # fmt: skip
+    models_file = None
+    if args.models_file is not None:
+        models_file = WatchedFile(args.models_file, lambda p: load_catalogue(p, args.namespace))
+        if models_file.value is not None:
+            current.update(catalogue=models_file.value, models=True)
     router = Router(max_queue=args.max_queue)
     auth_raw = _secret_bytes(args.auth_secret_file)
     billing = None
@@ -201,10 +207,9 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         hold_timeout=args.hold_timeout,
     )
     demand = RedisDemand(redis, args.namespace, args.demand_ttl)
-    synced = {"endpoints": False}
     proxy = Proxy(
         config,
-        catalogue=lambda: models.value,
+        catalogue=lambda: current["catalogue"],
         router=router,
         auth_secret=AuthSecret(auth_raw) if auth_raw else AuthSecret.generate(),
         results=ResultStore(redis),
@@ -212,13 +217,17 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         recipient=recipient,
         waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
         demand=demand,
-        ready=lambda: synced["endpoints"] and bool(models.stamp),
+        ready=lambda: current["endpoints"] and current["models"],
     )
 
     def apply_endpoints(table: dict[str, tuple[str, ...]]) -> None:
-        router.set_endpoints(table, models.value.models)
+        router.set_endpoints(table, current["catalogue"].models)
         proxy.endpoints_changed()
-        synced["endpoints"] = True
+        current["endpoints"] = True
+
+    def apply_models(catalogue: Catalogue) -> None:
+        current.update(catalogue=catalogue, models=True)
+        router.serve_waiters(catalogue.models)
 
     async def keep_current() -> None:
         loop = asyncio.get_running_loop()
@@ -228,19 +237,29 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
             if endpoints_file.value is not None:
                 apply_endpoints(endpoints_file.value)
         elif api_client is not None:
-            from kubepeer.proxy.endpoints import EndpointSliceWatch
-
-            watch = EndpointSliceWatch(
+            endpoint_slice_watch(
                 api_client,
                 args.namespace,
                 lambda table: loop.call_soon_threadsafe(apply_endpoints, table),
-            )
-            watch.start()
+            ).start()
+        if models_file is None and api_client is not None:
+            from kubernetes import client
+
+            rows = TableRows(args.namespace)
+            ListWatch(
+                client.CoreV1Api(api_client).list_namespaced_config_map,
+                args.namespace,
+                f"{TABLE}=model",
+                replace=rows.replace,
+                apply=rows.apply,
+                on_change=lambda: loop.call_soon_threadsafe(apply_models, rows.catalogue()),
+                name="model-table-watch",
+            ).start()
         last_beat = 0.0
         while True:
             await asyncio.sleep(RELOAD_SECONDS)
-            if models.refresh():
-                router.serve_waiters(models.value.models)
+            if models_file is not None and models_file.refresh():
+                apply_models(models_file.value)
             if endpoints_file is not None and endpoints_file.refresh():
                 apply_endpoints(endpoints_file.value)
             if time.monotonic() - last_beat > args.demand_ttl / 3:
@@ -255,7 +274,7 @@ def run_proxy(args: ProxyArgs) -> int:
     handler.setFormatter(JsonLogFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     api_client = None
-    if args.endpoints_file is None or args.wake:
+    if args.endpoints_file is None or args.models_file is None or args.wake:
         try:
             from kubernetes import config as kube_config
 
@@ -267,8 +286,8 @@ def run_proxy(args: ProxyArgs) -> int:
 
             api_client = client.ApiClient()
         except Exception as exc:
-            if args.endpoints_file is None:
-                raise SystemExit(f"no Kubernetes API to watch EndpointSlices: {exc}") from None
+            if args.endpoints_file is None or args.models_file is None:
+                raise SystemExit(f"no Kubernetes API to watch: {exc}") from None
             log.warning("no Kubernetes API: OnDemand models will not be woken (%s)", exc)
     proxy, keep_current = build(args, api_client)
     config = hypercorn_config(
