@@ -8,6 +8,7 @@ uses `namespace` gets a fresh namespace in it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -112,6 +113,89 @@ def cluster(
             shutil.copytree(state_dir / "logs", kept, dirs_exist_ok=True)
             print(f"\ncluster logs kept in {kept}")
         _hack_cluster("down", "--name", name)
+
+
+AGENT_NODE = "agent-0"
+AGENT_TAINT = "kubepeer.io/node-agent"  # hack/node_agent/agent.py's NODE_TAINT
+
+
+@dataclass
+class NodeAgent:
+    """hack/node-agent serving one Node of the session's cluster (see README)."""
+
+    node: str
+    state_dir: Path
+    log: Path
+    cluster: Cluster
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(REPO / "hack" / "node-agent"), "--kubeconfig", str(self.cluster.kubeconfig),
+             "--node", self.node, "--state-dir", str(self.state_dir),
+             "--bin-dir", str(self.cluster.bin_dir), "--gpus", "4"],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for(
+            lambda: self.process.poll() is not None or "watching" in self.log.read_text(),
+            timeout=60,
+            what="hack/node-agent to register its node",
+        )
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log_file(self, namespace: str, pod: str, container: str) -> Path:
+        """The container's log file, from the agent's JSON log index."""
+        index = json.loads((self.state_dir / "logs.json").read_text())
+        return Path(index[f"{namespace}/{pod}"]["logs"][container])
+
+    def toleration(self) -> dict:
+        """The agent node is tainted so that only pods meant for it land there."""
+        return {"key": AGENT_TAINT, "operator": "Exists", "effect": "NoSchedule"}
+
+    def affinity(self) -> dict:
+        """Node affinity that pins a pod to this agent's node."""
+        term = {"key": "kubernetes.io/hostname", "operator": "In", "values": [self.node]}
+        return {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [term]}]
+                }
+            }
+        }
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip(
+            "needs root: the node agent makes network namespaces, veth pairs and host routes"
+        )
+
+
+@pytest.fixture(scope="session")
+def node_agent(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeAgent]:
+    """hack/node-agent registering AGENT_NODE: pods bound to it run as local processes."""
+    needs_root()
+    workdir = tmp_path_factory.mktemp("node-agent")
+    agent = NodeAgent(AGENT_NODE, workdir / "state", workdir / "agent.log", cluster)
+    agent.start()
+    cluster.kubectl("wait", "--for=condition=Ready", f"node/{AGENT_NODE}", "--timeout=60s")
+    yield agent
+    agent.stop()
+    if request.session.testsfailed:
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(agent.log, ARTIFACTS / "node-agent.log")
+        print(f"\nnode agent log kept in {ARTIFACTS / 'node-agent.log'}")
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +311,7 @@ def operator(
     )  # fmt: skip
     wait_for(
         lambda: process.poll() is not None or "watching" in log.read_text(),
-        timeout=30,
+        timeout=120,  # importing kopf and the kubernetes client takes long on a busy machine
         what="the operator to start",
     )
     assert process.poll() is None, log.read_text()

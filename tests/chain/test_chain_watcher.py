@@ -27,6 +27,7 @@ def test_the_view_is_what_the_contracts_say(chain, redis_server):
     assert view.creation_round_block_hash == block_hash
     assert view.round_initialized
     assert not view.active
+    assert view.gas_price == chain.w3.eth.gas_price > 0
 
     chain.set_active(me.address)
     chain.begin_round(round_number + 1)  # nobody has initialized it yet

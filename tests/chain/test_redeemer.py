@@ -342,8 +342,11 @@ def test_rpc_errors_never_stop_the_payments_process(chain, orchestrator, gateway
                      what="failed passes")  # fmt: skip
             assert process.poll() is None, log.read_text()
             failing.clear()
-            wait_for(lambda: states(orchestrator, tickets) == [State.REDEEMED], timeout=90,
-                     what="the ticket to be redeemed")  # fmt: skip
+            try:
+                wait_for(lambda: states(orchestrator, tickets) == [State.REDEEMED], timeout=180,
+                         what="the ticket to be redeemed")  # fmt: skip
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{log.read_text()[-4000:]}") from None
             assert process.poll() is None, log.read_text()
         finally:
             process.terminate()

@@ -23,8 +23,17 @@ from kubepeer.api import GROUP, VERSION
 from kubepeer.controller.labels import WOKEN_AT
 from kubepeer.demand import read_demand
 from kubepeer.proxy.endpoints import endpoint_slice_watch
-from proxies import SD, FreshChainView, Gateway, models_json, start_proxy, stop_proxy
-from runners import RunnerProcess, start_runner, stop
+from proxies import (
+    SD,
+    FreshChainView,
+    Gateway,
+    RunnerProcess,
+    models_json,
+    start_proxy,
+    start_runner,
+    stop,
+    stop_proxy,
+)
 from support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]

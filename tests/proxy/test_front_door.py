@@ -33,14 +33,16 @@ from proxies import (
     FreshChainView,
     Gateway,
     ProxyServer,
+    RunnerProcess,
     fee,
     go_get_orchestrator,
     models_json,
     start_proxy,
+    start_runner,
+    stop,
     stop_proxy,
     ticket_ev,
 )  # fmt: skip
-from runners import RunnerProcess, start_runner, stop
 from support import wait_for
 
 pytestmark = pytest.mark.redis
@@ -57,7 +59,7 @@ def fleet(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
               {"pipeline": "image-to-video", "model_id": SVD}]  # fmt: skip
     env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "AUTH_TOKEN": RUNNER_TOKEN,
            "MAX_QUEUE": "64"}  # fmt: skip
-    runner = start_runner(env, tmp_path_factory.mktemp("fleet") / "runner.log", token=RUNNER_TOKEN)
+    runner = start_runner(env, tmp_path_factory.mktemp("fleet") / "runner.log")
     yield runner
     stop(runner)
 

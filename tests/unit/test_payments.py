@@ -23,7 +23,9 @@ from kubepeer.payments.recipient import (
     RecipientSecret,
     face_value_for,
     issue_ticket_params,
+    price_info,
     ticket_params,
+    ticket_params_message,
     win_prob_for,
 )
 from kubepeer.payments.redeemer import Fees, bumped, fees_for, redemptions_in, revert_is_retryable
@@ -51,13 +53,17 @@ SECRET = RecipientSecret(b"\x07" * 32)
 PRICE = Fraction(1200, 1)
 ROUND_HASH = b"\x11" * 32
 CHAIN = ChainView(
-    l1_block=1000, current_round=7, creation_round=7, creation_round_block_hash=ROUND_HASH
+    l1_block=1000,
+    current_round=7,
+    creation_round=7,
+    creation_round_block_hash=ROUND_HASH,
+    gas_price=10**8,
 )
 
 
 def params(chain=CHAIN, **overrides):
     kwargs = dict(secret=SECRET, recipient=RECIPIENT, sender=SENDER, chain=chain,
-                  gas_price=10**8, price=PRICE)  # fmt: skip
+                  price=PRICE)  # fmt: skip
     return issue_ticket_params(**{**kwargs, **overrides})
 
 
@@ -511,3 +517,14 @@ def test_each_redeemed_ticket_is_paid_what_its_own_transfer_says():
     assert redemptions_in(redeemed, transfers) == {
         tickets[0].hash: 100, tickets[1].hash: 0, tickets[2].hash: 55,
     }  # fmt: skip
+
+
+def test_params_go_to_the_gateway_as_go_livepeer_sends_them():
+    p = params(max_float=None)
+    sent = ticket_params_message(p)
+    assert sent.face_value == minimal_bytes(p.face_value)
+    assert sent.seed == minimal_bytes(p.seed)
+    assert sent.expiration_block == minimal_bytes(p.expiration_block)
+    assert sent.expiration_params.creation_round == CHAIN.creation_round
+    assert sent.expiration_params.creation_round_block_hash == ROUND_HASH
+    assert price_info(p.price) == net_pb2.PriceInfo(price_per_unit=1200, pixels_per_unit=1)

@@ -11,8 +11,12 @@ from collections.abc import Iterable
 from fractions import Fraction
 
 from kubepeer.livepeer import net_pb2
-from kubepeer.payments.recipient import TicketParams
-from kubepeer.payments.ticket import Ticket, minimal_bytes
+from kubepeer.payments.recipient import (
+    TicketParams,
+    price_info,
+    ticket_params_message,
+)
+from kubepeer.payments.ticket import Ticket
 
 
 def sign_payment(
@@ -24,22 +28,14 @@ def sign_payment(
 ) -> net_pb2.Payment:
     """A Payment carrying one signed ticket per nonce, echoing the params we were given
     (and the price they were issued with, unless `price` says otherwise)."""
-    num, den = _price_pair(params.price if price is None else price)
+    offered = ticket_params_message(params)
+    expiration = offered.expiration_params
+    offered.ClearField("expiration_params")  # a gateway sends them beside, not inside
     payment = net_pb2.Payment(
-        ticket_params=net_pb2.TicketParams(
-            recipient=params.recipient,
-            face_value=minimal_bytes(params.face_value),
-            win_prob=minimal_bytes(params.win_prob),
-            recipient_rand_hash=params.recipient_rand_hash,
-            seed=minimal_bytes(params.seed),
-            expiration_block=minimal_bytes(params.expiration_block),
-        ),
+        ticket_params=offered,
         sender=sender,
-        expiration_params=net_pb2.TicketExpirationParams(
-            creation_round=params.creation_round,
-            creation_round_block_hash=params.creation_round_block_hash,
-        ),
-        expected_price=net_pb2.PriceInfo(price_per_unit=num, pixels_per_unit=den),
+        expiration_params=expiration,
+        expected_price=_claimed(params.price if price is None else price),
     )
     for nonce in nonces:
         ticket = Ticket(
@@ -60,13 +56,11 @@ def sign_payment(
 
 def ticketless_payment(sender: bytes, price: Fraction | tuple[int, int]) -> net_pb2.Payment:
     """What a gateway sends while its credit with us still covers the fee: no tickets."""
-    num, den = _price_pair(price)
-    return net_pb2.Payment(
-        sender=sender, expected_price=net_pb2.PriceInfo(price_per_unit=num, pixels_per_unit=den)
-    )
+    return net_pb2.Payment(sender=sender, expected_price=_claimed(price))
 
 
-def _price_pair(price: Fraction | tuple[int, int]) -> tuple[int, int]:
+def _claimed(price: Fraction | tuple[int, int]) -> net_pb2.PriceInfo:
+    """The expected price a gateway claims; a pair is sent as given (reduced or not)."""
     if isinstance(price, Fraction):
-        return price.numerator, price.denominator
-    return price
+        return price_info(price)
+    return net_pb2.PriceInfo(price_per_unit=price[0], pixels_per_unit=price[1])

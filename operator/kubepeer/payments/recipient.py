@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from kubepeer.livepeer import net_pb2
 from kubepeer.payments.rounds import ChainView
-from kubepeer.payments.ticket import MAX_WIN_PROB, recipient_rand_hash, uint256
+from kubepeer.payments.ticket import MAX_WIN_PROB, minimal_bytes, recipient_rand_hash, uint256
 
 SECRET_BYTES = 32
 REDEEM_GAS_L2 = 1_200_000
@@ -147,16 +148,17 @@ def issue_ticket_params(
     sender: bytes,
     chain: ChainView,
     *,
-    gas_price: int,
     price: Fraction | tuple[int, int],
+    gas_price: int | None = None,
     ev: int = DEFAULT_TICKET_EV,
     max_float: int | None = None,
 ) -> TicketParams:
     """Params for one gateway, priced to make a winning ticket worth redeeming.
 
-    They expire EXPIRATION_BLOCKS after the watcher's L1 block and carry its last initialized
-    round and block hash. Raises InsufficientSenderReserve (see face_value_for)."""
-    face = face_value_for(gas_price, ev, max_float)
+    They expire EXPIRATION_BLOCKS after the watcher's L1 block, carry its last initialized
+    round and block hash, and cover its gas price unless `gas_price` says otherwise.
+    Raises InsufficientSenderReserve (see face_value_for)."""
+    face = face_value_for(chain.gas_price if gas_price is None else gas_price, ev, max_float)
     return ticket_params(
         secret,
         recipient,
@@ -212,3 +214,27 @@ def as_price(price: Fraction | tuple[int, int]) -> Fraction:
     if isinstance(price, Fraction):
         return price
     return Fraction(*price)
+
+
+def ticket_params_message(params: TicketParams) -> net_pb2.TicketParams:
+    """The params as `OrchestratorInfo.ticket_params` carries them to a gateway: integers
+    as go-livepeer sends its big.Ints (big-endian, no leading zeros), the round and its
+    block hash in `expiration_params`."""
+    return net_pb2.TicketParams(
+        recipient=params.recipient,
+        face_value=minimal_bytes(params.face_value),
+        win_prob=minimal_bytes(params.win_prob),
+        recipient_rand_hash=params.recipient_rand_hash,
+        seed=minimal_bytes(params.seed),
+        expiration_block=minimal_bytes(params.expiration_block),
+        expiration_params=net_pb2.TicketExpirationParams(
+            creation_round=params.creation_round,
+            creation_round_block_hash=params.creation_round_block_hash,
+        ),
+    )
+
+
+def price_info(price: Fraction) -> net_pb2.PriceInfo:
+    """A price as `PriceInfo` carries it: the reduced fraction (both fit int64 in practice;
+    the operator refuses prices that do not)."""
+    return net_pb2.PriceInfo(price_per_unit=price.numerator, pixels_per_unit=price.denominator)

@@ -304,7 +304,8 @@ class Redeemer:
                 gas = self._redeem_call([winning]).estimate_gas({"from": self.account.address})
             except ContractLogicError as exc:
                 reason = str(exc.message or exc)
-                if revert_is_retryable(reason):
+                if revert_is_retryable(reason) or "revert" not in reason.lower():
+                    # Some nodes wrap their own failures this way; only a revert is final.
                     raise Deferred(reason) from None
                 return self._fail(entry_id, winning, f"reverts: {reason}")
         except Deferred as why:

@@ -21,3 +21,4 @@ class ChainView:
     creation_round_block_hash: bytes
     round_initialized: bool = True
     active: bool = True  # our address is in the active orchestrator set this round
+    gas_price: int = 0  # wei per gas now: what a winning ticket's face value must cover

@@ -4,9 +4,9 @@ It reads the L1 block number (on Arbitrum from the `l1BlockNumber` field Arbitru
 its blocks: `eth_blockNumber` there is the L2 block, which runs ~40x faster, while ticket
 expiration blocks and rounds count L1 blocks), the RoundsManager's current round, whether it
 is initialized, the last initialized round and its block hash, and whether our address is
-in the BondingManager's active set. It writes that `ChainView` to Redis, where the proxy
-replicas and the redeemer read it. Contracts are found through the Controller, as
-Livepeer's own contracts find each other.
+in the BondingManager's active set, and the gas price ticket face values must cover. It
+writes that `ChainView` to Redis, where the proxy replicas and the redeemer read it.
+Contracts are found through the Controller, as Livepeer's own contracts find each other.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class ChainWatcher:
             creation_round_block_hash=block_hash,
             round_initialized=rounds.currentRoundInitialized().call(),
             active=self.bonding.functions.isActiveTranscoder(self.recipient).call(),
+            gas_price=self.w3.eth.gas_price,
         )
 
     def publish(self, redis: Redis) -> ChainView:

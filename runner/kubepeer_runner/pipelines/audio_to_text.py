@@ -17,11 +17,13 @@ from pydantic import BaseModel
 
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import load_kwargs
-from kubepeer_runner.serving import Device, bad_request
+from kubepeer_runner.serving import Device, RunnerError, bad_request, off_loop, serve
 
 PIPELINE = "audio-to-text"
+TOO_LARGE_STATUS = 413  # ai-runner documents a 413 for this route
+BODY_LIMIT = "max_audio_upload_bytes"
 SAMPLE_RATE = 16_000
-MAX_SECONDS = 4 * 3600
+UNSUPPORTED = "Unsupported audio format or malformed file."  # ai-runner's words, with 415
 
 
 class Chunk(BaseModel):
@@ -37,7 +39,19 @@ class TextResponse(BaseModel):
 @dataclass
 class Loaded:
     asr: Any
-    timestamps: str | bool  # what to ask the pipeline for: Whisper "segment" or CTC "word"
+    segments: str | bool  # what to ask for sentence timestamps: Whisper True, CTC "word"
+
+
+def parse_return_timestamps(value: str) -> str | bool:
+    """ai-runner's values: 'true', '1' or 'sentence' (the default), 'false' or '0', 'word'."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "sentence"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    if lowered == "word":
+        return "word"
+    raise bad_request(f"return_timestamps '{value}' must be 'sentence', 'word', 'true' or 'false'")
 
 
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
@@ -62,37 +76,44 @@ def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
         feature_extractor=processor.feature_extractor,
         device=device.name,
     )
-    # Whisper gives segment timestamps; a CTC model gives them per word.
+    # Whisper gives segment timestamps; a CTC model has none coarser than words.
     return Loaded(asr, "word" if ctc else True)
 
 
-def decode_audio(data: bytes) -> Any:
-    """16 kHz mono float32 samples of any audio file PyAV can read."""
+def decode_audio(source: Any, max_seconds: int) -> Any:
+    """16 kHz mono float32 samples of any audio file PyAV can read (bytes or a file)."""
     import av
     import numpy as np
 
+    most = max_seconds * SAMPLE_RATE
     try:
-        with av.open(io.BytesIO(data)) as container:
+        file = io.BytesIO(source) if isinstance(source, bytes) else source
+        with av.open(file, mode="r") as container:
             if not container.streams.audio:
-                raise bad_request("audio has no audio stream")
+                raise RunnerError(415, f"{UNSUPPORTED} (no audio stream)")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            frames = []
+            frames, count = [], 0
             for frame in container.decode(audio=0):
-                frames += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                new = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                frames += new
+                count += sum(f.size for f in new)
+                if count > most:  # stop decoding: the rest is not needed to refuse it
+                    raise RunnerError(
+                        413, f"audio is longer than {max_seconds} s (MAX_AUDIO_SECONDS)"
+                    )
             frames += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     except av.error.FFmpegError:
-        raise bad_request("audio is not an audio file FFmpeg can decode") from None
+        raise RunnerError(415, UNSUPPORTED) from None
     samples = np.concatenate(frames) if frames else np.zeros(0, dtype=np.float32)
     if samples.size == 0:
-        raise bad_request("audio is empty")
-    if samples.size > MAX_SECONDS * SAMPLE_RATE:
-        raise bad_request(f"audio is longer than {MAX_SECONDS} s")
+        raise RunnerError(415, f"{UNSUPPORTED} (no audio samples)")
     return samples
 
 
-def transcribe(model: Loaded, samples: Any, return_timestamps: bool) -> TextResponse:
+def transcribe(model: Loaded, samples: Any, timestamps: str | bool) -> TextResponse:
     # A CTC model refuses return_timestamps=False: not asking is how to say no.
-    wanted = {"return_timestamps": model.timestamps} if return_timestamps else {}
+    kind = model.segments if timestamps is True else timestamps
+    wanted = {"return_timestamps": kind} if timestamps else {}
     out = model.asr({"raw": samples, "sampling_rate": SAMPLE_RATE}, **wanted)
     chunks = [
         Chunk(timestamp=tuple(c.get("timestamp", (None, None))), text=c["text"])
@@ -108,14 +129,16 @@ def register(app: FastAPI, runner: Any) -> None:
         return_timestamps: str = Form("true"),
         metadata: str = Form("{}"),
     ) -> TextResponse:
-        model = runner.model(PIPELINE, model_id)
+        model = await runner.model(PIPELINE, model_id)
+        timestamps = parse_return_timestamps(return_timestamps)
         try:
             json.loads(metadata)
         except json.JSONDecodeError:
-            raise bad_request("metadata must be a JSON object") from None
-        samples = decode_audio(await audio.read())
-        wanted = return_timestamps.strip().lower() not in ("false", "0", "no", "")
-        return await runner.queue.run(transcribe, model, samples, wanted)
+            raise bad_request(f"metadata must be JSON, got {metadata[:40]!r}") from None
+        audio.file.seek(0)
+        samples = await off_loop(decode_audio, audio.file, runner.limits.max_audio_seconds)
+        return await runner.queue.run(transcribe, model, samples, timestamps)
 
-    app.post("/audio-to-text", response_model=TextResponse)(audio_to_text)
-    app.post("/audio-to-text/", include_in_schema=False)(audio_to_text)
+    serve(
+        app, "/" + PIPELINE, audio_to_text, "genAudioToText", TextResponse, (TOO_LARGE_STATUS, 415)
+    )

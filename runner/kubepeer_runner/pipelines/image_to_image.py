@@ -11,14 +11,16 @@ from fastapi import FastAPI, File, Form, UploadFile
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import DiffusersModel, load_diffusers
 from kubepeer_runner.pipelines.text_to_image import (
+    SEED_RANGE,
     ImageResponse,
     generators,
     image_response,
     seeds,
 )
-from kubepeer_runner.serving import Device, bad_request, check_size, read_image
+from kubepeer_runner.serving import Device, at_most, bad_request, check_size, read_upload, serve
 
 PIPELINE = "image-to-image"
+BODY_LIMIT = "max_upload_bytes"
 
 
 @dataclass(frozen=True)
@@ -65,22 +67,29 @@ def register(app: FastAPI, runner: Any) -> None:
         image: UploadFile = File(...),
         model_id: str = Form(""),
         loras: str = Form(""),
-        strength: float = Form(0.8, gt=0, le=1),
-        guidance_scale: float = Form(7.5, ge=0, le=50),
-        image_guidance_scale: float = Form(1.5, ge=0, le=50),
+        strength: float = Form(0.8),
+        guidance_scale: float = Form(7.5),
+        image_guidance_scale: float = Form(1.5),
         negative_prompt: str = Form(""),
         safety_check: bool = Form(True),
-        seed: int | None = Form(None, ge=0, lt=2**63),
-        num_inference_steps: int = Form(100, ge=1, le=500),
-        num_images_per_prompt: int = Form(1, ge=1, le=8),
+        seed: int | None = Form(None, **SEED_RANGE),
+        num_inference_steps: int = Form(100, ge=1),
+        num_images_per_prompt: int = Form(1, ge=1),
     ) -> ImageResponse:
-        model = runner.model(PIPELINE, model_id)
+        model = await runner.model(PIPELINE, model_id)
         if not prompt.strip():
             raise bad_request("prompt must not be empty")
-        picture = read_image(await image.read())
+        if not 0 <= strength <= 1:
+            raise bad_request(f"strength {strength} must be between 0 and 1")
+        at_most(
+            runner.limits,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+        )
+        picture = await read_upload(image, runner.limits)
         # Diffusion works on multiples of 8: trim the odd edge pixels.
         width, height = picture.width // 8 * 8, picture.height // 8 * 8
-        check_size(height, width)
+        check_size(height, width, runner.limits.max_output_pixels)
         picture = picture.crop((0, 0, width, height))
         req = ImageToImageRequest(
             prompt, picture, strength, guidance_scale, image_guidance_scale, negative_prompt,
@@ -88,5 +97,4 @@ def register(app: FastAPI, runner: Any) -> None:
         )  # fmt: skip
         return await runner.queue.run(generate, model, req)
 
-    app.post("/image-to-image", response_model=ImageResponse)(image_to_image)
-    app.post("/image-to-image/", include_in_schema=False)(image_to_image)
+    serve(app, "/" + PIPELINE, image_to_image, "genImageToImage", ImageResponse)

@@ -11,13 +11,15 @@ from pydantic import BaseModel
 
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import load_kwargs
-from kubepeer_runner.serving import Device, read_image
+from kubepeer_runner.serving import Device, read_upload, serve
 
 PIPELINE = "image-to-text"
+TOO_LARGE_STATUS = 413  # ai-runner documents a 413 for this route
+BODY_LIMIT = "max_upload_bytes"
 MAX_NEW_TOKENS = 64
 
 
-class TextResponse(BaseModel):
+class ImageToTextResponse(BaseModel):
     text: str
 
 
@@ -37,7 +39,7 @@ def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
     return Loaded(processor, model.to(device.name).eval(), device)
 
 
-def caption(model: Loaded, image: Any, prompt: str) -> TextResponse:
+def caption(model: Loaded, image: Any, prompt: str) -> ImageToTextResponse:
     import torch
 
     inputs = model.processor(images=image, text=prompt or None, return_tensors="pt")
@@ -49,16 +51,24 @@ def caption(model: Loaded, image: Any, prompt: str) -> TextResponse:
     }
     with torch.inference_mode():
         out = model.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return TextResponse(text=model.processor.decode(out[0], skip_special_tokens=True).strip())
+    return ImageToTextResponse(
+        text=model.processor.decode(out[0], skip_special_tokens=True).strip()
+    )
 
 
 def register(app: FastAPI, runner: Any) -> None:
     async def image_to_text(
         image: UploadFile = File(...), prompt: str = Form(""), model_id: str = Form("")
-    ) -> TextResponse:
-        model = runner.model(PIPELINE, model_id)
-        picture = read_image(await image.read())
+    ) -> ImageToTextResponse:
+        model = await runner.model(PIPELINE, model_id)
+        picture = await read_upload(image, runner.limits)
         return await runner.queue.run(caption, model, picture, prompt)
 
-    app.post("/image-to-text", response_model=TextResponse)(image_to_text)
-    app.post("/image-to-text/", include_in_schema=False)(image_to_text)
+    serve(
+        app,
+        "/" + PIPELINE,
+        image_to_text,
+        "genImageToText",
+        ImageToTextResponse,
+        (TOO_LARGE_STATUS,),
+    )

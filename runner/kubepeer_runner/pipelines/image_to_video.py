@@ -14,10 +14,18 @@ from pydantic import BaseModel
 
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import DiffusersModel, load_diffusers
-from kubepeer_runner.pipelines.text_to_image import Media, generators, seeds
-from kubepeer_runner.serving import Device, check_size, png_data_url, read_image
+from kubepeer_runner.pipelines.text_to_image import SEED_RANGE, Media, generators, seeds
+from kubepeer_runner.serving import (
+    Device,
+    at_most,
+    check_size,
+    png_data_url,
+    read_upload,
+    serve,
+)
 
 PIPELINE = "image-to-video"
+BODY_LIMIT = "max_upload_bytes"
 
 
 class VideoResponse(BaseModel):
@@ -69,21 +77,21 @@ def register(app: FastAPI, runner: Any) -> None:
         model_id: str = Form(""),
         height: int = Form(576),
         width: int = Form(1024),
-        fps: int = Form(6, ge=1, le=60),
-        motion_bucket_id: int = Form(127, ge=0, le=1023),
-        noise_aug_strength: float = Form(0.02, ge=0, le=1),
+        fps: int = Form(6, ge=1),
+        motion_bucket_id: int = Form(127),
+        noise_aug_strength: float = Form(0.02),
         safety_check: bool = Form(True),
-        seed: int | None = Form(None, ge=0, lt=2**63),
-        num_inference_steps: int = Form(25, ge=1, le=500),
+        seed: int | None = Form(None, **SEED_RANGE),
+        num_inference_steps: int = Form(25, ge=1),
     ) -> VideoResponse:
-        model = runner.model(PIPELINE, model_id)
-        check_size(height, width, max_pixels=1024 * 1024)
-        picture = read_image(await image.read())
+        model = await runner.model(PIPELINE, model_id)
+        check_size(height, width, runner.limits.max_output_pixels)
+        at_most(runner.limits, num_inference_steps=num_inference_steps)
+        picture = await read_upload(image, runner.limits)
         req = VideoRequest(
             picture, height, width, fps, motion_bucket_id, noise_aug_strength, seed,
             num_inference_steps,
         )  # fmt: skip
         return await runner.queue.run(animate, model, req)
 
-    app.post("/image-to-video", response_model=VideoResponse)(image_to_video)
-    app.post("/image-to-video/", include_in_schema=False)(image_to_video)
+    serve(app, "/" + PIPELINE, image_to_video, "genImageToVideo", VideoResponse)

@@ -19,9 +19,10 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field, field_validator
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.serving import Device, bad_request
+from kubepeer_runner.serving import Device, bad_request, serve
 
 PIPELINE = "live-video-to-video"
+BODY_LIMIT = "max_json_bytes"
 SUPPORTED = ("noop",)
 
 
@@ -31,13 +32,13 @@ def _url(value: str) -> str:
     return value
 
 
-class LiveVideoToVideoRequest(BaseModel):
+class LiveVideoToVideoParams(BaseModel):
     subscribe_url: str = Field(min_length=1)
     publish_url: str = Field(min_length=1)
     control_url: str = ""
     events_url: str = ""
     model_id: str = ""
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = {}  # pydantic copies it per request
     gateway_request_id: str = ""
     manifest_id: str = ""
     stream_id: str = ""
@@ -65,8 +66,8 @@ def load(spec: ModelSpec, model_dir: Path, device: Device) -> str:
 
 
 def register(app: FastAPI, runner: Any) -> None:
-    async def live_video_to_video(req: LiveVideoToVideoRequest) -> LiveVideoToVideoResponse:
-        runner.model(PIPELINE, req.model_id)
+    async def live_video_to_video(req: LiveVideoToVideoParams) -> LiveVideoToVideoResponse:
+        await runner.model(PIPELINE, req.model_id)
         if req.subscribe_url == req.publish_url:
             raise bad_request("subscribe_url and publish_url must differ")
         return LiveVideoToVideoResponse(
@@ -79,5 +80,4 @@ def register(app: FastAPI, runner: Any) -> None:
             stream_id=req.stream_id,
         )
 
-    app.post("/live-video-to-video", response_model=LiveVideoToVideoResponse)(live_video_to_video)
-    app.post("/live-video-to-video/", include_in_schema=False)(live_video_to_video)
+    serve(app, "/" + PIPELINE, live_video_to_video, "genLiveVideoToVideo", LiveVideoToVideoResponse)

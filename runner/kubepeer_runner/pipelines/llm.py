@@ -2,38 +2,63 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import load_kwargs
-from kubepeer_runner.serving import Device
+from kubepeer_runner.serving import Device, at_most, serve
 
 PIPELINE = "llm"
+BODY_LIMIT = "max_json_bytes"
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+class LLMMessage(BaseModel):
+    role: str
     content: str
 
 
 class LLMRequest(BaseModel):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[LLMMessage] = Field(min_length=1)
     model: str = ""
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    max_tokens: int = Field(default=256, ge=1, le=8192)
+    temperature: float = Field(default=0.7, ge=0)
+    max_tokens: int = Field(default=256, ge=1)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=-1, ge=-1)
     stream: bool = False
+
+
+class LLMTokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LLMChoice(BaseModel):
+    index: int
+    finish_reason: str = ""
+    delta: LLMMessage | None = None
+    message: LLMMessage | None = None
+
+
+class LLMResponse(BaseModel):
+    """A whole completion, and also each chunk of a stream (as in ai-runner): every chunk
+    carries the usage so far and a delta with its role, so each one validates."""
+
+    id: str
+    object: str = "chat.completion"
+    model: str
+    created: int
+    usage: LLMTokenUsage
+    choices: list[LLMChoice]
 
 
 @dataclass
@@ -50,6 +75,13 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
 
+    def usage(self) -> LLMTokenUsage:
+        return LLMTokenUsage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
 
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,8 +93,10 @@ def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
 
 
 def complete(
-    model: Loaded, req: LLMRequest, emit: Callable[[str], None] | None = None
+    model: Loaded, req: LLMRequest, emit: Callable[[Completion], None] | None = None
 ) -> Completion:
+    """Generate; with emit, each piece of text as it is final (a Completion of that piece
+    with the tokens generated so far)."""
     import torch
     from transformers import TextStreamer
 
@@ -78,10 +112,19 @@ def complete(
         if req.top_k > 0:
             sampling["top_k"] = req.top_k
 
+    prompt_tokens = inputs["input_ids"].shape[1]
+
     class Emitter(TextStreamer):
+        generated = 0
+
+        def put(self, value: Any) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.generated += value.numel()
+            super().put(value)
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text and emit is not None:
-                emit(text)
+                emit(Completion(text, prompt_tokens, self.generated))
 
     streamer = Emitter(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
@@ -92,7 +135,6 @@ def complete(
             streamer=streamer if emit else None,
             **sampling,
         )
-    prompt_tokens = inputs["input_ids"].shape[1]
     generated = out[0][prompt_tokens:]
     return Completion(
         text=model.tokenizer.decode(generated, skip_special_tokens=True),
@@ -101,58 +143,40 @@ def complete(
     )
 
 
-def _usage(c: Completion) -> dict[str, int]:
-    return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-    }
-
-
 def register(app: FastAPI, runner: Any) -> None:
     async def llm(req: LLMRequest) -> Any:
-        model = runner.model(PIPELINE, req.model)
+        model = await runner.model(PIPELINE, req.model)
+        at_most(runner.limits, max_tokens=req.max_tokens)
         created, request_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+
+        def response(piece: Completion, finish: str, streamed: bool) -> LLMResponse:
+            text = LLMMessage(role="assistant", content=piece.text)
+            choice = LLMChoice(
+                index=0, finish_reason=finish, **{"delta" if streamed else "message": text}
+            )
+            return LLMResponse(
+                id=request_id, object="chat.completion.chunk" if streamed else "chat.completion",
+                model=model.model_id, created=created, usage=piece.usage(), choices=[choice],
+            )  # fmt: skip
+
+        def event(piece: Completion, finish: str) -> str:
+            return f"data: {response(piece, finish, True).model_dump_json(exclude_none=True)}\n\n"
+
         if not req.stream:
-            done = await runner.queue.run(complete, model, req)
-            return {
-                "id": request_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": done.text},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": _usage(done),
-            }
+            whole = response(await runner.queue.run(complete, model, req), "stop", False)
+            return JSONResponse(whole.model_dump(exclude_none=True))
 
-        def chunk(delta: dict[str, str], finish: str | None, usage: dict | None = None) -> str:
-            body: dict[str, Any] = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model.model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
-
-        items = runner.queue.stream(lambda emit, r: emit(complete(model, r, emit)), req)
+        items = runner.queue.stream(lambda emit, r: emit(("done", complete(model, r, emit))), req)
         first = await anext(items)  # errors before the first byte are still a clean 4xx/5xx
 
         async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""}, None)
             item = first
             while True:
-                if isinstance(item, Completion):
-                    yield chunk({}, "stop", _usage(item))
+                if isinstance(item, tuple):  # the whole completion: the last chunk
+                    last = Completion("", item[1].prompt_tokens, item[1].completion_tokens)
+                    yield event(last, "stop")
                     break
-                yield chunk({"content": item}, None)
+                yield event(item, "")
                 try:
                     item = await anext(items)
                 except StopAsyncIteration:
@@ -161,5 +185,10 @@ def register(app: FastAPI, runner: Any) -> None:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    app.post("/llm")(llm)
-    app.post("/llm/", include_in_schema=False)(llm)
+    stream = {"schema": {"type": "string", "description": (
+        "With stream=true: server-sent events, one `data: <LLMResponse JSON>` per piece of "
+        "text (each with its delta and the usage so far), the last with finish_reason "
+        "`stop`, then `data: [DONE]`."
+    )}}  # fmt: skip
+    ok = {"model": LLMResponse, "content": {"text/event-stream": stream}}
+    serve(app, "/" + PIPELINE, llm, "genLLM", None, ok=ok)

@@ -11,9 +11,12 @@ from pydantic import BaseModel, Field
 
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import DiffusersModel, load_diffusers
-from kubepeer_runner.serving import Device, check_size, png_data_url
+from kubepeer_runner.serving import Device, at_most, bad_request, check_size, png_data_url, serve
 
 PIPELINE = "text-to-image"
+BODY_LIMIT = "max_json_bytes"
+# torch.Generator.manual_seed takes any value in [-2**63, 2**64).
+SEED_RANGE: dict[str, Any] = {"ge": -(2**63), "lt": 2**64}
 
 
 class Media(BaseModel):
@@ -26,18 +29,18 @@ class ImageResponse(BaseModel):
     images: list[Media]
 
 
-class TextToImageRequest(BaseModel):
-    prompt: str = Field(min_length=1)
+class TextToImageParams(BaseModel):
     model_id: str = ""
     loras: str = ""
+    prompt: str
     height: int = 576
     width: int = 1024
-    guidance_scale: float = Field(default=7.5, ge=0, le=50)
+    guidance_scale: float = 7.5
     negative_prompt: str = ""
     safety_check: bool = True
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    num_inference_steps: int = Field(default=50, ge=1, le=500)
-    num_images_per_prompt: int = Field(default=1, ge=1, le=8)
+    seed: int | None = Field(default=None, **SEED_RANGE)
+    num_inference_steps: int = Field(default=50, ge=1)
+    num_images_per_prompt: int = Field(default=1, ge=1)
 
 
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> DiffusersModel:
@@ -67,7 +70,7 @@ def image_response(images: list[Any], chosen: list[int]) -> ImageResponse:
     )
 
 
-def generate(model: DiffusersModel, req: TextToImageRequest) -> ImageResponse:
+def generate(model: DiffusersModel, req: TextToImageParams) -> ImageResponse:
     chosen = seeds(req.seed, req.num_images_per_prompt)
     output = model.pipe(
         prompt=req.prompt,
@@ -83,10 +86,16 @@ def generate(model: DiffusersModel, req: TextToImageRequest) -> ImageResponse:
 
 
 def register(app: FastAPI, runner: Any) -> None:
-    async def text_to_image(req: TextToImageRequest) -> ImageResponse:
-        model = runner.model(PIPELINE, req.model_id)
-        check_size(req.height, req.width)
+    async def text_to_image(req: TextToImageParams) -> ImageResponse:
+        model = await runner.model(PIPELINE, req.model_id)
+        if not req.prompt.strip():
+            raise bad_request("prompt must not be empty")
+        check_size(req.height, req.width, runner.limits.max_output_pixels)
+        at_most(
+            runner.limits,
+            num_inference_steps=req.num_inference_steps,
+            num_images_per_prompt=req.num_images_per_prompt,
+        )
         return await runner.queue.run(generate, model, req)
 
-    app.post("/text-to-image", response_model=ImageResponse)(text_to_image)
-    app.post("/text-to-image/", include_in_schema=False)(text_to_image)
+    serve(app, "/" + PIPELINE, text_to_image, "genTextToImage", ImageResponse)

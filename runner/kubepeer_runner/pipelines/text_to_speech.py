@@ -1,7 +1,7 @@
 """text-to-speech: a transformers text-to-waveform model (VITS/MMS-class), WAV out.
 
-ai-runner's Parler-TTS also takes a voice `description`; models that have no use for one
-(VITS) accept and ignore it.
+ai-runner's Parler-TTS also takes a voice `description` (its default one when none is
+given); models that have no use for one (VITS) accept and ignore it.
 """
 
 from __future__ import annotations
@@ -14,28 +14,33 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import load_kwargs
-from kubepeer_runner.serving import Device
+from kubepeer_runner.serving import Device, at_most, bad_request, serve
 
 PIPELINE = "text-to-speech"
-MAX_CHARACTERS = 2000
+BODY_LIMIT = "max_json_bytes"
+DEFAULT_DESCRIPTION = (
+    "A male speaker delivers a slightly expressive and animated speech with a moderate speed "
+    "and pitch."
+)
 
 
-class TextToSpeechRequest(BaseModel):
+class TextToSpeechParams(BaseModel):
+    # Every field optional, as in ai-runner: an empty text is refused by the route (400).
     model_id: str = ""
-    text: str = Field(min_length=1, max_length=MAX_CHARACTERS)
-    description: str = ""
+    text: str = ""
+    description: str = DEFAULT_DESCRIPTION
 
 
-class AudioUrl(BaseModel):
+class MediaURL(BaseModel):
     url: str
 
 
 class AudioResponse(BaseModel):
-    audio: AudioUrl
+    audio: MediaURL
 
 
 @dataclass
@@ -67,20 +72,22 @@ def wav_data_url(samples: Any, rate: int) -> str:
     return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def speak(model: Loaded, req: TextToSpeechRequest) -> AudioResponse:
+def speak(model: Loaded, req: TextToSpeechParams) -> AudioResponse:
     import torch
 
     inputs = model.tokenizer(req.text, return_tensors="pt").to(model.device.name)
     with torch.inference_mode():
         waveform = model.model(**inputs).waveform[0].float().cpu().numpy()
     rate = model.model.config.sampling_rate
-    return AudioResponse(audio=AudioUrl(url=wav_data_url(waveform, rate)))
+    return AudioResponse(audio=MediaURL(url=wav_data_url(waveform, rate)))
 
 
 def register(app: FastAPI, runner: Any) -> None:
-    async def text_to_speech(req: TextToSpeechRequest) -> AudioResponse:
-        model = runner.model(PIPELINE, req.model_id)
+    async def text_to_speech(req: TextToSpeechParams) -> AudioResponse:
+        model = await runner.model(PIPELINE, req.model_id)
+        if not req.text.strip():
+            raise bad_request("Text input must be provided.")
+        at_most(runner.limits, text_characters=len(req.text))
         return await runner.queue.run(speak, model, req)
 
-    app.post("/text-to-speech", response_model=AudioResponse)(text_to_speech)
-    app.post("/text-to-speech/", include_in_schema=False)(text_to_speech)
+    serve(app, "/" + PIPELINE, text_to_speech, "genTextToSpeech", AudioResponse)

@@ -10,16 +10,17 @@ from fastapi import FastAPI, File, Form, UploadFile
 from kubepeer_runner.config import ModelSpec
 from kubepeer_runner.hf import DiffusersModel, load_diffusers
 from kubepeer_runner.pipelines.text_to_image import (
+    SEED_RANGE,
     ImageResponse,
     generators,
     image_response,
     seeds,
 )
-from kubepeer_runner.serving import Device, bad_request, read_image
+from kubepeer_runner.serving import Device, at_most, bad_request, read_upload, serve
 
 PIPELINE = "upscale"
+BODY_LIMIT = "max_upload_bytes"
 SCALE = 4
-MAX_INPUT_PIXELS = 512 * 512  # the output is 16 times larger
 
 
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> DiffusersModel:
@@ -47,19 +48,20 @@ def register(app: FastAPI, runner: Any) -> None:
         image: UploadFile = File(...),
         model_id: str = Form(""),
         safety_check: bool = Form(True),
-        seed: int | None = Form(None, ge=0, lt=2**63),
-        num_inference_steps: int = Form(75, ge=1, le=500),
+        seed: int | None = Form(None, **SEED_RANGE),
+        num_inference_steps: int = Form(75, ge=1),
     ) -> ImageResponse:
-        model = runner.model(PIPELINE, model_id)
+        model = await runner.model(PIPELINE, model_id)
         if not prompt.strip():
             raise bad_request("prompt must not be empty")
-        picture = read_image(await image.read())
-        if picture.width * picture.height > MAX_INPUT_PIXELS:
+        at_most(runner.limits, num_inference_steps=num_inference_steps)
+        picture = await read_upload(image, runner.limits)
+        most = runner.limits.max_output_pixels
+        if picture.width * picture.height * SCALE * SCALE > most:
             raise bad_request(
-                f"image {picture.width}x{picture.height} is larger than the "
-                f"{MAX_INPUT_PIXELS} pixels an x{SCALE} upscale accepts"
+                f"image {picture.width}x{picture.height} upscaled x{SCALE} is more than the "
+                f"{most} pixels this runner generates (MAX_OUTPUT_PIXELS)"
             )
         return await runner.queue.run(upscale, model, prompt, picture, seed, num_inference_steps)
 
-    app.post("/upscale", response_model=ImageResponse)(upscale_route)
-    app.post("/upscale/", include_in_schema=False)(upscale_route)
+    serve(app, "/" + PIPELINE, upscale_route, "genUpscale", ImageResponse)
