@@ -14,7 +14,8 @@ from kubernetes import client
 
 from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
-from kubepeer.demand import demand_key
+from kubepeer.controller.kube import Kube
+from kubepeer.demand import job_finished, job_started
 from support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
@@ -24,6 +25,12 @@ LOAD_DELAY = "pod-ready.stage.kwok.x-k8s.io/delay"  # kwok holds the pod un-read
 @pytest.fixture
 def fleet(operator, crds, api, namespace):
     return Fleet(crds, api, namespace)
+
+
+@pytest.fixture
+def operator_kube(api) -> Kube:
+    """The operator's own API calls, made from the test."""
+    return Kube(api)
 
 
 class Fleet:
@@ -81,9 +88,21 @@ class Fleet:
         selector = f"kubepeer.io/runner={runner}"
         return self.apps.list_namespaced_replica_set(self.namespace, label_selector=selector).items
 
-    def models_configmap(self) -> dict[str, Any]:
-        data = self.core.read_namespaced_config_map("kubepeer-models", self.namespace).data
-        return {key: json.loads(value) for key, value in data.items()}
+    def table(self) -> dict[str, dict[str, Any]]:
+        """The price table: each AIModel's row, from its own ConfigMap."""
+        found = self.core.list_namespaced_config_map(
+            self.namespace, label_selector="kubepeer.io/table=model"
+        ).items
+        return {
+            c.metadata.annotations["kubepeer.io/aimodel"]: {
+                key: json.loads(value) for key, value in c.data.items()
+            }
+            for c in found
+        }
+
+    def patch_template(self, runner: str, annotations: dict[str, str]) -> None:
+        patch = {"spec": {"template": {"metadata": {"annotations": annotations}}}}
+        self.kubectl("patch", "deployment", runner, "--type", "merge", "-p", json.dumps(patch))
 
 
 def test_always_model_becomes_a_ready_gpu_runner(fleet):
@@ -125,6 +144,7 @@ def test_always_model_becomes_a_ready_gpu_runner(fleet):
     assert node.metadata.labels["nvidia.com/gpu.present"] == "true"
     service = fleet.core.read_namespaced_service("runner-sdxl", fleet.namespace)
     assert service.spec.selector == {"kubepeer.io/runner": "runner-sdxl"}
+    assert service.spec.cluster_ip == "None"  # headless: no service IP to run out of
     # The auth token exists, and is never in the pod spec itself.
     secret = fleet.core.read_namespaced_secret("kubepeer-runner-auth", fleet.namespace)
     token = base64.b64decode(secret.data["token"]).decode()
@@ -133,16 +153,54 @@ def test_always_model_becomes_a_ready_gpu_runner(fleet):
     assert token not in json.dumps(fleet.core.api_client.sanitize_for_serialization(deployment))
 
 
-def test_model_needing_more_vram_than_any_gpu_fails_with_the_schedulers_reason(fleet):
+def test_model_no_node_fits_yet_is_pending_with_the_schedulers_reason(fleet):
+    # No node has 80Gi GPUs; a GPU pool scaling from zero might add one, so: Pending.
     assert GPU_MEMORY_MIB < 80 * 1024
     fleet.apply("huge", gpu={"count": 1, "minMemory": "80Gi"})
-    status = fleet.wait_phase("huge", "Failed")
-    ready = fleet.condition("huge", "Ready")
-    assert ready["reason"] == "Unschedulable"
-    assert "node affinity" in ready["message"]
+    wait_for(
+        lambda: fleet.condition("huge", "Ready").get("reason") == "Unschedulable",
+        timeout=60,
+        what="the scheduler's verdict in the Ready condition",
+    )
+    status = fleet.status("huge")
+    assert status["phase"] == "Pending"
+    assert "node affinity" in fleet.condition("huge", "Ready")["message"]
     assert status["readyReplicas"] == 0
-    events = fleet.kubectl("get", "events", "--field-selector", "involvedObject.name=huge").stdout
-    assert "Failed" in events
+
+
+def test_dotted_and_long_names_run_and_never_block_another_model(fleet):
+    long_name = "a" * 70 + ".v1"
+    for name in ("bad.name", long_name, "good"):
+        fleet.apply(name)
+    for name in ("bad.name", long_name, "good"):
+        fleet.wait_phase(name, "Ready")
+    names = {d.metadata.name for d in fleet.apps.list_namespaced_deployment(fleet.namespace).items}
+    assert "runner-good" in names
+    assert len(names) == 3
+    assert all(len(n) <= 63 and "." not in n for n in names)
+
+
+def test_a_model_named_like_a_group_and_the_group_get_separate_runners(fleet):
+    fleet.apply("group-x")
+    fleet.apply("member", pipeline="llm", modelId="org/llm", gpu={"shareGroup": "x"})
+    fleet.wait_phase("group-x", "Ready")
+    fleet.wait_phase("member", "Ready")
+    runners = {
+        d.metadata.name: d for d in fleet.apps.list_namespaced_deployment(fleet.namespace).items
+    }
+    assert len(runners) == 2
+    envs = [
+        {e.name: e.value for e in d.spec.template.spec.containers[0].env} for d in runners.values()
+    ]
+    assert sorted("MODELS" in e for e in envs) == [False, True]
+
+
+def test_runners_start_in_a_pod_security_restricted_namespace(fleet):
+    fleet.kubectl(
+        "label", "namespace", fleet.namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    fleet.apply("strict")
+    fleet.wait_phase("strict", "Ready")
 
 
 def test_spec_change_rolls_the_runner_and_an_unchanged_apply_does_not(fleet):
@@ -150,11 +208,13 @@ def test_spec_change_rolls_the_runner_and_an_unchanged_apply_does_not(fleet):
     fleet.wait_phase("rolling", "Ready")
     first = {rs.metadata.name for rs in fleet.replica_sets("runner-rolling")}
     assert len(first) == 1
+    version = fleet.aimodel("rolling")["metadata"]["resourceVersion"]
 
     fleet.apply("rolling", image="example.invalid/runner:v1")  # same spec again
-    time.sleep(2)  # several status intervals: time for a wrong rollout to show
+    time.sleep(2)  # time for a wrong rollout or a needless write to show
     assert {rs.metadata.name for rs in fleet.replica_sets("runner-rolling")} == first
     assert fleet.deployment("runner-rolling").metadata.generation == 1
+    assert fleet.aimodel("rolling")["metadata"]["resourceVersion"] == version
 
     fleet.apply("rolling", image="example.invalid/runner:v2", optimizations=["DEEPCACHE"])
     wait_for(
@@ -168,6 +228,46 @@ def test_spec_change_rolls_the_runner_and_an_unchanged_apply_does_not(fleet):
     fleet.wait_phase("rolling", "Ready")
 
 
+def test_ready_waits_for_the_new_version_while_the_old_one_serves(fleet):
+    fleet.apply("upgrade", image="example.invalid/runner:v1")
+    fleet.wait_phase("upgrade", "Ready")
+    # From now on a new runner pod takes an hour to load (kwok holds it un-ready).
+    fleet.patch_template("runner-upgrade", {LOAD_DELAY: "1h"})
+    fleet.apply("upgrade", image="example.invalid/runner:v2")
+
+    def new_generation_seen() -> dict[str, Any] | None:
+        status = fleet.status("upgrade")
+        return status if status.get("observedGeneration") == 2 else None
+
+    status = wait_for(new_generation_seen, timeout=30, what="status for generation 2")
+    for _ in range(10):  # and it stays so: the old pod serves, the new one is loading
+        status = fleet.status("upgrade")
+        assert status["phase"] == "Loading", status
+        assert fleet.condition("upgrade", "Ready")["reason"] == "RollingOut"
+        time.sleep(0.3)
+    assert status["readyReplicas"] == 1
+
+    # The new version crash-loops (as the kubelet would report it): Degraded, with why.
+    new_pod = next(
+        p for p in fleet.pods("runner-upgrade") if p.spec.containers[0].image.endswith("v2")
+    )
+    crash = {"status": {"containerStatuses": [{
+        "name": "runner", "image": "example.invalid/runner:v2", "imageID": "", "ready": False,
+        "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff",
+                                                 "message": "back-off restarting"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                     "message": "CUDA out of memory"}},
+    }]}}  # fmt: skip
+    fleet.kubectl(
+        "patch", "pod", new_pod.metadata.name, "--subresource=status", "--type=merge",
+        "-p", json.dumps(crash),
+    )  # fmt: skip
+    fleet.wait_phase("upgrade", "Degraded")
+    ready = fleet.condition("upgrade", "Ready")
+    assert ready["reason"] == "ModelLoadFailed"
+    assert "CUDA out of memory" in ready["message"]
+
+
 def test_on_demand_model_wakes_on_scale_and_sleeps_when_idle(fleet, redis_server):
     fleet.apply("cold", warm={"policy": "OnDemand", "maxReplicas": 2, "idleTimeout": "3s"})
     fleet.wait_phase("cold", "Idle")
@@ -175,14 +275,11 @@ def test_on_demand_model_wakes_on_scale_and_sleeps_when_idle(fleet, redis_server
     assert fleet.deployment("runner-cold").spec.template.spec.priority_class_name == "kubepeer-cold"
 
     # kwok makes the woken runner take 2 s to turn ready, as a model load would.
-    fleet.kubectl("patch", "deployment", "runner-cold", "--type", "merge", "-p", json.dumps(
-        {"spec": {"template": {"metadata": {"annotations": {LOAD_DELAY: "2s"}}}}}
-    ))  # fmt: skip
+    fleet.patch_template("runner-cold", {LOAD_DELAY: "2s"})
 
     # A job in flight keeps it awake past its idle timeout...
     redis = redis_server.client()
-    key = demand_key(fleet.namespace, "cold")
-    redis.hset(key, mapping={"last_request": time.time(), "in_flight": 1})
+    job_started(redis, fleet.namespace, "cold", "job-1")
     fleet.kubectl("scale", "aimodel", "cold", "--replicas", "1")
     fleet.wait_phase("cold", "Loading")
     status = fleet.wait_phase("cold", "Ready")
@@ -192,12 +289,69 @@ def test_on_demand_model_wakes_on_scale_and_sleeps_when_idle(fleet, redis_server
     assert fleet.aimodel("cold")["spec"]["replicas"] == 1
 
     # ...and once it is done, idleTimeout later the model scales to zero.
-    redis.hset(key, mapping={"last_request": time.time(), "in_flight": 0})
+    job_finished(redis, fleet.namespace, "cold", "job-1")
     fleet.wait_phase("cold", "Idle", timeout=30)
     assert fleet.aimodel("cold")["spec"]["replicas"] == 0
     assert fleet.deployment("runner-cold").spec.replicas == 0
     events = fleet.kubectl("get", "events", "--field-selector", "involvedObject.name=cold").stdout
     assert "ScaledToZero" in events
+    # The next job finds the model claimed idle: the proxy must wake it.
+    assert job_started(redis, fleet.namespace, "cold", "job-2") is True
+
+
+def test_a_model_still_loading_is_not_idle(fleet):
+    fleet.apply("slow", warm={"policy": "OnDemand", "idleTimeout": "2s"})
+    fleet.wait_phase("slow", "Idle")
+    fleet.patch_template("runner-slow", {LOAD_DELAY: "6s"})  # loads for longer than idleTimeout
+    fleet.kubectl("scale", "aimodel", "slow", "--replicas", "1")
+    fleet.wait_phase("slow", "Ready", timeout=30)  # not scaled away while it loaded
+    fleet.wait_phase("slow", "Idle", timeout=30)  # then idle from the moment it was Ready
+
+
+def test_a_job_whose_proxy_died_stops_holding_the_gpu(fleet, redis_server):
+    fleet.apply("orphaned", warm={"policy": "OnDemand", "idleTimeout": "1s"})
+    fleet.wait_phase("orphaned", "Idle")
+    # A proxy admits a job, then dies: nobody refreshes or finishes it.
+    ttl, started = 12.0, time.monotonic()
+    job_started(redis_server.client(), fleet.namespace, "orphaned", "lost-job", ttl=ttl)
+    fleet.kubectl("scale", "aimodel", "orphaned", "--replicas", "1")
+    fleet.wait_phase("orphaned", "Ready")
+    time.sleep(2)  # twice its idleTimeout: only the job in flight holds it
+    assert time.monotonic() - started < ttl, "too slow to see the job hold the model"
+    assert fleet.aimodel("orphaned")["spec"]["replicas"] == 1  # held while it may be running
+    fleet.wait_phase("orphaned", "Idle", timeout=40)  # released once it expired
+
+
+def test_scale_to_zero_loses_to_a_change_made_since_it_looked(fleet, operator_kube):
+    fleet.apply("raced", warm={"policy": "OnDemand", "maxReplicas": 2}, replicas=1)
+    fleet.wait_phase("raced", "Ready")  # its status settled: the operator writes no more
+    seen = fleet.aimodel("raced")["metadata"]["resourceVersion"]
+    fleet.kubectl("annotate", "aimodel", "raced", "kubepeer.io/woken-at=1")  # a wake-up lands
+    with pytest.raises(client.ApiException) as refused:
+        operator_kube.scale_aimodel(fleet.namespace, "raced", 0, resource_version=seen)
+    assert refused.value.status == 409
+    assert fleet.aimodel("raced")["spec"]["replicas"] == 1
+
+
+def test_no_aimodel_waits_for_the_operator_to_be_deleted(fleet, operator_kube):
+    fleet.apply("plain")
+    fleet.wait_phase("plain", "Ready")
+    assert not fleet.aimodel("plain")["metadata"].get("finalizers")
+    # One marked by an earlier version: `kubepeer uninstall` releases it.
+    fleet.kubectl("patch", "aimodel", "plain", "--type", "merge", "-p",
+                  json.dumps({"metadata": {"finalizers": ["kubepeer.io/operator"]}}))  # fmt: skip
+    fleet.kubectl("delete", "aimodel", "plain", "--wait=false")
+    assert fleet.aimodel("plain")["metadata"].get("deletionTimestamp")
+    assert operator_kube.release_aimodels([fleet.namespace]) == 1
+    wait_for(
+        lambda: (
+            not fleet.custom.list_namespaced_custom_object(
+                GROUP, VERSION, fleet.namespace, "aimodels"
+            )["items"]
+        ),
+        timeout=30,
+        what="the AIModel to be gone",
+    )
 
 
 @pytest.fixture
@@ -264,7 +418,7 @@ def test_share_group_packs_three_models_into_one_runner_on_one_gpu(fleet):
     for name in ("whisper", "blip", "sam"):
         fleet.wait_phase(name, "Ready")
     runners = fleet.apps.list_namespaced_deployment(fleet.namespace).items
-    assert [d.metadata.name for d in runners] == ["runner-group-small"]
+    assert [d.metadata.name for d in runners] == ["group-small"]
     container = runners[0].spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     models = json.loads(next(e.value for e in container.env if e.name == "MODELS"))
@@ -275,13 +429,27 @@ def test_share_group_packs_three_models_into_one_runner_on_one_gpu(fleet):
     ]
     assert len(runners[0].metadata.owner_references) == 3
 
+    # A newcomer the runner cannot serve (a pipeline the group already has) is refused
+    # alone, on its own status; the group keeps running untouched.
+    generation = runners[0].metadata.generation
+    fleet.apply(
+        "whisper-2", pipeline="audio-to-text", modelId="tiny/w2", gpu={"shareGroup": "small"}
+    )
+    fleet.wait_phase("whisper-2", "Failed")
+    ready = fleet.condition("whisper-2", "Ready")
+    assert ready["reason"] == "InvalidSpec"
+    assert "already serves pipeline audio-to-text with AIModel 'whisper'" in ready["message"]
+    assert fleet.deployment("group-small").metadata.generation == generation
+    for name in ("whisper", "blip", "sam"):
+        assert fleet.status(name)["phase"] == "Ready"
+
     # Leaving the group re-renders the runner with the two that stay.
     fleet.kubectl("delete", "aimodel", "blip")
     wait_for(lambda: len(_group_models(fleet)) == 2, timeout=30, what="the group runner to shrink")
 
 
 def _group_models(fleet: Fleet) -> list[dict[str, Any]]:
-    container = fleet.deployment("runner-group-small").spec.template.spec.containers[0]
+    container = fleet.deployment("group-small").spec.template.spec.containers[0]
     return json.loads(next(e.value for e in container.env if e.name == "MODELS"))
 
 
@@ -311,20 +479,19 @@ def test_prices_compile_into_the_proxy_table_and_ai_models_json(fleet):
     fleet.apply("unpriced", pipeline="llm", pricing={"ref": "missing"})
 
     def published() -> dict[str, Any] | None:
-        try:
-            tables = fleet.models_configmap()
-        except client.ApiException:
-            return None
-        return tables if len(tables["models.json"]["models"]) == 2 else None
+        table = fleet.table()
+        return table if len(table) == 2 else None
 
-    tables = wait_for(published, timeout=30, what="the models ConfigMap with both models")
-    priced = next(m for m in tables["models.json"]["models"] if m["aimodel"] == "priced")
+    table = wait_for(published, timeout=30, what="a table row for each model")
+    priced = table["priced"]["model.json"]
     # 0.002 USD per megapixel at 2000 USD/ETH = 1e-6 ETH per 1e6 pixels = 1e6 wei per pixel.
     assert priced["price"]["weiPerUnit"] == "1000000"
     assert (priced["price"]["pricePerUnit"], priced["price"]["pixelsPerUnit"]) == (1000000, 1)
     assert priced["capability"] == 27
     assert priced["runner"] == "runner-priced"
-    [entry] = tables["aiModels.json"]
+    assert table["unpriced"]["model.json"]["price"] is None
+    assert table["unpriced"]["aiModels.json"] == []
+    [entry] = table["priced"]["aiModels.json"]
     assert entry == {
         "pipeline": "text-to-image",
         "model_id": "org/tiny",
@@ -342,3 +509,40 @@ def test_prices_compile_into_the_proxy_table_and_ai_models_json(fleet):
         what="the unpriced model's Priced condition",
     )
     assert "'missing' not found" in fleet.condition("unpriced", "Priced")["message"]
+
+
+def test_capacity_changes_the_table_and_restarts_no_runner(fleet):
+    fleet.apply("steady", capacity=1)
+    fleet.wait_phase("steady", "Ready")
+    [pod] = fleet.pods("runner-steady")
+    fleet.apply("steady", capacity=4)
+    wait_for(
+        lambda: fleet.table().get("steady", {}).get("model.json", {}).get("capacity") == 4,
+        timeout=30,
+        what="the new capacity in the table",
+    )
+    assert [p.metadata.uid for p in fleet.pods("runner-steady")] == [pod.metadata.uid]
+    assert fleet.deployment("runner-steady").metadata.generation == 1
+
+
+def test_pod_policy_example_refuses_foreign_images(crds, namespace, fleet):
+    from conftest import REPO
+
+    policy = REPO / "manifests" / "policy" / "aimodel-images.yaml"
+    crds.kubectl("apply", "-f", str(policy))
+    try:
+
+        def refused() -> str | None:
+            body = yaml.safe_dump({
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "AIModel",
+                "metadata": {"name": "foreign"},
+                "spec": {"pipeline": "llm", "modelId": "org/m", "image": "evil.example/x:1"},
+            })  # fmt: skip
+            result = fleet.kubectl("apply", "-f", "-", stdin=body, check=False)
+            return result.returncode != 0 and result.stderr
+
+        # The policy takes a moment to be enforced after it is created.
+        message = wait_for(refused, timeout=90, what="the policy to refuse the image")
+        assert "not from ghcr.io/kubepeer/" in message
+    finally:
+        crds.kubectl("delete", "-f", str(policy), "--wait=false", check=False)

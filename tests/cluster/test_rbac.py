@@ -23,7 +23,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture
 def operator_kubeconfig(crds, api, namespace, tmp_path) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount."""
-    for manifest in operator_rbac(OperatorSettings(), namespace):
+    for manifest in operator_rbac(OperatorSettings(namespaces=[namespace]), namespace):
         crds.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
     token = (
         client.CoreV1Api(api)
@@ -74,7 +74,8 @@ def test_operator_runs_a_model_with_only_its_own_rbac(crds, namespace, restricte
         wait_for(phase, timeout=60, what="the model to be Ready under the operator's own RBAC")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\noperator log:\n{restricted_operator.read_text()}") from None
-    assert crds.kubectl("-n", namespace, "get", "configmap", "kubepeer-models").returncode == 0
+    tables = crds.kubectl("-n", namespace, "get", "configmap", "-l", "kubepeer.io/table=model")
+    assert "kubepeer-model-m" in tables.stdout
     log = restricted_operator.read_text()
     assert "forbidden" not in log.lower(), log
 
@@ -90,3 +91,35 @@ def test_operator_role_cannot_read_other_secrets(crds, api, namespace, operator_
     )  # fmt: skip
     assert denied.returncode != 0
     assert "forbidden" in denied.stderr
+
+
+def test_namespaced_operator_is_granted_only_its_namespace(
+    crds, api, namespace, operator_kubeconfig
+):
+    other = f"{namespace}-other"[:63]
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": other}})
+
+    def can(*args: str) -> bool:
+        result = subprocess.run(
+            [str(crds.bin_dir / "kubectl"), "--kubeconfig", str(operator_kubeconfig),
+             "auth", "can-i", *args],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return result.stdout.strip() == "yes"
+
+    try:
+        assert can("create", "deployments", "-n", namespace)
+        assert can("update", "aimodels.kubepeer.io", "--subresource=finalizers", "-n", namespace)
+        assert can("watch", "pods", "-n", namespace)
+        assert can("create", "secrets", "-n", namespace)
+        # Nothing in a namespace it does not watch, nor cluster-wide.
+        assert not can("create", "deployments", "-n", other)
+        assert not can("create", "secrets", "-n", other)
+        assert not can("create", "secrets", "-n", "kube-system")
+        assert not can("list", "pods", "--all-namespaces")
+        # It never reads a Secret, not even the runners' auth Secret.
+        assert not can("get", "secrets/kubepeer-runner-auth", "-n", namespace)
+        assert not can("get", "secrets", "-n", namespace)
+        assert can("create", "priorityclasses.scheduling.k8s.io")
+    finally:
+        client.CoreV1Api(api).delete_namespace(other)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -10,22 +11,24 @@ import pytest
 from kubepeer.api import AIModelSpec
 from kubepeer.controller import labels as L
 from kubepeer.controller.builders import (
-    InvalidSpec,
     Member,
     RunnerPlan,
+    admit_group,
     build_priority_classes,
     build_runner_deployment,
     build_runner_service,
 )
-from kubepeer.controller.fleet import plan_namespace
+from kubepeer.controller.fleet import View, plan_runner
 from kubepeer.controller.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
 
 
-def member(name: str = "sdxl", **spec: Any) -> Member:
+def member(name: str = "sdxl", created: str = "", **spec: Any) -> Member:
     full = {"pipeline": "text-to-image", "modelId": "org/model", **spec}
-    return Member(name=name, uid=f"uid-{name}", spec=AIModelSpec.model_validate(full))
+    return Member(
+        name=name, uid=f"uid-{name}", spec=AIModelSpec.model_validate(full), created=created
+    )
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +105,7 @@ def test_share_group_is_one_runner_on_one_gpu_with_every_model():
     ]
     plan = RunnerPlan.group("ns", "g", members)
     deployment = build_runner_deployment(plan, SETTINGS)
-    assert deployment["metadata"]["name"] == "runner-group-g"
+    assert deployment["metadata"]["name"] == "group-g"
     assert container(deployment)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert "PIPELINE" not in env(deployment)
     assert json.loads(env(deployment)["MODELS"]) == [
@@ -112,37 +115,51 @@ def test_share_group_is_one_runner_on_one_gpu_with_every_model():
     owners = deployment["metadata"]["ownerReferences"]
     assert {o["name"] for o in owners} == {"whisper", "blip"}
     assert not any(o["controller"] for o in owners)
-    annotation = deployment["spec"]["template"]["metadata"]["annotations"][L.MODELS_ANNOTATION]
+    annotation = deployment["metadata"]["annotations"][L.MODELS_ANNOTATION]
     assert [m["aimodel"] for m in json.loads(annotation)] == ["blip", "whisper"]
 
 
-def test_share_group_refuses_mixed_images():
+def test_a_group_newcomer_that_conflicts_is_refused_alone():
     members = [
-        member("a", image="one", gpu={"shareGroup": "g"}),
-        member("b", image="two", gpu={"shareGroup": "g"}),
-    ]
-    with pytest.raises(InvalidSpec, match="mixes runner images"):
-        RunnerPlan.group("ns", "g", members)
+        member("first", created="2026-01-01T00:00:00Z", image="one", gpu={"shareGroup": "g"}),
+        member("other-image", created="2026-01-02T00:00:00Z", image="two",
+               pipeline="llm", gpu={"shareGroup": "g"}),
+        member("same-pipeline", created="2026-01-03T00:00:00Z", image="one",
+               gpu={"shareGroup": "g"}),
+        member("fits", created="2026-01-04T00:00:00Z", image="one", pipeline="llm",
+               gpu={"shareGroup": "g"}),
+    ]  # fmt: skip
+    admitted, refused = admit_group("g", members)
+    assert [m.name for m in admitted] == ["first", "fits"]
+    assert "runs image one (AIModel 'first')" in refused["other-image"]
+    assert "already serves pipeline text-to-image with AIModel 'first'" in refused["same-pipeline"]
 
 
-def test_planning_a_namespace_reports_invalid_groups_per_model():
-    def body(name: str, **spec: Any) -> dict[str, Any]:
+def test_planning_a_runner_reads_only_its_own_members():
+    def body(name: str, created: str, **spec: Any) -> dict[str, Any]:
         return {
-            "metadata": {"name": name, "uid": name},
+            "metadata": {
+                "name": name,
+                "uid": name,
+                "namespace": "ns",
+                "creationTimestamp": created,
+            },
             "spec": {"pipeline": "llm", "modelId": "m", **spec},
         }
 
-    plan = plan_namespace(
-        "ns",
-        [
-            body("solo"),
-            body("a", image="one", gpu={"shareGroup": "g"}),
-            body("b", image="two", gpu={"shareGroup": "g"}),
-        ],
+    bodies = [
+        body("a", "1", image="one", gpu={"shareGroup": "g"}),
+        body("b", "2", image="two", gpu={"shareGroup": "g"}),
+    ]
+    view = View(
+        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies},
+        members={("ns", "group-g"): ["a", "b"]},
     )
-    assert set(plan.runners) == {"runner-solo"}
-    assert set(plan.invalid) == {"a", "b"}
-    assert "mixes runner images" in plan.invalid["a"]
+    outcome = plan_runner(view, "ns", "group-g")
+    assert outcome.plan is not None
+    assert [m.name for m in outcome.plan.members] == ["a"]
+    assert set(outcome.refused) == {"b"}
+    assert plan_runner(view, "ns", "runner-other").plan is None
 
 
 def test_service_selects_the_runner_pods():
@@ -155,11 +172,59 @@ def test_service_selects_the_runner_pods():
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
-def test_long_names_are_shortened_deterministically():
-    name = L.runner_name(aimodel="x" * 80)
-    assert len(name) <= 63
-    assert name == L.runner_name(aimodel="x" * 80)
-    assert name != L.runner_name(aimodel="x" * 79)
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 253, "a.b", "a-b", "with.dots.and-" + "y" * 60, "a--b", "g", "group-x", "m0213"],
+)
+def test_any_valid_aimodel_name_gives_valid_distinct_runner_names(name):
+    dns_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+    dedicated = L.runner_name(aimodel=name)
+    assert len(dedicated) <= 63
+    assert re.match(dns_1035, dedicated), dedicated
+    assert dedicated == L.runner_name(aimodel=name)
+    assert len(L.label_value(name)) <= 63
+    assert len(L.table_name(name)) <= 253
+
+
+def test_similar_names_and_groups_never_share_a_runner():
+    names = ["a.b", "a-b", "a--b", "x" * 80, "x" * 79, "group-x", "runner-x", "x"]
+    dedicated = {L.runner_name(aimodel=n) for n in names}
+    groups = {L.runner_name(share_group=g) for g in ["x", "a-b", "runner-x", "group-x"]}
+    assert len(dedicated) == len(names)
+    assert len(groups) == 4
+    assert not dedicated & groups
+    assert L.runner_name(aimodel="group-x") != L.runner_name(share_group="x")
+
+
+def test_runner_pods_meet_pod_security_restricted():
+    deployment = build_runner_deployment(RunnerPlan.dedicated("ns", member()), SETTINGS)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container(deployment)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_capacity_is_routing_data_not_pod_data():
+    one = build_runner_deployment(RunnerPlan.dedicated("ns", member(capacity=1)), SETTINGS)
+    four = build_runner_deployment(RunnerPlan.dedicated("ns", member(capacity=4)), SETTINGS)
+    assert one["spec"]["template"] == four["spec"]["template"]
+
+
+def test_service_is_headless():
+    service = build_runner_service(RunnerPlan.dedicated("ns", member()), SETTINGS)
+    assert service["spec"]["clusterIP"] == "None"
+
+
+def test_model_cache_refuses_host_paths():
+    with pytest.raises(ValueError, match="hostPath"):
+        member(modelCache={"volume": {"hostPath": {"path": "/"}}})
+    cached = member(modelCache={"volume": {"persistentVolumeClaim": {"claimName": "models"}}})
+    [volume] = build_runner_deployment(RunnerPlan.dedicated("ns", cached), SETTINGS)["spec"][
+        "template"
+    ]["spec"]["volumes"]
+    assert volume == {"name": "models", "persistentVolumeClaim": {"claimName": "models"}}
 
 
 def test_building_twice_gives_the_same_manifest():

@@ -23,8 +23,21 @@ from kubepeer.demand import Demand, idle_for
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-def deployment(replicas: int, ready: int) -> dict[str, Any]:
-    return {"status": {"replicas": replicas, "readyReplicas": ready}}
+def deployment(
+    replicas: int, ready: int, updated: int | None = None, generation: int = 1
+) -> dict[str, Any]:
+    """A Deployment whose controller has seen `generation`: `updated` of its replicas run
+    the newest template (all of them unless said), `ready` are available."""
+    return {
+        "metadata": {"generation": generation},
+        "status": {
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "updatedReplicas": replicas if updated is None else updated,
+        },
+    }
 
 
 def pod(
@@ -67,11 +80,23 @@ def test_scheduled_but_not_ready_is_loading():
     assert status.phase is Phase.LOADING
 
 
-def test_no_node_with_enough_vram_is_failed_with_the_schedulers_words():
+def test_no_node_fits_is_pending_where_a_gpu_pool_may_scale_from_zero():
+    message = "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."
+    unschedulable = [pod(scheduled=False, unschedulable=message)]
+    status = compute_status(observe(1, deployment(1, 0), unschedulable), None, NOW)
+    assert status.phase is Phase.PENDING
+    assert condition(status, "Ready").reason == "Unschedulable"
+    assert message in condition(status, "Ready").message
+
+
+def test_no_node_fits_is_failed_with_the_schedulers_words_where_nodes_are_fixed():
     message = "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."
     status = compute_status(
-        observe(1, deployment(1, 0), [pod(scheduled=False, unschedulable=message)]), None, NOW
-    )
+        observe(1, deployment(1, 0), [pod(scheduled=False, unschedulable=message)],
+                nodes_fixed=True),
+        None,
+        NOW,
+    )  # fmt: skip
     assert status.phase is Phase.FAILED
     assert condition(status, "Ready").reason == "Unschedulable"
     assert message in condition(status, "Degraded").message
@@ -98,6 +123,41 @@ def test_crash_looping_runner_is_a_failed_load():
     assert status.phase is Phase.FAILED
     assert condition(status, "Degraded").reason == "ModelLoadFailed"
     assert "CUDA out of memory" in condition(status, "Degraded").message
+
+
+def test_ready_only_when_the_current_spec_has_rolled_out():
+    # The old replica still serves; the new template's replica is not available yet.
+    rolling = compute_status(observe(1, deployment(2, 1, updated=1), [pod(), pod()]), None, NOW)
+    assert rolling.phase is Phase.LOADING
+    assert condition(rolling, "Ready").reason == "RollingOut"
+    # The Deployment still carries the previous spec of the AIModel.
+    stale = compute_status(observe(1, deployment(1, 1), [pod()], current=False), None, NOW)
+    assert stale.phase is not Phase.READY
+    # The controller has not seen the Deployment's latest generation yet.
+    unseen = deployment(1, 1, generation=2)
+    unseen["status"]["observedGeneration"] = 1
+    assert compute_status(observe(1, unseen, [pod()]), None, NOW).phase is not Phase.READY
+
+
+def test_a_crash_looping_new_version_is_degraded_while_the_old_one_serves():
+    crashing = pod()
+    crashing["status"]["containerStatuses"] = [
+        {"state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+    ]
+    status = compute_status(observe(1, deployment(2, 1, updated=1), [pod(), crashing]), None, NOW)
+    assert status.phase is Phase.DEGRADED
+    assert condition(status, "Ready").reason == "ModelLoadFailed"
+
+
+def test_a_stalled_rollout_says_so():
+    stalled = deployment(2, 1, updated=1)
+    stalled["status"]["conditions"] = [
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+         "message": 'ReplicaSet "r" has timed out progressing.'}
+    ]  # fmt: skip
+    status = compute_status(observe(1, stalled, [pod(), pod()]), None, NOW)
+    assert condition(status, "Ready").reason == "ProgressDeadlineExceeded"
+    assert "timed out" in condition(status, "Degraded").message
 
 
 def test_some_ready_is_degraded():
@@ -231,7 +291,9 @@ def test_ai_models_json_offers_priced_models_at_the_proxy():
 # --- demand ---
 
 
-def test_idle_counts_from_the_later_of_last_request_and_wake_up():
-    assert idle_for(Demand(last_request=100.0), woken_at=150.0, now=160.0) == 10
-    assert idle_for(Demand(last_request=155.0), woken_at=150.0, now=160.0) == 5
-    assert idle_for(Demand(last_request=100.0, in_flight=1), woken_at=None, now=1e9) is None
+def test_idle_counts_from_the_later_of_last_request_and_the_first_ready_replica():
+    assert idle_for(Demand(last_request=100.0), ready_at=150.0, now=160.0) == 10
+    assert idle_for(Demand(last_request=155.0), ready_at=150.0, now=160.0) == 5
+    assert idle_for(Demand(last_request=100.0, in_flight=1), ready_at=150.0, now=1e9) is None
+    # Still loading: not idle, however long ago the last request was.
+    assert idle_for(Demand(last_request=100.0), ready_at=None, now=1e9) is None

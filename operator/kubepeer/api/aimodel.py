@@ -216,13 +216,54 @@ class PricingChoice(KubeModel):
         return self
 
 
+_VOLUME_SOURCE = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class CacheVolume(KubeModel):
+    """The volume source of a model cache: only kinds that grant nothing beyond the
+    namespace (no hostPath, no node files). A node-local cache is an admin's
+    PersistentVolume (hostPath or local) that the AIModel claims by PVC."""
+
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": {"minProperties": 1, "maxProperties": 1}
+    }
+
+    persistent_volume_claim: dict[str, Any] | None = Field(
+        default=None,
+        description="A PersistentVolumeClaim in this namespace: {claimName, readOnly}.",
+        json_schema_extra=_VOLUME_SOURCE,
+    )
+    csi: dict[str, Any] | None = Field(
+        default=None, description="An inline CSI volume.", json_schema_extra=_VOLUME_SOURCE
+    )
+    ephemeral: dict[str, Any] | None = Field(
+        default=None,
+        description="A generic ephemeral volume (a PVC made per pod).",
+        json_schema_extra=_VOLUME_SOURCE,
+    )
+    nfs: dict[str, Any] | None = Field(
+        default=None, description="An NFS export: {server, path}.", json_schema_extra=_VOLUME_SOURCE
+    )
+    empty_dir: dict[str, Any] | None = Field(
+        default=None, description="A scratch directory per pod.", json_schema_extra=_VOLUME_SOURCE
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if len(self.model_fields_set) != 1:
+            raise ValueError(
+                "modelCache.volume must name exactly one source: persistentVolumeClaim, csi, "
+                "ephemeral, nfs or emptyDir"
+            )
+        return self
+
+
 class ModelCache(KubeModel):
-    volume: dict[str, Any] = Field(
+    volume: CacheVolume = Field(
         description=(
-            "A Kubernetes volume source holding the models in the Hugging Face cache layout, "
-            "e.g. {persistentVolumeClaim: {claimName: models}} or {hostPath: {path: /models}}."
+            "The volume holding the models in the Hugging Face cache layout, "
+            "e.g. {persistentVolumeClaim: {claimName: models}}."
         ),
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     mount_path: str = Field(
         default="/models",

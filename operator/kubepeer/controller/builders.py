@@ -7,6 +7,7 @@ share-group runner packs every AIModel of one `gpu.shareGroup` into one pod on o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB, as NVIDIA GPU feature discovery writes it
 AUTH_TOKEN_KEY = "token"
 MODELS_VOLUME = "models"
+RUNNER_UID = 10001
 
 
 class InvalidSpec(ValueError):
@@ -34,6 +36,7 @@ class Member:
     name: str
     uid: str
     spec: AIModelSpec
+    created: str = ""  # creationTimestamp: the older member keeps its place in a group
 
 
 @dataclass(frozen=True)
@@ -51,25 +54,13 @@ class RunnerPlan:
 
     @classmethod
     def group(cls, namespace: str, share_group: str, members: list[Member]) -> RunnerPlan:
+        """The runner of the members admitted to the group (see `admit_group`)."""
         if not members:
             raise InvalidSpec(f"share group '{share_group}' has no AIModels")
-        ordered = tuple(sorted(members, key=lambda m: m.name))
-        images = {m.spec.image for m in ordered}
-        if len(images) > 1:
-            listed = ", ".join(f"{m.name}={m.spec.image or 'default'}" for m in ordered)
-            raise InvalidSpec(
-                f"share group '{share_group}' mixes runner images ({listed}): "
-                "one runner process serves the group, so its AIModels must name the same image"
-            )
-        products = [set(m.spec.gpu.products) for m in ordered if m.spec.gpu.products]
-        if products and not set.intersection(*products):
-            raise InvalidSpec(
-                f"share group '{share_group}' allows no GPU product every member accepts"
-            )
         return cls(
             name=L.runner_name(share_group=share_group),
             namespace=namespace,
-            members=ordered,
+            members=tuple(sorted(members, key=lambda m: m.name)),
             share_group=share_group,
         )
 
@@ -106,7 +97,7 @@ class RunnerPlan:
         if self.share_group:
             result[L.SHARE_GROUP] = self.share_group
         else:
-            result[L.AIMODEL] = self.members[0].name
+            result[L.AIMODEL] = L.label_value(self.members[0].name)
             result[L.PIPELINE] = self.lead.pipeline.value
         return result
 
@@ -117,12 +108,52 @@ class RunnerPlan:
                     "aimodel": m.name,
                     "pipeline": m.spec.pipeline.value,
                     "modelId": m.spec.model_id,
-                    "capacity": m.spec.capacity,
                 }
                 for m in self.members
             ],
             separators=(",", ":"),
         )
+
+
+def admit_group(share_group: str, members: list[Member]) -> tuple[list[Member], dict[str, str]]:
+    """Which members one runner process can serve together, and why the others cannot.
+
+    Members join in creation order; one that conflicts with those already in (a pipeline
+    the runner already serves, another image, another model cache, no common GPU product)
+    is refused on its own, so a bad newcomer never tears down a working group."""
+    admitted: list[Member] = []
+    refused: dict[str, str] = {}
+    for m in sorted(members, key=lambda m: (m.created, m.name)):
+        problem = _group_conflict(share_group, admitted, m)
+        if problem:
+            refused[m.name] = problem
+        else:
+            admitted.append(m)
+    return admitted, refused
+
+
+def _group_conflict(share_group: str, admitted: list[Member], newcomer: Member) -> str | None:
+    if not admitted:
+        return None
+    spec, first = newcomer.spec, admitted[0]
+    same_pipeline = next((m for m in admitted if m.spec.pipeline is spec.pipeline), None)
+    where = f"share group '{share_group}'"
+    if same_pipeline:
+        return (
+            f"{where} already serves pipeline {spec.pipeline.value} with AIModel "
+            f"'{same_pipeline.name}': one runner serves each pipeline once"
+        )
+    if spec.image != first.spec.image:
+        return (
+            f"{where} runs image {first.spec.image or 'default'} (AIModel '{first.name}'), "
+            f"this AIModel asks for {spec.image or 'default'}: one process serves the group"
+        )
+    if spec.model_cache != first.spec.model_cache:
+        return f"{where} mounts the modelCache of AIModel '{first.name}'; this one differs"
+    products = [set(m.spec.gpu.products) for m in (*admitted, newcomer) if m.spec.gpu.products]
+    if products and not set.intersection(*products):
+        return f"{where} allows no GPU product both its members and this AIModel accept"
+    return None
 
 
 def owner_references(plan: RunnerPlan) -> list[dict[str, Any]]:
@@ -217,7 +248,7 @@ def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dic
     cache = lead.model_cache
     model_dir = cache.mount_path if cache else settings.model_dir
     volume: dict[str, Any] = {"name": MODELS_VOLUME}
-    volume.update(cache.volume if cache else {"emptyDir": {}})
+    volume.update(cache.volume.to_wire() if cache else {"emptyDir": {}})
 
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
@@ -249,7 +280,13 @@ def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dic
         ),
         "readinessProbe": _probe("/readyz", period, 1),
         "livenessProbe": _probe("/livez", period, settings.liveness_failure_threshold),
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        # What Pod Security "restricted" requires, so runners start in such namespaces.
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
 
     tolerations = [t.to_wire() for m in plan.members for t in m.spec.tolerations]
@@ -269,6 +306,14 @@ def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dic
         "containers": [container],
         "volumes": [volume],
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # runners never call the API server
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,  # the runner image's user (runner/Dockerfile)
+            "runAsGroup": RUNNER_UID,
+            "fsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "terminationGracePeriodSeconds": 30,
     }
     if affinity := node_affinity(plan):
@@ -286,10 +331,13 @@ def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dic
             "name": plan.name,
             "namespace": plan.namespace,
             "labels": labels,
+            "annotations": {L.MODELS_ANNOTATION: plan.models_annotation()},
             "ownerReferences": owner_references(plan),
         },
         "spec": {
             "replicas": plan.replicas,
+            # A rollout that has not finished loading by then is reported, not waited on.
+            "progressDeadlineSeconds": settings.startup_timeout_seconds + 60,
             "selector": {"matchLabels": {L.RUNNER: plan.name}},
             # Keep serving while rolling: bring the new replica up before the old goes.
             "strategy": {
@@ -297,14 +345,26 @@ def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dic
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
             "template": {
-                "metadata": {
-                    "labels": labels,
-                    "annotations": {L.MODELS_ANNOTATION: plan.models_annotation()},
-                },
+                "metadata": {"labels": labels},
                 "spec": pod_spec,
             },
         },
     }
+
+
+def build_runner(plan: RunnerPlan, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The runner's Service and Deployment, the Deployment stamped with the hash of both:
+    equal hashes mean nothing to write. The Service goes first, so a failure leaves the
+    Deployment's old hash and the next reconcile retries both."""
+    service = build_runner_service(plan, settings)
+    deployment = build_runner_deployment(plan, settings)
+    deployment["metadata"]["annotations"][L.CONTENT_HASH] = content_hash(service, deployment)
+    return [service, deployment]
+
+
+def content_hash(*manifests: dict[str, Any]) -> str:
+    text = json.dumps(manifests, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_runner_service(plan: RunnerPlan, settings: OperatorSettings) -> dict[str, Any]:
@@ -318,6 +378,9 @@ def build_runner_service(plan: RunnerPlan, settings: OperatorSettings) -> dict[s
             "ownerReferences": owner_references(plan),
         },
         "spec": {
+            # Headless: the proxy picks endpoints itself, so no ClusterIP is allocated.
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
             "selector": {L.RUNNER: plan.name},
             "ports": [
                 {

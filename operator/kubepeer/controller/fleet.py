@@ -1,8 +1,10 @@
-"""The operator's work, between thin kopf handlers and the pure builders.
+"""The operator's work on one thing at a time, between thin kopf handlers and pure builders.
 
-`reconcile_namespace` makes a namespace's runners and price table match its AIModels
-and Pricings; `observe_model` reads one AIModel's runner and says what its status is and
-whether it should scale to zero.
+Everything here reads a `View`: the operator's in-memory picture of the cluster, kept
+current by kopf indices (watches), never by listing the API server. `reconcile_runner`
+makes one runner match the AIModels that want it; `publish_table` writes one AIModel's
+row of the price table; `model_status` says what one AIModel's status is. Each writes
+only when what it would write differs from what the view shows is there.
 """
 
 from __future__ import annotations
@@ -10,197 +12,312 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubepeer.api import AIModel, AIModelStatus, Phase, PricingSpec, WarmPolicy
+from kubepeer.api import AIModel, AIModelSpec, AIModelStatus, PricingSpec
 from kubepeer.controller import labels as L
 from kubepeer.controller.builders import (
-    InvalidSpec,
     Member,
     RunnerPlan,
-    build_runner_deployment,
-    build_runner_service,
+    admit_group,
+    build_runner,
+    content_hash,
 )
-from kubepeer.controller.kube import Kube
 from kubepeer.controller.prices import (
     PricingProblem,
     TableRow,
-    ai_models_json,
-    models_table,
+    ai_model_entries,
+    model_entry,
     resolve_price,
 )
 from kubepeer.controller.settings import OperatorSettings
 from kubepeer.controller.status import Observed, compute_status
-from kubepeer.demand import RedisLike, idle_for, read_demand
 
 log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Every runner a namespace should have, and the AIModels that cannot have one."""
+@dataclass
+class View:
+    """What the watches have shown the operator; plain mappings, filled by kopf indices.
 
-    runners: dict[str, RunnerPlan]  # by runner name
-    runner_of: dict[str, str]  # AIModel name -> runner name
-    invalid: dict[str, str]  # AIModel name -> why
+    aimodels: (ns, name) -> AIModel body; members: (ns, runner) -> AIModel names that want
+    it; runners: (ns, runner) -> Deployment summary; listed_in: (ns, aimodel) -> runners whose
+    Deployment serves it; pods: (ns, runner) -> pod summaries; pricings: ns -> (name, spec);
+    tables: (ns, aimodel) -> content hash of its table ConfigMap."""
+
+    aimodels: Mapping[Key, Any] = field(default_factory=dict)
+    members: Mapping[Key, Any] = field(default_factory=dict)
+    runners: Mapping[Key, Any] = field(default_factory=dict)
+    listed_in: Mapping[Key, Any] = field(default_factory=dict)
+    pods: Mapping[Key, Any] = field(default_factory=dict)
+    pricings: Mapping[str, Any] = field(default_factory=dict)
+    tables: Mapping[Key, Any] = field(default_factory=dict)
+    # What the operator applied in the last seconds, by (ns, object name): the watch shows
+    # a write a moment later, and until then this stops the same write being made twice.
+    applied: dict[Key, tuple[str, float]] = field(default_factory=dict)
+
+    def shows(self, key: Key, indexed_hash: str | None, wanted: str) -> bool:
+        """Whether the object at `key` already holds `wanted`, as far as the view knows."""
+        if indexed_hash == wanted:
+            return True
+        recent = self.applied.get(key)
+        return recent is not None and recent[0] == wanted and time.monotonic() - recent[1] < 10
+
+    def wrote(self, key: Key, content_hash: str) -> None:
+        self.applied[key] = (content_hash, time.monotonic())
+
+    def one(self, index: Mapping[Any, Any], key: Any) -> Any | None:
+        """The single value of a key in a kopf index (a Store), or None."""
+        store = index.get(key)
+        return next(iter(store), None) if store is not None else None
+
+    def many(self, index: Mapping[Any, Any], key: Any) -> list[Any]:
+        store = index.get(key)
+        return list(store) if store is not None else []
+
+    def pricings_in(self, namespace: str) -> dict[str, PricingSpec]:
+        found = {}
+        for name, spec in self.many(self.pricings, namespace):
+            try:
+                found[name] = PricingSpec.model_validate(spec)
+            except ValidationError as exc:
+                log.warning("Pricing %s/%s ignored: %s", namespace, name, exc)
+        return found
 
 
-def plan_namespace(namespace: str, bodies: list[dict[str, Any]]) -> Plan:
-    runners: dict[str, RunnerPlan] = {}
-    invalid: dict[str, str] = {}
-    groups: dict[str, list[Member]] = defaultdict(list)
-    for body in bodies:
-        meta = body["metadata"]
-        if meta.get("deletionTimestamp"):
-            continue
-        try:
-            model = AIModel.model_validate(body)
-        except ValidationError as exc:  # the schema should have stopped it; say so if not
-            invalid[meta["name"]] = _validation_message(exc)
-            continue
-        member = Member(name=meta["name"], uid=meta["uid"], spec=model.spec)
-        if model.spec.gpu.share_group:
-            groups[model.spec.gpu.share_group].append(member)
-        else:
-            plan = RunnerPlan.dedicated(namespace, member)
-            runners[plan.name] = plan
-    for group, members in groups.items():
-        try:
-            plan = RunnerPlan.group(namespace, group, members)
-        except InvalidSpec as exc:
-            invalid.update({m.name: str(exc) for m in members})
-            continue
-        runners[plan.name] = plan
-    runner_of = {m.name: plan.name for plan in runners.values() for m in plan.members}
-    return Plan(runners=runners, runner_of=runner_of, invalid=invalid)
+# --- what an AIModel asks for ---
 
 
-def _validation_message(exc: ValidationError) -> str:
+def target_runner(body: Mapping[str, Any]) -> str:
+    """The runner an AIModel belongs in, from its spec alone (valid or not)."""
+    spec = body.get("spec") or {}
+    group = (spec.get("gpu") or {}).get("shareGroup")
+    if group:
+        return L.runner_name(share_group=group)
+    return L.runner_name(aimodel=body["metadata"]["name"])
+
+
+def _member(body: Mapping[str, Any]) -> Member:
+    model = AIModel.model_validate(body)
+    meta = body["metadata"]
+    return Member(
+        name=meta["name"],
+        uid=meta["uid"],
+        spec=model.spec,
+        created=meta.get("creationTimestamp") or "",
+    )
+
+
+def validation_message(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
     ) or str(exc)
 
 
-def pricings_of(kube: Kube, namespace: str) -> dict[str, PricingSpec]:
-    found = {}
-    for body in kube.list_pricings(namespace):
+@dataclass(frozen=True)
+class RunnerOutcome:
+    """One runner's plan (None: nothing wants it) and the AIModels refused from it."""
+
+    plan: RunnerPlan | None
+    refused: dict[str, str]
+
+
+def plan_runner(view: View, namespace: str, runner: str) -> RunnerOutcome:
+    members: list[Member] = []
+    refused: dict[str, str] = {}
+    group: str | None = None
+    for name in sorted(set(view.many(view.members, (namespace, runner)))):
+        body = view.one(view.aimodels, (namespace, name))
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            continue
         try:
-            found[body["metadata"]["name"]] = PricingSpec.model_validate(body["spec"])
+            member = _member(body)
+        except ValidationError as exc:  # the schema should have stopped it; say so if not
+            refused[name] = validation_message(exc)
+            continue
+        group = member.spec.gpu.share_group
+        members.append(member)
+    if not members:
+        return RunnerOutcome(None, refused)
+    if group is None:
+        return RunnerOutcome(RunnerPlan.dedicated(namespace, members[0]), refused)
+    admitted, conflicts = admit_group(group, members)
+    return RunnerOutcome(RunnerPlan.group(namespace, group, admitted), refused | conflicts)
+
+
+# --- writing runners and table rows ---
+
+
+class Writer:
+    """The operator's writes; `kube.Kube` in the operator, a recorder in unit tests."""
+
+    def apply(self, manifest: dict[str, Any]) -> None: ...
+    def delete_runner(self, namespace: str, name: str) -> None: ...
+    def ensure_auth_secret(self, namespace: str, settings: OperatorSettings) -> None: ...
+
+
+def reconcile_runner(
+    kube: Writer, settings: OperatorSettings, view: View, namespace: str, runner: str
+) -> RunnerOutcome:
+    """Make one runner match the AIModels that want it: create, update, delete or nothing."""
+    outcome = plan_runner(view, namespace, runner)
+    existing = view.one(view.runners, (namespace, runner))
+    if outcome.plan is None:
+        if existing is not None:
+            log.info("removing runner %s/%s: no AIModel needs it any more", namespace, runner)
+            kube.delete_runner(namespace, runner)
+        return outcome
+    manifests = build_runner(outcome.plan, settings)
+    wanted = manifests[-1]["metadata"]["annotations"][L.CONTENT_HASH]
+    if view.shows((namespace, runner), existing["hash"] if existing else None, wanted):
+        return outcome
+    kube.ensure_auth_secret(namespace, settings)
+    for manifest in manifests:
+        kube.apply(manifest)
+    view.wrote((namespace, runner), wanted)
+    log.info(
+        "%s runner %s/%s for %s",
+        "updated" if existing else "created",
+        namespace,
+        runner,
+        ", ".join(m.name for m in outcome.plan.members),
+    )
+    return outcome
+
+
+def table_row(view: View, body: Mapping[str, Any]) -> tuple[TableRow, str | None]:
+    """One AIModel's row of the price table, and why it has no price if it has none."""
+    spec = AIModelSpec.model_validate(body["spec"])
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        price, problem = resolve_price(spec, view.pricings_in(namespace)), None
+    except PricingProblem as exc:
+        price, problem = None, str(exc)
+    return TableRow(name, spec, target_runner(body), price), problem
+
+
+def build_table(
+    settings: OperatorSettings, body: Mapping[str, Any], row: TableRow
+) -> dict[str, Any]:
+    """The ConfigMap holding one AIModel's row: owned by it, so it goes when the model goes."""
+    meta = body["metadata"]
+    data = {
+        "model.json": json.dumps(model_entry(row, settings.runner_port), sort_keys=True),
+        "aiModels.json": json.dumps(ai_model_entries(row, settings.proxy_url), sort_keys=True),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": L.table_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {L.PART_OF: "kubepeer", L.MANAGED_BY: L.MANAGER, L.TABLE: "model"},
+            "annotations": {L.AIMODEL_ANNOTATION: meta["name"], L.CONTENT_HASH: content_hash(data)},
+            "ownerReferences": [
+                {
+                    "apiVersion": body.get("apiVersion", "kubepeer.io/v1alpha1"),
+                    "kind": "AIModel",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "data": data,
+    }
+
+
+def publish_table(
+    kube: Writer, settings: OperatorSettings, view: View, body: Mapping[str, Any]
+) -> str | None:
+    """Write the AIModel's table row if it changed; returns the pricing problem, if any.
+    An AIModel whose spec is invalid gets no row (its status says why)."""
+    try:
+        row, problem = table_row(view, body)
+    except ValidationError:
+        return None
+    manifest = build_table(settings, body, row)
+    meta = body["metadata"]
+    if (
+        view.one(view.tables, (meta["namespace"], meta["name"]))
+        != (manifest["metadata"]["annotations"][L.CONTENT_HASH])
+    ):
+        kube.apply(manifest)
+    return problem
+
+
+# --- status ---
+
+
+def model_status(
+    settings: OperatorSettings,
+    view: View,
+    body: Mapping[str, Any],
+    outcome: RunnerOutcome | None = None,
+    now: datetime | None = None,
+) -> AIModelStatus:
+    """An AIModel's status from the view: its runner's Deployment and pods, its price."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    previous = _previous_status(body)
+    runner = target_runner(body)
+    outcome = outcome or plan_runner(view, namespace, runner)
+    invalid = outcome.refused.get(name)
+    plan = outcome.plan if not invalid else None
+    pricing_problem = None
+    if not invalid:
+        try:
+            _, pricing_problem = table_row(view, body)
         except ValidationError as exc:
-            log.warning("Pricing %s/%s ignored: %s", namespace, body["metadata"]["name"], exc)
+            invalid = validation_message(exc)
+    deployment = view.one(view.runners, (namespace, runner)) if plan else None
+    current = bool(plan and deployment and deployment["hash"] == _runner_hash(settings, plan))
+    observed = Observed(
+        desired=plan.replicas if plan else 0,
+        generation=meta.get("generation", 0),
+        deployment=deployment,
+        pods=view.many(view.pods, (namespace, runner)) if plan else [],
+        selector=f"{L.RUNNER}={runner}" if plan else "",
+        invalid=invalid,
+        pricing_problem=pricing_problem,
+        current=current,
+        nodes_fixed=settings.nodes_fixed,
+    )
+    return compute_status(observed, previous, now or datetime.now(UTC))
+
+
+def _runner_hash(settings: OperatorSettings, plan: RunnerPlan) -> str:
+    return build_runner(plan, settings)[-1]["metadata"]["annotations"][L.CONTENT_HASH]
+
+
+def _previous_status(body: Mapping[str, Any]) -> AIModelStatus | None:
+    try:
+        return AIModelStatus.model_validate(body["status"]) if body.get("status") else None
+    except ValidationError:
+        return None
+
+
+def status_changes(body: Mapping[str, Any], status: AIModelStatus) -> dict[str, Any] | None:
+    """The status to write, or None when the object already says it."""
+    wire = status.to_wire()
+    have = body.get("status") or {}
+    return None if all(have.get(k) == v for k, v in wire.items()) else wire
+
+
+def runners_of(view: View, namespace: str, name: str, body: Mapping[str, Any] | None) -> set[str]:
+    """Every runner an AIModel's change may affect: where it wants to be, and where it is."""
+    found = set(view.many(view.listed_in, (namespace, name)))
+    if body is not None:
+        found.add(target_runner(body))
     return found
 
 
-def reconcile_namespace(kube: Kube, settings: OperatorSettings, namespace: str) -> Plan:
-    """Apply every runner the namespace's AIModels need, remove the rest, publish prices."""
-    plan = plan_namespace(namespace, kube.list_aimodels(namespace))
-    if kube.namespace_terminating(namespace):
-        return plan  # its objects are going; creating any would be refused
-    if plan.runners:
-        kube.ensure_auth_secret(namespace, settings)
-    for runner in plan.runners.values():
-        kube.apply(build_runner_deployment(runner, settings))
-        kube.apply(build_runner_service(runner, settings))
-    log.info(
-        "%s: %d runner(s) for %d AIModel(s)%s",
-        namespace,
-        len(plan.runners),
-        len(plan.runner_of) + len(plan.invalid),
-        f", invalid: {', '.join(sorted(plan.invalid))}" if plan.invalid else "",
-    )
-    for name in set(kube.runner_deployments(namespace)) - set(plan.runners):
-        log.info("removing runner %s/%s: no AIModel needs it any more", namespace, name)
-        kube.delete_runner(namespace, name)
-    publish_models(kube, settings, namespace, plan)
-    return plan
-
-
-def publish_models(kube: Kube, settings: OperatorSettings, namespace: str, plan: Plan) -> None:
-    """The proxy's models.json and go-livepeer's aiModels.json, in one ConfigMap."""
-    pricings = pricings_of(kube, namespace)
-    rows = []
-    for runner in plan.runners.values():
-        for member in runner.members:
-            try:
-                price = resolve_price(member.spec, pricings)
-            except PricingProblem:
-                price = None
-            rows.append(TableRow(member.name, member.spec, runner.name, price))
-    kube.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": L.MODELS_CONFIGMAP,
-                "namespace": namespace,
-                "labels": {L.PART_OF: "kubepeer", L.MANAGED_BY: "kubepeer-operator"},
-            },
-            "data": {
-                "models.json": json.dumps(models_table(rows, settings.runner_port), indent=1),
-                "aiModels.json": json.dumps(ai_models_json(rows, settings.proxy_url), indent=1),
-            },
-        }
-    )
-
-
-@dataclass(frozen=True)
-class Observation:
-    status: AIModelStatus
-    scale_to_zero: bool  # an OnDemand model idle past its timeout
-
-
-def observe_model(
-    kube: Kube,
-    settings: OperatorSettings,
-    body: dict[str, Any],
-    redis: RedisLike | None,
-    now: float | None = None,
-) -> Observation:
-    now = now if now is not None else time.time()
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    previous = AIModelStatus.model_validate(body["status"]) if body.get("status") else None
-    plan = plan_namespace(namespace, kube.list_aimodels(namespace))
-    runner_name = plan.runner_of.get(name)
-    invalid = plan.invalid.get(name)
-    model = AIModel.model_validate(body) if not invalid else None
-
-    pricing_problem = None
-    if model is not None:
-        try:
-            resolve_price(model.spec, pricings_of(kube, namespace))
-        except PricingProblem as exc:
-            pricing_problem = str(exc)
-
-    runner = plan.runners.get(runner_name) if runner_name else None
-    observed = Observed(
-        desired=runner.replicas if runner else 0,
-        generation=meta.get("generation", 0),
-        deployment=kube.read_deployment(namespace, runner_name) if runner_name else None,
-        pods=kube.runner_pods(namespace, runner_name) if runner_name else [],
-        selector=f"{L.RUNNER}={runner_name}" if runner_name else "",
-        invalid=invalid,
-        pricing_problem=pricing_problem,
-    )
-    status = compute_status(observed, previous, datetime.fromtimestamp(now, UTC))
-
-    scale_to_zero = False
-    if (
-        model is not None
-        and model.spec.warm.policy is WarmPolicy.ON_DEMAND
-        and model.spec.desired_replicas > 0
-        and status.phase is not Phase.IDLE
-    ):
-        if redis is None:
-            log.debug("no Redis configured: %s/%s is never scaled to zero", namespace, name)
-        else:
-            demand = read_demand(redis, namespace, name)
-            woken = status.last_scale_up_time.timestamp() if status.last_scale_up_time else None
-            idle = idle_for(demand, woken, now)
-            scale_to_zero = idle is not None and idle > model.spec.warm.idle_timeout_seconds
-    return Observation(status=status, scale_to_zero=scale_to_zero)
+def names_in(index_keys: Iterable[Key], namespace: str) -> list[str]:
+    return sorted(name for ns, name in index_keys if ns == namespace)

@@ -1,33 +1,243 @@
-"""kopf handlers: each reads like the sentence that describes it, and does no more.
+"""kopf wiring: indices kept by the watches, and one small handler per kind of change.
+
+Each handler touches one thing: the runner an AIModel belongs in, that AIModel's table
+row and its status. What a handler knows about other objects comes from kopf indices
+(`View`), never from listing the API server. No handler needs a finalizer, so AIModels
+never outlive the operator (see `kubepeer uninstall` for ones an older version marked).
 
 Registered on an explicit registry built from the settings, so nothing happens at import.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import logging
-from datetime import UTC, datetime
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import GROUP, VERSION, AIModelSpec, AIModelStatus, Phase
+from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, Phase, WarmPolicy
+from kubepeer.controller import labels as L
 from kubepeer.controller.builders import build_priority_classes
-from kubepeer.controller.fleet import observe_model, reconcile_namespace
+from kubepeer.controller.fleet import (
+    Key,
+    RunnerOutcome,
+    View,
+    model_status,
+    publish_table,
+    reconcile_runner,
+    runners_of,
+    status_changes,
+    target_runner,
+)
 from kubepeer.controller.kube import Kube
 from kubepeer.controller.settings import OperatorSettings
-from kubepeer.demand import RedisLike
+from kubepeer.demand import claim_idle, idle_for, read_demand
 
 log = logging.getLogger(__name__)
 AIMODELS = (GROUP, VERSION, "aimodels")
 PRICINGS = (GROUP, VERSION, "pricings")
+DEPLOYMENTS = ("apps", "v1", "deployments")
+PODS = ("", "v1", "pods")
+CONFIGMAPS = ("", "v1", "configmaps")
+OURS = {L.MANAGED_BY: L.MANAGER}
+INDICES = ("aimodels", "members", "runners", "listed_in", "pods", "pricings", "tables")
+
+
+class Fleet:
+    """The operator's state between events: the indices, what it wrote, what to retry."""
+
+    def __init__(self, settings: OperatorSettings, kube: Kube, redis: Any | None) -> None:
+        self.settings, self.kube, self.redis = settings, kube, redis
+        self.view = View()
+        self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
+        self.retry: set[Key] = set()  # AIModels whose last reconcile failed
+        self._locks: dict[Key, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def bind(self, indices: Mapping[str, Any]) -> None:
+        """Point the view at kopf's live indices (the same objects for the operator's life)."""
+        if not isinstance(self.view.aimodels, dict):
+            return  # bound already
+        self.view = View(**{name: indices[name] for name in INDICES}, applied=self.view.applied)
+
+    def lock(self, key: Key) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    # --- one AIModel ---
+
+    def model_changed(self, namespace: str, name: str) -> None:
+        """Reconcile the runners an AIModel is or wants to be in, its table row, its status."""
+        key = (namespace, name)
+        body = self.view.one(self.view.aimodels, key)
+        gone = body is None or bool(body["metadata"].get("deletionTimestamp"))
+        try:
+            for runner in runners_of(self.view, namespace, name, None if gone else body):
+                outcome = reconcile_runner(self.kube, self.settings, self.view, namespace, runner)
+                self.runner_changed(namespace, runner, outcome, skip=name)
+            if not gone:
+                publish_table(self.kube, self.settings, self.view, body)
+        except Exception as exc:  # an API error, or the network: retried alone, by the sweep
+            self.retry.add(key)
+            log.warning("AIModel %s/%s: reconcile failed, will retry: %s", namespace, name, exc)
+            return
+        self.retry.discard(key)
+        if gone:
+            self.written.pop(key, None)
+        else:
+            self.refresh_status(namespace, name)
+
+    def runner_changed(
+        self, namespace: str, runner: str, outcome: RunnerOutcome | None = None, skip: str = ""
+    ) -> None:
+        """Refresh the status of every AIModel that wants this runner."""
+        for name in sorted(set(self.view.many(self.view.members, (namespace, runner)))):
+            if name != skip:
+                self.refresh_status(namespace, name, outcome)
+
+    def refresh_status(
+        self, namespace: str, name: str, outcome: RunnerOutcome | None = None
+    ) -> None:
+        key = (namespace, name)
+        with self.lock(key):
+            body = self.view.one(self.view.aimodels, key)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            # What we wrote last is newer than what the watch has shown back so far.
+            known = {**body, "status": self.written.get(key) or body.get("status")}
+            status = model_status(self.settings, self.view, known, outcome)
+            changes = status_changes(known, status)
+            if changes is None:
+                return
+            try:
+                self.kube.patch_status(namespace, name, changes)
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("AIModel %s/%s: status not written: %s", namespace, name, exc)
+                    self.retry.add(key)
+                return
+            self.written[key] = changes
+        _post_transition(body, known.get("status"), status)
+
+    # --- what needs time: idle OnDemand models, and retries ---
+
+    def sweep(self, now: float | None = None) -> None:
+        for key in sorted(self.retry):
+            self.model_changed(*key)
+        if self.redis is None:
+            return
+        now = time.time() if now is None else now
+        for key in snapshot(self.view.aimodels):
+            body = self.view.one(self.view.aimodels, key)
+            if body is not None and self._idle_past_timeout(body, now):
+                self.scale_to_zero(body, now)
+
+    def _idle_past_timeout(self, body: Mapping[str, Any], now: float) -> bool:
+        try:
+            model = AIModel.model_validate(body)
+        except ValidationError:
+            return False
+        spec = model.spec
+        if spec.warm.policy is not WarmPolicy.ON_DEMAND or spec.desired_replicas == 0:
+            return False
+        status = model.status or AIModelStatus()
+        ready_at = None
+        if status.ready_replicas > 0 and status.last_scale_up_time is not None:
+            ready_at = status.last_scale_up_time.timestamp() + (status.last_cold_start_seconds or 0)
+        meta = body["metadata"]
+        demand = read_demand(self.redis, meta["namespace"], meta["name"], now)
+        idle = idle_for(demand, ready_at, now)
+        return idle is not None and idle > spec.warm.idle_timeout_seconds
+
+    def scale_to_zero(self, body: Mapping[str, Any], now: float) -> None:
+        """Claim the model idle in Redis, then scale it to zero only if the AIModel is
+        unchanged since we read it (resourceVersion): a job arriving in between wins."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        timeout = AIModel.model_validate(body).spec.warm.idle_timeout_seconds
+        if not claim_idle(self.redis, namespace, name, idle_since=now - timeout, now=now):
+            return
+        try:
+            self.kube.scale_aimodel(namespace, name, 0, resource_version=meta["resourceVersion"])
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return  # it changed (a wake-up, an edit): the next sweep decides again
+            raise
+        log.info("scaled %s/%s to zero: idle past warm.idleTimeout", namespace, name)
+        self.kube.post_event(dict(body), "ScaledToZero", "idle past warm.idleTimeout")
+
+
+def snapshot(index: Mapping[Key, Any]) -> list[Key]:
+    """The keys of an index, read from a worker thread while the watch may be changing it."""
+    while True:
+        try:
+            return list(index)
+        except RuntimeError:  # changed size during iteration: read again
+            continue
+
+
+def _slim(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": dict(body.metadata),
+        "spec": dict(body.spec),
+        "status": dict(body.status),
+    }
+
+
+def _deployment_summary(body: kopf.Body) -> dict[str, Any]:
+    annotations = body.metadata.annotations
+    return {
+        "hash": annotations.get(L.CONTENT_HASH),
+        "metadata": {"name": body.metadata.name, "generation": body.metadata.get("generation")},
+        "spec": {"replicas": body.spec.get("replicas")},
+        "status": dict(body.status),
+    }
+
+
+def _served(body: kopf.Body) -> list[str]:
+    try:
+        return [m["aimodel"] for m in json.loads(body.metadata.annotations[L.MODELS_ANNOTATION])]
+    except (KeyError, ValueError, TypeError):
+        return []
+
+
+def _pod_summary(body: kopf.Body) -> dict[str, Any]:
+    status = body.status
+    return {
+        "metadata": {"name": body.metadata.name},
+        "spec": {"nodeName": body.spec.get("nodeName")},
+        "status": {
+            "conditions": status.get("conditions") or [],
+            "containerStatuses": status.get("containerStatuses") or [],
+        },
+    }
 
 
 def build_registry(
-    operator_settings: OperatorSettings, kube: Kube, redis: RedisLike | None
+    operator_settings: OperatorSettings, kube: Kube, redis: Any | None
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    fleet = Fleet(operator_settings, kube, redis)
+
+    def on(fn: Callable[..., None]) -> Callable[..., None]:
+        """Give a handler the view of kopf's indices before it runs."""
+
+        @functools.wraps(fn)  # kopf names the handler after fn
+        def handler(**kwargs: Any) -> None:
+            fleet.bind(kwargs)
+            fn(**kwargs)
+
+        return handler
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -35,73 +245,117 @@ def build_registry(
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Keep kopf's bookkeeping in our annotations; status belongs to the AIModel schema.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="kubepeer.io"
-        )
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kubepeer.io", key="last-handled-configuration"
-        )
-        settings.persistence.finalizer = "kubepeer.io/operator"
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
+        settings.execution.max_workers = operator_settings.workers
 
     @kopf.on.startup(registry=registry)
     def create_priority_classes(**_: Any) -> None:
         for priority_class in build_priority_classes(operator_settings):
             kube.apply(priority_class)
 
-    @kopf.on.resume(*AIMODELS, registry=registry)
-    @kopf.on.create(*AIMODELS, registry=registry)
-    @kopf.on.update(*AIMODELS, registry=registry)
-    def aimodel_changed(
-        namespace: str,
-        old: kopf.BodyEssence | None,
-        new: kopf.BodyEssence,
-        patch: kopf.Patch,
-        **_: Any,
-    ) -> None:
-        reconcile_namespace(kube, operator_settings, namespace)
-        if waking_up(old, new):  # the start of a cold start, timed in status
-            patch.status["lastScaleUpTime"] = datetime.now(UTC).isoformat()
+    # --- indices: the operator's memory of the cluster, kept by the watches ---
+
+    @kopf.index(*AIMODELS, registry=registry, id="aimodels")
+    def aimodels(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, name): _slim(body)}
+
+    @kopf.index(*AIMODELS, registry=registry, id="members")
+    def members(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, str]:
+        return {(namespace, target_runner(body)): name}
+
+    @kopf.index(*PRICINGS, registry=registry, id="pricings")
+    def pricings(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
+        return {namespace: (name, dict(spec))}
+
+    @kopf.index(*DEPLOYMENTS, labels=OURS, registry=registry, id="runners")
+    def runners(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, name): _deployment_summary(body)}
+
+    @kopf.index(*DEPLOYMENTS, labels=OURS, registry=registry, id="listed_in")
+    def listed_in(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, str]:
+        return {(namespace, model): name for model in _served(body)}
+
+    @kopf.index(*PODS, labels={L.RUNNER: kopf.PRESENT}, registry=registry, id="pods")
+    def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, labels[L.RUNNER]): _pod_summary(body)}
+
+    @kopf.index(*CONFIGMAPS, labels={L.TABLE: "model"}, registry=registry, id="tables")
+    def tables(namespace: str, annotations: kopf.Annotations, **_: Any) -> dict[Key, Any]:
+        return {
+            (namespace, annotations.get(L.AIMODEL_ANNOTATION, "")): annotations.get(L.CONTENT_HASH)
+        }
+
+    # --- handlers: one change, one thing reconciled ---
 
     @kopf.on.event(*AIMODELS, registry=registry)
-    def aimodel_deleted(type: str, namespace: str, **_: Any) -> None:
-        if type == "DELETED":  # its own runner is garbage-collected; a share group shrinks
-            reconcile_namespace(kube, operator_settings, namespace)
+    @on
+    def aimodel_event(namespace: str, name: str, **_: Any) -> None:
+        fleet.model_changed(namespace, name)
+
+    @kopf.on.event(*DEPLOYMENTS, labels=OURS, registry=registry)
+    @on
+    def runner_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+        wanted = sorted(set(fleet.view.many(fleet.view.members, (namespace, name))))
+        if not wanted:  # an orphan (its AIModels went while the operator was away)
+            if type != "DELETED":
+                reconcile_runner(kube, operator_settings, fleet.view, namespace, name)
+        elif type == "DELETED":  # deleted by hand while still wanted: restore it
+            fleet.view.applied.pop((namespace, name), None)
+            fleet.model_changed(namespace, wanted[0])
+        else:
+            fleet.runner_changed(namespace, name)
+
+    @kopf.on.event(*PODS, labels={L.RUNNER: kopf.PRESENT}, registry=registry)
+    @on
+    def runner_pod_event(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        fleet.runner_changed(namespace, labels[L.RUNNER])
 
     @kopf.on.event(*PRICINGS, registry=registry)
-    def pricing_changed(namespace: str, **_: Any) -> None:
-        # Any event, the initial listing included: prices feed the namespace's table.
-        reconcile_namespace(kube, operator_settings, namespace)
+    @on
+    def pricing_event(namespace: str, **_: Any) -> None:
+        for ns, name in snapshot(fleet.view.aimodels):
+            if ns == namespace:
+                fleet.model_changed(ns, name)
 
-    @kopf.timer(*AIMODELS, interval=operator_settings.status_interval_seconds, registry=registry)
-    def refresh_status(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        raw = dict(body)
-        observation = observe_model(kube, operator_settings, raw, redis)
-        status = observation.status.to_wire()
-        if status != {k: v for k, v in (raw.get("status") or {}).items() if k in status}:
-            patch.status.update(status)
-        _post_transition(body, raw.get("status"), observation.status)
-        if observation.scale_to_zero:
-            meta = raw["metadata"]
-            kube.scale_aimodel(meta["namespace"], meta["name"], 0)
-            kopf.info(body, reason="ScaledToZero", message="idle past warm.idleTimeout")
+    @kopf.on.event(*CONFIGMAPS, labels={L.TABLE: "model"}, registry=registry)
+    @on
+    def table_event(
+        type: str | None, namespace: str, name: str, annotations: kopf.Annotations, **_: Any
+    ) -> None:
+        if type == "DELETED":  # deleted by hand: the model (if it is still here) rewrites it
+            fleet.view.applied.pop((namespace, name), None)
+            fleet.model_changed(namespace, annotations.get(L.AIMODEL_ANNOTATION, ""))
+
+    # --- what needs time ---
+
+    @kopf.on.startup(registry=registry)
+    async def start_sweeps(memo: kopf.Memo, **kwargs: Any) -> None:
+        fleet.bind(kwargs)
+        memo["sweeper"] = asyncio.create_task(_sweep_forever(fleet))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_sweeps(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("sweeper")
+        if task is not None:
+            task.cancel()
 
     return registry
 
 
-def waking_up(old: kopf.BodyEssence | None, new: kopf.BodyEssence) -> bool:
-    """Whether this change asks for replicas where there were none (or is the creation)."""
-    try:
-        after = AIModelSpec.model_validate(new.get("spec", {})).desired_replicas
-        before = AIModelSpec.model_validate(old["spec"]).desired_replicas if old else 0
-    except ValidationError:
-        return False
-    return before == 0 and after > 0
+async def _sweep_forever(fleet: Fleet) -> None:
+    """Idle OnDemand models and failed reconciles: the only work done on a clock."""
+    while True:
+        await asyncio.sleep(fleet.settings.status_interval_seconds)
+        try:
+            await asyncio.to_thread(fleet.sweep)
+        except Exception:  # keep sweeping: one bad pass must not stop scale-to-zero
+            log.exception("sweep failed")
 
 
-def _post_transition(body: kopf.Body, before: dict[str, Any] | None, after: AIModelStatus) -> None:
+def _post_transition(
+    body: Mapping[str, Any], before: Mapping[str, Any] | None, after: AIModelStatus
+) -> None:
     """A Kubernetes Event when the phase changes, a warning when it turns bad."""
     was = (before or {}).get("phase")
     if was == after.phase.value:
@@ -110,7 +364,11 @@ def _post_transition(body: kopf.Body, before: dict[str, Any] | None, after: AIMo
     message = f"{was or 'new'} -> {after.phase.value}"
     if ready and ready.message:
         message += f": {ready.message}"
-    if after.phase in (Phase.FAILED, Phase.DEGRADED):
-        kopf.warn(body, reason=ready.reason if ready else after.phase.value, message=message)
-    else:
-        kopf.info(body, reason=after.phase.value, message=message)
+    try:
+        if after.phase in (Phase.FAILED, Phase.DEGRADED):
+            reason = ready.reason if ready else after.phase.value
+            kopf.warn(dict(body), reason=reason, message=message)
+        else:
+            kopf.info(dict(body), reason=after.phase.value, message=message)
+    except LookupError:  # outside a kopf handler (the sweep's retries): the status says it
+        log.info("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"], message)

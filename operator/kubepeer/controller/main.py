@@ -13,7 +13,6 @@ from kubernetes.client.exceptions import ApiException
 from kubepeer.controller.handlers import build_registry
 from kubepeer.controller.kube import Kube
 from kubepeer.controller.settings import OperatorSettings
-from kubepeer.demand import RedisLike
 
 log = logging.getLogger("kubepeer.operator")
 
@@ -44,7 +43,7 @@ def ensure_peering(kube: Kube, settings: OperatorSettings) -> None:
                 raise
 
 
-def connect_redis(url: str | None) -> RedisLike | None:
+def connect_redis(url: str | None) -> Any | None:
     if not url:
         log.warning("no redis_url: OnDemand models will not scale to zero on their own")
         return None
@@ -71,7 +70,8 @@ def run_operator(overrides: dict[str, Any], liveness: str | None = None) -> int:
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=settings.standalone,
-            peering_name=settings.peering_name,
+            # A peering name makes kopf wait for peering even when standalone: give none then.
+            peering_name=None if settings.standalone else settings.peering_name,
             priority=(
                 settings.peering_priority
                 if settings.peering_priority is not None

@@ -142,34 +142,37 @@ class TableRow:
     price: ModelPrice | None
 
 
-def models_table(rows: list[TableRow], runner_port: int) -> dict[str, Any]:
-    """models.json: what the proxy routes and charges by (see DESIGN.md, "The proxy's inputs")."""
-    models = []
-    for row in sorted(rows, key=lambda r: r.aimodel):
-        entry: dict[str, Any] = {
-            "aimodel": row.aimodel,
-            "pipeline": row.spec.pipeline.value,
-            "modelId": row.spec.model_id,
-            "capability": row.spec.pipeline.capability,
-            "runner": row.runner,
-            "port": runner_port,
-            "capacity": row.spec.capacity,
-            "warm": row.spec.warm.policy.value,
-            "maxReplicas": row.spec.warm.max_replicas,
-            "price": None,
+def model_entry(row: TableRow, runner_port: int) -> dict[str, Any]:
+    """One model's row of the proxy's table (see DESIGN.md, "The proxy's inputs")."""
+    entry: dict[str, Any] = {
+        "aimodel": row.aimodel,
+        "pipeline": row.spec.pipeline.value,
+        "modelId": row.spec.model_id,
+        "capability": row.spec.pipeline.capability,
+        "runner": row.runner,
+        "port": runner_port,
+        "capacity": row.spec.capacity,
+        "warm": row.spec.warm.policy.value,
+        "maxReplicas": row.spec.warm.max_replicas,
+        "price": None,
+    }
+    if row.price:
+        num, den = price_info(row.price.wei_per_unit)
+        entry["price"] = {
+            "unit": row.price.unit.value,
+            "weiPerUnit": _fraction(row.price.wei_per_unit),
+            "pricePerUnit": num,
+            "pixelsPerUnit": den,
+            "gateways": {a: _fraction(w) for a, w in row.price.gateways.items()},
+            "surge": row.price.surge,
         }
-        if row.price:
-            num, den = price_info(row.price.wei_per_unit)
-            entry["price"] = {
-                "unit": row.price.unit.value,
-                "weiPerUnit": _fraction(row.price.wei_per_unit),
-                "pricePerUnit": num,
-                "pixelsPerUnit": den,
-                "gateways": {a: _fraction(w) for a, w in row.price.gateways.items()},
-                "surge": row.price.surge,
-            }
-        models.append(entry)
-    return {"version": 1, "models": models}
+    return entry
+
+
+def models_table(rows: list[TableRow], runner_port: int) -> dict[str, Any]:
+    """Every row together, as `kubepeer table` prints it."""
+    ordered = sorted(rows, key=lambda r: r.aimodel)
+    return {"version": 1, "models": [model_entry(r, runner_port) for r in ordered]}
 
 
 def _fraction(value: Fraction) -> str:
@@ -180,34 +183,39 @@ def _fraction(value: Fraction) -> str:
 
 def ai_models_json(rows: list[TableRow], proxy_url: str) -> list[dict[str, Any]]:
     """go-livepeer's aiModels.json: every priced model as an external container at the proxy."""
-    entries = []
-    for row in sorted(rows, key=lambda r: r.aimodel):
-        if row.price is None:
-            continue  # unpriced models are not offered to gateways
-        entry: dict[str, Any] = {
-            "pipeline": row.spec.pipeline.value,
-            "model_id": row.spec.model_id,
-            "warm": row.spec.warm.policy is WarmPolicy.ALWAYS,
-            "capacity": row.spec.capacity * row.spec.warm.max_replicas,
-            "url": proxy_url,
-        }
-        if row.spec.optimizations:
-            entry["optimization_flags"] = {f.value: True for f in row.spec.optimizations}
-        source = row.price.source
-        if source is not None and source.currency is Currency.USD:
-            entry["price_per_unit"] = f"{format(source.price_per_unit, 'f')}USD"
-            entry["pixels_per_unit"] = source.pixels_per_unit
-            entry["currency"] = "USD"
-        else:
-            num, den = price_info(row.price.wei_per_unit)
-            entry["price_per_unit"] = num
-            entry["pixels_per_unit"] = den
-            entry["currency"] = "WEI"
-        entries.append(entry)
-        for address, wei in row.price.gateways.items():
-            num, den = price_info(wei)
-            entries.append(
-                {**entry, "price_per_unit": num, "pixels_per_unit": den, "currency": "WEI",
-                 "gateway": address}
-            )  # fmt: skip
+    return [
+        e for row in sorted(rows, key=lambda r: r.aimodel) for e in ai_model_entries(row, proxy_url)
+    ]
+
+
+def ai_model_entries(row: TableRow, proxy_url: str) -> list[dict[str, Any]]:
+    """One model's aiModels.json entries: none if unpriced, one more per gateway price."""
+    if row.price is None:
+        return []  # unpriced models are not offered to gateways
+    entry: dict[str, Any] = {
+        "pipeline": row.spec.pipeline.value,
+        "model_id": row.spec.model_id,
+        "warm": row.spec.warm.policy is WarmPolicy.ALWAYS,
+        "capacity": row.spec.capacity * row.spec.warm.max_replicas,
+        "url": proxy_url,
+    }
+    if row.spec.optimizations:
+        entry["optimization_flags"] = {f.value: True for f in row.spec.optimizations}
+    source = row.price.source
+    if source is not None and source.currency is Currency.USD:
+        entry["price_per_unit"] = f"{format(source.price_per_unit, 'f')}USD"
+        entry["pixels_per_unit"] = source.pixels_per_unit
+        entry["currency"] = "USD"
+    else:
+        num, den = price_info(row.price.wei_per_unit)
+        entry["price_per_unit"] = num
+        entry["pixels_per_unit"] = den
+        entry["currency"] = "WEI"
+    entries = [entry]
+    for address, wei in row.price.gateways.items():
+        num, den = price_info(wei)
+        entries.append(
+            {**entry, "price_per_unit": num, "pixels_per_unit": den, "currency": "WEI",
+             "gateway": address}
+        )  # fmt: skip
     return entries

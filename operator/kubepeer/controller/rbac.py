@@ -12,27 +12,26 @@ from kubepeer.api import GROUP
 from kubepeer.controller.settings import OperatorSettings
 
 READ = ["get", "list", "watch"]
+RBAC = "rbac.authorization.k8s.io"
+NAME = "kubepeer-operator"
 
 
-def operator_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
+def namespaced_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """What the operator does inside a namespace it manages."""
     return [
-        # The resources it serves: kopf patches annotations, finalizers and status.
-        {"apiGroups": [GROUP], "resources": ["aimodels", "pricings"], "verbs": [*READ, "patch"]},
+        # The resources it serves: it reads them, writes status, and scales idle models.
+        {"apiGroups": [GROUP], "resources": ["aimodels", "pricings"], "verbs": READ},
+        {"apiGroups": [GROUP], "resources": ["aimodels"], "verbs": ["patch"]},
         {"apiGroups": [GROUP], "resources": ["aimodels/status"], "verbs": ["get", "patch"]},
-        {"apiGroups": [GROUP], "resources": ["aimodels/scale"], "verbs": ["get", "patch"]},
-        # Peering between replicas, and kopf's view of what resources exist.
+        # Owner references with blockOwnerDeletion need this where
+        # OwnerReferencesPermissionEnforcement is on.
+        {"apiGroups": [GROUP], "resources": ["aimodels/finalizers"], "verbs": ["update"]},
         {
             "apiGroups": ["kopf.dev"],
-            "resources": ["clusterkopfpeerings", "kopfpeerings"],
+            "resources": ["kopfpeerings"],
             "verbs": [*READ, "create", "patch"],
         },
-        {
-            "apiGroups": ["apiextensions.k8s.io"],
-            "resources": ["customresourcedefinitions"],
-            "verbs": READ,
-        },
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": READ},
-        # Runners: server-side apply patches, and creates what does not exist yet.
+        # Runners and their table rows: watched (indices), server-side applied, removed.
         {
             "apiGroups": ["apps"],
             "resources": ["deployments"],
@@ -41,19 +40,27 @@ def operator_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
         {
             "apiGroups": [""],
             "resources": ["services"],
-            "verbs": ["get", "list", "create", "patch", "delete"],
+            "verbs": ["get", "create", "patch", "delete"],
         },
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-        # The runners' auth token: made once; only that Secret may be read.
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*READ, "create", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        # The runners' auth token: created once, never read back (a 409 says it exists),
+        # so the operator can neither read a Secret nor mint a readable token.
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-        {
-            "apiGroups": [""],
-            "resources": ["secrets"],
-            "resourceNames": [settings.auth_secret],
-            "verbs": ["get"],
-        },
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    ]
+
+
+def cluster_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """What only exists cluster-wide: PriorityClasses, and kopf's view of CRDs and namespaces."""
+    return [
+        # kopf observes namespaces (their names) even when given a fixed list.
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": READ},
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": READ,
+        },
         # Create cannot be limited by name; get and patch are.
         {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "verbs": ["create"]},
         {
@@ -65,34 +72,61 @@ def operator_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
     ]
 
 
+def operator_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Every rule, for the cluster-wide operator (one ClusterRole)."""
+    peering = {
+        "apiGroups": ["kopf.dev"],
+        "resources": ["clusterkopfpeerings"],
+        "verbs": [*READ, "create", "patch"],
+    }
+    return [*namespaced_rules(settings), peering, *cluster_rules(settings)]
+
+
+def _binding(
+    kind: str, name: str, role_kind: str, subject: dict[str, str], **meta: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{RBAC}/v1",
+        "kind": kind,
+        "metadata": {"name": name, **meta},
+        "roleRef": {"apiGroup": RBAC, "kind": role_kind, "name": name},
+        "subjects": [subject],
+    }
+
+
 def operator_rbac(
-    settings: OperatorSettings, namespace: str, service_account: str = "kubepeer-operator"
+    settings: OperatorSettings, namespace: str, service_account: str = NAME
 ) -> list[dict[str, Any]]:
-    name = "kubepeer-operator"
-    labels = {"app.kubernetes.io/part-of": "kubepeer", "app.kubernetes.io/name": name}
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": service_account, "namespace": namespace, "labels": labels},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": name, "labels": labels},
-            "rules": operator_rules(settings),
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": name, "labels": labels},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": name,
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
-            ],
-        },
-    ]
+    """The ServiceAccount and its grants. Watching given namespaces (`settings.namespaces`),
+    a Role and RoleBinding in each of them, and a ClusterRole for cluster-scoped objects
+    only; watching all, one ClusterRole for everything."""
+    labels = {"app.kubernetes.io/part-of": "kubepeer", "app.kubernetes.io/name": NAME}
+    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": service_account, "namespace": namespace, "labels": labels},
+    }
+    if not settings.namespaces:
+        return [
+            account,
+            {"apiVersion": f"{RBAC}/v1", "kind": "ClusterRole",
+             "metadata": {"name": NAME, "labels": labels}, "rules": operator_rules(settings)},
+            _binding("ClusterRoleBinding", NAME, "ClusterRole", subject, labels=labels),
+        ]  # fmt: skip
+    objects = [
+        account,
+        {"apiVersion": f"{RBAC}/v1", "kind": "ClusterRole",
+         "metadata": {"name": NAME, "labels": labels}, "rules": cluster_rules(settings)},
+        _binding("ClusterRoleBinding", NAME, "ClusterRole", subject, labels=labels),
+    ]  # fmt: skip
+    for watched in settings.namespaces:
+        objects.append(
+            {"apiVersion": f"{RBAC}/v1", "kind": "Role",
+             "metadata": {"name": NAME, "namespace": watched, "labels": labels},
+             "rules": namespaced_rules(settings)}
+        )  # fmt: skip
+        objects.append(
+            _binding("RoleBinding", NAME, "Role", subject, namespace=watched, labels=labels)
+        )
+    return objects

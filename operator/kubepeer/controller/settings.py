@@ -48,8 +48,21 @@ class OperatorSettings(BaseSettings):
     liveness_failure_threshold: int = Field(default=3, ge=1, description="Failed /health in a row.")
 
     status_interval_seconds: float = Field(
-        default=5.0, gt=0, description="How often each AIModel's status is refreshed."
+        default=5.0,
+        gt=0,
+        description=(
+            "How often idle OnDemand models and failed reconciles are rechecked. Status "
+            "follows the watches, not this clock."
+        ),
     )
+    nodes_fixed: bool = Field(
+        default=False,
+        description=(
+            "The cluster never adds nodes (no autoscaler): a model no existing node can take "
+            "is Failed. Otherwise it is Pending, since a GPU pool may scale up from zero."
+        ),
+    )
+    workers: int = Field(default=16, ge=1, description="Threads running handlers' API calls.")
     redis_url: str | None = Field(
         default=None,
         description="Redis the proxy records demand in; needed to scale OnDemand models to zero.",

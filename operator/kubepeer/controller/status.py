@@ -27,6 +27,8 @@ class Observed:
     selector: str
     invalid: str | None = None  # why the spec cannot be run, if it cannot
     pricing_problem: str | None = None  # why no price applies, if none does
+    current: bool = True  # the Deployment was written from this AIModel's current spec
+    nodes_fixed: bool = False  # no node will ever be added (no autoscaler): see _never_fits
 
 
 def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
@@ -57,9 +59,36 @@ def _load_failure(pods: list[dict[str, Any]]) -> str | None:
 
 
 def _never_fits(scheduler_message: str) -> bool:
-    """True when no node could take the pod even if empty (affinity, selector, taints),
-    rather than every suitable node being full (`Insufficient ...`)."""
+    """True when no existing node could take the pod even if empty (affinity, selector,
+    taints), rather than every suitable node being full (`Insufficient ...`). Only then,
+    and only when the operator is told nodes are fixed (`nodes_fixed`), is a model Failed:
+    a GPU pool that scales from zero has no node that fits until the pod asks for one."""
     return "Insufficient" not in scheduler_message
+
+
+def _rollout(deployment: dict[str, Any] | None, desired: int) -> tuple[bool, str | None]:
+    """(finished, stalled): whether every replica runs the Deployment's newest template
+    and is available, and the controller's ProgressDeadlineExceeded message if it gave up."""
+    if deployment is None:
+        return False, None
+    status = deployment.get("status") or {}
+    stalled = next(
+        (
+            c.get("message") or "the rollout made no progress in time"
+            for c in status.get("conditions") or []
+            if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        ),
+        None,
+    )
+    observed = int(status.get("observedGeneration") or 0)
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    finished = (
+        observed >= generation
+        and int(status.get("updatedReplicas") or 0) >= desired
+        and int(status.get("availableReplicas") or 0) >= desired
+        and int(status.get("replicas") or 0) == desired
+    )
+    return finished, stalled
 
 
 def compute_status(
@@ -73,6 +102,8 @@ def compute_status(
     desired = observed.desired
     unschedulable = _unschedulable(observed.pods)
     load_failure = _load_failure(observed.pods)
+    finished, stalled = _rollout(observed.deployment, desired)
+    finished = finished and observed.current
 
     # (phase, ready condition, progressing, degraded) as (status, reason, message)
     if observed.invalid:
@@ -94,27 +125,36 @@ def compute_status(
         problem: tuple[str, str] | None = None
         if load_failure:
             problem = ("ModelLoadFailed", load_failure)
+        elif stalled:
+            problem = ("ProgressDeadlineExceeded", stalled)
         elif unschedulable:
             problem = ("Unschedulable", unschedulable)
-        if ready >= desired:
+        if finished:
             phase = Phase.READY
         elif problem and ready == 0:
             reason = problem[0]
-            never = reason == "Unschedulable" and _never_fits(problem[1])
-            phase = Phase.FAILED if (reason == "ModelLoadFailed" or never) else Phase.PENDING
+            never = reason == "Unschedulable" and observed.nodes_fixed and _never_fits(problem[1])
+            phase = Phase.PENDING if reason == "Unschedulable" and not never else Phase.FAILED
+        elif problem:
+            phase = Phase.DEGRADED  # some replicas serve (maybe the old version), some cannot
+        elif ready > 0 and ready >= desired:
+            phase = Phase.LOADING  # the old version serves while the new one loads
         elif ready > 0:
             phase = Phase.DEGRADED
-        elif replicas > 0 and not unschedulable and _all_scheduled(observed.pods):
+        elif replicas > 0 and _all_scheduled(observed.pods):
             phase = Phase.LOADING
         else:
             phase = Phase.PENDING
+        rolling = ready >= desired and not finished
         ready_c = (
             (ConditionStatus.TRUE, "AllReplicasReady", counts)
-            if ready >= desired
+            if finished
             else (
                 ConditionStatus.FALSE,
-                problem[0] if problem else phase.value,
-                f"{counts}: {problem[1]}" if problem else counts,
+                problem[0] if problem else ("RollingOut" if rolling else phase.value),
+                f"{counts}: {problem[1]}"
+                if problem
+                else (f"{counts}, the current spec is still rolling out" if rolling else counts),
             )
         )
         degraded_c = (
@@ -124,8 +164,8 @@ def compute_status(
         )
         progressing_c = (
             (ConditionStatus.FALSE, "Stable", counts)
-            if ready >= desired and replicas == desired
-            else (ConditionStatus.TRUE, "ScalingUp" if ready < desired else "RollingOut", counts)
+            if finished
+            else (ConditionStatus.TRUE, "RollingOut" if rolling else "ScalingUp", counts)
         )
 
     conditions = [
@@ -139,11 +179,11 @@ def compute_status(
         priced = (ConditionStatus.TRUE, "PriceResolved", "")
     conditions.append(_condition(previous, PRICED, *priced, observed.generation, now))
 
-    # Cold start: from the scale-up the handlers recorded (creation, or a wake from zero)
-    # to the moment the first pod turned Ready.
+    # Cold start: from the scale-up (creation, or a wake from zero, noticed here as the
+    # first status asking for replicas after Idle) to the moment the first pod turned Ready.
     scale_up = previous.last_scale_up_time
-    if scale_up is None and desired > 0:
-        scale_up = now  # the operator missed the scale-up; count from when it noticed
+    if desired > 0 and (scale_up is None or previous.phase is Phase.IDLE):
+        scale_up = now
     cold_start = previous.last_cold_start_seconds
     if ready > 0 and previous.ready_replicas == 0 and scale_up is not None:
         ready_at = _first_ready(observed.pods) or now

@@ -1,0 +1,1 @@
+"""The front proxy: what a Livepeer gateway believes is the orchestrator."""

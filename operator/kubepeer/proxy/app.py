@@ -1,0 +1,467 @@
+"""The proxy as one ASGI app: gRPC discovery and the HTTP routes on one port.
+
+Thin: every decision is made by the pure modules beside it (discovery, credentials,
+units, routing, results); this layer moves bytes between gateways, Redis and runners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI
+from google.protobuf.message import DecodeError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.capabilities import Pipeline
+from kubepeer.livepeer.wire import (
+    AI_WORKER_AUTHORIZATION,
+    PAYMENT_HEADER,
+    SEGMENT_HEADER,
+    BadHeader,
+    decode_payment,
+    decode_segment,
+)
+from kubepeer.payments.ledger import manifest_id
+from kubepeer.proxy import discovery, grpc_unary, metrics
+from kubepeer.proxy.billing import Billing, PaymentRefused
+from kubepeer.proxy.catalogue import Catalogue, ServedModel
+from kubepeer.proxy.credentials import (
+    AuthSecret,
+    CredentialsRefused,
+    check_segment,
+    discovery_signed,
+    go_address,
+)
+from kubepeer.proxy.jobs import BATCH_PIPELINES, JobRefused, JobRequest, decode_fields, read_body
+from kubepeer.proxy.results import ResultStore, shape_reply
+from kubepeer.proxy.routing import NoCapacity, Router, Slot
+from kubepeer.proxy.units import UnitsError, billed_units
+
+log = logging.getLogger("kubepeer.proxy")
+
+GET_ORCHESTRATOR = "/net.Orchestrator/GetOrchestrator"
+INSUFFICIENT_CAPACITY = "insufficient capacity"
+# A runner that refused the connection or died before answering: retried once elsewhere.
+RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    public_url: str  # our service URI: `transcoder` in discovery, the host of result URLs
+    version: str = "0.9.1"  # the go-livepeer protocol version we speak (gateways compare it)
+    payments: bool = True
+    bearer_token: str | None = None  # payments off: what a private gateway presents
+    runner_token: str | None = None  # the runners' AUTH_TOKEN
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_queue: int = 8
+    queue_timeout: float = 10.0
+    hold_timeout: float = 900.0
+
+
+class Waker:
+    """Raises an OnDemand model's replicas from zero (the proxy's edge to the API server)."""
+
+    async def wake(self, model: ServedModel) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Demand:
+    """Demand records the operator reads (no-op when the proxy has no Redis for them)."""
+
+    def start(self, model: ServedModel, job_id: str) -> bool:
+        """Record a job; True when the operator had claimed the model idle (wake it)."""
+        return False
+
+    def end(self, model: ServedModel, job_id: str) -> None: ...
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        catalogue: Callable[[], Catalogue],
+        router: Router,
+        auth_secret: AuthSecret,
+        results: ResultStore,
+        billing: Billing | None = None,
+        recipient: bytes = b"",
+        waker: Waker | None = None,
+        demand: Demand | None = None,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        if config.payments and billing is None:
+            raise ValueError("payments are on but no billing was given")
+        self.config = config
+        self.catalogue = catalogue
+        self.router = router
+        self.auth_secret = auth_secret
+        self.results = results
+        self.billing = billing
+        self.recipient = recipient
+        self.waker = waker
+        self.demand = demand or Demand()
+        self.is_ready = ready
+        self.http: aiohttp.ClientSession | None = None
+        self._waking: set[str] = set()
+        self.http_app = self._build_http_app()
+
+    # -- ASGI ---------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if grpc_unary.is_grpc(scope):
+            await grpc_unary.serve_unary(
+                scope, receive, send, {GET_ORCHESTRATOR: self.get_orchestrator}
+            )
+            return
+        await self.http_app(scope, receive, send)
+
+    def _build_http_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30)
+            self.http = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
+            )
+            try:
+                yield
+            finally:
+                await self.http.close()
+
+        app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        app.router.add_route("/healthz", self.healthz, methods=["GET"])
+        app.router.add_route("/readyz", self.readyz, methods=["GET"])
+        app.router.add_route("/metrics", self.metrics, methods=["GET"])
+        app.router.add_route("/stream/{request_id}/{name}", self.stream_result, methods=["GET"])
+        for pipeline in BATCH_PIPELINES:
+            app.router.add_route(f"/{pipeline.value}", self.job, methods=["POST"])
+        return app
+
+    # -- discovery ---------------------------------------------------------------------
+    def model_state(self, model: ServedModel) -> discovery.ModelState:
+        return discovery.ModelState(
+            ready=self.router.ready(model),
+            free_slots=self.router.free_slots(model),
+            utilization=self.router.utilization(model),
+        )
+
+    def our_capabilities(self) -> net_pb2.Capabilities:
+        return discovery.capabilities(self.catalogue(), self.model_state, self.config.version)
+
+    async def get_orchestrator(self, raw: bytes) -> bytes:
+        try:
+            request = net_pb2.OrchestratorRequest.FromString(raw)
+        except DecodeError as exc:
+            metrics.DISCOVERY.labels("bad-request").inc()
+            raise grpc_unary.GrpcError(
+                grpc_unary.INTERNAL, f"grpc: error unmarshalling request: {exc}"
+            ) from None
+        if self.config.payments and not discovery_signed(request):
+            metrics.DISCOVERY.labels("bad-signature").inc()
+            raise grpc_unary.GrpcError(
+                grpc_unary.UNKNOWN,
+                "Invalid orchestrator request: orchestrator req sig check failed",
+            )
+        reply = discovery.orchestrator_info(
+            request,
+            self.catalogue(),
+            self.model_state,
+            transcoder=self.config.public_url,
+            recipient=self.recipient,
+            version=self.config.version,
+        )
+        if self.billing is not None:
+            try:
+                params = self.billing.ticket_params(go_address(request.address), reply.price)
+            except PaymentRefused as exc:
+                metrics.DISCOVERY.labels("no-ticket-params").inc()
+                raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
+            reply.info.ticket_params.CopyFrom(params)
+        reply.info.auth_token.CopyFrom(self.auth_secret.issue())
+        metrics.DISCOVERY.labels("ok").inc()
+        return reply.info.SerializeToString()
+
+    # -- probes, metrics, results --------------------------------------------------------
+    async def healthz(self, _: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(self, _: Request) -> Response:
+        ok = self.is_ready()
+        return PlainTextResponse("ok\n" if ok else "not ready\n", 200 if ok else 503)
+
+    async def metrics(self, _: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def stream_result(self, request: Request) -> Response:
+        found = self.results.get(request.path_params["request_id"], request.path_params["name"])
+        if found is None:
+            return PlainTextResponse("not found\n", 404)
+        content_type, data = found
+        return Response(data, media_type=content_type)
+
+    # -- jobs --------------------------------------------------------------------------
+    async def job(self, request: Request) -> Response:
+        pipeline = Pipeline(request.url.path.strip("/"))
+        request_id = request.headers.get("x-request-id") or secrets.token_hex(8)
+        started = time.monotonic()
+        model_label = pipeline.value
+        try:
+            response, model_label = await self._job(request, pipeline, request_id)
+        except JobRefused as exc:
+            response = PlainTextResponse(exc.text + "\n", exc.status)
+            log.info(
+                "job refused",
+                extra={"request_id": request_id, "pipeline": pipeline.value,
+                       "status": exc.status, "reason": exc.text},
+            )  # fmt: skip
+        metrics.REQUESTS.labels(model_label, str(response.status_code)).inc()
+        metrics.LATENCY.labels(model_label).observe(time.monotonic() - started)
+        response.headers["x-request-id"] = request_id
+        return response
+
+    async def _job(
+        self, request: Request, pipeline: Pipeline, request_id: str
+    ) -> tuple[Response, str]:
+        body = await read_body(request, self.config.max_body_bytes)
+        content_type = request.headers.get("content-type", "")
+        job = JobRequest(
+            pipeline, body, content_type, await decode_fields(pipeline, content_type, body)
+        )
+        payment = self._check_credentials(request)
+        try:
+            units = billed_units(pipeline, job.fields)
+        except UnitsError as exc:
+            raise JobRefused(400, str(exc)) from None
+        model = self.catalogue().find(pipeline, job.model_id)
+        if model is None:
+            raise JobRefused(503, INSUFFICIENT_CAPACITY)
+        # A job counts as demand from arrival (a held job keeps its model awake) to its end.
+        if self.demand.start(model, request_id) and model.on_demand:
+            await self._wake(model, force=True)  # the operator is putting it to sleep
+        held: list[Slot] = []
+        handed_off = False
+        try:
+            held.append(await self._admit(model))
+            manifest = manifest_id(model.capability, model.model_id)
+            paid = None
+            if payment is not None and self.billing is not None:
+                try:
+                    paid = self.billing.admit(payment, manifest)
+                except PaymentRefused as exc:
+                    raise JobRefused(exc.status, str(exc)) from None
+            metrics.IN_FLIGHT.labels(model.aimodel).inc()
+            try:
+                upstream = await self._send(job, model, held)
+                if upstream.status != 200:
+                    raise JobRefused(500, await _runner_error(pipeline, upstream))
+                fee = 0
+                if paid is not None and self.billing is not None:
+                    fee = self.billing.debit(paid, manifest, units)
+                    metrics.FEES.labels(model.aimodel).inc(fee)
+                log.info(
+                    "job served",
+                    extra={"request_id": request_id, "pipeline": pipeline.value,
+                           "model": model.model_id, "runner": held[0].url, "units": units,
+                           "fee_wei": fee},
+                )  # fmt: skip
+                if job.streams:
+                    handed_off = True
+                    return self._stream(upstream, model, held, request_id), model.aimodel
+                reply = await self._reply(job, upstream, request, request_id)
+                return reply, model.aimodel
+            finally:
+                if not handed_off:
+                    metrics.IN_FLIGHT.labels(model.aimodel).dec()
+        finally:
+            if not handed_off:
+                self.demand.end(model, request_id)
+                for slot in held:
+                    self.router.release(slot, model)
+
+    def _check_credentials(self, request: Request) -> net_pb2.Payment | None:
+        if not self.config.payments:
+            presented = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not self.config.bearer_token or not hmac.compare_digest(
+                presented.encode(), self.config.bearer_token.encode()
+            ):
+                raise JobRefused(401, "a valid bearer token is required")
+            return None
+        try:
+            payment = decode_payment(request.headers.get(PAYMENT_HEADER, ""))
+        except BadHeader as exc:
+            raise JobRefused(402, str(exc)) from None
+        try:
+            seg = decode_segment(request.headers.get(SEGMENT_HEADER, ""))
+        except BadHeader:
+            raise JobRefused(403, "ErrorSegEncoding") from None
+        try:
+            compatible = discovery.compatible(seg.capabilities, self.our_capabilities())
+            check_segment(seg, payment.sender, self.auth_secret, compatible)
+        except CredentialsRefused as exc:
+            raise JobRefused(403, str(exc)) from None
+        return payment
+
+    async def _admit(self, model: ServedModel) -> Slot:
+        slot = self.router.try_reserve(model)
+        if slot is not None:
+            return slot
+        hold = model.on_demand and not self.router.ready(model)
+        metrics.QUEUED.labels(model.aimodel).inc()
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(
+            self.router.reserve(
+                model,
+                timeout=self.config.hold_timeout if hold else self.config.queue_timeout,
+                hold=hold,
+            )
+        )
+        try:
+            if hold:
+                await asyncio.sleep(0)  # take our place in line before the (slow) wake call
+                await self._wake(model)
+            return await waiting
+        except NoCapacity:
+            raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+            metrics.QUEUED.labels(model.aimodel).dec()
+            metrics.HOLD.labels(model.aimodel).observe(time.monotonic() - started)
+
+    async def _wake(self, model: ServedModel, force: bool = False) -> None:
+        """Ask for a replica once per model, however many jobs arrive while it wakes
+        (`force`: again, because the operator has just claimed it idle)."""
+        if self.waker is None or (model.aimodel in self._waking and not force):
+            return
+        self._waking.add(model.aimodel)
+        try:
+            await self.waker.wake(model)
+        except Exception:
+            self._waking.discard(model.aimodel)
+            log.exception("could not wake %s", model.aimodel)
+            raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
+
+    def endpoints_changed(self) -> None:
+        """Called when runner endpoints change: a model that became ready is awake."""
+        for model in self.catalogue().models:
+            if self.router.ready(model):
+                self._waking.discard(model.aimodel)
+
+    async def _send(
+        self, job: JobRequest, model: ServedModel, held: list[Slot]
+    ) -> aiohttp.ClientResponse:
+        """POST the job to the held slot's runner; once more elsewhere if that runner is gone."""
+        assert self.http is not None
+        headers = {"content-type": job.content_type}
+        if self.config.runner_token:
+            headers["authorization"] = f"Bearer {self.config.runner_token}"
+        tried: list[str] = []
+        while True:
+            url = held[0].url
+            try:
+                return await self.http.post(
+                    f"{url}/{job.pipeline.value}", data=job.body, headers=headers
+                )
+            except RETRYABLE as exc:
+                tried.append(url)
+                log.warning("runner %s failed before answering (%s)", url, exc)
+                self.router.release(held.pop(), model)
+                if len(tried) > 1:
+                    raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
+                try:
+                    held.append(
+                        await self.router.reserve(
+                            model, timeout=self.config.queue_timeout, exclude=tried
+                        )
+                    )
+                except NoCapacity:
+                    raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
+            except aiohttp.ClientError as exc:
+                raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
+
+    async def _reply(
+        self, job: JobRequest, upstream: aiohttp.ClientResponse, request: Request, request_id: str
+    ) -> Response:
+        try:
+            body = await upstream.json(content_type=None)
+        except (json.JSONDecodeError, aiohttp.ClientError) as exc:
+            raise JobRefused(
+                500, f"{job.pipeline.value} container returned bad JSON: {exc}"
+            ) from None
+        finally:
+            upstream.release()
+        as_urls = request.headers.get("authorization") == AI_WORKER_AUTHORIZATION
+        store = self._storer(request_id) if as_urls else None
+        if job.pipeline is Pipeline.IMAGE_TO_VIDEO:  # H.264 encoding: off the event loop
+            reply = await asyncio.to_thread(shape_reply, job.pipeline, body, job.fields, store)
+        else:
+            reply = shape_reply(job.pipeline, body, job.fields, store)
+        return Response(json.dumps(reply) + "\n", media_type="application/json")
+
+    def _storer(self, request_id: str) -> Callable[[str, bytes], str]:
+        base = self.config.public_url.rstrip("/")
+
+        def store(content_type: str, data: bytes) -> str:
+            name = self.results.put(request_id, content_type, data)
+            return f"{base}/stream/{request_id}/{name}"
+
+        return store
+
+    def _stream(
+        self, upstream: aiohttp.ClientResponse, model: ServedModel, held: list[Slot], job_id: str
+    ) -> Response:
+        """llm SSE, chunk by chunk, until the chunk with a finish_reason; no [DONE]."""
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for line in upstream.content:
+                    text = line.strip()
+                    if not text.startswith(b"data:"):
+                        continue
+                    data = text[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    yield b"data: " + data + b"\n\n"
+                    if _finished(data):
+                        break
+            finally:
+                upstream.release()
+                metrics.IN_FLIGHT.labels(model.aimodel).dec()
+                self.demand.end(model, job_id)
+                for slot in held:
+                    self.router.release(slot, model)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _finished(data: bytes) -> bool:
+    try:
+        choices = json.loads(data).get("choices") or [{}]
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return bool(choices[0].get("finish_reason"))
+
+
+async def _runner_error(pipeline: Pipeline, upstream: aiohttp.ClientResponse) -> str:
+    """ai-runner errors are {"detail": {"msg": ...}}; go-livepeer reports them like this."""
+    try:
+        raw = await upstream.read()
+    finally:
+        upstream.release()
+    try:
+        detail = json.loads(raw).get("detail")
+        message = detail.get("msg") if isinstance(detail, dict) else detail
+    except (json.JSONDecodeError, AttributeError):
+        message = raw.decode(errors="replace").strip()
+    return f"{pipeline.value} container returned {upstream.status}: {message}"

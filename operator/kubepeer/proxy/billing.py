@@ -1,0 +1,123 @@
+"""The proxy's one door to payments: ticket params out, payments in, fees debited.
+
+Everything the proxy needs from `kubepeer.payments` goes through `Billing`, so a change in
+the payments code is a change here only. The payments code judges a payment
+(`validate_payment`), credits it and checks the balance (`Ledger.admit`), remembers the
+prices offered to each sender (`Ledger.offer_price`: a payment without tickets must claim
+one of them, beyond go-livepeer, which trusts the claim), and issues params against the
+chain watcher's view of the chain (`load_view`).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from redis import Redis
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.payments.ledger import Ledger
+from kubepeer.payments.recipient import (
+    DEFAULT_TICKET_EV,
+    InsufficientSenderReserve,
+    RecipientSecret,
+    as_price,
+    issue_ticket_params,
+)
+from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.ticket import minimal_bytes
+from kubepeer.payments.validator import (
+    PaymentContext,
+    TicketRejected,
+    ValidPayment,
+    validate_payment,
+)
+from kubepeer.payments.watcher import load_view
+
+ARBITRUM_GAS_PRICE = 10**7  # wei (0.01 gwei): what a winning ticket's redemption is sized for
+
+
+class PaymentRefused(ValueError):
+    """The payment credits nothing; `status` and the text are what the gateway gets."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def fee(units: int, price: Fraction) -> int:
+    """DebitFees: units x price, in whole wei (rounded up: never less than owed)."""
+    return -(-units * price.numerator // price.denominator)
+
+
+class Billing:
+    def __init__(
+        self,
+        redis: Redis,
+        recipient: bytes,
+        secret: RecipientSecret,
+        *,
+        ticket_ev: int = DEFAULT_TICKET_EV,
+        gas_price: int = ARBITRUM_GAS_PRICE,
+        chain_max_age: float = 60.0,
+    ) -> None:
+        self.redis = redis
+        self.recipient = recipient
+        self.secret = secret
+        self.ticket_ev = ticket_ev
+        self.gas_price = gas_price
+        self.chain_max_age = chain_max_age
+        self.ledger = Ledger(redis)
+
+    def chain(self) -> ChainView:
+        view = load_view(self.redis, self.chain_max_age)
+        if view is None:
+            raise PaymentRefused("no recent view of the chain: the chain watcher has stalled")
+        return view
+
+    # -- discovery -------------------------------------------------------------------
+    def ticket_params(self, sender: bytes, price: tuple[int, int]) -> net_pb2.TicketParams:
+        try:
+            params = issue_ticket_params(
+                self.secret, self.recipient, sender, self.chain(),
+                gas_price=self.gas_price, price=price, ev=self.ticket_ev,
+            )  # fmt: skip
+        except InsufficientSenderReserve as exc:
+            raise PaymentRefused(str(exc)) from None
+        self.ledger.offer_price(sender, as_price(price))
+        return net_pb2.TicketParams(
+            recipient=params.recipient,
+            face_value=minimal_bytes(params.face_value),
+            win_prob=minimal_bytes(params.win_prob),
+            recipient_rand_hash=params.recipient_rand_hash,
+            seed=minimal_bytes(params.seed),
+            expiration_block=minimal_bytes(params.expiration_block),
+            expiration_params=net_pb2.TicketExpirationParams(
+                creation_round=params.creation_round,
+                creation_round_block_hash=params.creation_round_block_hash,
+            ),
+        )
+
+    # -- a job -------------------------------------------------------------------------
+    def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
+        """ProcessPayment and the balance check (gateway-wire 2.2 steps 5 and 6)."""
+        context = PaymentContext(
+            recipient=self.recipient,
+            secret=self.secret,
+            chain=self.chain(),
+            issued_prices=self.ledger.offered_prices,
+        )
+        try:
+            valid = validate_payment(payment, context)
+            # The ledger credits each ticket's EV rounded down to whole wei, so one honest
+            # ticket may credit up to 1 wei below the EV its params were issued for.
+            self.ledger.admit(valid, manifest, self.ticket_ev - 1)
+        except TicketRejected as exc:
+            raise PaymentRefused(str(exc), exc.status) from None
+        return valid
+
+    def debit(self, payment: ValidPayment, manifest: str, units: int) -> int:
+        """Charge a finished job at the payment's expected price; returns the fee."""
+        charged = fee(units, payment.price)
+        if charged:
+            self.ledger.debit(payment.sender, manifest, charged)
+        return charged

@@ -1,0 +1,166 @@
+"""GetOrchestrator: what a gateway learns about us (gateway-wire 1.2 to 1.4, 3.2). Pure.
+
+The caller supplies the live facts (which models have a ready replica, their free slots,
+utilisation for surge) and the ticket params; this module decides what the reply says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+
+from kubepeer.controller.prices import price_info
+from kubepeer.livepeer import net_pb2
+from kubepeer.proxy.catalogue import Catalogue, ServedModel
+from kubepeer.proxy.credentials import go_address
+
+# go-livepeer's DefaultCapabilities(): H264, MPEGTS, MP4, FractionalFramerates, storage
+# (direct, S3, GCS), four H264 profiles, GOP, AuthToken, MPEG7VideoSignature (0-12, 14),
+# SegmentSlicing (26). An AI-only orchestrator sets them all: the AI gateway asks for them.
+DEFAULT_CAPABILITIES = (*range(13), 14, 26)
+LIVE_VIDEO_CAPABILITY = 35  # not advertised until live video is built
+RUNNER_VERSION = "0.14.1"  # the ai-runner API our runner implements
+
+
+@dataclass(frozen=True)
+class ModelState:
+    ready: bool
+    free_slots: int
+    utilization: float
+
+
+def bitstring(capabilities: Iterable[int]) -> list[int]:
+    words: list[int] = []
+    for cap in capabilities:
+        word, bit = divmod(cap, 64)
+        words.extend([0] * (word + 1 - len(words)))
+        words[word] |= 1 << bit
+    return words
+
+
+def served(catalogue: Catalogue) -> list[ServedModel]:
+    return [m for m in catalogue.offered if m.capability != LIVE_VIDEO_CAPABILITY]
+
+
+def capabilities(
+    catalogue: Catalogue, state: Callable[[ServedModel], ModelState], version: str
+) -> net_pb2.Capabilities:
+    models = served(catalogue)
+    caps = net_pb2.Capabilities(
+        bitstring=bitstring(sorted({*DEFAULT_CAPABILITIES, *(m.capability for m in models)})),
+        version=version,
+    )
+    for cap in DEFAULT_CAPABILITIES:
+        caps.capacities[cap] = 1
+    for model in models:
+        caps.capacities[model.capability] = 1
+        now = state(model)
+        constraint = caps.constraints.per_capability[model.capability].models[model.model_id]
+        constraint.warm = now.ready
+        constraint.capacity = now.free_slots
+        constraint.runner_version = RUNNER_VERSION
+    return caps
+
+
+def requested_models(request: net_pb2.OrchestratorRequest) -> list[tuple[int, str]]:
+    wanted = request.capabilities.constraints.per_capability
+    return [(cap, model) for cap, c in wanted.items() for model in c.models]
+
+
+def price_for(
+    catalogue: Catalogue,
+    gateway: bytes,
+    request: net_pb2.OrchestratorRequest,
+    state: Callable[[ServedModel], ModelState],
+) -> Fraction:
+    """PriceInfoForCaps: the sum over requested (capability, model) pairs we serve."""
+    total = Fraction(0)
+    by_key = {(m.capability, m.model_id): m for m in served(catalogue)}
+    for key in requested_models(request):
+        model = by_key.get(key)
+        if model and model.price:
+            total += model.price.for_gateway(gateway, state(model).utilization)
+    return total
+
+
+def price_message(wei: Fraction, capability: int = 0, constraint: str = "") -> net_pb2.PriceInfo:
+    num, den = price_info(wei) if wei else (0, 1)
+    return net_pb2.PriceInfo(
+        price_per_unit=num, pixels_per_unit=den, capability=capability, constraint=constraint
+    )
+
+
+def capabilities_prices(
+    catalogue: Catalogue, gateway: bytes, state: Callable[[ServedModel], ModelState]
+) -> list[net_pb2.PriceInfo]:
+    """GetCapabilitiesPrices: floor(wei per unit), pixelsPerUnit 1, per capability and model."""
+    prices = []
+    for model in served(catalogue):
+        wei = model.price.for_gateway(gateway, state(model).utilization) if model.price else 0
+        prices.append(
+            net_pb2.PriceInfo(
+                price_per_unit=int(wei),
+                pixels_per_unit=1,
+                capability=model.capability,
+                constraint=model.model_id,
+            )
+        )
+    return prices
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What goes into OrchestratorInfo besides the ticket params and the auth token."""
+
+    info: net_pb2.OrchestratorInfo
+    price: tuple[int, int]  # the price quoted, for the ticket params and the issued record
+
+
+def orchestrator_info(
+    request: net_pb2.OrchestratorRequest,
+    catalogue: Catalogue,
+    state: Callable[[ServedModel], ModelState],
+    *,
+    transcoder: str,
+    recipient: bytes,
+    version: str,
+) -> Reply:
+    gateway = go_address(request.address)
+    info = net_pb2.OrchestratorInfo(
+        transcoder=transcoder,
+        address=recipient,
+        capabilities=capabilities(catalogue, state, version),
+    )
+    if request.HasField("capabilities"):
+        price = price_message(price_for(catalogue, gateway, request, state))
+    else:
+        price = price_message(Fraction(0))  # the transcoding base price: we transcode nothing
+        info.capabilities_prices.extend(capabilities_prices(catalogue, gateway, state))
+        for model in served(catalogue):
+            info.hardware.append(
+                net_pb2.HardwareInformation(pipeline=model.pipeline.value, model_id=model.model_id)
+            )
+    info.price_info.CopyFrom(price)
+    return Reply(info=info, price=(price.price_per_unit, price.pixels_per_unit))
+
+
+def compatible(requested: net_pb2.Capabilities, ours: net_pb2.Capabilities) -> bool:
+    """The gateway's CompatibleWith, applied to a job's SegData capabilities (gateway-wire 1.4)."""
+    for i, word in enumerate(requested.bitstring):
+        have = ours.bitstring[i] if i < len(ours.bitstring) else 0
+        if word & ~have:
+            return False
+    mandatory_bits = list(requested.bitstring)
+    for i, word in enumerate(ours.mandatories):
+        have = mandatory_bits[i] if i < len(mandatory_bits) else 0
+        if word & ~have:
+            return False
+    for cap, wanted in requested.constraints.per_capability.items():
+        offered = ours.constraints.per_capability.get(cap)
+        for model, constraint in wanted.models.items():
+            if offered is None or model not in offered.models:
+                return False
+            if constraint.warm and not offered.models[model].warm:
+                return False
+    return True

@@ -1,0 +1,102 @@
+"""A batch job's way through the front door, in go-livepeer's check order (gateway-wire 2.2).
+
+0. body read (413 past the limit) and decoded (400)
+1. Livepeer-Payment decoded (402)
+2. Livepeer-Segment credentials (403)
+3. billed units (400)
+4. a slot on a runner, or a hold while the model wakes (503 `insufficient capacity`)
+5. the payment credited (400)
+6. the balance covers a ticket's EV (400 `Insufficient balance`)
+7. the runner answers (500 `<pipeline> container returned <status>: <msg>`)
+8. the fee debited, only on success
+Error bodies are plain text with a newline, like Go's http.Error: gateways match the text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.capabilities import Pipeline
+
+BATCH_PIPELINES = tuple(p for p in Pipeline if p is not Pipeline.LIVE_VIDEO_TO_VIDEO)
+JSON_PIPELINES = {Pipeline.TEXT_TO_IMAGE, Pipeline.LLM, Pipeline.TEXT_TO_SPEECH}
+
+
+class JobRefused(Exception):
+    """Ends a job with `status` and the plain-text `text`."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    pipeline: Pipeline
+    body: bytes
+    content_type: str
+    fields: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        key = "model" if self.pipeline is Pipeline.LLM else "model_id"
+        return str(self.fields.get(key) or "")
+
+    @property
+    def streams(self) -> bool:
+        return self.pipeline is Pipeline.LLM and bool(self.fields.get("stream"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (never buffered beyond it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise JobRefused(413, f"request body exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise JobRefused(413, f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def decode_fields(pipeline: Pipeline, content_type: str, body: bytes) -> dict[str, Any]:
+    if pipeline in JSON_PIPELINES:
+        try:
+            fields = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise JobRefused(400, f"invalid JSON body: {exc}") from None
+        if not isinstance(fields, dict):
+            raise JobRefused(400, "the JSON body must be an object")
+        return fields
+    if not content_type.startswith("multipart/form-data"):
+        raise JobRefused(400, f"{pipeline.value} takes multipart/form-data, got {content_type!r}")
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "headers": [(b"content-type", content_type.encode())],
+    }
+    try:
+        form = await Request(scope, replay).form(max_part_size=len(body) + 1)
+    except Exception as exc:  # multipart raises several types on a malformed body
+        raise JobRefused(400, f"invalid multipart body: {exc}") from None
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        fields[name] = await value.read() if isinstance(value, UploadFile) else value
+    return fields
+
+
+def segment_capabilities_model(seg: net_pb2.SegData) -> list[tuple[int, str]]:
+    per = seg.capabilities.constraints.per_capability
+    return [(cap, model) for cap, c in per.items() for model in c.models]

@@ -1,0 +1,305 @@
+"""`kubepeer proxy`: wires the pieces to their edges (files, Redis, the API server) and serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from kubepeer import demand as demand_records
+from kubepeer.controller.labels import TABLE, WOKEN_AT
+from kubepeer.payments.recipient import RecipientSecret
+from kubepeer.proxy.app import Demand, Proxy, ProxyConfig, Waker
+from kubepeer.proxy.billing import Billing
+from kubepeer.proxy.catalogue import (
+    Catalogue,
+    CatalogueError,
+    ServedModel,
+    TableRows,
+    load_catalogue,
+)
+from kubepeer.proxy.credentials import AuthSecret
+from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
+from kubepeer.proxy.results import ResultStore
+from kubepeer.proxy.routing import Router
+from kubepeer.proxy.server import hypercorn_config, serve
+
+log = logging.getLogger("kubepeer.proxy")
+
+RELOAD_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ProxyArgs:
+    bind: str
+    public_url: str
+    namespace: str
+    redis_url: str
+    models_file: Path | None = None  # one models.json instead of watching the table ConfigMaps
+    endpoints_file: Path | None = None  # a static endpoint table instead of the watch
+    plaintext: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_secret_file: Path | None = None
+    recipient: str | None = None
+    recipient_secret_file: Path | None = None
+    payments: bool = True
+    bearer_token_file: Path | None = None
+    runner_token_file: Path | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_queue: int = 8
+    queue_timeout: float = 10.0
+    hold_timeout: float = 900.0
+    version: str = "0.9.1"
+    wake: bool = True
+    gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
+    demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the request id and the other `extra` fields."""
+
+    BASE = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **{k: v for k, v in vars(record).items() if k not in self.BASE},
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class WatchedFile:
+    """A mounted file (ConfigMap) read again when it changes; the last good content stays."""
+
+    def __init__(self, path: Path, parse: Callable[[Path], Any]) -> None:
+        self.path = path
+        self.parse = parse
+        self.stamp: tuple[int, int] | None = None
+        self.value: Any = None
+        self.refresh()
+
+    def refresh(self) -> bool:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self.stamp:
+            return False
+        try:
+            self.value = self.parse(self.path)
+        except (CatalogueError, ValueError, OSError) as exc:
+            log.error("ignoring %s: %s", self.path, exc)
+            return False
+        self.stamp = stamp
+        return True
+
+
+def read_endpoints(path: Path) -> dict[str, tuple[str, ...]]:
+    """{"runner-service": ["http://127.0.0.1:8000", ...]}: ready URLs per runner Service."""
+    raw = json.loads(path.read_text())
+    return {service: tuple(urls) for service, urls in raw.items()}
+
+
+class KubeWaker(Waker):
+    """Wakes an OnDemand model as DESIGN.md's "Demand in Redis" says: a patch of the AIModel
+    with spec.replicas >= 1 and the annotation kubepeer.io/woken-at."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+
+    def _wake(self, model: ServedModel) -> None:
+        args = ("kubepeer.io", "v1alpha1", self.namespace, "aimodels", model.aimodel)
+        aimodel = self.api.get_namespaced_custom_object(*args)
+        replicas = max(1, aimodel["spec"].get("replicas") or 0)
+        patch = {
+            "metadata": {"annotations": {WOKEN_AT: repr(time.time())}},
+            "spec": {"replicas": replicas},
+        }
+        self.api.patch_namespaced_custom_object(*args, patch)
+        log.info("woke %s: spec.replicas %s", model.aimodel, replicas)
+
+    async def wake(self, model: ServedModel) -> None:
+        await asyncio.to_thread(self._wake, model)
+
+
+class RedisDemand(Demand):
+    """DESIGN.md's demand records (kubepeer/demand.py): each job in flight has an expiry
+    this proxy pushes out while the job runs, so a crashed proxy pins no GPU."""
+
+    def __init__(self, redis: Redis, namespace: str, ttl: float) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.ttl = ttl
+        self.mine: dict[str, set[str]] = {}  # aimodel -> job ids in flight here
+
+    def start(self, model: ServedModel, job_id: str) -> bool:
+        self.mine.setdefault(model.aimodel, set()).add(job_id)
+        return demand_records.job_started(
+            self.redis, self.namespace, model.aimodel, job_id, ttl=self.ttl
+        )
+
+    def end(self, model: ServedModel, job_id: str) -> None:
+        self.mine.get(model.aimodel, set()).discard(job_id)
+        demand_records.job_finished(self.redis, self.namespace, model.aimodel, job_id)
+
+    def heartbeat(self) -> None:
+        for aimodel, jobs in list(self.mine.items()):
+            for job_id in list(jobs):
+                demand_records.job_alive(self.redis, self.namespace, aimodel, job_id, ttl=self.ttl)
+
+
+def _secret_bytes(path: Path | None) -> bytes | None:
+    return path.read_bytes().strip() if path else None
+
+
+def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callable[[], Any]]:
+    """The Proxy and the coroutine factory that keeps its inputs current."""
+    redis = Redis.from_url(args.redis_url)
+    current: dict[str, Any] = {"catalogue": Catalogue(args.namespace), "models": False,
+                               "endpoints": False}  # fmt: skip
+    models_file = None
+    if args.models_file is not None:
+        models_file = WatchedFile(args.models_file, lambda p: load_catalogue(p, args.namespace))
+        if models_file.value is not None:
+            current.update(catalogue=models_file.value, models=True)
+    router = Router(max_queue=args.max_queue)
+    auth_raw = _secret_bytes(args.auth_secret_file)
+    billing = None
+    recipient = b""
+    if args.payments:
+        if not (args.recipient and args.recipient_secret_file):
+            raise SystemExit("payments on: --recipient and --recipient-secret-file are required")
+        recipient = bytes.fromhex(args.recipient.removeprefix("0x"))
+        billing = Billing(
+            redis,
+            recipient,
+            RecipientSecret.from_file(args.recipient_secret_file),
+            gas_price=args.gas_price,
+        )
+    bearer = _secret_bytes(args.bearer_token_file)
+    runner_token = _secret_bytes(args.runner_token_file)
+    config = ProxyConfig(
+        public_url=args.public_url.rstrip("/"),
+        version=args.version,
+        payments=args.payments,
+        bearer_token=bearer.decode() if bearer else None,
+        runner_token=runner_token.decode() if runner_token else None,
+        max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        hold_timeout=args.hold_timeout,
+    )
+    demand = RedisDemand(redis, args.namespace, args.demand_ttl)
+    proxy = Proxy(
+        config,
+        catalogue=lambda: current["catalogue"],
+        router=router,
+        auth_secret=AuthSecret(auth_raw) if auth_raw else AuthSecret.generate(),
+        results=ResultStore(redis),
+        billing=billing,
+        recipient=recipient,
+        waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
+        demand=demand,
+        ready=lambda: current["endpoints"] and current["models"],
+    )
+
+    def apply_endpoints(table: dict[str, tuple[str, ...]]) -> None:
+        router.set_endpoints(table, current["catalogue"].models)
+        proxy.endpoints_changed()
+        current["endpoints"] = True
+
+    def apply_models(catalogue: Catalogue) -> None:
+        current.update(catalogue=catalogue, models=True)
+        router.serve_waiters(catalogue.models)
+
+    async def keep_current() -> None:
+        loop = asyncio.get_running_loop()
+        endpoints_file = None
+        if args.endpoints_file is not None:
+            endpoints_file = WatchedFile(args.endpoints_file, read_endpoints)
+            if endpoints_file.value is not None:
+                apply_endpoints(endpoints_file.value)
+        elif api_client is not None:
+            endpoint_slice_watch(
+                api_client,
+                args.namespace,
+                lambda table: loop.call_soon_threadsafe(apply_endpoints, table),
+            ).start()
+        if models_file is None and api_client is not None:
+            from kubernetes import client
+
+            rows = TableRows(args.namespace)
+            ListWatch(
+                client.CoreV1Api(api_client).list_namespaced_config_map,
+                args.namespace,
+                f"{TABLE}=model",
+                replace=rows.replace,
+                apply=rows.apply,
+                on_change=lambda: loop.call_soon_threadsafe(apply_models, rows.catalogue()),
+                name="model-table-watch",
+            ).start()
+        last_beat = 0.0
+        while True:
+            await asyncio.sleep(RELOAD_SECONDS)
+            if models_file is not None and models_file.refresh():
+                apply_models(models_file.value)
+            if endpoints_file is not None and endpoints_file.refresh():
+                apply_endpoints(endpoints_file.value)
+            if time.monotonic() - last_beat > args.demand_ttl / 3:
+                await asyncio.to_thread(demand.heartbeat)
+                last_beat = time.monotonic()
+
+    return proxy, keep_current
+
+
+def run_proxy(args: ProxyArgs) -> int:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    api_client = None
+    if args.endpoints_file is None or args.models_file is None or args.wake:
+        try:
+            from kubernetes import config as kube_config
+
+            try:
+                kube_config.load_incluster_config()
+            except kube_config.ConfigException:
+                kube_config.load_kube_config()
+            from kubernetes import client
+
+            api_client = client.ApiClient()
+        except Exception as exc:
+            if args.endpoints_file is None or args.models_file is None:
+                raise SystemExit(f"no Kubernetes API to watch: {exc}") from None
+            log.warning("no Kubernetes API: OnDemand models will not be woken (%s)", exc)
+    proxy, keep_current = build(args, api_client)
+    config = hypercorn_config(
+        args.bind, args.public_url, plaintext=args.plaintext, cert=args.tls_cert, key=args.tls_key
+    )
+
+    async def main() -> None:
+        keeper = asyncio.create_task(keep_current())
+        try:
+            await serve(proxy, config)
+        finally:
+            keeper.cancel()
+
+    asyncio.run(main())
+    return 0

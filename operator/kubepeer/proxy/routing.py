@@ -1,0 +1,155 @@
+"""Which replica takes a job: least in flight under each replica's capacity, waiters in order.
+
+In-memory and per proxy replica: each replica of the proxy counts what it sent. A job
+that finds every slot taken waits in a bounded per-model queue (with a timeout); a job
+for a model with no ready replica at all waits as a hold (the caller wakes the model).
+Waiters are served strictly in arrival order: a new job never jumps the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kubepeer.proxy.catalogue import ServedModel
+
+
+class NoCapacity(Exception):
+    """No slot now and none worth waiting for: go-livepeer's `insufficient capacity`."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    aimodel: str
+    url: str
+
+
+@dataclass
+class _Waiter:
+    model: ServedModel
+    future: asyncio.Future[Slot]
+    exclude: frozenset[str]
+    since: float = field(default_factory=time.monotonic)
+
+
+class Router:
+    def __init__(self, max_queue: int = 8) -> None:
+        self.max_queue = max_queue
+        self._urls: dict[str, tuple[str, ...]] = {}  # runner Service -> ready URLs
+        self._in_flight: dict[tuple[str, str], int] = {}  # (url, aimodel) -> jobs
+        self._waiters: dict[str, deque[_Waiter]] = {}  # aimodel -> waiters, oldest first
+
+    # -- endpoints -------------------------------------------------------------------
+    def set_endpoints(
+        self, table: dict[str, tuple[str, ...]], models: Iterable[ServedModel]
+    ) -> None:
+        self._urls = dict(table)
+        self.serve_waiters(models)
+
+    def serve_waiters(self, models: Iterable[ServedModel]) -> None:
+        for model in models:
+            self._serve_waiters(model)
+
+    def urls(self, model: ServedModel) -> tuple[str, ...]:
+        return self._urls.get(model.runner, ())
+
+    def ready(self, model: ServedModel) -> bool:
+        return bool(self.urls(model))
+
+    # -- counting ----------------------------------------------------------------------
+    def in_flight(self, model: ServedModel) -> int:
+        return sum(self._in_flight.get((u, model.aimodel), 0) for u in self.urls(model))
+
+    def free_slots(self, model: ServedModel) -> int:
+        return sum(
+            max(0, model.capacity - self._in_flight.get((u, model.aimodel), 0))
+            for u in self.urls(model)
+        )
+
+    def utilization(self, model: ServedModel) -> float:
+        total = model.capacity * len(self.urls(model))
+        return 1.0 if total == 0 else self.in_flight(model) / total
+
+    def queued(self, model: ServedModel) -> int:
+        return len(self._waiters.get(model.aimodel, ()))
+
+    # -- taking and giving back slots ----------------------------------------------------
+    def _pick(self, model: ServedModel, exclude: frozenset[str]) -> Slot | None:
+        """The least busy replica with a free slot; ties broken at random so that several
+        proxy replicas do not all pile onto the same runner."""
+        open_ = [
+            (self._in_flight.get((url, model.aimodel), 0), url)
+            for url in self.urls(model)
+            if url not in exclude
+        ]
+        open_ = [(busy, url) for busy, url in open_ if busy < model.capacity]
+        if not open_:
+            return None
+        least = min(busy for busy, _ in open_)
+        url = random.choice([u for busy, u in open_ if busy == least])
+        key = (url, model.aimodel)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return Slot(model.aimodel, url)
+
+    def try_reserve(self, model: ServedModel, exclude: Iterable[str] = ()) -> Slot | None:
+        if self._waiters.get(model.aimodel):
+            return None  # others were first
+        return self._pick(model, frozenset(exclude))
+
+    async def reserve(
+        self,
+        model: ServedModel,
+        *,
+        timeout: float,
+        hold: bool = False,
+        exclude: Iterable[str] = (),
+    ) -> Slot:
+        """A slot now, or after waiting in line. `hold` waits for a model with no ready
+        replica (being woken) without the queue bound."""
+        excluded = frozenset(exclude)
+        slot = self.try_reserve(model, excluded)
+        if slot is not None:
+            return slot
+        waiting = self._waiters.setdefault(model.aimodel, deque())
+        if not hold and (not self.ready(model) or len(waiting) >= self.max_queue):
+            raise NoCapacity(model.aimodel)
+        waiter = _Waiter(model, asyncio.get_running_loop().create_future(), excluded)
+        waiting.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result())  # granted as we timed out
+            raise NoCapacity(model.aimodel) from None
+        finally:
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.cancel()
+
+    def release(self, slot: Slot, model: ServedModel | None = None) -> None:
+        key = (slot.url, slot.aimodel)
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+        if model is not None:
+            self._serve_waiters(model)
+
+    def _serve_waiters(self, model: ServedModel) -> None:
+        waiting = self._waiters.get(model.aimodel)
+        while waiting:
+            head = waiting[0]
+            if head.future.done():
+                waiting.popleft()
+                continue
+            slot = self._pick(model, head.exclude)
+            if slot is None:
+                return
+            waiting.popleft()
+            head.future.set_result(slot)

@@ -1,0 +1,100 @@
+"""The listener: one port for gRPC and HTTP, TLS with ALPN h2 + http/1.1, or h2c behind an
+ingress that terminates TLS (gateway-wire 1.1). Hypercorn serves the ASGI app: it speaks
+HTTP/2 with response trailers, which unary gRPC needs, and HTTP/1.1 on the same socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import logging
+import signal
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+CERT_DAYS = 365
+
+
+def self_signed(host: str) -> tuple[bytes, bytes]:
+    """(cert PEM, key PEM): ECDSA P-256, one year, the public host as SAN, as go-livepeer
+    makes when no certificate is given (gateways skip verification)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Kubepeer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def hypercorn_config(
+    bind: str,
+    public_url: str,
+    *,
+    plaintext: bool = False,
+    cert: Path | None = None,
+    key: Path | None = None,
+    graceful_seconds: float = 60.0,
+) -> Any:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [bind]
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.graceful_timeout = graceful_seconds
+    config.keep_alive_timeout = 600  # go-livepeer's idle timeout is 10 min
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # our JSON lines, not its own
+    config.h2_max_concurrent_streams = 1000
+    if plaintext:
+        return config  # hypercorn speaks h2c (prior knowledge) and HTTP/1.1 here
+    if cert is None or key is None:
+        host = urlsplit(public_url).hostname or "localhost"
+        cert_pem, key_pem = self_signed(host)
+        folder = Path(tempfile.mkdtemp(prefix="kubepeer-proxy-tls-"))
+        cert, key = folder / "cert.pem", folder / "key.pem"
+        cert.write_bytes(cert_pem)
+        key.touch(mode=0o600)
+        key.write_bytes(key_pem)
+    config.certfile, config.keyfile = str(cert), str(key)
+    return config
+
+
+async def serve(app: Callable[..., Awaitable[None]], config: Any) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]

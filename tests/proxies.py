@@ -1,0 +1,324 @@
+"""Proxies for tests: `kubepeer proxy` over TLS on loopback, real runners with tiny
+models behind it, real Redis; a gateway made from gateway-wire.md's facts in front.
+
+Runner endpoints come from the proxy's static endpoint file (the API server refuses
+loopback addresses in EndpointSlices, and kwok pod IPs must never be dialled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import grpc
+import httpx
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import keccak
+
+from conftest import REPO, RedisServer, free_port
+from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.wire import encode
+from kubepeer.payments.gateway import sign_payment
+from kubepeer.payments.recipient import TicketParams
+from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.watcher import save_view
+from support import wait_for
+
+
+def _runner_helpers():
+    """tests/runner/runners.py (runner processes), importable from any test directory."""
+    if "runners" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "runners", Path(__file__).resolve().parent / "runner" / "runners.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["runners"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["runners"]
+
+
+RunnerProcess = _runner_helpers().RunnerProcess
+start_runner = _runner_helpers().start_runner
+stop = _runner_helpers().stop
+
+RECIPIENT = bytes.fromhex("5a" * 20)
+SD = "kubepeer-tiny/stable-diffusion"
+LLAMA = "kubepeer-tiny/llama"
+SVD = "kubepeer-tiny/svd"
+RUNNER_TOKEN = "proxy-test-runner-token"
+# gateway-wire 1.4: the AI gateway asks for DefaultCapabilities() (0-12, 14, 26) + its cap.
+GATEWAY_DEFAULT_CAPS = [*range(13), 14, 26]
+CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33}
+
+
+def models_json(
+    price: str = "1/4", capacity: int = 1, extra: list[dict] | None = None, base: bool = True
+) -> dict:
+    def entry(aimodel, pipeline, model_id, runner="runner-fleet", warm="Always"):
+        return {
+            "aimodel": aimodel, "pipeline": pipeline, "modelId": model_id,
+            "capability": CAPABILITY[pipeline], "runner": runner, "port": 8000,
+            "capacity": capacity, "warm": warm, "maxReplicas": 2,
+            "price": {"unit": "pixel", "weiPerUnit": price, "gateways": {}, "surge": None},
+        }  # fmt: skip
+
+    models = [
+        *(
+            [entry("sd", "text-to-image", SD), entry("llama", "llm", LLAMA),
+             entry("svd", "image-to-video", SVD)]
+            if base else []
+        ),
+        *(entry(**e) for e in extra or []),
+    ]  # fmt: skip
+    return {"version": 1, "models": models}
+
+
+@dataclass
+class ProxyServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    workdir: Path
+    scheme: str = "https"
+    pem: bytes = b""
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=False, timeout=120, **kw)
+
+    def channel(self) -> grpc.Channel:
+        if self.scheme == "http":
+            return grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.pem)
+        return grpc.secure_channel(f"127.0.0.1:{self.port}", credentials)
+
+    def set_endpoints(self, table: dict[str, list[str]]) -> None:
+        path = self.workdir / "endpoints.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(path)
+
+    def set_models(self, document: dict) -> None:
+        path = self.workdir / "models.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document))
+        tmp.replace(path)
+
+
+def start_proxy(
+    workdir: Path, redis: RedisServer, *, models: dict | None, endpoints: dict,
+    args: list[str] = (), plaintext: bool = False, shared: Path | None = None,
+    namespace: str = "test", kubeconfig: Path | None = None,
+) -> ProxyServer:  # fmt: skip
+    """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shared = shared or workdir
+    if not (shared / "recipient-secret").exists():
+        (shared / "recipient-secret").write_bytes(os.urandom(32))
+        (shared / "auth-secret").write_bytes(os.urandom(32))
+        (shared / "runner-token").write_text(RUNNER_TOKEN)
+    port = free_port()
+    proxy = ProxyServer(port, None, workdir / "proxy.log", workdir,  # type: ignore[arg-type]
+                        scheme="http" if plaintext else "https")  # fmt: skip
+    if models is not None:  # else: the operator's table ConfigMaps, watched
+        proxy.set_models(models)
+    proxy.set_endpoints(endpoints)
+    command = [
+        sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
+        "--public-url", proxy.url, "--namespace", namespace, "--redis-url", redis.url,
+        *(["--models-file", str(workdir / "models.json")] if models is not None else []),
+        "--endpoints-file", str(workdir / "endpoints.json"),
+        "--recipient", "0x" + RECIPIENT.hex(),
+        "--recipient-secret-file", str(shared / "recipient-secret"),
+        "--auth-secret-file", str(shared / "auth-secret"),
+        "--runner-token-file", str(shared / "runner-token"),
+        *(["--no-wake"] if kubeconfig is None else []),
+        *(["--plaintext"] if plaintext else []), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
+    env.pop("KUBECONFIG", None)
+    if kubeconfig is not None:  # the proxy wakes OnDemand models through this API server
+        env["KUBECONFIG"] = str(kubeconfig)
+    proxy.process = subprocess.Popen(
+        command, env=env, stdout=proxy.log.open("wb"), stderr=subprocess.STDOUT
+    )
+
+    def up() -> bool:
+        if proxy.process.poll() is not None:
+            raise RuntimeError(f"proxy exited:\n{proxy.log.read_text()}")
+        try:
+            with proxy.http() as client:
+                return client.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=60, what="the proxy to be ready")
+    if not plaintext:
+        proxy.pem = ssl.get_server_certificate(("127.0.0.1", port)).encode()
+    return proxy
+
+
+def stop_proxy(proxy: ProxyServer) -> None:
+    if proxy.process.poll() is None:
+        proxy.process.send_signal(signal.SIGTERM)
+        try:
+            proxy.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proxy.process.kill()
+            proxy.process.wait()
+
+
+# -- a gateway, from gateway-wire.md ----------------------------------------------------------
+def personal_sign_keccak(account, message: bytes) -> bytes:
+    """go-livepeer's gateway Sign: personal_sign over keccak256(message)."""
+    return Account.sign_message(encode_defunct(primitive=keccak(message)), account.key).signature
+
+
+@dataclass
+class Gateway:
+    account: object = field(default_factory=Account.create)
+    nonce: int = 0
+
+    @property
+    def address(self) -> bytes:
+        return bytes.fromhex(self.account.address[2:])
+
+    def request(self, cap: int | None, model: str | None) -> net_pb2.OrchestratorRequest:
+        request = net_pb2.OrchestratorRequest(
+            address=self.address,
+            sig=personal_sign_keccak(self.account, self.account.address.encode()),
+        )
+        if cap is not None:
+            caps = request.capabilities
+            caps.CopyFrom(self.capabilities(cap, model))
+        return request
+
+    @staticmethod
+    def capabilities(cap: int, model: str) -> net_pb2.Capabilities:
+        caps = net_pb2.Capabilities()
+        words = [0] * 1
+        for bit in [*GATEWAY_DEFAULT_CAPS, cap]:
+            words[bit // 64] |= 1 << (bit % 64)
+        caps.bitstring.extend(words)
+        caps.constraints.per_capability[cap].models[model].warm = False
+        return caps
+
+    def discover(self, proxy: ProxyServer, cap: int | None, model: str | None):
+        with proxy.channel() as channel:
+            call = channel.unary_unary(
+                "/net.Orchestrator/GetOrchestrator",
+                request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
+                response_deserializer=net_pb2.OrchestratorInfo.FromString,
+            )
+            return call(self.request(cap, model), timeout=10)
+
+    def headers(
+        self, info: net_pb2.OrchestratorInfo, cap: int, model: str, tickets: int = 1,
+        price: tuple[int, int] | None = None,
+    ) -> dict[str, str]:  # fmt: skip
+        """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1)."""
+        seg = net_pb2.SegData(manifest_id=f"{cap}_{model}".encode(), seq=0, hash=keccak(b""))
+        seg.capabilities.CopyFrom(self.capabilities(cap, model))
+        seg.auth_token.CopyFrom(info.auth_token)
+        flatten = seg.manifest_id + (0).to_bytes(32, "big") + seg.hash
+        seg.sig = personal_sign_keccak(self.account, flatten)
+        price = price or (info.price_info.price_per_unit, info.price_info.pixels_per_unit)
+        tp = info.ticket_params
+        params = TicketParams(
+            recipient=tp.recipient,
+            face_value=int.from_bytes(tp.face_value, "big"),
+            win_prob=int.from_bytes(tp.win_prob, "big"),
+            recipient_rand_hash=tp.recipient_rand_hash,
+            seed=int.from_bytes(tp.seed, "big"),
+            expiration_block=int.from_bytes(tp.expiration_block, "big"),
+            price=Fraction(*price),
+            creation_round=tp.expiration_params.creation_round,
+            creation_round_block_hash=tp.expiration_params.creation_round_block_hash,
+        )
+        nonces = list(range(self.nonce + 1, self.nonce + 1 + tickets))
+        self.nonce += tickets
+        payment = sign_payment(params, self.account.key, self.address, nonces, price)
+        if not tickets:
+            payment = net_pb2.Payment(sender=self.address, expected_price=payment.expected_price)
+        return {
+            "Livepeer-Segment": encode(seg),
+            "Livepeer-Payment": encode(payment),
+            "Authorization": "Livepeer-AI-Worker-1.0",
+        }
+
+
+def ticket_ev(info: net_pb2.OrchestratorInfo) -> int:
+    tp = info.ticket_params
+    face, prob = int.from_bytes(tp.face_value, "big"), int.from_bytes(tp.win_prob, "big")
+    return face * prob // (2**256 - 1)
+
+
+def fee(units: int, info: net_pb2.OrchestratorInfo) -> int:
+    price = Fraction(info.price_info.price_per_unit, info.price_info.pixels_per_unit)
+    return -(-units * price.numerator // price.denominator)
+
+
+PROBE_SOURCE = Path(__file__).resolve().parent / "proxy" / "grpcprobe"
+CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
+
+
+def grpc_go_probe() -> Path:
+    """tests/proxy/grpcprobe built once with grpc-go from the Go module proxy, cached by content."""
+    digest = hashlib.sha256()
+    for name in ("main.go", "go.mod", "go.sum"):
+        digest.update((PROBE_SOURCE / name).read_bytes())
+    binary = CACHE / "grpcprobe" / digest.hexdigest()[:16] / "grpcprobe"
+    if not binary.exists():
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["go", "build", "-o", str(binary.with_suffix(".partial")), "."],
+            cwd=PROBE_SOURCE, check=True, timeout=900,
+            env={**os.environ, "GOFLAGS": "-mod=readonly"},
+        )  # fmt: skip
+        binary.with_suffix(".partial").replace(binary)
+    return binary
+
+
+def go_get_orchestrator(proxy: ProxyServer, request: net_pb2.OrchestratorRequest):
+    """(OrchestratorInfo, None) or (None, "ERR <code>: <message>") from grpc-go."""
+    result = subprocess.run(
+        [str(grpc_go_probe()), f"127.0.0.1:{proxy.port}", proxy.scheme],
+        input=request.SerializeToString().hex() + "\n", capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    out = result.stdout.strip()
+    if result.returncode == 0:
+        return net_pb2.OrchestratorInfo.FromString(bytes.fromhex(out)), None
+    return None, out or result.stderr
+
+
+class FreshChainView:
+    """A fixed chain view kept fresh in Redis, standing in for the payments process's chain
+    watcher (which needs the dev chain's contracts; not started by these tests)."""
+
+    VIEW = ChainView(l1_block=5_000, current_round=10, creation_round=10,
+                     creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
+
+    def __init__(self, redis) -> None:
+        self.redis = redis
+        self.stop = threading.Event()
+        save_view(redis, self.VIEW)
+        threading.Thread(target=self._keep, daemon=True).start()
+
+    def _keep(self) -> None:
+        while not self.stop.wait(5):
+            save_view(self.redis, self.VIEW)

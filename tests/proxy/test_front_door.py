@@ -1,0 +1,457 @@
+"""A go-livepeer gateway's view of the proxy, over real TLS, with real runners and Redis.
+
+Oracles are gateway-wire.md's facts: the gateway's compatibility rule, go-livepeer's check
+order and error texts, billed units and the debit rule. Balances are read from the ledger's
+Redis keys (DESIGN.md, "Payments in Redis").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import av
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.payments.ledger import balance_key
+from proxies import (
+    LLAMA,
+    RECIPIENT,
+    RUNNER_TOKEN,
+    SD,
+    SVD,
+    FreshChainView,
+    Gateway,
+    ProxyServer,
+    RunnerProcess,
+    fee,
+    go_get_orchestrator,
+    models_json,
+    start_proxy,
+    start_runner,
+    stop,
+    stop_proxy,
+    ticket_ev,
+)  # fmt: skip
+from support import wait_for
+
+pytestmark = pytest.mark.redis
+
+T2I = {"prompt": "a cat", "height": 32, "width": 48, "num_inference_steps": 1, "seed": 3,
+       "model_id": SD}  # fmt: skip
+T2I_UNITS = 32 * 48
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
+    """One runner serving the three models these tests use, with the operator's token."""
+    models = [{"pipeline": "text-to-image", "model_id": SD}, {"pipeline": "llm", "model_id": LLAMA},
+              {"pipeline": "image-to-video", "model_id": SVD}]  # fmt: skip
+    env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "AUTH_TOKEN": RUNNER_TOKEN,
+           "MAX_QUEUE": "64"}  # fmt: skip
+    runner = start_runner(env, tmp_path_factory.mktemp("fleet") / "runner.log")
+    yield runner
+    stop(runner)
+
+
+@pytest.fixture(scope="module")
+def chain_facts(redis_server) -> Iterator[FreshChainView]:
+    view = FreshChainView(redis_server.client())
+    yield view
+    view.stop.set()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory, redis_server, fleet, chain_facts) -> Iterator[ProxyServer]:
+    server = start_proxy(
+        tmp_path_factory.mktemp("proxy"), redis_server, models=models_json(),
+        endpoints={"runner-fleet": [fleet.url]}, args=["--max-body-bytes", "200000"],
+    )  # fmt: skip
+    yield server
+    stop_proxy(server)
+
+
+def balance(redis_server, gateway: Gateway, cap: int, model: str) -> int:
+    raw = redis_server.client().get(balance_key(gateway.address, f"{cap}_{model}"))
+    return int(raw or 0)
+
+
+def free_slots(proxy, cap, model) -> int:
+    info = Gateway().discover(proxy, cap, model)
+    return info.capabilities.constraints.per_capability[cap].models[model].capacity
+
+
+def paid_t2i(proxy, gateway, body=None, tickets=1, **kw) -> httpx.Response:
+    info = gateway.discover(proxy, 27, SD)
+    headers = gateway.headers(info, 27, SD, tickets=tickets, **kw)
+    with proxy.http() as client:
+        return client.post("/text-to-image", json=body or T2I, headers=headers)
+
+
+# -- one port, two protocols ------------------------------------------------------------------
+def test_grpc_and_https_share_one_tls_port_with_alpn_h2(proxy):
+    info = Gateway().discover(proxy, 27, SD)
+    assert info.transcoder == proxy.url
+    with proxy.http(http2=True) as client:
+        assert client.get("/healthz").http_version == "HTTP/2"
+    with proxy.http() as client:
+        assert client.get("/healthz").http_version == "HTTP/1.1"
+
+
+def test_discovery_passes_the_gateways_rules_for_every_served_model(proxy):
+    gateway = Gateway()
+    for cap, model in [(27, SD), (33, LLAMA), (29, SVD)]:
+        info = gateway.discover(proxy, cap, model)
+        caps = info.capabilities
+        for bit in [*range(13), 14, 26, cap]:  # requested bits subset of ours (1.4 d)
+            assert caps.bitstring[bit // 64] >> (bit % 64) & 1, bit
+        constraint = caps.constraints.per_capability[cap].models[model]  # (1.4 c)
+        assert constraint.warm  # a ready replica exists
+        assert constraint.capacity == 1
+        assert constraint.runner_version
+        assert tuple(map(int, caps.version.split("."))) >= (0, 9, 0)  # (1.4 a)
+        assert info.address == RECIPIENT
+        assert info.auth_token.expiration - time.time() == pytest.approx(1800, abs=5)
+        tp = info.ticket_params  # 1.5: valid params, EV < faceValue, EV <= 3e12
+        assert int.from_bytes(tp.expiration_block, "big") - 5_000 > 1
+        assert 0 < ticket_ev(info) < int.from_bytes(tp.face_value, "big")
+        assert ticket_ev(info) <= 3 * 10**12
+        assert (info.price_info.price_per_unit, info.price_info.pixels_per_unit) == (1, 4)
+        assert not info.capabilities_prices
+
+
+def test_a_bad_signature_is_refused_as_go_livepeer_does(proxy):
+    gateway = Gateway()
+    request = gateway.request(27, SD)
+    request.sig = Gateway().request(27, SD).sig  # someone else's signature
+    with proxy.channel() as channel:
+        call = channel.unary_unary(
+            "/net.Orchestrator/GetOrchestrator",
+            request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
+            response_deserializer=net_pb2.OrchestratorInfo.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNKNOWN
+    assert refused.value.details() == (
+        "Invalid orchestrator request: orchestrator req sig check failed"
+    )
+
+
+# -- paid jobs ----------------------------------------------------------------------------------
+def test_a_paid_job_returns_a_url_any_replica_serves_and_is_debited_units_times_price(
+    proxy, redis_server, tmp_path
+):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    with proxy.http() as client:
+        response = client.post("/text-to-image", json=T2I, headers=gateway.headers(info, 27, SD))
+    assert response.status_code == 200, response.text
+    [image] = response.json()["images"]
+    assert set(image) == {"url", "seed", "nsfw"}
+    assert image["url"].startswith(f"{proxy.url}/stream/")
+    assert balance(redis_server, gateway, 27, SD) == ticket_ev(info) - fee(T2I_UNITS, info)
+
+    other = start_proxy(tmp_path / "b", redis_server, models=models_json(), endpoints={},
+                        shared=proxy.workdir)  # fmt: skip
+    try:
+        path = image["url"].removeprefix(proxy.url)
+        with other.http() as client:
+            fetched = client.get(path)
+        assert fetched.status_code == 200
+        assert fetched.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(fetched.content)).size == (48, 32)
+        # The other replica accepts the auth token this one issued (one shared secret).
+        with other.http() as client:
+            again = client.post("/text-to-image", json=T2I, headers=gateway.headers(info, 27, SD))
+        assert again.status_code == 503  # it has no runner: capacity, not credentials
+        assert again.text == "insufficient capacity\n"
+    finally:
+        stop_proxy(other)
+
+
+def test_without_the_ai_worker_header_images_are_data_urls(proxy):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    headers = gateway.headers(info, 27, SD)
+    del headers["Authorization"]
+    with proxy.http() as client:
+        response = client.post("/text-to-image", json=T2I, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["images"][0]["url"].startswith("data:image/png;base64,")
+
+
+def test_image_to_video_returns_one_playable_mp4(proxy):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 29, SVD)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(buffer, format="PNG")
+    with proxy.http() as client:
+        response = client.post(
+            "/image-to-video", headers=gateway.headers(info, 29, SVD),
+            data={"model_id": SVD, "height": "32", "width": "48", "num_inference_steps": "1",
+                  "fps": "6"},
+            files={"image": ("in.png", buffer.getvalue(), "image/png")},
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        [video] = response.json()["images"]
+        mp4 = client.get(video["url"].removeprefix(proxy.url))
+    assert mp4.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(mp4.content)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        frames = list(container.decode(stream))
+    assert len(frames) == 3  # the tiny model's frame count
+    assert {(f.width, f.height) for f in frames} == {(48, 32)}
+
+
+# -- rejections: exact status and text, and the ledger untouched --------------------------------
+def test_rejections_in_go_livepeers_order_change_no_balance(proxy, redis_server):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    good = gateway.headers(info, 27, SD)
+    stranger = Gateway()
+
+    def post(headers, body=None, path="/text-to-image", content=None):
+        with proxy.http() as client:
+            if content is not None:
+                return client.post(path, content=content, headers=headers)
+            return client.post(path, json=body or T2I, headers=headers)
+
+    cases = [
+        ({**good, "Livepeer-Payment": "%%%"}, None, 402, "Livepeer-Payment is not valid base64"),
+        ({**good, "Livepeer-Segment": "%%%"}, None, 403, "ErrorSegEncoding"),
+        (
+            {**good, "Livepeer-Segment": stranger.headers(info, 27, SD)["Livepeer-Segment"]},
+            None,
+            403,
+            "ErrSegSig",
+        ),
+        (good, {**T2I, "model_id": "no/such-model"}, 503, "insufficient capacity"),
+        (good, {**T2I, "height": "tall"}, 400, "height must be an integer, got 'tall'"),
+    ]
+    for headers, body, status, text in cases:
+        response = post(headers, body)
+        assert response.status_code == status, (text, response.text)
+        assert response.text.startswith(text)
+        assert response.text.endswith("\n")
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert balance(redis_server, gateway, 27, SD) == 0
+
+    # No ticket and no credit: the balance is below one ticket's EV.
+    response = post(gateway.headers(info, 27, SD, tickets=0))
+    assert (response.status_code, response.text) == (400, "Insufficient balance\n")
+
+    # A price we never quoted to this gateway: with tickets the recipientRand binds it (as in
+    # go-livepeer); without, go-livepeer would trust the claim, we do not.
+    response = post(gateway.headers(info, 27, SD, price=(1, 1000)))
+    assert response.status_code == 400
+    assert response.text.startswith("invalid recipientRand for ticket recipientRandHash")
+    response = post(gateway.headers(info, 27, SD, tickets=0, price=(1, 1000)))
+    assert response.status_code == 400
+    assert response.text.startswith("expected price 1/1000 wei/unit was not offered")
+    assert balance(redis_server, gateway, 27, SD) == 0
+
+    # The runner's own 400 is passed on for the gateway to answer its client 400.
+    response = post(gateway.headers(info, 27, SD), {**T2I, "height": 60})
+    assert response.status_code == 500
+    assert response.text == (
+        "text-to-image container returned 400: height 60 must be a positive multiple of 8\n"
+    )
+    assert balance(redis_server, gateway, 27, SD) == ticket_ev(info)  # credited, not debited
+
+    # Over the body limit: 413 naming the limit.
+    response = post(good, content=b"{" + b" " * 300_000 + b"}")
+    assert (response.status_code, response.text) == (
+        413, "request body exceeds the limit of 200000 bytes\n")  # fmt: skip
+
+
+def test_llm_without_max_tokens_is_a_400(proxy):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 33, LLAMA)
+    with proxy.http() as client:
+        response = client.post(
+            "/llm", json={"model": LLAMA, "messages": [{"role": "user", "content": "hi"}]},
+            headers=gateway.headers(info, 33, LLAMA),
+        )  # fmt: skip
+    assert (response.status_code, response.text) == (400, "MaxTokens not specified\n")
+
+
+def test_the_llm_stream_arrives_chunk_by_chunk(proxy):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 33, LLAMA)
+    body = {"model": LLAMA, "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": 24, "stream": True}  # fmt: skip
+    arrivals = []
+    with (
+        proxy.http() as client,
+        client.stream(
+            "POST", "/llm", json=body, headers=gateway.headers(info, 33, LLAMA)
+        ) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic(), json.loads(line[6:])))
+    assert len(arrivals) >= 3
+    assert arrivals[-1][1]["choices"][0]["finish_reason"]
+    assert not any(c["choices"][0].get("finish_reason") for _, c in arrivals[:-1])
+    spread = arrivals[-1][0] - arrivals[0][0]
+    assert spread > 0.01, "all chunks arrived in one burst"
+
+
+# -- capacity, retry -----------------------------------------------------------------------------
+def test_concurrent_jobs_on_capacity_one_are_served_once_or_refused(proxy, redis_server):
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    headers = [gateway.headers(info, 27, SD) for _ in range(12)]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=proxy.url, verify=False, timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post("/text-to-image", json=T2I, headers=h) for h in headers)
+            )
+
+    responses = asyncio.run(burst())
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert served
+    assert all(r.text == "insufficient capacity\n" for r in refused), {r.text for r in refused}
+    # Refused jobs never reach payment: only served jobs' tickets are credited (step 4 < 5).
+    expected = len(served) * (ticket_ev(info) - fee(T2I_UNITS, info))
+    assert balance(redis_server, gateway, 27, SD) == expected
+    urls = {r.json()["images"][0]["url"] for r in served}
+    assert len(urls) == len(served)
+
+
+class DyingRunner:
+    """A process-local server that accepts a job and hangs up before answering."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.recv(65536)
+            conn.close()
+
+
+def test_a_runner_that_dies_before_answering_is_retried_once_elsewhere(
+    proxy, fleet, redis_server, tmp_path
+):
+    dying = DyingRunner()
+    refusing = [socket.socket(), socket.socket()]
+    for sock in refusing:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    dead = [f"http://127.0.0.1:{sock.getsockname()[1]}" for sock in refusing]
+    server = start_proxy(tmp_path, redis_server, models=models_json(capacity=1),
+                         endpoints={"runner-fleet": [dying.url, fleet.url]})  # fmt: skip
+    try:
+        gateway = Gateway()
+        for _ in range(12):  # ties are broken at random: go until one lands on the dying one
+            response = paid_t2i(server, gateway)
+            assert response.status_code == 200, response.text
+            if dying.accepted:
+                break
+        assert dying.accepted == 1
+        # Now every replica fails: one retry, then the job fails (and is not debited).
+        server.set_endpoints({"runner-fleet": [dying.url, *dead]})
+        wait_for(lambda: free_slots(server, 27, SD) == 3, timeout=10, what="the new endpoints")
+        before = balance(redis_server, gateway, 27, SD)
+        response = paid_t2i(server, gateway)
+        assert response.status_code == 500
+        assert response.text.startswith("text-to-image container failed")
+        credited = before + ticket_ev(gateway.discover(server, 27, SD))
+        assert balance(redis_server, gateway, 27, SD) == credited  # no debit for a failure
+    finally:
+        stop_proxy(server)
+        for sock in refusing:
+            sock.close()
+        dying.sock.close()
+
+
+# -- modes ----------------------------------------------------------------------------------------
+def test_h2c_mode_serves_grpc_and_http_in_plaintext(redis_server, fleet, chain_facts, tmp_path):
+    server = start_proxy(tmp_path, redis_server, models=models_json(),
+                         endpoints={"runner-fleet": [fleet.url]}, plaintext=True)  # fmt: skip
+    try:
+        info = Gateway().discover(server, 27, SD)
+        assert info.transcoder.startswith("http://")
+        with httpx.Client(base_url=server.url, http1=False, http2=True) as client:
+            assert client.get("/healthz").http_version == "HTTP/2"
+    finally:
+        stop_proxy(server)
+
+
+def test_private_mode_takes_a_bearer_token_instead_of_payment(redis_server, fleet, tmp_path):
+    (tmp_path / "bearer").write_text("let-me-in")
+    server = start_proxy(
+        tmp_path, redis_server, models=models_json(), endpoints={"runner-fleet": [fleet.url]},
+        args=["--no-payments", "--bearer-token-file", str(tmp_path / "bearer")],
+    )  # fmt: skip
+    try:
+        with server.http() as client:
+            refused = client.post("/text-to-image", json=T2I)
+            served = client.post(
+                "/text-to-image", json=T2I, headers={"Authorization": "Bearer let-me-in"}
+            )
+        assert (refused.status_code, refused.text) == (401, "a valid bearer token is required\n")
+        assert served.status_code == 200, served.text
+        # No signature check either: a payments-off orchestrator is offchain (1.2).
+        request = Gateway().request(27, SD)
+        request.sig = b""
+        with server.channel() as channel:
+            info = channel.unary_unary(
+                "/net.Orchestrator/GetOrchestrator",
+                request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
+                response_deserializer=net_pb2.OrchestratorInfo.FromString,
+            )(request, timeout=10)
+        assert not info.HasField("ticket_params")
+    finally:
+        stop_proxy(server)
+
+
+# -- grpc-go, as go-livepeer dials ----------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs the Go toolchain to build grpc-go")
+@pytest.mark.parametrize("plaintext", [False, True], ids=["tls", "h2c"])
+def test_a_grpc_go_client_gets_orchestrator_info(redis_server, chain_facts, tmp_path, plaintext):
+    server = start_proxy(tmp_path, redis_server, models=models_json(), endpoints={},
+                         plaintext=plaintext)  # fmt: skip
+    try:
+        gateway = Gateway()
+        info, error = go_get_orchestrator(server, gateway.request(27, SD))
+        assert error is None, error
+        assert info.transcoder == server.url
+        assert SD in info.capabilities.constraints.per_capability[27].models
+        bad = gateway.request(27, SD)
+        bad.sig = bad.sig[:64] + b"\x00"
+        info, error = go_get_orchestrator(server, bad)
+        assert error == (
+            "ERR Unknown: Invalid orchestrator request: orchestrator req sig check failed"
+        )
+    finally:
+        stop_proxy(server)
