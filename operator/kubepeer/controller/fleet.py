@@ -58,8 +58,9 @@ class View:
     pods: Mapping[Key, Any] = field(default_factory=dict)
     pricings: Mapping[str, Any] = field(default_factory=dict)
     tables: Mapping[Key, Any] = field(default_factory=dict)
-    # What the operator applied in the last seconds, by (ns, object name): the watch shows
-    # a write a moment later, and until then this stops the same write being made twice.
+    # What the operator applied in the last minute, by (ns, object name): the watch shows
+    # a write later (tens of seconds on a loaded API server), and until then this stops the
+    # same write being made twice. A deletion seen by the watch forgets the entry.
     applied: dict[Key, tuple[str, float]] = field(default_factory=dict)
     # Plans (and their runner hash) by runner, with the member specs they were made from.
     plans: dict[Key, tuple[Any, RunnerOutcome]] = field(default_factory=dict)
@@ -67,10 +68,10 @@ class View:
 
     def shows(self, key: Key, indexed_hash: str | None, wanted: str) -> bool:
         """Whether the object at `key` already holds `wanted`, as far as the view knows."""
-        if indexed_hash == wanted:
-            return True
         recent = self.applied.get(key)
-        return recent is not None and recent[0] == wanted and time.monotonic() - recent[1] < 10
+        if recent is not None and time.monotonic() - recent[1] < 60:
+            return recent[0] == wanted  # our own last write is newer than the watch's view
+        return indexed_hash == wanted
 
     def wrote(self, key: Key, content_hash: str) -> None:
         self.applied[key] = (content_hash, time.monotonic())
