@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace", action="append", help="namespace to watch (repeat; default: all)"
     )
     op.add_argument("--standalone", action="store_true", help="no peering: a single replica")
-    op.add_argument("--status-interval", type=float, help="seconds between status refreshes")
+    op.add_argument(
+        "--status-interval", type=float, help="seconds between sweeps (idle models, retries)"
+    )
     op.add_argument("--redis-url", help="Redis with the proxy's demand records")
     op.add_argument("--proxy-url", help="the proxy's URL, for aiModels.json")
     op.add_argument("--runner-image", help="default runner image")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from kubernetes import client
 from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
 from kubepeer.controller.kube import Kube
-from kubepeer.demand import job_finished, job_started
+from kubepeer.demand import job_alive, job_finished, job_started
 from support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
@@ -311,14 +312,25 @@ def test_a_model_still_loading_is_not_idle(fleet):
 def test_a_job_whose_proxy_died_stops_holding_the_gpu(fleet, redis_server):
     fleet.apply("orphaned", warm={"policy": "OnDemand", "idleTimeout": "1s"})
     fleet.wait_phase("orphaned", "Idle")
-    # A proxy admits a job, then dies: nobody refreshes or finishes it.
-    ttl, started = 12.0, time.monotonic()
-    job_started(redis_server.client(), fleet.namespace, "orphaned", "lost-job", ttl=ttl)
+    redis, ttl = redis_server.client(), 3.0
+    job_started(redis, fleet.namespace, "orphaned", "job", ttl=ttl)
+    proxy_alive = threading.Event()
+    proxy_alive.set()
+
+    def proxy() -> None:  # refreshes its running job, as a live proxy does
+        while proxy_alive.is_set():
+            job_alive(redis, fleet.namespace, "orphaned", "job", ttl=ttl)
+            time.sleep(ttl / 4)
+
+    refresher = threading.Thread(target=proxy, daemon=True)
+    refresher.start()
     fleet.kubectl("scale", "aimodel", "orphaned", "--replicas", "1")
     fleet.wait_phase("orphaned", "Ready")
-    time.sleep(2)  # twice its idleTimeout: only the job in flight holds it
-    assert time.monotonic() - started < ttl, "too slow to see the job hold the model"
-    assert fleet.aimodel("orphaned")["spec"]["replicas"] == 1  # held while it may be running
+    time.sleep(2 * ttl)  # past the job's first expiry and the idleTimeout: held while refreshed
+    assert fleet.aimodel("orphaned")["spec"]["replicas"] == 1
+
+    proxy_alive.clear()  # the proxy dies mid-job: nobody refreshes or finishes it
+    refresher.join()
     fleet.wait_phase("orphaned", "Idle", timeout=40)  # released once it expired
 
 

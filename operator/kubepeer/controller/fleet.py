@@ -58,16 +58,20 @@ class View:
     pods: Mapping[Key, Any] = field(default_factory=dict)
     pricings: Mapping[str, Any] = field(default_factory=dict)
     tables: Mapping[Key, Any] = field(default_factory=dict)
-    # What the operator applied in the last seconds, by (ns, object name): the watch shows
-    # a write a moment later, and until then this stops the same write being made twice.
+    # What the operator applied in the last minute, by (ns, object name): the watch shows
+    # a write later (tens of seconds on a loaded API server), and until then this stops the
+    # same write being made twice. A deletion seen by the watch forgets the entry.
     applied: dict[Key, tuple[str, float]] = field(default_factory=dict)
+    # Plans (and their runner hash) by runner, with the member specs they were made from.
+    plans: dict[Key, tuple[Any, RunnerOutcome]] = field(default_factory=dict)
+    hashes: dict[Key, tuple[Any, str]] = field(default_factory=dict)  # runner -> (plan, hash)
 
     def shows(self, key: Key, indexed_hash: str | None, wanted: str) -> bool:
         """Whether the object at `key` already holds `wanted`, as far as the view knows."""
-        if indexed_hash == wanted:
-            return True
         recent = self.applied.get(key)
-        return recent is not None and recent[0] == wanted and time.monotonic() - recent[1] < 10
+        if recent is not None and time.monotonic() - recent[1] < 60:
+            return recent[0] == wanted  # our own last write is newer than the watch's view
+        return indexed_hash == wanted
 
     def wrote(self, key: Key, content_hash: str) -> None:
         self.applied[key] = (content_hash, time.monotonic())
@@ -129,12 +133,37 @@ class RunnerOutcome:
 
 
 def plan_runner(view: View, namespace: str, runner: str) -> RunnerOutcome:
+    """The runner's plan, remembered until one of its AIModels' specs changes: status
+    events (pods, Deployments) ask for it far more often than specs change."""
+    bodies = [
+        view.one(view.aimodels, (namespace, name))
+        for name in sorted(set(view.many(view.members, (namespace, runner))))
+    ]
+    signature = tuple(
+        (
+            b["metadata"]["uid"],
+            b["metadata"].get("generation"),
+            b["metadata"].get("deletionTimestamp"),
+        )
+        for b in bodies
+        if b is not None
+    )
+    key = (namespace, runner)
+    remembered = view.plans.get(key)
+    if remembered is not None and remembered[0] == signature:
+        return remembered[1]
+    outcome = _plan_runner(namespace, [b for b in bodies if b is not None])
+    view.plans[key] = (signature, outcome)
+    return outcome
+
+
+def _plan_runner(namespace: str, bodies: list[Mapping[str, Any]]) -> RunnerOutcome:
     members: list[Member] = []
     refused: dict[str, str] = {}
     group: str | None = None
-    for name in sorted(set(view.many(view.members, (namespace, runner)))):
-        body = view.one(view.aimodels, (namespace, name))
-        if body is None or body["metadata"].get("deletionTimestamp"):
+    for body in bodies:
+        name = body["metadata"]["name"]
+        if body["metadata"].get("deletionTimestamp"):
             continue
         try:
             member = _member(body)
@@ -173,12 +202,11 @@ def reconcile_runner(
             log.info("removing runner %s/%s: no AIModel needs it any more", namespace, runner)
             kube.delete_runner(namespace, runner)
         return outcome
-    manifests = build_runner(outcome.plan, settings)
-    wanted = manifests[-1]["metadata"]["annotations"][L.CONTENT_HASH]
+    wanted = runner_hash(view, settings, outcome.plan)
     if view.shows((namespace, runner), existing["hash"] if existing else None, wanted):
         return outcome
     kube.ensure_auth_secret(namespace, settings)
-    for manifest in manifests:
+    for manifest in build_runner(outcome.plan, settings):
         kube.apply(manifest)
     view.wrote((namespace, runner), wanted)
     log.info(
@@ -278,7 +306,7 @@ def model_status(
         except ValidationError as exc:
             invalid = validation_message(exc)
     deployment = view.one(view.runners, (namespace, runner)) if plan else None
-    current = bool(plan and deployment and deployment["hash"] == _runner_hash(settings, plan))
+    current = bool(plan and deployment and deployment["hash"] == runner_hash(view, settings, plan))
     observed = Observed(
         desired=plan.replicas if plan else 0,
         generation=meta.get("generation", 0),
@@ -293,8 +321,15 @@ def model_status(
     return compute_status(observed, previous, now or datetime.now(UTC))
 
 
-def _runner_hash(settings: OperatorSettings, plan: RunnerPlan) -> str:
-    return build_runner(plan, settings)[-1]["metadata"]["annotations"][L.CONTENT_HASH]
+def runner_hash(view: View, settings: OperatorSettings, plan: RunnerPlan) -> str:
+    """The content hash of the runner a plan builds, remembered with the plan it is for."""
+    key = (plan.namespace, plan.name)
+    known = view.hashes.get(key)
+    if known is not None and known[0] is plan:
+        return known[1]
+    content = build_runner(plan, settings)[-1]["metadata"]["annotations"][L.CONTENT_HASH]
+    view.hashes[key] = (plan, content)
+    return content
 
 
 def _previous_status(body: Mapping[str, Any]) -> AIModelStatus | None:

@@ -356,19 +356,16 @@ async def _sweep_forever(fleet: Fleet) -> None:
 def _post_transition(
     body: Mapping[str, Any], before: Mapping[str, Any] | None, after: AIModelStatus
 ) -> None:
-    """A Kubernetes Event when the phase changes, a warning when it turns bad."""
+    """A Warning Event when the phase turns bad. Good news is in the status only: at fleet
+    scale an Event per transition is a write per model per step, as many as the runner's."""
     was = (before or {}).get("phase")
-    if was == after.phase.value:
+    if was == after.phase.value or after.phase not in (Phase.FAILED, Phase.DEGRADED):
         return
     ready = next((c for c in after.conditions if c.type == "Ready"), None)
     message = f"{was or 'new'} -> {after.phase.value}"
     if ready and ready.message:
         message += f": {ready.message}"
     try:
-        if after.phase in (Phase.FAILED, Phase.DEGRADED):
-            reason = ready.reason if ready else after.phase.value
-            kopf.warn(dict(body), reason=reason, message=message)
-        else:
-            kopf.info(dict(body), reason=after.phase.value, message=message)
+        kopf.warn(dict(body), reason=ready.reason if ready else after.phase.value, message=message)
     except LookupError:  # outside a kopf handler (the sweep's retries): the status says it
         log.info("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"], message)
