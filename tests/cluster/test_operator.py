@@ -550,7 +550,8 @@ def test_pod_policy_example_refuses_foreign_images(crds, namespace, fleet):
                 "metadata": {"name": "foreign"},
                 "spec": {"pipeline": "llm", "modelId": "org/m", "image": "evil.example/x:1"},
             })  # fmt: skip
-            result = fleet.kubectl("apply", "-f", "-", stdin=body, check=False)
+            # A server-side dry run passes admission every time and creates nothing.
+            result = fleet.kubectl("create", "--dry-run=server", "-f", "-", stdin=body, check=False)
             return result.returncode != 0 and result.stderr
 
         # The policy takes a moment to be enforced after it is created.
