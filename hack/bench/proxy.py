@@ -9,8 +9,7 @@
 3. GetOrchestrator with a fresh TLS connection per call, as go-livepeer dials, against a
    fresh-connection GET /healthz on the same port (what the handshake alone costs).
 
-Run: .venv/bin/python -P hack/bench/proxy.py [--rate 200] [--seconds 5] [--calls 100]
-(-P: hack/bench/operator.py would otherwise shadow the standard library's `operator`.)
+Run: .venv/bin/python hack/bench/proxy.py [--rate 200] [--seconds 5] [--calls 100]
 """
 
 from __future__ import annotations

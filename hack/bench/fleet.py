@@ -12,7 +12,7 @@ For each N: a fresh control plane with N/2 kwok GPU nodes of 2 GPUs each, then
    FlowSchema that matches only the operator's ServiceAccount; every request but a watch's
    stream is dispatched through API Priority and Fairness).
 
-Run: .venv/bin/python hack/bench/operator.py [--sizes 100,300,1000] [--rest 60]
+Run: .venv/bin/python hack/bench/fleet.py [--sizes 100,300,1000] [--rest 60]
 Never touches a kwok pod IP: nothing listens there.
 """
 
