@@ -133,7 +133,8 @@ class NodeAgent:
         self.process = subprocess.Popen(
             [str(REPO / "hack" / "node-agent"), "--kubeconfig", str(self.cluster.kubeconfig),
              "--node", self.node, "--state-dir", str(self.state_dir),
-             "--bin-dir", str(self.cluster.bin_dir), "--gpus", "4"],
+             "--bin-dir", str(self.cluster.bin_dir), "--gpus", "4",
+             "--parent-pid", str(os.getpid())],  # a pytest killed hard takes the agent down
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -2,6 +2,7 @@
 
     hack/node-agent --kubeconfig PATH --node NAME [--state-dir DIR] [--bin-dir DIR]
                     [--gpus N] [--gpu-product P] [--gpu-memory MIB] [--backoff-base S]
+                    [--parent-pid PID]
 
 Needs root (network namespaces, veth pairs, host routes) and the host routes that
 `hack/cluster up` installs. Prints the path of its log index (JSON: namespace/pod ->
@@ -41,6 +42,19 @@ def node_network(state_dir: Path, node: str) -> NodeNet:
     return net
 
 
+def stop_when_parent_dies(parent_pid: int, done: threading.Event) -> None:
+    """Shut down as on SIGTERM once `parent_pid` is no longer our parent.
+
+    A test session killed hard (SIGKILL, a CI job cancelled) runs no fixture teardown;
+    without this its agent, the agent's pods, kube-proxy and CoreDNS would run on. The
+    parent is compared, not probed, so a reused pid cannot keep us alive.
+    """
+    while not done.wait(1.0):
+        if os.getppid() != parent_pid:
+            logging.warning("parent process %d is gone: shutting down", parent_pid)
+            done.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hack/node-agent", description=__doc__.splitlines()[0])
     p.add_argument("--kubeconfig", required=True, type=Path)
@@ -54,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         "--bin-dir",
         type=Path,
         help="where kube-proxy and coredns are (hack/cluster bin); without: no Services, no DNS",
+    )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        help="shut down when this process (the one starting the agent) exits, even by SIGKILL",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -96,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    if args.parent_pid is not None:
+        threading.Thread(
+            target=stop_when_parent_dies, args=(args.parent_pid, done), name="parent", daemon=True
+        ).start()
     print(f"node-agent: node {args.node} watching; log index {state_dir / 'logs.json'}", flush=True)
     done.wait()
     agent.shutdown()
