@@ -15,6 +15,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,12 +400,44 @@ def test_process_has_its_service_accounts_rights_and_no_more(node_agent, api, po
 class Fleet:
     """AIModels in one namespace, with the operator running as a process."""
 
+    CACHE_CLAIM = "model-cache"
+
     def __init__(self, cluster, api, namespace: str) -> None:
         self.cluster, self.ns = cluster, namespace
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.volume = f"{namespace}-models"
 
-    def apply(self, name: str, agent: NodeAgent, model_dir: Path, **spec: Any) -> None:
+    def provide_model_cache(self, model_dir: Path) -> None:
+        """The node-local model cache as an admin provides it: a hostPath PersistentVolume
+        pre-bound to the claim the AIModels name (AIModels may not name hostPath)."""
+        size, modes = {"storage": "1Gi"}, ["ReadOnlyMany"]
+        self.core.create_persistent_volume(
+            client.V1PersistentVolume(
+                metadata=client.V1ObjectMeta(name=self.volume),
+                spec=client.V1PersistentVolumeSpec(
+                    capacity=size,
+                    access_modes=modes,
+                    storage_class_name="",
+                    host_path=client.V1HostPathVolumeSource(path=str(model_dir)),
+                    claim_ref=client.V1ObjectReference(namespace=self.ns, name=self.CACHE_CLAIM),
+                ),
+            )
+        )
+        self.core.create_namespaced_persistent_volume_claim(
+            self.ns,
+            client.V1PersistentVolumeClaim(
+                metadata=client.V1ObjectMeta(name=self.CACHE_CLAIM),
+                spec=client.V1PersistentVolumeClaimSpec(
+                    access_modes=modes,
+                    storage_class_name="",
+                    volume_name=self.volume,
+                    resources=client.V1VolumeResourceRequirements(requests=size),
+                ),
+            ),
+        )
+
+    def apply(self, name: str, agent: NodeAgent, **spec: Any) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "AIModel",
@@ -417,7 +450,7 @@ class Fleet:
                 "nodeSelector": {"kubernetes.io/hostname": agent.node},
                 "tolerations": [agent.toleration()],
                 "modelCache": {
-                    "volume": {"hostPath": {"path": str(model_dir)}},
+                    "volume": {"persistentVolumeClaim": {"claimName": self.CACHE_CLAIM}},
                     "mountPath": "/models",
                 },
                 **spec,
@@ -444,12 +477,15 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(operator, crds, node_agent, api, namespace) -> Fleet:
-    return Fleet(crds, api, namespace)
+def fleet(operator, crds, node_agent, api, namespace, tiny_models) -> Iterator[Fleet]:
+    fleet = Fleet(crds, api, namespace)
+    fleet.provide_model_cache(tiny_models)
+    yield fleet
+    fleet.core.delete_persistent_volume(fleet.volume)
 
 
-def test_operator_made_runner_serves_with_its_auth_secret(fleet, node_agent, tiny_models):
-    fleet.apply("tiny", node_agent, tiny_models)
+def test_operator_made_runner_serves_with_its_auth_secret(fleet, node_agent):
+    fleet.apply("tiny", node_agent)
     wait_for(
         lambda: fleet.status("tiny").get("phase") == "Ready", timeout=180, what="AIModel tiny Ready"
     )
@@ -467,11 +503,9 @@ def test_operator_made_runner_serves_with_its_auth_secret(fleet, node_agent, tin
     assert_png_response(*post_json(url, IMAGE_REQUEST, {"Authorization": f"Bearer {token}"}))
 
 
-def test_crashing_runner_backs_off_and_the_aimodel_says_model_load_failed(
-    fleet, node_agent, tiny_models
-):
+def test_crashing_runner_backs_off_and_the_aimodel_says_model_load_failed(fleet, node_agent):
     # An env value the runner refuses: it exits 2 at start, every time.
-    fleet.apply("crashy", node_agent, tiny_models, env=[{"name": "MAX_QUEUE", "value": "lots"}])
+    fleet.apply("crashy", node_agent, env=[{"name": "CAPACITY", "value": "lots"}])
     wait_for(
         lambda: waiting_reason(fleet.pods("runner-crashy")) == "CrashLoopBackOff",
         timeout=90,

@@ -178,6 +178,7 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
             "volumes": [
                 {"name": "scratch", "emptyDir": {}},
                 {"name": "models", "hostPath": {"path": "/srv/models"}},
+                {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}},
                 {"name": "cfg", "configMap": {"name": "cm", "items": a_item}},
                 {"name": "creds", "secret": {"secretName": "s"}},
                 {
@@ -201,8 +202,10 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
         secret={"s": {"user": "u"}}.get,
         config_map=config_maps.get,
         token=lambda aud, secs: asked.append((aud, secs)) or "jwt",
+        claim={"model-cache": "/srv/pv/cache"}.__getitem__,
     )
     assert dirs["models"] == "/srv/models"
+    assert dirs["cache"] == "/srv/pv/cache"  # the bound PersistentVolume's path
     assert (tmp_path / "volumes" / "scratch").is_dir()
     assert (tmp_path / "volumes" / "cfg" / "x" / "a").read_text() == "A"
     assert not (tmp_path / "volumes" / "cfg" / "b").exists()  # items select keys
@@ -218,8 +221,13 @@ def test_unsupported_or_missing_volumes_are_refused_with_the_volume_named(tmp_pa
     def pod(vol):
         return {"metadata": {"name": "p", "namespace": "ns"}, "spec": {"volumes": [vol]}}
 
-    kwargs = {"secret": {}.get, "config_map": {}.get, "token": lambda a, s: ""}
-    with pytest.raises(PodSpecError, match="volume 'data': persistentVolumeClaim"):
+    def unbound(name: str) -> str:
+        raise PodSpecError(f"PersistentVolumeClaim '{name}' is not bound yet")
+
+    kwargs = {"secret": {}.get, "config_map": {}.get, "token": lambda a, s: "", "claim": unbound}
+    with pytest.raises(PodSpecError, match="volume 'data': iscsi is not supported"):
+        materialise(pod({"name": "data", "iscsi": {"targetPortal": "x"}}), tmp_path, **kwargs)
+    with pytest.raises(PodSpecError, match="PersistentVolumeClaim 'x' is not bound yet"):
         materialise(
             pod({"name": "data", "persistentVolumeClaim": {"claimName": "x"}}), tmp_path, **kwargs
         )
