@@ -60,6 +60,20 @@ class KubeApi:
                 return None
             raise
 
+    def claim_path(self, namespace: str, name: str) -> str | None:
+        """The host path behind a bound claim: its PersistentVolume's hostPath or local path."""
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        if (pvc.status.phase if pvc.status else None) != "Bound" or not pvc.spec.volume_name:
+            return None
+        pv = self.core.read_persistent_volume(pvc.spec.volume_name).spec
+        source = pv.host_path or pv.local
+        return source.path if source else None
+
     def token(self, pod: dict[str, Any], audience: str | None, seconds: int) -> str:
         meta = pod["metadata"]
         spec = client.V1TokenRequestSpec(

@@ -1,8 +1,9 @@
 """Pod volumes as files under the pod's directory, the way a kubelet lays them out.
 
-emptyDir -> a fresh directory; hostPath -> the path itself; configMap and secret -> one
-file per key (honouring `items`); projected -> its sources in one directory, the
-ServiceAccount token coming from the TokenRequest API bound to the pod.
+emptyDir -> a fresh directory; hostPath -> the path itself; persistentVolumeClaim -> its
+bound PersistentVolume's hostPath or local path; configMap and secret -> one file per key
+(honouring `items`); projected -> its sources in one directory, the ServiceAccount token
+coming from the TokenRequest API bound to the pod.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def materialise(
     secret: Callable[[str], Data],
     config_map: Callable[[str], Data],
     token: Callable[[str | None, int], str],  # (audience, expirationSeconds) -> JWT
+    claim: Callable[[str], str | None] = lambda name: None,  # PVC -> its bound PV's path
 ) -> dict[str, str]:
     """Create every volume; return volume name -> host directory."""
     dirs: dict[str, str] = {}
@@ -51,6 +53,15 @@ def materialise(
             dest = Path(vol["hostPath"]["path"])
             if vol["hostPath"].get("type") == "DirectoryOrCreate":
                 dest.mkdir(parents=True, exist_ok=True)
+        elif "persistentVolumeClaim" in vol:
+            ref = vol["persistentVolumeClaim"]["claimName"]
+            path = claim(ref)
+            if path is None:
+                raise PodSpecError(
+                    f"volume '{name}': PersistentVolumeClaim '{ref}' is not bound to a"
+                    " hostPath or local PersistentVolume"
+                )
+            dest = Path(path)
         elif "configMap" in vol or "secret" in vol:
             is_secret = "secret" in vol
             src = vol["secret"] if is_secret else vol["configMap"]

@@ -178,6 +178,7 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
             "volumes": [
                 {"name": "scratch", "emptyDir": {}},
                 {"name": "models", "hostPath": {"path": "/srv/models"}},
+                {"name": "weights", "persistentVolumeClaim": {"claimName": "w"}},
                 {"name": "cfg", "configMap": {"name": "cm", "items": a_item}},
                 {"name": "creds", "secret": {"secretName": "s"}},
                 {
@@ -201,8 +202,10 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
         secret={"s": {"user": "u"}}.get,
         config_map=config_maps.get,
         token=lambda aud, secs: asked.append((aud, secs)) or "jwt",
+        claim={"w": "/srv/weights"}.get,
     )
     assert dirs["models"] == "/srv/models"
+    assert dirs["weights"] == "/srv/weights"  # the bound PersistentVolume's host path
     assert (tmp_path / "volumes" / "scratch").is_dir()
     assert (tmp_path / "volumes" / "cfg" / "x" / "a").read_text() == "A"
     assert not (tmp_path / "volumes" / "cfg" / "b").exists()  # items select keys
@@ -219,9 +222,11 @@ def test_unsupported_or_missing_volumes_are_refused_with_the_volume_named(tmp_pa
         return {"metadata": {"name": "p", "namespace": "ns"}, "spec": {"volumes": [vol]}}
 
     kwargs = {"secret": {}.get, "config_map": {}.get, "token": lambda a, s: ""}
-    with pytest.raises(PodSpecError, match="volume 'data': persistentVolumeClaim"):
+    with pytest.raises(PodSpecError, match="volume 'data': PersistentVolumeClaim 'x' is not bound"):
         materialise(
             pod({"name": "data", "persistentVolumeClaim": {"claimName": "x"}}), tmp_path, **kwargs
         )
+    with pytest.raises(PodSpecError, match="volume 'share': nfs is not supported"):
+        materialise(pod({"name": "share", "nfs": {"server": "s", "path": "/"}}), tmp_path, **kwargs)
     with pytest.raises(PodSpecError, match="volume 'c': Secret 'gone' not found"):
         materialise(pod({"name": "c", "secret": {"secretName": "gone"}}), tmp_path, **kwargs)
