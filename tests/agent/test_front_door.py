@@ -4,14 +4,17 @@ runner that the node agent really runs.
 Nothing static: the proxy learns the model from the operator's table ConfigMaps and the
 runner's address from its Service's EndpointSlice (no --models-file, no --endpoints-file),
 and dials the pod's own address, which the node agent owns (a local network namespace).
+The proxy authenticates as its ServiceAccount, granted only `kubepeer rbac --proxy`.
 """
 
 from __future__ import annotations
 
 import pytest
+import yaml
 from test_node_agent import IMAGE_REQUEST, TINY_SD, Fleet, assert_png_response
 
 from conftest import NodeAgent
+from kubepeer.controller.rbac import PROXY, proxy_rbac
 from proxies import start_proxy, stop_proxy
 from support import wait_for
 
@@ -29,9 +32,12 @@ def test_a_private_job_reaches_the_node_agents_runner_through_the_watched_endpoi
         pod = fleet.pod("runner-tiny")
         assert pod.spec.node_name == node_agent.node  # a process on this machine, not kwok's
         (tmp_path / "bearer").write_text("gateway-token")
+        for manifest in proxy_rbac(namespace):  # the proxy runs with its own grants only
+            crds.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+        as_proxy = crds.kubeconfig_for(api, namespace, PROXY, tmp_path / "proxy.kubeconfig")
         proxy = start_proxy(
             tmp_path, redis_server, models=None, endpoints=None, namespace=fleet.ns,
-            kubeconfig=crds.kubeconfig, runner_token=fleet.runner_token(pod),
+            kubeconfig=as_proxy, runner_token=fleet.runner_token(pod),
             args=["--no-payments", "--bearer-token-file", str(tmp_path / "bearer")],
         )  # fmt: skip
         try:
