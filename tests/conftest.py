@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from kubernetes import client, config
 
 from devchain import DevChain
@@ -70,6 +71,24 @@ class Cluster:
             check=check,
             timeout=120,
         )
+
+    def kubeconfig_for(
+        self, api: client.ApiClient, namespace: str, account: str, path: Path
+    ) -> Path:
+        """A kubeconfig that authenticates as a ServiceAccount (a one-hour bound token)."""
+        token = (
+            client.CoreV1Api(api)
+            .create_namespaced_service_account_token(
+                account, namespace, {"spec": {"expirationSeconds": 3600}}
+            )
+            .status.token
+        )
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"] = [{"name": account, "user": {"token": token}}]
+        for context in config["contexts"]:
+            context["context"]["user"] = account
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def api_client(self) -> client.ApiClient:
         return config.new_client_from_config(config_file=str(self.kubeconfig))

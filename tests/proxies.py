@@ -120,28 +120,33 @@ class ProxyServer:
 
 
 def start_proxy(
-    workdir: Path, redis: RedisServer, *, models: dict | None, endpoints: dict,
+    workdir: Path, redis: RedisServer, *, models: dict | None, endpoints: dict | None,
     args: list[str] = (), plaintext: bool = False, shared: Path | None = None,
-    namespace: str = "test", kubeconfig: Path | None = None,
+    namespace: str = "test", kubeconfig: Path | None = None, runner_token: str = RUNNER_TOKEN,
 ) -> ProxyServer:  # fmt: skip
-    """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares."""
+    """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares.
+
+    `models=None`: the operator's table ConfigMaps, watched; `endpoints=None`: the runner
+    Services' EndpointSlices, watched (only for pods at addresses we own: node-agent pods).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     shared = shared or workdir
     if not (shared / "recipient-secret").exists():
         (shared / "recipient-secret").write_bytes(os.urandom(32))
         (shared / "auth-secret").write_bytes(os.urandom(32))
-        (shared / "runner-token").write_text(RUNNER_TOKEN)
+        (shared / "runner-token").write_text(runner_token)
     port = free_port()
     proxy = ProxyServer(port, None, workdir / "proxy.log", workdir,  # type: ignore[arg-type]
                         scheme="http" if plaintext else "https")  # fmt: skip
     if models is not None:  # else: the operator's table ConfigMaps, watched
         proxy.set_models(models)
-    proxy.set_endpoints(endpoints)
+    if endpoints is not None:
+        proxy.set_endpoints(endpoints)
     command = [
         sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
         "--public-url", proxy.url, "--namespace", namespace, "--redis-url", redis.url,
         *(["--models-file", str(workdir / "models.json")] if models is not None else []),
-        "--endpoints-file", str(workdir / "endpoints.json"),
+        *(["--endpoints-file", str(workdir / "endpoints.json")] if endpoints is not None else []),
         "--recipient", "0x" + RECIPIENT.hex(),
         "--recipient-secret-file", str(shared / "recipient-secret"),
         "--auth-secret-file", str(shared / "auth-secret"),

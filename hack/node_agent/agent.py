@@ -22,7 +22,6 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from node_agent import sandbox as sb
-from node_agent.core import PodSpecError
 from node_agent.pods import NodeSettings, PodWorker, kill_group, process_start_ticks
 
 log = logging.getLogger("node-agent")
@@ -61,24 +60,19 @@ class KubeApi:
                 return None
             raise
 
-    def claimed_path(self, namespace: str, claim: str) -> str:
-        """The node path behind a bound claim: a hostPath or local PersistentVolume."""
+    def claim_path(self, namespace: str, name: str) -> str | None:
+        """The host path behind a bound claim: its PersistentVolume's hostPath or local path."""
         try:
-            pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+            pvc = self.core.read_namespaced_persistent_volume_claim(name, namespace)
         except ApiException as e:
             if e.status == 404:
-                raise PodSpecError(f"PersistentVolumeClaim '{claim}' not found") from None
+                return None
             raise
-        if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
-            raise PodSpecError(f"PersistentVolumeClaim '{claim}' is not bound yet")
-        pv = self.core.read_persistent_volume(pvc.spec.volume_name)
-        source = pv.spec.host_path or pv.spec.local
-        if source is None:
-            raise PodSpecError(
-                f"PersistentVolume '{pv.metadata.name}' of claim '{claim}': only hostPath "
-                "and local volumes exist on this node"
-            )
-        return source.path
+        if (pvc.status.phase if pvc.status else None) != "Bound" or not pvc.spec.volume_name:
+            return None
+        pv = self.core.read_persistent_volume(pvc.spec.volume_name).spec
+        source = pv.host_path or pv.local
+        return source.path if source else None
 
     def token(self, pod: dict[str, Any], audience: str | None, seconds: int) -> str:
         meta = pod["metadata"]

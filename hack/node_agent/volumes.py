@@ -1,10 +1,9 @@
 """Pod volumes as files under the pod's directory, the way a kubelet lays them out.
 
-emptyDir -> a fresh directory; hostPath -> the path itself; persistentVolumeClaim -> the
-path of the hostPath or local PersistentVolume the claim is bound to (how an AIModel's
-model cache reaches node files: AIModels may not name hostPath themselves); configMap and
-secret -> one file per key (honouring `items`); projected -> its sources in one
-directory, the ServiceAccount token coming from the TokenRequest API bound to the pod.
+emptyDir -> a fresh directory; hostPath -> the path itself; persistentVolumeClaim -> its
+bound PersistentVolume's hostPath or local path; configMap and secret -> one file per key
+(honouring `items`); projected -> its sources in one directory, the ServiceAccount token
+coming from the TokenRequest API bound to the pod.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def materialise(
     secret: Callable[[str], Data],
     config_map: Callable[[str], Data],
     token: Callable[[str | None, int], str],  # (audience, expirationSeconds) -> JWT
-    claim: Callable[[str], str],  # claimName -> host path of its bound volume
+    claim: Callable[[str], str | None] = lambda name: None,  # PVC -> its bound PV's path
 ) -> dict[str, str]:
     """Create every volume; return volume name -> host directory."""
     dirs: dict[str, str] = {}
@@ -55,7 +54,14 @@ def materialise(
             if vol["hostPath"].get("type") == "DirectoryOrCreate":
                 dest.mkdir(parents=True, exist_ok=True)
         elif "persistentVolumeClaim" in vol:
-            dest = Path(claim(vol["persistentVolumeClaim"]["claimName"]))
+            ref = vol["persistentVolumeClaim"]["claimName"]
+            path = claim(ref)
+            if path is None:
+                raise PodSpecError(
+                    f"volume '{name}': PersistentVolumeClaim '{ref}' is not bound to a"
+                    " hostPath or local PersistentVolume"
+                )
+            dest = Path(path)
         elif "configMap" in vol or "secret" in vol:
             is_secret = "secret" in vol
             src = vol["secret"] if is_secret else vol["configMap"]

@@ -57,9 +57,12 @@ def _operator(args: argparse.Namespace) -> int:
 def _rbac(args: argparse.Namespace) -> int:
     import yaml
 
-    from kubepeer.controller.rbac import operator_rbac
+    from kubepeer.controller.rbac import operator_rbac, proxy_rbac
     from kubepeer.controller.settings import OperatorSettings
 
+    if args.proxy:
+        print(yaml.safe_dump_all(proxy_rbac(args.namespace), sort_keys=False))
+        return 0
     settings = OperatorSettings(namespaces=args.watch or [])
     print(yaml.safe_dump_all(operator_rbac(settings, args.namespace), sort_keys=False))
     return 0
@@ -195,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch",
         action="append",
         help="a namespace the operator watches (repeat): Roles there only, no cluster-wide rules",
+    )
+    rbac.add_argument(
+        "--proxy",
+        action="store_true",
+        help="the proxy's RBAC instead: a Role in --namespace, the namespace it serves",
     )
     rbac.set_defaults(run=_rbac)
 

@@ -400,44 +400,13 @@ def test_process_has_its_service_accounts_rights_and_no_more(node_agent, api, po
 class Fleet:
     """AIModels in one namespace, with the operator running as a process."""
 
-    CACHE_CLAIM = "model-cache"
-
     def __init__(self, cluster, api, namespace: str) -> None:
         self.cluster, self.ns = cluster, namespace
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
-        self.volume = f"{namespace}-models"
+        self.volumes: list[str] = []  # PersistentVolumes made here (cluster-scoped)
 
-    def provide_model_cache(self, model_dir: Path) -> None:
-        """The node-local model cache as an admin provides it: a hostPath PersistentVolume
-        pre-bound to the claim the AIModels name (AIModels may not name hostPath)."""
-        size, modes = {"storage": "1Gi"}, ["ReadOnlyMany"]
-        self.core.create_persistent_volume(
-            client.V1PersistentVolume(
-                metadata=client.V1ObjectMeta(name=self.volume),
-                spec=client.V1PersistentVolumeSpec(
-                    capacity=size,
-                    access_modes=modes,
-                    storage_class_name="",
-                    host_path=client.V1HostPathVolumeSource(path=str(model_dir)),
-                    claim_ref=client.V1ObjectReference(namespace=self.ns, name=self.CACHE_CLAIM),
-                ),
-            )
-        )
-        self.core.create_namespaced_persistent_volume_claim(
-            self.ns,
-            client.V1PersistentVolumeClaim(
-                metadata=client.V1ObjectMeta(name=self.CACHE_CLAIM),
-                spec=client.V1PersistentVolumeClaimSpec(
-                    access_modes=modes,
-                    storage_class_name="",
-                    volume_name=self.volume,
-                    resources=client.V1VolumeResourceRequirements(requests=size),
-                ),
-            ),
-        )
-
-    def apply(self, name: str, agent: NodeAgent, **spec: Any) -> None:
+    def apply(self, name: str, agent: NodeAgent, model_dir: Path, **spec: Any) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "AIModel",
@@ -450,13 +419,40 @@ class Fleet:
                 "nodeSelector": {"kubernetes.io/hostname": agent.node},
                 "tolerations": [agent.toleration()],
                 "modelCache": {
-                    "volume": {"persistentVolumeClaim": {"claimName": self.CACHE_CLAIM}},
+                    "volume": {
+                        "persistentVolumeClaim": {"claimName": self.models_claim(model_dir)}
+                    },
                     "mountPath": "/models",
                 },
                 **spec,
             },
         }
         self.cluster.kubectl("-n", self.ns, "apply", "-f", "-", stdin=yaml.safe_dump(body))
+
+    def models_claim(self, model_dir: Path) -> str:
+        """A claim bound to a hostPath PersistentVolume on model_dir (the CRD allows no hostPath;
+        the node agent mounts a bound claim's host path). The binding is the controller's."""
+        pv, claim = f"models-{self.ns}"[:253], "models"
+        if not self.core.list_namespaced_persistent_volume_claim(
+            self.ns, field_selector=f"metadata.name={claim}"
+        ).items:
+            self.core.create_persistent_volume({
+                "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                         "storageClassName": "", "hostPath": {"path": str(model_dir)},
+                         "claimRef": {"namespace": self.ns, "name": claim}},
+            })  # fmt: skip
+            self.core.create_namespaced_persistent_volume_claim(self.ns, {
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                         "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}},
+            })  # fmt: skip
+            self.volumes.append(pv)
+        return claim
+
+    def delete_volumes(self) -> None:
+        for pv in self.volumes:
+            self.core.delete_persistent_volume(pv)
 
     def status(self, name: str) -> dict:
         obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, "aimodels", name)
@@ -475,27 +471,32 @@ class Fleet:
         ).items
         return pod
 
+    def runner_token(self, pod: client.V1Pod) -> str:
+        """The AUTH_TOKEN the operator gave the runner, read from the Secret it names."""
+        ref = next(
+            e.value_from.secret_key_ref
+            for e in pod.spec.containers[0].env
+            if e.name == "AUTH_TOKEN"
+        )
+        secret = self.core.read_namespaced_secret(ref.name, self.ns)
+        return base64.b64decode(secret.data[ref.key]).decode()
+
 
 @pytest.fixture
-def fleet(operator, crds, node_agent, api, namespace, tiny_models) -> Iterator[Fleet]:
+def fleet(operator, crds, node_agent, api, namespace) -> Iterator[Fleet]:
     fleet = Fleet(crds, api, namespace)
-    fleet.provide_model_cache(tiny_models)
     yield fleet
-    fleet.core.delete_persistent_volume(fleet.volume)
+    fleet.delete_volumes()
 
 
-def test_operator_made_runner_serves_with_its_auth_secret(fleet, node_agent):
-    fleet.apply("tiny", node_agent)
+def test_operator_made_runner_serves_with_its_auth_secret(fleet, node_agent, tiny_models):
+    fleet.apply("tiny", node_agent, tiny_models)
     wait_for(
         lambda: fleet.status("tiny").get("phase") == "Ready", timeout=180, what="AIModel tiny Ready"
     )
     pod = fleet.pod("runner-tiny")
     assert pod.spec.node_name == node_agent.node
-    secret_name = next(
-        e.value_from.secret_key_ref for e in pod.spec.containers[0].env if e.name == "AUTH_TOKEN"
-    )
-    secret = fleet.core.read_namespaced_secret(secret_name.name, fleet.ns)
-    token = base64.b64decode(secret.data[secret_name.key]).decode()
+    token = fleet.runner_token(pod)
     port = pod.spec.containers[0].ports[0].container_port
     url = f"http://{pod.status.pod_ip}:{port}/text-to-image"
     assert post_json(url, IMAGE_REQUEST)[0] == 401
@@ -503,9 +504,13 @@ def test_operator_made_runner_serves_with_its_auth_secret(fleet, node_agent):
     assert_png_response(*post_json(url, IMAGE_REQUEST, {"Authorization": f"Bearer {token}"}))
 
 
-def test_crashing_runner_backs_off_and_the_aimodel_says_model_load_failed(fleet, node_agent):
+def test_crashing_runner_backs_off_and_the_aimodel_says_model_load_failed(
+    fleet, node_agent, tiny_models
+):
     # An env value the runner refuses: it exits 2 at start, every time.
-    fleet.apply("crashy", node_agent, env=[{"name": "CAPACITY", "value": "lots"}])
+    fleet.apply(
+        "crashy", node_agent, tiny_models, env=[{"name": "MAX_INFERENCE_STEPS", "value": "lots"}]
+    )
     wait_for(
         lambda: waiting_reason(fleet.pods("runner-crashy")) == "CrashLoopBackOff",
         timeout=90,

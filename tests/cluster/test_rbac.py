@@ -25,20 +25,9 @@ def operator_kubeconfig(crds, api, namespace, tmp_path) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount."""
     for manifest in operator_rbac(OperatorSettings(namespaces=[namespace]), namespace):
         crds.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
-    token = (
-        client.CoreV1Api(api)
-        .create_namespaced_service_account_token(
-            "kubepeer-operator", namespace, {"spec": {"expirationSeconds": 3600}}
-        )
-        .status.token
+    return crds.kubeconfig_for(
+        api, namespace, "kubepeer-operator", tmp_path / "operator.kubeconfig"
     )
-    admin = yaml.safe_load(crds.kubeconfig.read_text())
-    admin["users"] = [{"name": "operator", "user": {"token": token}}]
-    for context in admin["contexts"]:
-        context["context"]["user"] = "operator"
-    path = tmp_path / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump(admin))
-    return path
 
 
 @pytest.fixture

@@ -178,7 +178,7 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
             "volumes": [
                 {"name": "scratch", "emptyDir": {}},
                 {"name": "models", "hostPath": {"path": "/srv/models"}},
-                {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}},
+                {"name": "weights", "persistentVolumeClaim": {"claimName": "w"}},
                 {"name": "cfg", "configMap": {"name": "cm", "items": a_item}},
                 {"name": "creds", "secret": {"secretName": "s"}},
                 {
@@ -202,10 +202,10 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
         secret={"s": {"user": "u"}}.get,
         config_map=config_maps.get,
         token=lambda aud, secs: asked.append((aud, secs)) or "jwt",
-        claim={"model-cache": "/srv/pv/cache"}.__getitem__,
+        claim={"w": "/srv/weights"}.get,
     )
     assert dirs["models"] == "/srv/models"
-    assert dirs["cache"] == "/srv/pv/cache"  # the bound PersistentVolume's path
+    assert dirs["weights"] == "/srv/weights"  # the bound PersistentVolume's host path
     assert (tmp_path / "volumes" / "scratch").is_dir()
     assert (tmp_path / "volumes" / "cfg" / "x" / "a").read_text() == "A"
     assert not (tmp_path / "volumes" / "cfg" / "b").exists()  # items select keys
@@ -221,15 +221,12 @@ def test_unsupported_or_missing_volumes_are_refused_with_the_volume_named(tmp_pa
     def pod(vol):
         return {"metadata": {"name": "p", "namespace": "ns"}, "spec": {"volumes": [vol]}}
 
-    def unbound(name: str) -> str:
-        raise PodSpecError(f"PersistentVolumeClaim '{name}' is not bound yet")
-
-    kwargs = {"secret": {}.get, "config_map": {}.get, "token": lambda a, s: "", "claim": unbound}
-    with pytest.raises(PodSpecError, match="volume 'data': iscsi is not supported"):
-        materialise(pod({"name": "data", "iscsi": {"targetPortal": "x"}}), tmp_path, **kwargs)
-    with pytest.raises(PodSpecError, match="PersistentVolumeClaim 'x' is not bound yet"):
+    kwargs = {"secret": {}.get, "config_map": {}.get, "token": lambda a, s: ""}
+    with pytest.raises(PodSpecError, match="volume 'data': PersistentVolumeClaim 'x' is not bound"):
         materialise(
             pod({"name": "data", "persistentVolumeClaim": {"claimName": "x"}}), tmp_path, **kwargs
         )
+    with pytest.raises(PodSpecError, match="volume 'share': nfs is not supported"):
+        materialise(pod({"name": "share", "nfs": {"server": "s", "path": "/"}}), tmp_path, **kwargs)
     with pytest.raises(PodSpecError, match="volume 'c': Secret 'gone' not found"):
         materialise(pod({"name": "c", "secret": {"secretName": "gone"}}), tmp_path, **kwargs)

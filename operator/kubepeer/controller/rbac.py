@@ -1,4 +1,5 @@
-"""The operator's least-privilege RBAC, as data: one ClusterRole, and what binds it.
+"""The operator's and the proxy's least-privilege RBAC, as data: their roles, and what
+binds them.
 
 Tests run the operator under exactly these rules (tests/cluster/test_rbac.py), so a
 rule missing here fails there, and nothing beyond them is granted.
@@ -14,6 +15,7 @@ from kubepeer.controller.settings import OperatorSettings
 READ = ["get", "list", "watch"]
 RBAC = "rbac.authorization.k8s.io"
 NAME = "kubepeer-operator"
+PROXY = "kubepeer-proxy"
 
 
 def namespaced_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -130,3 +132,28 @@ def operator_rbac(
             _binding("RoleBinding", NAME, "Role", subject, namespace=watched, labels=labels)
         )
     return objects
+
+
+def proxy_rules() -> list[dict[str, Any]]:
+    """What `kubepeer proxy` does in its namespace: watch runner endpoints and the
+    operator's table ConfigMaps, and wake an OnDemand AIModel (get, then patch)."""
+    return [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]},
+        {"apiGroups": [GROUP], "resources": ["aimodels"], "verbs": ["get", "patch"]},
+    ]  # fmt: skip
+
+
+def proxy_rbac(namespace: str, service_account: str = PROXY) -> list[dict[str, Any]]:
+    """The proxy's ServiceAccount, and a Role and RoleBinding in the namespace it serves."""
+    labels = {"app.kubernetes.io/part-of": "kubepeer", "app.kubernetes.io/name": PROXY}
+    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": service_account, "namespace": namespace, "labels": labels}},
+        {"apiVersion": f"{RBAC}/v1", "kind": "Role",
+         "metadata": {"name": PROXY, "namespace": namespace, "labels": labels},
+         "rules": proxy_rules()},
+        _binding("RoleBinding", PROXY, "Role", subject, namespace=namespace, labels=labels),
+    ]  # fmt: skip
