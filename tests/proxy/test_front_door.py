@@ -291,7 +291,7 @@ def test_the_llm_stream_arrives_chunk_by_chunk(proxy):
     gateway = Gateway()
     info = gateway.discover(proxy, 33, LLAMA)
     body = {"model": LLAMA, "messages": [{"role": "user", "content": "count"}],
-            "max_tokens": 24, "stream": True}  # fmt: skip
+            "max_tokens": 200, "stream": True}  # fmt: skip
     arrivals = []
     with (
         proxy.http() as client,

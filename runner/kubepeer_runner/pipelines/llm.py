@@ -121,6 +121,14 @@ def complete(
             if not (self.skip_prompt and self.next_tokens_are_prompt):
                 self.generated += value.numel()
             super().put(value)
+            # TextStreamer holds symbols back until the next space (console formatting);
+            # a streaming client wants every token as it comes. Only an incomplete UTF-8
+            # character (decoded as U+FFFD) has to wait for the token that completes it.
+            if self.token_cache:
+                text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+                if len(text) > self.print_len and not text.endswith("\ufffd"):
+                    self.on_finalized_text(text[self.print_len :])
+                    self.print_len = len(text)
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text and emit is not None:
