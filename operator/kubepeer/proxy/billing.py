@@ -22,9 +22,9 @@ from kubepeer.payments.recipient import (
     RecipientSecret,
     as_price,
     issue_ticket_params,
+    ticket_params_message,
 )
 from kubepeer.payments.rounds import ChainView
-from kubepeer.payments.ticket import minimal_bytes
 from kubepeer.payments.validator import (
     PaymentContext,
     TicketRejected,
@@ -84,18 +84,7 @@ class Billing:
         except InsufficientSenderReserve as exc:
             raise PaymentRefused(str(exc)) from None
         self.ledger.offer_price(sender, as_price(price))
-        return net_pb2.TicketParams(
-            recipient=params.recipient,
-            face_value=minimal_bytes(params.face_value),
-            win_prob=minimal_bytes(params.win_prob),
-            recipient_rand_hash=params.recipient_rand_hash,
-            seed=minimal_bytes(params.seed),
-            expiration_block=minimal_bytes(params.expiration_block),
-            expiration_params=net_pb2.TicketExpirationParams(
-                creation_round=params.creation_round,
-                creation_round_block_hash=params.creation_round_block_hash,
-            ),
-        )
+        return ticket_params_message(params)
 
     # -- a job -------------------------------------------------------------------------
     def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
