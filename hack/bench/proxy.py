@@ -3,19 +3,27 @@
 
 1. Added latency on a trivial fast route at a fixed request rate: the same POST
    /text-to-image straight to a runner stand-in (an aiohttp server that answers at once,
-   so only the proxy's own cost shows) and through `kubepeer proxy` (payments off; TLS
-   as gateways use it, and plaintext for a like-for-like hop).
-2. Throughput at a fixed concurrency, the same three ways.
-3. GetOrchestrator with a fresh TLS connection per call, as go-livepeer dials, against a
-   fresh-connection GET /healthz on the same port (what the handshake alone costs).
+   so only the hop's own cost shows), through nginx as a reverse proxy (one worker,
+   upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
+   bearer token) on each server it can run on; plaintext and TLS. "added" is the p50/p99
+   above direct; "x nginx" is the proxy's added p50 over nginx's added p50.
+2. Throughput at a fixed concurrency, the same ways.
+3. GetOrchestrator (payments on: signature check, prices, ticket params, auth token) with a
+   fresh TLS connection per call, as go-livepeer dials, against a fresh-connection GET
+   /healthz on the same port; and its server time, the handler timed in-process.
+4. Hold overhead: jobs held for an OnDemand model with no ready replica; the time from the
+   replica turning ready (the endpoint watch's callback) to each job reaching the runner.
 
 Run: .venv/bin/python hack/bench/proxy.py [--rate 200] [--seconds 5] [--calls 100]
+uvicorn needs zttp (not in the lock): PYTHONPATH=<a folder with zttp> adds its rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -25,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "operator")]
@@ -36,22 +46,63 @@ import httpx  # noqa: E402
 from eth_account import Account  # noqa: E402
 from eth_account.messages import encode_defunct  # noqa: E402
 from eth_utils import keccak  # noqa: E402
+from redis import Redis  # noqa: E402
 
 from kubepeer.livepeer import net_pb2  # noqa: E402
+from kubepeer.payments.rounds import ChainView  # noqa: E402
+from kubepeer.payments.watcher import save_view  # noqa: E402
+from kubepeer.proxy.main import ProxyArgs, build  # noqa: E402
+from kubepeer.proxy.server import self_signed  # noqa: E402
 
 MODEL = "kubepeer-bench/fast"
 BODY = {"prompt": "x", "height": 8, "width": 8, "model_id": MODEL}
 STAND_IN = """
-import sys
+import sys, time
 from aiohttp import web
 REPLY = {"images": [{"url": "data:image/png;base64,iVBORw0KGgo=", "seed": 1, "nsfw": False}]}
+ARRIVALS = []
 async def t2i(request):
+    ARRIVALS.append(time.time())
     await request.read()
     return web.json_response(REPLY)
+async def arrivals(request):
+    return web.json_response(ARRIVALS)
 app = web.Application()
 app.router.add_post("/text-to-image", t2i)
+app.router.add_get("/arrivals", arrivals)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
+NGINX = """
+worker_processes 1;
+daemon off;
+{user}
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/nginx-body;
+  proxy_temp_path {work}/nginx-proxy;
+  fastcgi_temp_path {work}/nginx-fastcgi;
+  uwsgi_temp_path {work}/nginx-uwsgi;
+  scgi_temp_path {work}/nginx-scgi;
+  keepalive_requests 100000;
+  upstream runner {{ server 127.0.0.1:{runner}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{plain};
+    listen 127.0.0.1:{tls} ssl http2;
+    ssl_certificate {work}/cert.pem;
+    ssl_certificate_key {work}/key.pem;
+    location / {{
+      proxy_pass http://runner;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+CHAIN = ChainView(l1_block=5_000, current_round=10, creation_round=10,
+                  creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
 
 
 def free_port() -> int:
@@ -64,10 +115,11 @@ def wait_up(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            httpx.get(url, verify=False, timeout=1)
-            return
+            if httpx.get(url, verify=False, timeout=1).status_code < 500:
+                return
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
 
 
@@ -91,7 +143,7 @@ async def at_rate(
                     failures.append(response.status)
             return time.perf_counter() - start
 
-        for _ in range(20):  # warm the connection pool
+        for _ in range(50):  # warm the connection pool
             await one()
         tasks = []
         start = time.perf_counter()
@@ -139,17 +191,119 @@ def fresh_tls_calls(port: int, calls: int) -> tuple[list[float], list[float]]:
         with grpc.secure_channel(
             f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root_certificates=pem)
         ) as channel:
-            channel.unary_unary(
+            info = channel.unary_unary(
                 "/net.Orchestrator/GetOrchestrator",
                 request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
                 response_deserializer=net_pb2.OrchestratorInfo.FromString,
             )(request, timeout=10)
         grpc_times.append(time.perf_counter() - start)
+        assert info.ticket_params.recipient, "discovery without ticket params"
         start = time.perf_counter()
         with httpx.Client(verify=False, http2=True) as client:
             client.get(f"https://127.0.0.1:{port}/healthz")
         https_times.append(time.perf_counter() - start)
     return grpc_times, https_times
+
+
+async def asgi_job(proxy: object, body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """One job straight into the proxy's ASGI app (no server): the status it answers."""
+    scope = {"type": "http", "method": "POST", "path": "/text-to-image", "query_string": b"",
+             "raw_path": b"/text-to-image", "headers": headers, "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+             "root_path": "", "asgi": {"version": "3.0"}}  # fmt: skip
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if chunks:
+            return chunks.pop()
+        await asyncio.Event().wait()  # never disconnects
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await proxy(scope, receive, send)
+    return sent[0]["status"]
+
+
+@contextlib.asynccontextmanager
+async def running(proxy: Any, keep_current: Any) -> AsyncIterator[None]:
+    """The proxy's lifespan (its runner client) and its input keeper, in this loop."""
+    inbox: asyncio.Queue[dict] = asyncio.Queue()
+    outbox: asyncio.Queue[dict] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    life = asyncio.create_task(
+        proxy.http_app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put)
+    )
+    await outbox.get()
+    keeper = asyncio.create_task(keep_current())
+    await asyncio.sleep(0.1)
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        life.cancel()
+
+
+async def hold_overhead(work: Path, redis_url: str, runner: str, jobs: int) -> list[float]:
+    """Seconds from the replica turning ready to each held job reaching the runner."""
+    models = {"version": 1, "models": [{
+        "aimodel": "cold", "pipeline": "text-to-image", "modelId": MODEL, "runner": "runner-cold",
+        "port": 0, "capacity": 1000, "warm": "OnDemand", "maxReplicas": 1,
+        "price": {"weiPerUnit": "1", "gateways": {}, "surge": None},
+    }]}  # fmt: skip
+    (work / "cold-models.json").write_text(json.dumps(models))
+    (work / "cold-endpoints.json").write_text("{}")
+    args = ProxyArgs(
+        bind="127.0.0.1:0", public_url="http://127.0.0.1:0", namespace="bench-hold",
+        redis_url=redis_url, models_file=work / "cold-models.json",
+        endpoints_file=work / "cold-endpoints.json", payments=False,
+        bearer_token_file=work / "bearer", wake=False,
+    )  # fmt: skip
+    proxy, keep_current = build(args)
+    async with aiohttp.ClientSession() as http:
+        before = len(await (await http.get(f"{runner}/arrivals")).json())
+    body = json.dumps(BODY).encode()
+    headers = [(b"content-type", b"application/json"), (b"authorization", b"Bearer bench")]
+    async with running(proxy, keep_current):
+        held = [asyncio.create_task(asgi_job(proxy, body, headers)) for _ in range(jobs)]
+        model = proxy.catalogue().models[0]
+        while proxy.router.queued(model) < jobs:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # settled: every job is waiting
+        ready_at = time.time()
+        # What the EndpointSlice watch's callback does when a replica turns ready.
+        proxy.router.set_endpoints({"runner-cold": (runner,)}, proxy.catalogue().models)
+        proxy.endpoints_changed()
+        statuses = await asyncio.gather(*held)
+    assert statuses == [200] * jobs, statuses
+    async with aiohttp.ClientSession() as http:
+        arrivals = (await (await http.get(f"{runner}/arrivals")).json())[before:]
+    return [at - ready_at for at in arrivals]
+
+
+async def discovery_server_time(work: Path, redis_url: str, calls: int) -> list[float]:
+    """GetOrchestrator's handler, timed in-process with payments on (no TLS, no framing)."""
+    args = ProxyArgs(
+        bind="127.0.0.1:0", public_url="https://127.0.0.1:0", namespace="bench",
+        redis_url=redis_url, models_file=work / "models.json",
+        endpoints_file=work / "endpoints.json", recipient="0x" + "5a" * 20,
+        recipient_secret_file=work / "recipient-secret", auth_secret_file=work / "auth-secret",
+        wake=False,
+    )  # fmt: skip
+    proxy, keep_current = build(args)
+    raw = discovery_request().SerializeToString()
+    times = []
+    async with running(proxy, keep_current):
+        await asyncio.sleep(1.2)  # the endpoint file is read
+        for _ in range(calls):
+            start = time.perf_counter()
+            await proxy.get_orchestrator(raw)
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> int:
@@ -158,11 +312,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--calls", type=int, default=100, help="GetOrchestrator calls")
+    parser.add_argument("--held", type=int, default=20, help="jobs held for a cold model")
     args = parser.parse_args()
+    servers = ["hypercorn"]
+    if importlib.util.find_spec("zttp") is not None:
+        servers.append("uvicorn")
 
     work = Path(tempfile.mkdtemp(prefix="kubepeer-bench-proxy-"))
     processes: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     env.pop("KUBECONFIG", None)
 
     def spawn(*command: str) -> None:
@@ -171,71 +330,120 @@ def main() -> int:
 
     try:
         redis_port, runner_port = free_port(), free_port()
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
         spawn("redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "")
         spawn(sys.executable, "-c", STAND_IN, str(runner_port))
         runner = f"http://127.0.0.1:{runner_port}"
         models = {"version": 1, "models": [{
-            "aimodel": "fast", "pipeline": "text-to-image", "modelId": MODEL, "capability": 27,
+            "aimodel": "fast", "pipeline": "text-to-image", "modelId": MODEL,
             "runner": "runner-fast", "port": runner_port, "capacity": 1000, "warm": "Always",
             "maxReplicas": 1, "price": {"weiPerUnit": "1", "gateways": {}, "surge": None},
         }]}  # fmt: skip
         (work / "models.json").write_text(json.dumps(models))
         (work / "endpoints.json").write_text(json.dumps({"runner-fast": [runner]}))
         (work / "bearer").write_text("bench")
-        ports = {"tls": free_port(), "plain": free_port()}
-        for mode, port in ports.items():
-            spawn(
-                sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
-                "--public-url", f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}",
-                "--namespace", "bench", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
-                "--models-file", str(work / "models.json"),
-                "--endpoints-file", str(work / "endpoints.json"), "--no-wake",
-                "--no-payments", "--bearer-token-file", str(work / "bearer"),
-                *(["--plaintext"] if mode == "plain" else []),
-            )  # fmt: skip
-        wait_up(f"{runner}/")
-        wait_up(f"https://127.0.0.1:{ports['tls']}/healthz")
-        wait_up(f"http://127.0.0.1:{ports['plain']}/healthz")
+        (work / "recipient-secret").write_bytes(os.urandom(32))
+        (work / "auth-secret").write_bytes(os.urandom(32))
+        cert, key = self_signed("127.0.0.1")
+        (work / "cert.pem").write_bytes(cert)
+        (work / "key.pem").write_bytes(key)
+        nginx_ports = {"plain": free_port(), "tls": free_port()}
+        (work / "nginx.conf").write_text(NGINX.format(
+            work=work, runner=runner_port, plain=nginx_ports["plain"], tls=nginx_ports["tls"],
+            user="user root;" if os.geteuid() == 0 else ""))  # fmt: skip
+        spawn("nginx", "-c", str(work / "nginx.conf"), "-p", str(work))
+        ports: dict[tuple[str, str], int] = {}
+        for server in servers:
+            for mode in ("plain", "tls"):
+                port = ports[(server, mode)] = free_port()
+                spawn(
+                    sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
+                    "--public-url", f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}",
+                    "--namespace", "bench", "--redis-url", redis_url, "--server", server,
+                    "--models-file", str(work / "models.json"),
+                    "--endpoints-file", str(work / "endpoints.json"), "--no-wake",
+                    "--no-payments", "--bearer-token-file", str(work / "bearer"),
+                    *(["--plaintext"] if mode == "plain" else []),
+                )  # fmt: skip
+        paid_port = free_port()  # discovery with payments on, as gateways see it
+        spawn(
+            sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{paid_port}",
+            "--public-url", f"https://127.0.0.1:{paid_port}", "--namespace", "bench",
+            "--redis-url", redis_url, "--server", servers[-1],
+            "--models-file", str(work / "models.json"),
+            "--endpoints-file", str(work / "endpoints.json"), "--no-wake",
+            "--recipient", "0x" + "5a" * 20,
+            "--recipient-secret-file", str(work / "recipient-secret"),
+            "--auth-secret-file", str(work / "auth-secret"),
+        )  # fmt: skip
+        wait_up(f"{runner}/arrivals")
+        wait_up(f"http://127.0.0.1:{nginx_ports['plain']}/arrivals")
+        for (_, mode), port in [*ports.items(), (("paid", "tls"), paid_port)]:
+            wait_up(f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/healthz")
+        save_view(Redis.from_url(redis_url), CHAIN)
         time.sleep(1.5)  # the endpoint file is read within a second of start
         auth = {"Authorization": "Bearer bench"}
-        targets = {
-            "direct to the runner": (f"{runner}/text-to-image", {}),
-            "through the proxy (plaintext)": (
-                f"http://127.0.0.1:{ports['plain']}/text-to-image", auth),
-            "through the proxy (TLS)": (f"https://127.0.0.1:{ports['tls']}/text-to-image", auth),
-        }  # fmt: skip
+        targets: dict[str, tuple[str, dict[str, str]]] = {
+            "direct to the runner": (f"{runner}/text-to-image", {})
+        }
+        for mode, scheme in (("plain", "http"), ("tls", "https")):
+            targets[f"nginx ({mode})"] = (
+                f"{scheme}://127.0.0.1:{nginx_ports[mode]}/text-to-image",
+                {},
+            )
+            for server in servers:
+                port = ports[(server, mode)]
+                targets[f"proxy, {server} ({mode})"] = (
+                    f"{scheme}://127.0.0.1:{port}/text-to-image", auth)  # fmt: skip
 
-        print(f"\n1. latency at {args.rate:.0f} requests/s for {args.seconds:.0f} s (ms)")
+        print(f"\n1. latency at {args.rate:.0f} requests/s for {args.seconds:.0f} s, HTTP/1.1 "
+              f"keep-alive (ms)")  # fmt: skip
         base = None
+        added_nginx: dict[str, float] = {}
         for name, (url, headers) in targets.items():
             failures: list[int] = []
             samples = asyncio.run(at_rate(url, args.rate, args.seconds, headers, failures))
             p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
-            if failures:
-                name += f" [{len(failures)} of {len(samples)} failed]"
+            label = name + (f" [{len(failures)} of {len(samples)} failed]" if failures else "")
             if base is None:
                 base = (p50, p99)
-                print(f"   {name:32s} p50 {p50:6.2f}  p99 {p99:6.2f}")
-            else:
-                print(f"   {name:32s} p50 {p50:6.2f}  p99 {p99:6.2f}   added: "
-                      f"p50 +{p50 - base[0]:.2f}  p99 +{p99 - base[1]:.2f}  "
-                      f"(x{p50 / base[0]:.1f} / x{p99 / base[1]:.1f})")  # fmt: skip
+                print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}")
+                continue
+            added = p50 - base[0]
+            mode = name.rsplit("(", 1)[1].rstrip(")")
+            versus = ""
+            if name.startswith("nginx"):
+                added_nginx[mode] = added
+            elif added_nginx.get(mode, 0) > 0:
+                versus = f"  x nginx {added / added_nginx[mode]:.1f}"
+            print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}   added p50 {added:+.2f} "
+                  f"p99 {p99 - base[1]:+.2f}{versus}")  # fmt: skip
 
         print(f"\n2. throughput, {args.concurrency} concurrent, {args.seconds:.0f} s (requests/s)")
         direct = None
         for name, (url, headers) in targets.items():
             rate = asyncio.run(closed_loop(url, args.concurrency, args.seconds, headers))
             direct = direct or rate
-            print(f"   {name:32s} {rate:8.0f}   ({rate / direct:.2f} of direct)")
+            print(f"   {name:30s} {rate:8.0f}   ({rate / direct:.2f} of direct)")
 
-        print(f"\n3. GetOrchestrator, a fresh TLS connection per call, {args.calls} calls (ms)")
-        grpc_times, https_times = fresh_tls_calls(ports["tls"], args.calls)
-        for name, samples in [("GET /healthz (HTTP/2, fresh TLS)", https_times),
-                              ("GetOrchestrator (gRPC, fresh TLS)", grpc_times)]:  # fmt: skip
-            print(f"   {name:36s} p50 {percentile(samples, 0.5) * 1e3:6.2f}  "
+        print(f"\n3. GetOrchestrator with payments on ({servers[-1]}), {args.calls} calls (ms)")
+        save_view(Redis.from_url(redis_url), CHAIN)
+        grpc_times, https_times = fresh_tls_calls(paid_port, args.calls)
+        server_times = asyncio.run(discovery_server_time(work, redis_url, args.calls))
+        for name, samples in [("GET /healthz, fresh TLS (h2)", https_times),
+                              ("GetOrchestrator, fresh TLS", grpc_times),
+                              ("GetOrchestrator server time", server_times)]:  # fmt: skip
+            print(f"   {name:32s} p50 {percentile(samples, 0.5) * 1e3:6.2f}  "
                   f"p99 {percentile(samples, 0.99) * 1e3:6.2f}")  # fmt: skip
         extra = statistics.median(grpc_times) - statistics.median(https_times)
         print(f"   GetOrchestrator beyond a fresh-connection GET: p50 {extra * 1e3:+.2f} ms")
+
+        print(f"\n4. hold overhead: {args.held} jobs held, replica turns ready (ms)")
+        overheads = asyncio.run(hold_overhead(work, redis_url, runner, args.held))
+        print(
+            f"   first job sent after {min(overheads) * 1e3:.1f}, p50 "
+            f"{statistics.median(overheads) * 1e3:.1f}, last {max(overheads) * 1e3:.1f}"
+        )
         print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     finally:
         for process in reversed(processes):

@@ -10,6 +10,7 @@ from pathlib import Path
 from kubepeer import __version__
 from kubepeer.api.crd import stale_crds, write_crds
 from kubepeer.payments.ledger import WINNING_STREAM
+from kubepeer.proxy.server import SERVERS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -150,6 +151,7 @@ def _proxy(args: argparse.Namespace) -> int:
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
             gas_price=args.gas_price,
+            server=args.server,
         )
     )
 
@@ -263,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="static ready URLs per runner Service (JSON) instead of watching EndpointSlices",
     )  # fmt: skip
     px.add_argument("--plaintext", action="store_true", help="h2c: TLS ends at the ingress")
+    px.add_argument(
+        "--server", choices=SERVERS, default=SERVERS[0],
+        help="the HTTP server under the one port (measured: hack/bench/proxy.py)",
+    )  # fmt: skip
     px.add_argument("--tls-cert", type=Path, help="certificate (a Secret); default: self-signed")
     px.add_argument("--tls-key", type=Path, help="its key (a Secret)")
     px.add_argument("--auth-secret-file", type=Path, help="auth token HMAC key shared by replicas")

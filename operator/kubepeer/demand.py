@@ -78,7 +78,8 @@ def job_started(
     ttl: float = JOB_TTL_SECONDS,
 ) -> bool:
     """Record a job admitted for `aimodel`. True when the operator has claimed the model
-    idle: the caller must wake it (see DESIGN.md) even if it still looks awake."""
+    idle: the caller must wake it (see DESIGN.md) even if it still looks awake.
+    On a pipeline the command is queued, and its reply (1: wake) comes from execute()."""
     at = _now(now)
     woke = redis.eval(_JOB_STARTED, 2, *_keys(namespace, aimodel), job_id, repr(at + ttl), repr(at))
     return bool(woke)
@@ -99,11 +100,13 @@ def job_alive(
 def job_finished(
     redis: Any, namespace: str, aimodel: str, job_id: str, now: float | None = None
 ) -> None:
-    """The job is done (or failed): it no longer holds the model, and it was demand."""
-    pipe = redis.pipeline()
+    """The job is done (or failed): it no longer holds the model, and it was demand.
+    `redis` may be a pipeline (the proxy batches its records): then the commands are queued."""
+    pipe = redis if hasattr(redis, "execute") else redis.pipeline()
     pipe.zrem(in_flight_key(namespace, aimodel), job_id)
     pipe.hset(demand_key(namespace, aimodel), "last_request", repr(_now(now)))
-    pipe.execute()
+    if pipe is not redis:
+        pipe.execute()
 
 
 # --- the operator's side ---

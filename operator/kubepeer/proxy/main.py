@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
-from kubepeer import demand as demand_records
 from kubepeer.controller.labels import TABLE, WOKEN_AT
 from kubepeer.payments.recipient import RecipientSecret
-from kubepeer.proxy.app import Demand, Proxy, ProxyConfig, Waker
+from kubepeer.proxy.app import Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
 from kubepeer.proxy.catalogue import (
     Catalogue,
@@ -26,10 +26,11 @@ from kubepeer.proxy.catalogue import (
     load_catalogue,
 )
 from kubepeer.proxy.credentials import AuthSecret
+from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
-from kubepeer.proxy.server import hypercorn_config, serve
+from kubepeer.proxy.server import SERVERS, hypercorn_config, serve
 
 log = logging.getLogger("kubepeer.proxy")
 
@@ -61,6 +62,7 @@ class ProxyArgs:
     wake: bool = True
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
+    server: str = SERVERS[0]
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -139,32 +141,6 @@ class KubeWaker(Waker):
         await asyncio.to_thread(self._wake, model)
 
 
-class RedisDemand(Demand):
-    """DESIGN.md's demand records (kubepeer/demand.py): each job in flight has an expiry
-    this proxy pushes out while the job runs, so a crashed proxy pins no GPU."""
-
-    def __init__(self, redis: Redis, namespace: str, ttl: float) -> None:
-        self.redis = redis
-        self.namespace = namespace
-        self.ttl = ttl
-        self.mine: dict[str, set[str]] = {}  # aimodel -> job ids in flight here
-
-    def start(self, model: ServedModel, job_id: str) -> bool:
-        self.mine.setdefault(model.aimodel, set()).add(job_id)
-        return demand_records.job_started(
-            self.redis, self.namespace, model.aimodel, job_id, ttl=self.ttl
-        )
-
-    def end(self, model: ServedModel, job_id: str) -> None:
-        self.mine.get(model.aimodel, set()).discard(job_id)
-        demand_records.job_finished(self.redis, self.namespace, model.aimodel, job_id)
-
-    def heartbeat(self) -> None:
-        for aimodel, jobs in list(self.mine.items()):
-            for job_id in list(jobs):
-                demand_records.job_alive(self.redis, self.namespace, aimodel, job_id, ttl=self.ttl)
-
-
 def _secret_bytes(path: Path | None) -> bytes | None:
     return path.read_bytes().strip() if path else None
 
@@ -206,7 +182,9 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,
     )
-    demand = RedisDemand(redis, args.namespace, args.demand_ttl)
+    demand = BatchedDemand(
+        lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
+    )
     proxy = Proxy(
         config,
         catalogue=lambda: current["catalogue"],
@@ -263,7 +241,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
             if endpoints_file is not None and endpoints_file.refresh():
                 apply_endpoints(endpoints_file.value)
             if time.monotonic() - last_beat > args.demand_ttl / 3:
-                await asyncio.to_thread(demand.heartbeat)
+                demand.heartbeat(m.aimodel for m in current["catalogue"].models if m.on_demand)
                 last_beat = time.monotonic()
 
     return proxy, keep_current
@@ -297,9 +275,19 @@ def run_proxy(args: ProxyArgs) -> int:
     async def main() -> None:
         keeper = asyncio.create_task(keep_current())
         try:
-            await serve(proxy, config)
+            await serve(proxy, config, args.server)
         finally:
             keeper.cancel()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        runner.run(main())
     return 0
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: the same proxy, less CPU per job (hack/bench/proxy.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

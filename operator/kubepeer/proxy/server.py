@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 CERT_DAYS = 365
+SERVERS = ("hypercorn", "uvicorn")  # the first is the default
 
 
 def self_signed(host: str) -> tuple[bytes, bytes]:
@@ -89,12 +90,44 @@ def hypercorn_config(
     return config
 
 
-async def serve(app: Callable[..., Awaitable[None]], config: Any) -> None:
+async def serve(
+    app: Callable[..., Awaitable[None]], config: Any, server: str = "hypercorn"
+) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish."""
     from hypercorn.asyncio import serve as hypercorn_serve
+
+    if server == "uvicorn":
+        await uvicorn_server(app, config).serve()
+        return
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def uvicorn_server(app: Callable[..., Awaitable[None]], hypercorn: Any) -> Any:
+    """The same listener on uvicorn with zttp (HTTP/1.1 and HTTP/2 with trailers, ALPN
+    h2 + http/1.1 over TLS, h2c by preface sniffing in plaintext): the cert, bind and
+    timeouts are taken from the hypercorn config so both servers serve the same thing."""
+    import uvicorn
+
+    host, _, port = hypercorn.bind[0].rpartition(":")
+    config = uvicorn.Config(
+        app,
+        host=host.strip("[]"),
+        port=int(port),
+        http="zttp",
+        http2=True,
+        loop="none",  # ours: uvloop when installed
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=int(hypercorn.keep_alive_timeout),
+        timeout_graceful_shutdown=int(hypercorn.graceful_timeout),
+        ssl_certfile=hypercorn.certfile,
+        ssl_keyfile=hypercorn.keyfile,
+        server_header=False,
+    )
+    return uvicorn.Server(config)

@@ -1,0 +1,103 @@
+"""DESIGN.md's demand records (kubepeer/demand.py), written off the request path.
+
+Each job writes two records (its start and its end) and every job in flight is refreshed
+every ttl/3. Written one round trip at a time on the event loop they cost more than the
+rest of a fast job (hack/bench/proxy.py); here every record queued while one write is on
+the wire goes out in the next single pipeline, and no caller blocks the loop. A job
+awaits its start record only when the answer matters (an OnDemand model the operator may
+have claimed idle: then it must wake the model). A record not yet written when the proxy
+crashes is like one written and expired: the operator's rules already cover it.
+
+Only OnDemand models get records: the operator reads them for nothing else (scale to
+zero). A model switched to OnDemand while its jobs run has them recorded at the next
+heartbeat (ttl/3), well inside any idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kubepeer import demand as demand_records
+from kubepeer.proxy.app import Demand
+from kubepeer.proxy.catalogue import ServedModel
+
+log = logging.getLogger("kubepeer.proxy")
+
+
+class BatchedDemand(Demand):
+    def __init__(self, redis: Callable[[], Any], namespace: str, ttl: float) -> None:
+        self._redis_factory = redis  # a redis.asyncio client, made inside the running loop
+        self._redis: Any = None
+        self.namespace = namespace
+        self.ttl = ttl
+        # aimodel -> ids of the jobs in flight here, with and without demand records
+        self.recorded: dict[str, set[str]] = {}
+        self.unrecorded: dict[str, set[str]] = {}
+        self._queued: list[tuple[str, str, str, asyncio.Future[bool] | None]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self, model: ServedModel, job_id: str) -> asyncio.Future[bool]:
+        woke: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if model.on_demand:
+            self.recorded.setdefault(model.aimodel, set()).add(job_id)
+            self._queue("started", model.aimodel, job_id, woke)
+        else:
+            self.unrecorded.setdefault(model.aimodel, set()).add(job_id)
+            woke.set_result(False)
+        return woke
+
+    def end(self, model: ServedModel, job_id: str) -> None:
+        self.unrecorded.get(model.aimodel, set()).discard(job_id)
+        if job_id in self.recorded.get(model.aimodel, ()):
+            self.recorded[model.aimodel].discard(job_id)
+            self._queue("finished", model.aimodel, job_id, None)
+
+    def heartbeat(self, on_demand: Iterable[str] = ()) -> None:
+        """Push out the expiries of recorded jobs; record the running jobs of models that
+        became OnDemand (`on_demand`: their aimodel names) since those jobs started."""
+        for aimodel in on_demand:
+            for job_id in self.unrecorded.pop(aimodel, set()):
+                self.recorded.setdefault(aimodel, set()).add(job_id)
+                self._queue("started", aimodel, job_id, None)
+        for aimodel, jobs in list(self.recorded.items()):
+            for job_id in list(jobs):
+                self._queue("alive", aimodel, job_id, None)
+
+    async def flushed(self) -> None:
+        """Wait until everything queued so far is written (tests, shutdown)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    def _queue(
+        self, kind: str, aimodel: str, job_id: str, woke: asyncio.Future[bool] | None
+    ) -> None:
+        self._queued.append((kind, aimodel, job_id, woke))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        if self._redis is None:
+            self._redis = self._redis_factory()
+        while self._queued:
+            batch, self._queued = self._queued, []
+            pipe = self._redis.pipeline(transaction=False)
+            for kind, aimodel, job_id, _ in batch:
+                if kind == "started":
+                    demand_records.job_started(pipe, self.namespace, aimodel, job_id, ttl=self.ttl)
+                elif kind == "finished":
+                    demand_records.job_finished(pipe, self.namespace, aimodel, job_id)
+                else:
+                    demand_records.job_alive(pipe, self.namespace, aimodel, job_id, ttl=self.ttl)
+            try:
+                replies = await pipe.execute()
+            except Exception:
+                log.exception("could not write %d demand records", len(batch))
+                replies = None
+            at = 0
+            for kind, _, _, woke in batch:
+                if woke is not None and not woke.done():
+                    woke.set_result(bool(replies and replies[at]))
+                at += 2 if kind == "finished" else 1
