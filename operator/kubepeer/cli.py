@@ -152,6 +152,7 @@ def _proxy(args: argparse.Namespace) -> int:
             demand_ttl=args.demand_ttl,
             gas_price=args.gas_price,
             server=args.server,
+            auto_adjust_price=not args.no_auto_adjust_price,
         )
     )
 
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--hold-timeout", type=float, default=900.0, help="seconds held while waking")
     px.add_argument("--livepeer-version", default="0.9.1", help="protocol version advertised")
     px.add_argument("--no-wake", action="store_true", help="never scale OnDemand models up")
+    px.add_argument(
+        "--no-auto-adjust-price", action="store_true",
+        help="quote prices exactly, not raised by the ticket redemption cost as go-livepeer does",
+    )  # fmt: skip
     px.add_argument(
         "--gas-price", type=int, default=10**7,
         help="wei per gas a winning ticket's redemption is sized for (Arbitrum: ~0.01 gwei)",

@@ -125,8 +125,9 @@ def test_the_proxy_offers_what_the_operators_table_configmaps_say(
                      "warm": {"policy": "Always"},
                      "pricing": {"price": {"pricePerUnit": "3", "currency": "wei"}}}}  # fmt: skip
     crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=yaml.safe_dump(body))
+    # Quoted exactly as configured: AutoAdjustPrice is off (tests/proxy check it on).
     proxy = start_proxy(tmp_path, redis_server, models=None, endpoints={}, namespace=namespace,
-                        kubeconfig=crds.kubeconfig)  # fmt: skip
+                        kubeconfig=crds.kubeconfig, args=["--no-auto-adjust-price"])  # fmt: skip
     try:
         info = wait_for(
             lambda: (i := Gateway().discover(proxy, 27, SD)).price_info.price_per_unit and i,

@@ -8,18 +8,24 @@ Redis keys (DESIGN.md, "Payments in Redis").
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import io
 import json
+import math
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 
+import aiohttp
 import av
 import grpc
 import httpx
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from kubepeer.livepeer import net_pb2
@@ -126,7 +132,12 @@ def test_discovery_passes_the_gateways_rules_for_every_served_model(proxy):
         assert int.from_bytes(tp.expiration_block, "big") - 5_000 > 1
         assert 0 < ticket_ev(info) < int.from_bytes(tp.face_value, "big")
         assert ticket_ev(info) <= 3 * 10**12
-        assert (info.price_info.price_per_unit, info.price_info.pixels_per_unit) == (1, 4)
+        # AutoAdjustPrice (3.2): the configured 1/4 x (1 + txCost / faceValue), 3 decimals;
+        # txCost = redeemGas on L2 (1.2M, livepeer-wire) x the proxy's gas price (1e7).
+        tx_cost = Fraction(1_200_000 * 10**7, int.from_bytes(tp.face_value, "big"))
+        quoted = Fraction(math.floor(Fraction(1, 4) * (1 + tx_cost) * 1000), 1000)
+        assert quoted > Fraction(1, 4)
+        assert Fraction(info.price_info.price_per_unit, info.price_info.pixels_per_unit) == quoted
         assert not info.capabilities_prices
 
 
@@ -333,6 +344,140 @@ def test_concurrent_jobs_on_capacity_one_are_served_once_or_refused(proxy, redis
     assert balance(redis_server, gateway, 27, SD) == expected
     urls = {r.json()["images"][0]["url"] for r in served}
     assert len(urls) == len(served)
+
+
+class CountingRunners:
+    """Pass-throughs to the real runner, one port each, counting the jobs each has open at
+    once: a replica of capacity 1 must never see two. With `gather`, each job is held until
+    that many are open across them (or 10 s pass), so jobs that a router could have sent to
+    one replica are open together for sure."""
+
+    def __init__(self, upstream: str, count: int, gather: int = 0) -> None:
+        self.upstream = upstream
+        self.gather = gather
+        self.open = [0] * count
+        self.most = [0] * count
+        self.jobs = [0] * count
+        self.urls: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(count, started), daemon=True).start()
+        assert started.wait(10)
+
+    def _run(self, count: int, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start(count))
+        started.set()
+        self.loop.run_forever()
+
+    async def _start(self, count: int) -> None:
+        self.gathered = asyncio.Event()
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
+        for index in range(count):
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_post("/{pipeline}", functools.partial(self._forward, index=index))
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
+
+    async def _forward(self, request: web.Request, *, index: int) -> web.Response:
+        self.open[index] += 1
+        self.jobs[index] += 1
+        self.most[index] = max(self.most[index], self.open[index])
+        try:
+            if sum(self.open) >= self.gather:
+                self.gathered.set()
+            if self.gather:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.gathered.wait(), 10)
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() in ("content-type", "authorization")}  # fmt: skip
+            async with self.http.post(
+                self.upstream + request.path, data=await request.read(), headers=headers
+            ) as answer:
+                body = await answer.read()
+                return web.Response(
+                    body=body, status=answer.status,
+                    headers={"content-type": answer.headers["content-type"]},
+                )  # fmt: skip
+        finally:
+            self.open[index] -= 1
+
+
+def test_200_concurrent_paid_jobs_are_each_served_once_or_refused_within_capacity(
+    fleet, redis_server, chain_facts, tmp_path
+):
+    replicas = CountingRunners(fleet.url, 3)
+    server = start_proxy(tmp_path, redis_server, models=models_json(capacity=1),
+                         endpoints={"runner-fleet": replicas.urls})  # fmt: skip
+    try:
+        gateway = Gateway()
+        info = gateway.discover(server, 27, SD)
+        headers = [gateway.headers(info, 27, SD) for _ in range(200)]
+
+        async def burst():  # one HTTP/2 connection, as go-livepeer's client multiplexes
+            async with httpx.AsyncClient(
+                base_url=server.url, verify=False, timeout=300, http2=True
+            ) as client:
+                return await asyncio.gather(
+                    *(client.post("/text-to-image", json=T2I, headers=h) for h in headers)
+                )
+
+        responses = asyncio.run(burst())
+    finally:
+        stop_proxy(server)
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(served) + len(refused) == 200  # none lost
+    assert len(served) >= 3
+    assert {(r.status_code, r.text) for r in refused} <= {(503, "insufficient capacity\n")}
+    assert sum(replicas.jobs) == len(served)  # each served job ran once; refused ones never
+    assert replicas.most == [1, 1, 1]  # capacity 1 held on every replica, and all were used
+    urls = {r.json()["images"][0]["url"] for r in served}
+    assert len(urls) == len(served)
+    # Refused jobs never reach payment (step 4 < 5): each served job's ticket credited once
+    # and its fee debited once.
+    expected = len(served) * (ticket_ev(info) - fee(T2I_UNITS, info))
+    assert balance(redis_server, gateway, 27, SD) == expected
+
+
+def test_jobs_for_a_model_go_to_every_aimodel_serving_it(
+    fleet, redis_server, chain_facts, tmp_path
+):
+    replicas = CountingRunners(fleet.url, 2, gather=2)
+    both = [{"aimodel": name, "pipeline": "text-to-image", "model_id": SD,
+             "runner": f"runner-{name}"} for name in ("sd-a", "sd-b")]  # fmt: skip
+    server = start_proxy(
+        tmp_path, redis_server, models=models_json(capacity=1, base=False, extra=both),
+        endpoints={"runner-sd-a": replicas.urls[:1], "runner-sd-b": replicas.urls[1:]},
+        args=["--max-queue", "0"],  # no waiting: a job finds a free slot or is refused
+    )  # fmt: skip
+    try:
+        gateway = Gateway()
+        info = gateway.discover(server, 27, SD)
+        constraint = info.capabilities.constraints.per_capability[27].models[SD]
+        assert constraint.warm
+        assert constraint.capacity == 2  # both AIModels' slots
+        headers = [gateway.headers(info, 27, SD) for _ in range(2)]
+
+        async def pair():
+            async with httpx.AsyncClient(
+                base_url=server.url, verify=False, timeout=120, http2=True
+            ) as client:
+                return await asyncio.gather(
+                    *(client.post("/text-to-image", json=T2I, headers=h) for h in headers)
+                )
+
+        responses = asyncio.run(pair())
+        assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+        assert replicas.jobs == [1, 1]  # one on each AIModel's replica, open together
+        assert balance(redis_server, gateway, 27, SD) == 2 * (
+            ticket_ev(info) - fee(T2I_UNITS, info)
+        )
+    finally:
+        stop_proxy(server)
 
 
 class DyingRunner:

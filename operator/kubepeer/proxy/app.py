@@ -69,6 +69,7 @@ class ProxyConfig:
     max_queue: int = 8
     queue_timeout: float = 10.0
     hold_timeout: float = 900.0
+    auto_adjust_price: bool = True  # go-livepeer's -autoAdjustPrice (default on)
 
 
 class Waker:
@@ -168,10 +169,13 @@ class Proxy:
 
     # -- discovery ---------------------------------------------------------------------
     def model_state(self, model: ServedModel) -> discovery.ModelState:
+        """What gateways are told of a model: of all the AIModels serving its (pipeline,
+        model id) together, since a job for it may go to any of them."""
+        group = self.catalogue().serving(model.pipeline, model.model_id) or (model,)
         return discovery.ModelState(
-            ready=self.router.ready(model),
-            free_slots=self.router.free_slots(model),
-            utilization=self.router.utilization(model),
+            ready=any(self.router.ready(m) for m in group),
+            free_slots=sum(self.router.free_slots(m) for m in group),
+            utilization=self.router.group_utilization(group),
         )
 
     def our_capabilities(self) -> net_pb2.Capabilities:
@@ -191,6 +195,13 @@ class Proxy:
                 grpc_unary.UNKNOWN,
                 "Invalid orchestrator request: orchestrator req sig check failed",
             )
+        tx_cost_share = None
+        if self.billing is not None and self.config.auto_adjust_price:
+            try:
+                tx_cost_share = self.billing.tx_cost_share()
+            except PaymentRefused as exc:
+                metrics.DISCOVERY.labels("no-ticket-params").inc()
+                raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
         reply = discovery.orchestrator_info(
             request,
             self.catalogue(),
@@ -198,6 +209,7 @@ class Proxy:
             transcoder=self.config.public_url,
             recipient=self.recipient,
             version=self.config.version,
+            tx_cost_share=tx_cost_share,
         )
         if self.billing is not None:
             try:
@@ -261,9 +273,10 @@ class Proxy:
             units = billed_units(pipeline, job.fields)
         except UnitsError as exc:
             raise JobRefused(400, str(exc)) from None
-        model = self.catalogue().find(pipeline, job.model_id)
-        if model is None:
+        serving = self.catalogue().serving(pipeline, job.model_id)
+        if not serving:
             raise JobRefused(503, INSUFFICIENT_CAPACITY)
+        model = self.router.choose(serving)
         # A job counts as demand from arrival (a held job keeps its model awake) to its end.
         woke = self.demand.start(model, request_id)
         if model.on_demand and await woke:

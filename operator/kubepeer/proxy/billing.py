@@ -18,9 +18,11 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.recipient import (
     DEFAULT_TICKET_EV,
+    REDEEM_GAS_L2,
     InsufficientSenderReserve,
     RecipientSecret,
     as_price,
+    face_value_for,
     issue_ticket_params,
     ticket_params_message,
 )
@@ -85,6 +87,16 @@ class Billing:
             raise PaymentRefused(str(exc)) from None
         self.ledger.offer_price(sender, as_price(price))
         return ticket_params_message(params)
+
+    def tx_cost_share(self) -> Fraction:
+        """1/txCostMultiplier for AutoAdjustPrice: what redeeming a winning ticket costs
+        (redeemGas x gas price) over the face value our params carry. Same for every
+        sender: we never lower the face value to a sender's max float."""
+        try:
+            face = face_value_for(self.gas_price, self.ticket_ev)
+        except InsufficientSenderReserve as exc:
+            raise PaymentRefused(str(exc)) from None
+        return Fraction(REDEEM_GAS_L2 * self.gas_price, face)
 
     # -- a job -------------------------------------------------------------------------
     def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:

@@ -68,11 +68,11 @@ class Catalogue:
     namespace: str
     models: tuple[ServedModel, ...] = ()
 
-    def find(self, pipeline: Pipeline | str, model_id: str) -> ServedModel | None:
-        for model in self.models:
-            if model.pipeline == pipeline and model.model_id == model_id and model.price:
-                return model
-        return None
+    def serving(self, pipeline: Pipeline | str, model_id: str) -> tuple[ServedModel, ...]:
+        """Every offered AIModel serving (pipeline, model_id): a job may go to any of them."""
+        return tuple(
+            m for m in self.models if m.pipeline == pipeline and m.model_id == model_id and m.price
+        )
 
     @property
     def offered(self) -> list[ServedModel]:

@@ -6,6 +6,7 @@ utilisation for surge) and the ticket params; this module decides what the reply
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -75,13 +76,31 @@ def price_for(
     state: Callable[[ServedModel], ModelState],
 ) -> Fraction:
     """PriceInfoForCaps: the sum over requested (capability, model) pairs we serve."""
-    total = Fraction(0)
-    by_key = {(m.capability, m.model_id): m for m in served(catalogue)}
-    for key in requested_models(request):
-        model = by_key.get(key)
-        if model and model.price:
-            total += model.price.for_gateway(gateway, state(model).utilization)
-    return total
+    prices = model_prices(catalogue, gateway, state)
+    return sum((prices.get(key, Fraction(0)) for key in requested_models(request)), Fraction(0))
+
+
+def model_prices(
+    catalogue: Catalogue, gateway: bytes, state: Callable[[ServedModel], ModelState]
+) -> dict[tuple[int, str], Fraction]:
+    """Wei per unit for each (capability, model id) we serve. Where several AIModels serve
+    one, a job may land on any of them: the highest of their prices, so none is undersold."""
+    prices: dict[tuple[int, str], Fraction] = {}
+    for model in served(catalogue):
+        if model.price:
+            key = (model.capability, model.model_id)
+            wei = model.price.for_gateway(gateway, state(model).utilization)
+            prices[key] = max(wei, prices.get(key, wei))
+    return prices
+
+
+def auto_adjusted(price: Fraction, tx_cost_share: Fraction) -> Fraction:
+    """go-livepeer's AutoAdjustPrice (gateway-wire 3.2): price x (1 + 1/txCostMultiplier),
+    where 1/txCostMultiplier = txCost / faceValue of the sender's tickets; then truncated to
+    3 decimals (PriceToFixed). A free price stays free."""
+    if price <= 0:
+        return Fraction(0)
+    return Fraction(math.floor(price * (1 + tx_cost_share) * 1000), 1000)
 
 
 def price_message(wei: Fraction, capability: int = 0, constraint: str = "") -> net_pb2.PriceInfo:
@@ -95,18 +114,12 @@ def capabilities_prices(
     catalogue: Catalogue, gateway: bytes, state: Callable[[ServedModel], ModelState]
 ) -> list[net_pb2.PriceInfo]:
     """GetCapabilitiesPrices: floor(wei per unit), pixelsPerUnit 1, per capability and model."""
-    prices = []
-    for model in served(catalogue):
-        wei = model.price.for_gateway(gateway, state(model).utilization) if model.price else 0
-        prices.append(
-            net_pb2.PriceInfo(
-                price_per_unit=int(wei),
-                pixels_per_unit=1,
-                capability=model.capability,
-                constraint=model.model_id,
-            )
+    return [
+        net_pb2.PriceInfo(
+            price_per_unit=int(wei), pixels_per_unit=1, capability=cap, constraint=model_id
         )
-    return prices
+        for (cap, model_id), wei in model_prices(catalogue, gateway, state).items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,10 @@ def orchestrator_info(
     transcoder: str,
     recipient: bytes,
     version: str,
+    tx_cost_share: Fraction | None = None,
 ) -> Reply:
+    """`tx_cost_share`: txCost / faceValue of this sender's tickets when AutoAdjustPrice is
+    on (go-livepeer's default), None when it is off (prices quoted exactly)."""
     gateway = go_address(request.address)
     info = net_pb2.OrchestratorInfo(
         transcoder=transcoder,
@@ -133,13 +149,18 @@ def orchestrator_info(
         capabilities=capabilities(catalogue, state, version),
     )
     if request.HasField("capabilities"):
-        price = price_message(price_for(catalogue, gateway, request, state))
+        wei = price_for(catalogue, gateway, request, state)
+        if tx_cost_share is not None:
+            wei = auto_adjusted(wei, tx_cost_share)
+        price = price_message(wei)
     else:
         price = price_message(Fraction(0))  # the transcoding base price: we transcode nothing
         info.capabilities_prices.extend(capabilities_prices(catalogue, gateway, state))
-        for model in served(catalogue):
+        for pipeline, model_id in dict.fromkeys(
+            (m.pipeline, m.model_id) for m in served(catalogue)
+        ):
             info.hardware.append(
-                net_pb2.HardwareInformation(pipeline=model.pipeline.value, model_id=model.model_id)
+                net_pb2.HardwareInformation(pipeline=pipeline.value, model_id=model_id)
             )
     info.price_info.CopyFrom(price)
     return Reply(info=info, price=(price.price_per_unit, price.pixels_per_unit))

@@ -63,6 +63,7 @@ class ProxyArgs:
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
     server: str = SERVERS[0]
+    auto_adjust_price: bool = True
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -181,6 +182,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,
+        auto_adjust_price=args.auto_adjust_price,
     )
     demand = BatchedDemand(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl

@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kubepeer.proxy.catalogue import ServedModel
@@ -71,11 +71,39 @@ class Router:
         )
 
     def utilization(self, model: ServedModel) -> float:
-        total = model.capacity * len(self.urls(model))
-        return 1.0 if total == 0 else self.in_flight(model) / total
+        return self.group_utilization((model,))
+
+    def group_utilization(self, models: Iterable[ServedModel]) -> float:
+        """Jobs in flight over slots, across AIModels that serve one model together."""
+        models = tuple(models)
+        total = sum(m.capacity * len(self.urls(m)) for m in models)
+        return 1.0 if total == 0 else sum(self.in_flight(m) for m in models) / total
 
     def queued(self, model: ServedModel) -> int:
         return len(self._waiters.get(model.aimodel, ()))
+
+    # -- several AIModels serving one (pipeline, model id) --------------------------------
+    def choose(self, models: Sequence[ServedModel]) -> ServedModel:
+        """Which of the AIModels serving a job's model takes it: every ready replica of
+        every one is a candidate. The least busy replica with a free slot, where no one is
+        waiting (ties at random); else the ready model with the shortest line; else (none
+        ready) an OnDemand one, to be woken; else the first, which refuses the job."""
+        if not models:
+            raise ValueError("no model to choose from")
+        open_ = [
+            (self._in_flight.get((url, m.aimodel), 0), m)
+            for m in models
+            if not self._waiters.get(m.aimodel)
+            for url in self.urls(m)
+            if self._in_flight.get((url, m.aimodel), 0) < m.capacity
+        ]
+        if open_:
+            least = min(busy for busy, _ in open_)
+            return random.choice([m for busy, m in open_ if busy == least])
+        ready = [m for m in models if self.ready(m)]
+        if ready:
+            return min(ready, key=lambda m: (self.queued(m), -m.capacity * len(self.urls(m))))
+        return next((m for m in models if m.on_demand), models[0])
 
     # -- taking and giving back slots ----------------------------------------------------
     def _pick(self, model: ServedModel, exclude: frozenset[str]) -> Slot | None:

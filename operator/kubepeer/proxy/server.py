@@ -110,8 +110,13 @@ async def serve(
 def uvicorn_server(app: Callable[..., Awaitable[None]], hypercorn: Any) -> Any:
     """The same listener on uvicorn with zttp (HTTP/1.1 and HTTP/2 with trailers, ALPN
     h2 + http/1.1 over TLS, h2c by preface sniffing in plaintext): the cert, bind and
-    timeouts are taken from the hypercorn config so both servers serve the same thing."""
-    import uvicorn
+    timeouts are taken from the hypercorn config so both servers serve the same thing.
+    Measured, not the default: zttp is young and not in the control image (DESIGN.md)."""
+    try:
+        import uvicorn
+        import zttp  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"--server uvicorn needs uvicorn and zttp installed: {exc}") from None
 
     host, _, port = hypercorn.bind[0].rpartition(":")
     config = uvicorn.Config(

@@ -1,0 +1,161 @@
+"""Several AIModels serving one (pipeline, model id), and go-livepeer's AutoAdjustPrice.
+
+Oracles: the gateway's compatibility rule (gateway-wire 1.4) and 3.2's price rule:
+price x (1 + txCost / faceValue), truncated to 3 decimals; a zero price stays zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from fractions import Fraction
+
+import pytest
+from eth_account import Account
+from redis import Redis
+from test_proxy import SD, discovery_request, gateway_accepts, info_for, model
+
+from kubepeer.payments.recipient import REDEEM_GAS_L2, RecipientSecret, issue_ticket_params
+from kubepeer.payments.rounds import ChainView
+from kubepeer.proxy import discovery
+from kubepeer.proxy.billing import Billing
+from kubepeer.proxy.catalogue import Catalogue, ModelPrice
+from kubepeer.proxy.routing import Router
+
+
+def two_serving_sd(price_a=Fraction(1), price_b=Fraction(1), capacity=1, on_demand=False):
+    a = model("sd-a", capacity=capacity, price=ModelPrice(price_a), on_demand=on_demand)
+    b = model("sd-b", capacity=capacity, price=ModelPrice(price_b), on_demand=on_demand)
+    return a, b
+
+
+# -- routing across AIModels ------------------------------------------------------------
+def test_every_ready_replica_of_every_aimodel_serving_the_model_is_a_candidate():
+    a, b = two_serving_sd()
+    router = Router()
+    router.set_endpoints({a.runner: ("http://a",), b.runner: ("http://b",)}, [a, b])
+    first = router.choose([a, b])
+    assert router.try_reserve(first) is not None
+    second = router.choose([a, b])
+    assert second != first  # the first's only slot is taken: the other AIModel's replica
+    assert router.try_reserve(second) is not None
+    assert router.free_slots(a) == router.free_slots(b) == 0
+
+
+def test_the_least_busy_replica_wins_across_aimodels():
+    a, b = two_serving_sd(capacity=4)
+    router = Router()
+    router.set_endpoints({a.runner: ("http://a",), b.runner: ("http://b",)}, [a, b])
+    for _ in range(3):
+        router.try_reserve(a)
+    assert router.choose([a, b]) == b
+    for _ in range(3):
+        router.try_reserve(b)
+    router.try_reserve(b)
+    assert router.choose([a, b]) == a
+
+
+def test_when_all_are_full_the_job_waits_on_the_ready_model_with_the_shortest_line():
+    a, b = two_serving_sd()
+    router = Router()
+    router.set_endpoints({a.runner: ("http://a",), b.runner: ("http://b",)}, [a, b])
+    router.try_reserve(a), router.try_reserve(b)
+
+    async def line_up() -> None:
+        waiting = asyncio.ensure_future(router.reserve(a, timeout=5))
+        await asyncio.sleep(0)
+        assert router.queued(a) == 1
+        assert router.choose([a, b]) == b  # a has a line, b has none
+        waiting.cancel()
+
+    asyncio.run(line_up())
+
+
+def test_with_no_replica_ready_an_on_demand_aimodel_is_chosen_to_wake():
+    always = model("sd-always")
+    cold = model("sd-cold", on_demand=True)
+    router = Router()
+    assert router.choose([always, cold]) == cold
+    assert router.choose([always]) == always  # refused later: not ready, nothing to wake
+
+
+def test_discovery_offers_the_group_warm_with_its_summed_capacity_and_highest_price():
+    a, b = two_serving_sd(price_a=Fraction(2), price_b=Fraction(5), capacity=2)
+    router = Router()
+    router.set_endpoints({b.runner: ("http://b1", "http://b2")}, [a, b])  # only b is ready
+    catalogue = Catalogue("ns", (a, b))
+
+    def state(m):  # as the proxy reports a model: over every AIModel serving it
+        group = catalogue.serving(m.pipeline, m.model_id)
+        return discovery.ModelState(
+            any(router.ready(x) for x in group),
+            sum(router.free_slots(x) for x in group),
+            router.group_utilization(group),
+        )
+
+    request = discovery_request(Account.create(), {27: SD})
+    info = discovery.orchestrator_info(
+        request, catalogue, state, transcoder="https://o:8935", recipient=b"\x22" * 20,
+        version="0.9.1",
+    ).info  # fmt: skip
+    assert gateway_accepts(info, 27, SD)
+    constraint = info.capabilities.constraints.per_capability[27].models[SD]
+    assert constraint.warm
+    assert constraint.capacity == 4
+    assert (info.price_info.price_per_unit, info.price_info.pixels_per_unit) == (5, 1)
+    bare = discovery.orchestrator_info(
+        discovery_request(Account.create()), catalogue, state, transcoder="https://o:8935",
+        recipient=b"\x22" * 20, version="0.9.1",
+    ).info  # fmt: skip
+    assert [(p.capability, p.constraint, p.price_per_unit) for p in bare.capabilities_prices] == [
+        (27, SD, 5)
+    ]
+    assert [(h.pipeline, h.model_id) for h in bare.hardware] == [("text-to-image", SD)]
+
+
+# -- AutoAdjustPrice ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("price", "share", "quoted"),
+    [
+        (Fraction(3), Fraction(1, 100), Fraction(303, 100)),  # 3.03
+        (Fraction(1, 3), Fraction(1, 100), Fraction(336, 1000)),  # 0.33666.. truncated
+        (Fraction(1, 4), Fraction(1, 100), Fraction(252, 1000)),  # 0.2525 truncated
+        (Fraction(1, 2000), Fraction(1, 100), Fraction(0)),  # below 0.001 wei: free
+        (Fraction(0), Fraction(1, 100), Fraction(0)),  # free stays free
+        (Fraction(7, 2), Fraction(0), Fraction(7, 2)),  # no tx cost: only the truncation
+    ],
+)
+def test_auto_adjusted_price_is_go_livepeers(price, share, quoted):
+    assert discovery.auto_adjusted(price, share) == quoted
+
+
+def test_discovery_quotes_the_adjusted_price_only_when_asked_to():
+    catalogue = Catalogue("ns", (model(price=ModelPrice(Fraction(3))),))
+    request = discovery_request(Account.create(), {27: SD})
+
+    def state(m):
+        return discovery.ModelState(True, 1, 0.0)
+
+    def quoted(share):
+        info = discovery.orchestrator_info(
+            request, catalogue, state, transcoder="https://o:8935", recipient=b"\x22" * 20,
+            version="0.9.1", tx_cost_share=share,
+        ).info  # fmt: skip
+        return info.price_info.price_per_unit, info.price_info.pixels_per_unit
+
+    assert quoted(None) == (3, 1)
+    assert quoted(Fraction(1, 100)) == (303, 100)
+    assert info_for(catalogue, Router(), request).price_info.price_per_unit == 3
+
+
+@pytest.mark.parametrize("gas_price", [10**7, 10**9, 10**11])
+def test_the_tx_cost_share_is_redemption_gas_over_the_face_value_gateways_get(gas_price):
+    secret, recipient = RecipientSecret(b"\x01" * 32), b"\x22" * 20
+    billing = Billing(Redis(port=1), recipient, secret, gas_price=gas_price)  # never dialled
+    chain = ChainView(l1_block=5_000, current_round=10, creation_round=10,
+                      creation_round_block_hash=b"\xab" * 32)  # fmt: skip
+    params = issue_ticket_params(
+        secret, recipient, b"\x33" * 20, chain, price=(1, 1), gas_price=gas_price,
+        ev=billing.ticket_ev,
+    )  # fmt: skip
+    # txCostMultiplier = faceValue / (redeemGas x gasPrice) (go-livepeer's recipient.go)
+    assert billing.tx_cost_share() == Fraction(REDEEM_GAS_L2 * gas_price, params.face_value)
