@@ -153,8 +153,12 @@ def start_proxy(
         "--runner-token-file", str(shared / "runner-token"),
         *(["--no-wake"] if kubeconfig is None else []),
         *(["--plaintext"] if plaintext else []), *args,
+        # The suite on another server: KUBEPEER_PROXY_SERVER=uvicorn (and zttp on PYTHONPATH).
+        *(["--server", os.environ["KUBEPEER_PROXY_SERVER"]]
+          if os.environ.get("KUBEPEER_PROXY_SERVER") else []),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     env.pop("KUBECONFIG", None)
     if kubeconfig is not None:  # the proxy wakes OnDemand models through this API server
         env["KUBECONFIG"] = str(kubeconfig)

@@ -7,6 +7,8 @@
    upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
    bearer token) on each server it can run on; plaintext and TLS. "added" is the p50/p99
    above direct; "x nginx" is the proxy's added p50 over nginx's added p50.
+   1b: the TLS rows again over one HTTP/2 connection, as go-livepeer's client sends jobs
+   (ForceAttemptHTTP2), against nginx's h2.
 2. Throughput at a fixed concurrency, the same ways.
 3. GetOrchestrator (payments on: signature check, prices, ticket params, auth token) with a
    fresh TLS connection per call, as go-livepeer dials, against a fresh-connection GET
@@ -15,7 +17,7 @@
    replica turning ready (the endpoint watch's callback) to each job reaching the runner.
 
 Run: .venv/bin/python hack/bench/proxy.py [--rate 200] [--seconds 5] [--calls 100]
-uvicorn needs zttp (not in the lock): PYTHONPATH=<a folder with zttp> adds its rows.
+"CPU us per request" (section 2) is the measure the machine's load disturbs least.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -52,7 +53,7 @@ from kubepeer.livepeer import net_pb2  # noqa: E402
 from kubepeer.payments.rounds import ChainView  # noqa: E402
 from kubepeer.payments.watcher import save_view  # noqa: E402
 from kubepeer.proxy.main import ProxyArgs, build  # noqa: E402
-from kubepeer.proxy.server import self_signed  # noqa: E402
+from kubepeer.proxy.server import SERVERS, self_signed  # noqa: E402
 
 MODEL = "kubepeer-bench/fast"
 BODY = {"prompt": "x", "height": 8, "width": 8, "model_id": MODEL}
@@ -129,7 +130,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 async def at_rate(
-    url: str, rate: float, seconds: float, headers: dict[str, str], failures: list[int]
+    url: str, rate: float, seconds: float, headers: dict[str, str], failures: list[object]
 ) -> list[float]:
     """Open loop: one request every 1/rate s, latencies in seconds; non-200s in `failures`."""
     connector = aiohttp.TCPConnector(limit=0, ssl=False)
@@ -137,13 +138,44 @@ async def at_rate(
 
         async def one() -> float:
             start = time.perf_counter()
-            async with session.post(url, json=BODY, headers=headers) as response:
-                await response.read()
-                if response.status != 200:
-                    failures.append(response.status)
+            try:
+                async with session.post(url, json=BODY, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        failures.append(response.status)
+            except aiohttp.ClientError as exc:  # counted, not fatal: a saturated hop
+                failures.append(type(exc).__name__)
             return time.perf_counter() - start
 
         for _ in range(50):  # warm the connection pool
+            await one()
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        return list(await asyncio.gather(*tasks))
+
+
+async def at_rate_h2(
+    url: str, rate: float, seconds: float, headers: dict[str, str], failures: list[object]
+) -> list[float]:
+    """As at_rate, over one HTTP/2 TLS connection, as go-livepeer's client sends jobs."""
+    async with httpx.AsyncClient(http2=True, verify=False, timeout=60) as client:
+
+        async def one() -> float:
+            start = time.perf_counter()
+            try:
+                response = await client.post(url, json=BODY, headers=headers)
+                if response.status_code != 200 or response.http_version != "HTTP/2":
+                    failures.append((response.status_code, response.http_version))
+            except httpx.HTTPError as exc:
+                failures.append(type(exc).__name__)
+            return time.perf_counter() - start
+
+        for _ in range(50):
             await one()
         tasks = []
         start = time.perf_counter()
@@ -164,12 +196,27 @@ async def closed_loop(url: str, concurrency: int, seconds: float, headers: dict[
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                async with session.post(url, json=BODY, headers=headers) as response:
-                    await response.read()
-                done += 1
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.post(url, json=BODY, headers=headers) as response:
+                        await response.read()
+                        done += response.status == 200
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (nginx's worker), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def discovery_request() -> net_pb2.OrchestratorRequest:
@@ -314,9 +361,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=100, help="GetOrchestrator calls")
     parser.add_argument("--held", type=int, default=20, help="jobs held for a cold model")
     args = parser.parse_args()
-    servers = ["hypercorn"]
-    if importlib.util.find_spec("zttp") is not None:
-        servers.append("uvicorn")
+    servers = list(reversed(SERVERS))  # hypercorn, then uvicorn (the default)
 
     work = Path(tempfile.mkdtemp(prefix="kubepeer-bench-proxy-"))
     processes: list[subprocess.Popen[bytes]] = []
@@ -324,9 +369,10 @@ def main() -> int:
         [str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     env.pop("KUBECONFIG", None)
 
-    def spawn(*command: str) -> None:
+    def spawn(*command: str) -> int:
         log = (work / f"{len(processes)}.log").open("wb")
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        return processes[-1].pid
 
     try:
         redis_port, runner_port = free_port(), free_port()
@@ -352,11 +398,14 @@ def main() -> int:
             work=work, runner=runner_port, plain=nginx_ports["plain"], tls=nginx_ports["tls"],
             user="user root;" if os.geteuid() == 0 else ""))  # fmt: skip
         spawn("nginx", "-c", str(work / "nginx.conf"), "-p", str(work))
+        server_pids = {"direct to the runner": processes[1].pid}
+        for mode in ("plain", "tls"):
+            server_pids[f"nginx ({mode})"] = processes[-1].pid
         ports: dict[tuple[str, str], int] = {}
         for server in servers:
             for mode in ("plain", "tls"):
                 port = ports[(server, mode)] = free_port()
-                spawn(
+                server_pids[f"proxy, {server} ({mode})"] = spawn(
                     sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
                     "--public-url", f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}",
                     "--namespace", "bench", "--redis-url", redis_url, "--server", server,
@@ -369,7 +418,7 @@ def main() -> int:
         spawn(
             sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{paid_port}",
             "--public-url", f"https://127.0.0.1:{paid_port}", "--namespace", "bench",
-            "--redis-url", redis_url, "--server", servers[-1],
+            "--redis-url", redis_url, "--server", SERVERS[0],
             "--models-file", str(work / "models.json"),
             "--endpoints-file", str(work / "endpoints.json"), "--no-wake",
             "--recipient", "0x" + "5a" * 20,
@@ -401,7 +450,7 @@ def main() -> int:
         base = None
         added_nginx: dict[str, float] = {}
         for name, (url, headers) in targets.items():
-            failures: list[int] = []
+            failures: list[object] = []
             samples = asyncio.run(at_rate(url, args.rate, args.seconds, headers, failures))
             p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
             label = name + (f" [{len(failures)} of {len(samples)} failed]" if failures else "")
@@ -419,14 +468,34 @@ def main() -> int:
             print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}   added p50 {added:+.2f} "
                   f"p99 {p99 - base[1]:+.2f}{versus}")  # fmt: skip
 
-        print(f"\n2. throughput, {args.concurrency} concurrent, {args.seconds:.0f} s (requests/s)")
+        print(f"\n1b. latency at {args.rate:.0f} requests/s, HTTP/2 over TLS, one connection "
+              f"(ms; the client is httpx, so compare rows, not with 1)")  # fmt: skip
+        nginx_h2 = None
+        for name, (url, headers) in targets.items():
+            if "(tls)" not in name:
+                continue
+            failures = []
+            samples = asyncio.run(at_rate_h2(url, args.rate, args.seconds, headers, failures))
+            p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
+            label = name + (f" [{len(failures)} of {len(samples)} failed]" if failures else "")
+            nginx_h2 = nginx_h2 or (p50, p99)
+            print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}   beyond nginx: p50 "
+                  f"{p50 - nginx_h2[0]:+.2f} p99 {p99 - nginx_h2[1]:+.2f}")  # fmt: skip
+
+        print(f"\n2. throughput, {args.concurrency} concurrent, {args.seconds:.0f} s (requests/s),"
+              " and the CPU each hop spent per request (us; the runner's own for direct),"
+              " which the machine's load does not inflate as it does latency")  # fmt: skip
         direct = None
         for name, (url, headers) in targets.items():
+            pid = server_pids[name]
+            cpu = cpu_seconds(pid)
             rate = asyncio.run(closed_loop(url, args.concurrency, args.seconds, headers))
+            per_job = (cpu_seconds(pid) - cpu) / max(1, rate * args.seconds) * 1e6
             direct = direct or rate
-            print(f"   {name:30s} {rate:8.0f}   ({rate / direct:.2f} of direct)")
+            print(f"   {name:30s} {rate:8.0f}   ({rate / direct:.2f} of direct)   "
+                  f"CPU {per_job:5.0f} us per request")  # fmt: skip
 
-        print(f"\n3. GetOrchestrator with payments on ({servers[-1]}), {args.calls} calls (ms)")
+        print(f"\n3. GetOrchestrator with payments on ({SERVERS[0]}), {args.calls} calls (ms)")
         save_view(Redis.from_url(redis_url), CHAIN)
         grpc_times, https_times = fresh_tls_calls(paid_port, args.calls)
         server_times = asyncio.run(discovery_server_time(work, redis_url, args.calls))

@@ -69,7 +69,8 @@ class ProxyArgs:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line, with the request id and the other `extra` fields."""
 
-    BASE = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+    # A record's own attributes, and uvicorn's copy of the message with terminal colours.
+    BASE = frozenset({*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "color_message"})
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -280,10 +281,17 @@ def run_proxy(args: ProxyArgs) -> int:
             await serve(proxy, config, args.server)
         finally:
             keeper.cancel()
+            await demand_written(proxy)
 
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+async def demand_written(proxy: Proxy) -> None:
+    """After a graceful stop: the demand records of the last jobs reach Redis."""
+    if isinstance(proxy.demand, BatchedDemand):
+        await proxy.demand.flushed()
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,23 +1,26 @@
 """The listener: one port for gRPC and HTTP, TLS with ALPN h2 + http/1.1, or h2c behind an
-ingress that terminates TLS (gateway-wire 1.1). Hypercorn serves the ASGI app: it speaks
-HTTP/2 with response trailers, which unary gRPC needs, and HTTP/1.1 on the same socket.
+ingress that terminates TLS (gateway-wire 1.1). The ASGI app needs HTTP/2 with response
+trailers (unary gRPC) and HTTP/1.1 on the same socket. Two servers give it: uvicorn with
+zttp (the default: about a third less CPU per job, hack/bench/proxy.py) and hypercorn
+(`--server hypercorn`); one config serves both the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import logging
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 CERT_DAYS = 365
-SERVERS = ("hypercorn", "uvicorn")  # the first is the default
+SERVERS = ("uvicorn", "hypercorn")  # the first is the default (hack/bench/proxy.py)
 
 
 def self_signed(host: str) -> tuple[bytes, bytes]:
@@ -90,15 +93,12 @@ def hypercorn_config(
     return config
 
 
-async def serve(
-    app: Callable[..., Awaitable[None]], config: Any, server: str = "hypercorn"
-) -> None:
+async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = SERVERS[0]) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish."""
-    from hypercorn.asyncio import serve as hypercorn_serve
-
     if server == "uvicorn":
         await uvicorn_server(app, config).serve()
         return
+    from hypercorn.asyncio import serve as hypercorn_serve
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,8 +110,7 @@ async def serve(
 def uvicorn_server(app: Callable[..., Awaitable[None]], hypercorn: Any) -> Any:
     """The same listener on uvicorn with zttp (HTTP/1.1 and HTTP/2 with trailers, ALPN
     h2 + http/1.1 over TLS, h2c by preface sniffing in plaintext): the cert, bind and
-    timeouts are taken from the hypercorn config so both servers serve the same thing.
-    Measured, not the default: zttp is young and not in the control image (DESIGN.md)."""
+    timeouts are taken from the hypercorn config so both servers serve the same thing."""
     try:
         import uvicorn
         import zttp  # noqa: F401
@@ -135,4 +134,16 @@ def uvicorn_server(app: Callable[..., Awaitable[None]], hypercorn: Any) -> Any:
         ssl_keyfile=hypercorn.keyfile,
         server_header=False,
     )
-    return uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    # uvicorn raises the signal again after a graceful stop, which would
+                    # kill the process before the proxy's own cleanup (demand records).
+                    self._captured_signals.clear()
+
+    return Server(config)
