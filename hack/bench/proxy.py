@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +129,24 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def paced(one: Callable[[], Awaitable[float]], rate: float, seconds: float) -> list[float]:
+    """Open loop: `one` started every 1/rate s (after 50 to warm connections); its times."""
+    for _ in range(50):
+        await one()
+    tasks = []
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    return list(await asyncio.gather(*tasks))
+
+
 async def at_rate(
     url: str, rate: float, seconds: float, headers: dict[str, str], failures: list[object]
 ) -> list[float]:
-    """Open loop: one request every 1/rate s, latencies in seconds; non-200s in `failures`."""
+    """HTTP/1.1 keep-alive: latencies in seconds; non-200s in `failures`."""
     connector = aiohttp.TCPConnector(limit=0, ssl=False)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -147,16 +161,7 @@ async def at_rate(
                 failures.append(type(exc).__name__)
             return time.perf_counter() - start
 
-        for _ in range(50):  # warm the connection pool
-            await one()
-        tasks = []
-        start = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        return list(await asyncio.gather(*tasks))
+        return await paced(one, rate, seconds)
 
 
 async def at_rate_h2(
@@ -175,16 +180,7 @@ async def at_rate_h2(
                 failures.append(type(exc).__name__)
             return time.perf_counter() - start
 
-        for _ in range(50):
-            await one()
-        tasks = []
-        start = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        return list(await asyncio.gather(*tasks))
+        return await paced(one, rate, seconds)
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float, headers: dict[str, str]) -> float:
