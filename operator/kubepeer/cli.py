@@ -150,6 +150,7 @@ def _proxy(args: argparse.Namespace) -> int:
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
             gas_price=args.gas_price,
+            evs_per_win=args.evs_per_win,
         )
     )
 
@@ -280,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--gas-price", type=int, default=10**7,
         help="wei per gas a winning ticket's redemption is sized for (Arbitrum: ~0.01 gwei)",
+    )  # fmt: skip
+    px.add_argument(
+        "--evs-per-win", type=int, default=100,
+        help="a winning ticket's face value in ticket EVs: tickets win with probability 1/N "
+        "(default 100; a dev chain's demo uses 2 to see winners after a few jobs)",
     )  # fmt: skip
     px.add_argument(
         "--demand-ttl", type=float, default=60.0,

@@ -18,6 +18,7 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.recipient import (
     DEFAULT_TICKET_EV,
+    EV_MULTIPLIER,
     InsufficientSenderReserve,
     RecipientSecret,
     as_price,
@@ -58,6 +59,7 @@ class Billing:
         *,
         ticket_ev: int = DEFAULT_TICKET_EV,
         gas_price: int = ARBITRUM_GAS_PRICE,
+        evs_per_win: int = EV_MULTIPLIER,
         chain_max_age: float = 60.0,
     ) -> None:
         self.redis = redis
@@ -65,6 +67,7 @@ class Billing:
         self.secret = secret
         self.ticket_ev = ticket_ev
         self.gas_price = gas_price
+        self.evs_per_win = evs_per_win
         self.chain_max_age = chain_max_age
         self.ledger = Ledger(redis)
 
@@ -80,6 +83,7 @@ class Billing:
             params = issue_ticket_params(
                 self.secret, self.recipient, sender, self.chain(),
                 gas_price=self.gas_price, price=price, ev=self.ticket_ev,
+                evs_per_win=self.evs_per_win,
             )  # fmt: skip
         except InsufficientSenderReserve as exc:
             raise PaymentRefused(str(exc)) from None
