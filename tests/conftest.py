@@ -7,7 +7,6 @@ uses `namespace` gets a fresh namespace in it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
