@@ -45,7 +45,8 @@ class DevChain:
         self.url, self.process, self.w3 = url, process, w3
 
     @classmethod
-    def start(cls, port: int, log: Path, host: str = "127.0.0.1") -> DevChain:
+    def start(cls, port: int, log: Path, host: str = "127.0.0.1", detach: bool = False) -> DevChain:
+        """`detach`: the node outlives this process (make demo), stopped by pid later."""
         process = subprocess.Popen(
             [str(CHAIN_DIR / "node_modules" / ".bin" / "hardhat"), "node",
              "--hostname", host, "--port", str(port)],
@@ -53,6 +54,7 @@ class DevChain:
             env={**os.environ, "HARDHAT_DISABLE_TELEMETRY_PROMPT": "true"},
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            start_new_session=detach,
         )  # fmt: skip
         url = f"http://{host}:{port}"
         w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))

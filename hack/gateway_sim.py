@@ -213,6 +213,10 @@ class JobReport:
     fee_wei: int
     ticket_ev_wei: int
     win_prob: float
+    # The tickets' nonces and the params' recipientRandHash (hex): the orchestrator records
+    # the nonces it credited under that hash, which is how a test finds them in its ledger.
+    nonces: list[int] = field(default_factory=list)
+    recipient_rand_hash: str = ""
     output: str = ""  # a file written, or the text answered
     error: str = ""
 
@@ -235,6 +239,7 @@ def run_job(
     info = gateway.discover(orch, cap, model)
     discovered = time.monotonic() - start
     tickets = gateway.tickets_for(info, units)
+    first_nonce = gateway.nonce + 1
     headers = gateway.headers(info, cap, model, tickets=tickets)
     # Jobs go to the `transcoder` URL of the reply (1.1), any certificate accepted.
     with httpx.Client(verify=False, timeout=900) as http:
@@ -251,6 +256,8 @@ def run_job(
         seconds=time.monotonic() - start, discovery_seconds=discovered, tickets=tickets,
         fee_wei=charged or 0, ticket_ev_wei=ticket_ev(info),
         win_prob=int.from_bytes(info.ticket_params.win_prob, "big") / MAX_WIN_PROB,
+        nonces=list(range(first_nonce, first_nonce + tickets)),
+        recipient_rand_hash=info.ticket_params.recipient_rand_hash.hex(),
         error="" if ok else response.text.strip()[:500],
     )  # fmt: skip
     return report, response, info
@@ -311,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1, help="how many text-to-image jobs")
     p.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
     p.add_argument("--image-to-text", metavar="MODEL", help="caption the last image with MODEL")
+    p.add_argument(
+        "--keep-going", action="store_true",
+        help="report a job the orchestrator could not be reached for (status 0) and go on",
+    )  # fmt: skip
     args = p.parse_args(argv)
     gateway = Gateway.from_key_file(args.key_file)
     orch = Orchestrator(args.orchestrator)
@@ -319,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.images if args.text_to_image else 0):
         print(f"text-to-image {i + 1}/{args.images} ...", file=sys.stderr, flush=True)
         out = args.out / f"text-to-image-{i + 1}.png"
-        report = text_to_image(gateway, orch, args.text_to_image, args.prompt, out)
+        try:
+            report = text_to_image(gateway, orch, args.text_to_image, args.prompt, out)
+        except (grpc.RpcError, httpx.HTTPError, OSError) as exc:
+            if not args.keep_going:
+                raise
+            report = JobReport("text-to-image", args.text_to_image, 0, 0, 0, 0, 0, 0, 0,
+                               error=f"{type(exc).__name__}: {exc}"[:500])  # fmt: skip
+            time.sleep(1)  # a gateway backs off an orchestrator that did not answer
         print(json.dumps(asdict(report)), flush=True)
         failed |= report.status != 200
         if report.status == 200:
