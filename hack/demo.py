@@ -322,6 +322,18 @@ def redis_client(kube: Kube) -> Any:
     return redis.Redis(host=ready[0]["status"]["podIP"], port=6379, socket_timeout=10)
 
 
+def fast_forward(facts: dict) -> int:
+    """Mine past the tickets' params: the redeemer reveals recipientRand only once they
+    expire (EXPIRATION_BLOCKS after issue; on Arbitrum that many L1 blocks, ~8 minutes)."""
+    from web3 import Web3
+
+    from kubepeer.payments.recipient import EXPIRATION_BLOCKS
+
+    w3 = Web3(Web3.HTTPProvider(facts["chain_url"]))
+    w3.provider.make_request("hardhat_mine", [hex(EXPIRATION_BLOCKS + 1)])
+    return EXPIRATION_BLOCKS + 1
+
+
 def redeemed_tickets(facts: dict) -> list[dict]:
     """The broker's WinningTicketRedeemed events for our recipient: what the chain says."""
     from web3 import Web3
@@ -387,6 +399,8 @@ def up(paths: Paths, name: str) -> dict:
     def redemptions() -> list[dict]:
         won = redis_client(kube).xlen("kubepeer:{pm}:tickets:winning")
         facts["tickets_won"] = won
+        say(f"  {won} ticket(s) won; the dev chain mines {fast_forward(facts)} blocks so that "
+            "their params expire (on Arbitrum: minutes of L1 blocks)")  # fmt: skip
         wait(lambda: len(redeemed_tickets(facts)) >= won, timeout=180, log=kube.log,
              what=f"{won} winning ticket(s) redeemed on the chain",
              progress=lambda: f"{len(redeemed_tickets(facts))} redeemed")  # fmt: skip

@@ -22,6 +22,7 @@ from PIL import Image
 from web3 import Web3
 
 from conftest import ARTIFACTS, REPO, needs_root
+from demo import fast_forward
 from kubepeer.payments.ledger import WINNING_STREAM, nonces_key
 from kubepeer.payments.queue import State, TicketBook, WinningTicket
 from support import wait_for
@@ -183,6 +184,8 @@ def test_killing_the_proxy_pod_mid_run_loses_no_accepted_payment(demo):
 
     # ... and the chain agrees with the ledger: every winning ticket, including those the
     # killed pod accepted, is redeemed exactly once.
+    fast_forward(demo.facts)
+
     def all_redeemed() -> bool:
         won = winning_tickets(demo)
         return all(demo.broker().functions.usedTickets(t.hash).call() for t in won)
