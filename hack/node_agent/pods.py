@@ -31,6 +31,7 @@ from node_agent.core import (
     ProbeSpec,
     ProbeState,
     backoff_seconds,
+    expand,
     mount_table,
     pod_status,
     resolve_env,
@@ -286,7 +287,8 @@ class PodWorker(threading.Thread):
             "KUBEPEER_MOUNTS": json.dumps(mounts),
         }
         full_env.update({k: rewrite_path(v, mounts) for k, v in env.items()})
-        argv = [rewrite_path(a, mounts) for a in argv]
+        # As a kubelet does: $(VAR) in command and args from the container's env.
+        argv = [rewrite_path(expand(a, env), mounts) for a in argv]
         if SA_DIR in mounts and self.settings.cluster_dns:
             argv = self._in_cluster(argv, mounts[SA_DIR], full_env)
         workdir = rewrite_path(spec.get("workingDir", ""), mounts) or str(self.dir)
