@@ -229,6 +229,18 @@ def models_volume(model_dir: str) -> list[dict]:
     ]  # fmt: skip
 
 
+def redis_volume(data_dir: Path) -> dict:
+    """The chart's Redis keeps its AOF on a claim (data-kubepeer-redis-0); this cluster has
+    no provisioner, so an admin's hostPath PersistentVolume is made for that claim."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    claim = {"namespace": NAMESPACE, "name": "data-kubepeer-redis-0"}
+    return {"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "kubepeer-demo-redis"},
+            "spec": {"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "storageClassName": "", "hostPath": {"path": str(data_dir)},
+                     "claimRef": claim}}  # fmt: skip
+
+
 # -- 4. the chart ---------------------------------------------------------------------------
 def secret(name: str, files: dict[str, Path]) -> dict:
     data = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
@@ -253,6 +265,10 @@ def chart_values(facts: dict) -> dict:
         "payments": {"replicas": 1, "network": "dev", "controller": facts["controller"]},
         "secrets": {
             "rpcUrl": {"existingSecret": "kubepeer-demo-rpc", "key": "url"},
+            # The names the chart generates these under (chart at ad8f703 mounts `secret`).
+            "recipientSecret": {"key": "recipient-secret"},
+            "authSecret": {"key": "auth-secret"},
+            "bearerToken": {"key": "bearer-token"},
             "keystore": {
                 "existingSecret": "kubepeer-demo-keystore",
                 "keystoreKey": "keystore.json",
@@ -271,14 +287,64 @@ def install(kube: Kube, facts: dict) -> None:
                    {"keystore.json": s / "keystore.json", "password": s / "password"}),
             secret("kubepeer-demo-rpc", {"url": s / "rpc-url"}),
             *models_volume(facts["model_dir"]),
+            redis_volume(Path(facts["state"]) / "redis-data"),
         ],
         "the keystore, RPC URL and model volume",
     )  # fmt: skip
     values = Path(facts["state"]) / "values.yaml"
     values.write_text(json.dumps(chart_values(facts), indent=2))
     kube.helm("install", RELEASE, str(REPO / "helm" / "kubepeer"), "--namespace", NAMESPACE,
-              "--values", str(values), "--wait", "--timeout", "8m",
-              what="helm install", timeout=600)  # fmt: skip
+              "--values", str(values), what="helm install", timeout=300)  # fmt: skip
+    wait_pods_ready(kube, Path(facts["cluster_dir"]), timeout=300)
+
+
+BROKEN = {"CrashLoopBackOff", "CreateContainerConfigError", "ErrImagePull", "ImagePullBackOff"}
+
+
+def pod_log(cluster_dir: Path, namespace: str, pod: str) -> Path | None:
+    """The node agent's log file of a pod's first container (its logs.json index)."""
+    try:
+        index = json.loads((cluster_dir / "node-agent" / "logs.json").read_text())
+        return Path(next(iter(index[f"{namespace}/{pod}"]["logs"].values())))
+    except (OSError, KeyError, StopIteration, ValueError):
+        return None
+
+
+def wait_pods_ready(kube: Kube, cluster_dir: Path, timeout: float) -> None:
+    """helm's --wait, with progress, and a broken pod named at once (with its log)."""
+
+    def states() -> dict[str, str]:
+        out = {}
+        for pod in kube.json("-n", NAMESPACE, "pods")["items"]:
+            name, status = pod["metadata"]["name"], pod.get("status") or {}
+            ready = any(c["type"] == "Ready" and c["status"] == "True"
+                        for c in status.get("conditions", []))  # fmt: skip
+            waiting = [(c.get("state") or {}).get("waiting") or {}
+                       for c in status.get("containerStatuses", [])]  # fmt: skip
+            reason = next((w["reason"] for w in waiting if w.get("reason")), status.get("phase"))
+            if reason in BROKEN and (reason != "CrashLoopBackOff" or pod_restarts(pod) >= 2):
+                log = pod_log(cluster_dir, NAMESPACE, name)
+                message = next((w.get("message", "") for w in waiting if w.get("message")), "")
+                raise StepFailed(f"pod {name}: {reason} {message}".strip(), log or kube.log)
+            out[name] = "Ready" if ready else str(reason)
+        return out
+
+    def all_ready() -> bool:
+        current = states()
+        return bool(current) and all(v == "Ready" for v in current.values())
+
+    def progress() -> str:
+        current = states()
+        ready = sum(v == "Ready" for v in current.values())
+        rest = ", ".join(f"{k}: {v}" for k, v in current.items() if v != "Ready")
+        return f"{ready}/{len(current)} pods ready" + (f" ({rest})" if rest else "")
+
+    wait(all_ready, timeout=timeout, what="the chart's pods Ready", log=kube.log,
+         progress=progress, every=2)  # fmt: skip
+
+
+def pod_restarts(pod: dict) -> int:
+    return sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses", []))
 
 
 # -- 5. samples --------------------------------------------------------------------------
