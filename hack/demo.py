@@ -508,7 +508,11 @@ def summary(paths: Paths, facts: dict) -> None:
         f"(EV {jobs[0]['ticket_ev_wei']} wei, win probability {jobs[0]['win_prob']:.2f})",
         f"  tickets won: {facts['tickets_won']}, redeemed on the chain: {len(facts['redeemed'])}",
     ]
-    lines += [f"    tx {r['tx']}  {r['face_value']} wei" for r in facts["redeemed"]]
+    by_tx: dict[str, list[int]] = {}
+    for r in facts["redeemed"]:
+        by_tx.setdefault(r["tx"], []).append(r["face_value"])
+    lines += [f"    tx {tx}: {len(faces)} ticket(s), {sum(faces)} wei to the fee pool"
+              for tx, faces in by_tx.items()]  # fmt: skip
     kc = paths.kubeconfig
     lines += [
         f"  outputs: {paths.out}/   logs: {paths.logs}/",
