@@ -524,6 +524,10 @@ def summary(paths: Paths, facts: dict) -> None:
         f"  the proxy: {facts['proxy_url']} (Service kubepeer-proxy; from the node's netns:",
         f"    ip netns exec {facts['node_netns']} curl -k {facts['proxy_url']}/healthz)",
         f"  the chain: {facts['chain_url']} (TicketBroker {facts['broker']})",
+        "  more jobs (the gateway in the node's netns, where the Service answers):",
+        f"    ip netns exec {facts['node_netns']} .venv/bin/python hack/gateway_sim.py "
+        f"--orchestrator {facts['proxy_url']} --key-file {paths.secrets}/gateway.key "
+        f"--out {paths.out} --text-to-image {T2I_MODEL} --prompt 'a red boat'",
         "  make demo-down   removes all of it",
     ]
     print("\n".join(lines), flush=True)

@@ -11,6 +11,7 @@ private key is relied on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,15 +24,30 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-CHAIN_DIR = Path(__file__).resolve().parents[1] / "hack" / "chain"
+CHAIN_DIR = Path(__file__).resolve().parent / "chain"
+CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
 ETH = 10**18
 
 
 def compile_contracts() -> dict[str, dict]:
+    """ABIs and bytecode by contract name, compiled by solc-js once per source (cached:
+    compiling takes tens of seconds on a busy machine)."""
+    digest = hashlib.sha256()
+    for path in sorted([*CHAIN_DIR.glob("contracts/*.sol"), CHAIN_DIR / "compile.js",
+                        CHAIN_DIR / "package-lock.json"]):  # fmt: skip
+        digest.update(path.name.encode() + path.read_bytes())
+    cache = CACHE / "chain-artifacts" / f"{digest.hexdigest()[:16]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     out = subprocess.run(
         ["node", "compile.js"], cwd=CHAIN_DIR, capture_output=True, text=True, check=True
     )
-    return json.loads(out.stdout)
+    artifacts = json.loads(out.stdout)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(out.stdout)
+    partial.replace(cache)
+    return artifacts
 
 
 class DevChain:
