@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -406,8 +407,15 @@ class PodWorker(threading.Thread):
 
     def _http_ok(self, spec: ProbeSpec) -> bool:
         assert self.sandbox is not None
-        cls = http.client.HTTPSConnection if spec.scheme == "HTTPS" else http.client.HTTPConnection
-        conn = cls(self.sandbox.pod_ip, spec.port, timeout=spec.timeout)
+        conn: http.client.HTTPConnection
+        if spec.scheme == "HTTPS":
+            # A kubelet's HTTPS probe does not verify the certificate (often self-signed).
+            unverified = ssl._create_unverified_context()
+            conn = http.client.HTTPSConnection(
+                self.sandbox.pod_ip, spec.port, timeout=spec.timeout, context=unverified
+            )
+        else:
+            conn = http.client.HTTPConnection(self.sandbox.pod_ip, spec.port, timeout=spec.timeout)
         try:
             conn.request("GET", spec.path, headers={"User-Agent": "kube-probe/node-agent"})
             return 200 <= conn.getresponse().status < 400
