@@ -265,10 +265,6 @@ def chart_values(facts: dict) -> dict:
         "payments": {"replicas": 1, "network": "dev", "controller": facts["controller"]},
         "secrets": {
             "rpcUrl": {"existingSecret": "kubepeer-demo-rpc", "key": "url"},
-            # The names the chart generates these under (chart at ad8f703 mounts `secret`).
-            "recipientSecret": {"key": "recipient-secret"},
-            "authSecret": {"key": "auth-secret"},
-            "bearerToken": {"key": "bearer-token"},
             "keystore": {
                 "existingSecret": "kubepeer-demo-keystore",
                 "keystoreKey": "keystore.json",

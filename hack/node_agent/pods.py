@@ -407,11 +407,13 @@ class PodWorker(threading.Thread):
 
     def _http_ok(self, spec: ProbeSpec) -> bool:
         assert self.sandbox is not None
-        if spec.scheme == "HTTPS":  # the kubelet does not verify a probed certificate either
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self.sandbox.pod_ip, spec.port, timeout=spec.timeout,
-                context=ssl._create_unverified_context(),
-            )  # fmt: skip
+        conn: http.client.HTTPConnection
+        if spec.scheme == "HTTPS":
+            # A kubelet's HTTPS probe does not verify the certificate (often self-signed).
+            unverified = ssl._create_unverified_context()
+            conn = http.client.HTTPSConnection(
+                self.sandbox.pod_ip, spec.port, timeout=spec.timeout, context=unverified
+            )
         else:
             conn = http.client.HTTPConnection(self.sandbox.pod_ip, spec.port, timeout=spec.timeout)
         try:

@@ -41,7 +41,7 @@ def helm(
     config = ["--kubeconfig", str(kubeconfig)] if kubeconfig else []
     return subprocess.run(
         [str(helm_binary()), *config, *args], capture_output=True, text=True, check=check,
-        timeout=300,
+        timeout=900,
     )  # fmt: skip
 
 

@@ -106,3 +106,8 @@ securityContext:
 {{- define "kubepeer.secretRef" -}}
 {{- if .spec.existingSecret -}}{{ .spec.existingSecret }}{{- else -}}{{ .default }}{{- end -}}
 {{- end -}}
+
+{{/* The key a value has in that Secret: the user's key, or the chart's own name for it. */}}
+{{- define "kubepeer.secretKey" -}}
+{{- if .spec.existingSecret -}}{{ .spec.key }}{{- else -}}{{ .default }}{{- end -}}
+{{- end -}}
