@@ -204,11 +204,14 @@ def chain_up(paths: Paths, host_ip: str) -> dict:
 
 
 # -- 3. tiny models -------------------------------------------------------------------------
-def models_up() -> str:
+def models_up(paths: Paths) -> str:
+    """The tiny models in the shared cache (built once: hack/tiny_models.py)."""
     import tiny_models
 
     model_dir = tiny_models.cached_dir()
-    tiny_models.build(model_dir, ["text-to-image", "image-to-text"])
+    run([sys.executable, str(REPO / "hack" / "tiny_models.py"), str(model_dir),
+         "--pipeline", "text-to-image", "--pipeline", "image-to-text"],
+        paths.log("models.log"), what="hack/tiny_models.py", timeout=900)  # fmt: skip
     return str(model_dir)
 
 
@@ -436,7 +439,7 @@ def up(paths: Paths, name: str) -> dict:
     facts |= step(2, "dev chain (TicketBroker, round, funded gateway)",
                   lambda: chain_up(paths, facts["host_ip"]))  # fmt: skip
     save()
-    facts["model_dir"] = step(3, "tiny models", models_up)
+    facts["model_dir"] = step(3, "tiny models", lambda: models_up(paths))
     step(4, "helm install helm/kubepeer", lambda: install(kube, facts))
     facts["proxy_url"] = f"https://{PROXY_CLUSTER_IP}:{PROXY_PORT}"
     save()
