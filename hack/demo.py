@@ -309,24 +309,37 @@ def pod_log(cluster_dir: Path, namespace: str, pod: str) -> Path | None:
         return None
 
 
+def fail_if_broken(kube: Kube, cluster_dir: Path) -> dict[str, str]:
+    """Each pod's state ("Ready", else why not); StepFailed, naming its log, for a pod that
+    cannot start (bad config, unknown image, crashing again and again)."""
+    out = {}
+    for pod in kube.json("-n", NAMESPACE, "pods")["items"]:
+        name, status = pod["metadata"]["name"], pod.get("status") or {}
+        ready = any(c["type"] == "Ready" and c["status"] == "True"
+                    for c in status.get("conditions", []))  # fmt: skip
+        waiting = [(c.get("state") or {}).get("waiting") or {}
+                   for c in status.get("containerStatuses", [])]  # fmt: skip
+        reason = next((w["reason"] for w in waiting if w.get("reason")), status.get("phase"))
+        if reason in BROKEN and (reason != "CrashLoopBackOff" or pod_restarts(pod) >= 2):
+            log = pod_log(cluster_dir, NAMESPACE, name)
+            message = next((w.get("message", "") for w in waiting if w.get("message")), "")
+            raise StepFailed(f"pod {name}: {reason} {message}".strip(), log or kube.log)
+        out[name] = "Ready" if ready else str(reason)
+    return out
+
+
+def component_log(kube: Kube, cluster_dir: Path, component: str) -> Path | None:
+    """The log of the chart's pod for `component` (proxy, payments, ...), if it has one."""
+    selector = f"app.kubernetes.io/component={component}"
+    pods = kube.json("-n", NAMESPACE, "pods", "-l", selector)["items"]
+    return pod_log(cluster_dir, NAMESPACE, pods[0]["metadata"]["name"]) if pods else None
+
+
 def wait_pods_ready(kube: Kube, cluster_dir: Path, timeout: float) -> None:
     """helm's --wait, with progress, and a broken pod named at once (with its log)."""
 
     def states() -> dict[str, str]:
-        out = {}
-        for pod in kube.json("-n", NAMESPACE, "pods")["items"]:
-            name, status = pod["metadata"]["name"], pod.get("status") or {}
-            ready = any(c["type"] == "Ready" and c["status"] == "True"
-                        for c in status.get("conditions", []))  # fmt: skip
-            waiting = [(c.get("state") or {}).get("waiting") or {}
-                       for c in status.get("containerStatuses", [])]  # fmt: skip
-            reason = next((w["reason"] for w in waiting if w.get("reason")), status.get("phase"))
-            if reason in BROKEN and (reason != "CrashLoopBackOff" or pod_restarts(pod) >= 2):
-                log = pod_log(cluster_dir, NAMESPACE, name)
-                message = next((w.get("message", "") for w in waiting if w.get("message")), "")
-                raise StepFailed(f"pod {name}: {reason} {message}".strip(), log or kube.log)
-            out[name] = "Ready" if ready else str(reason)
-        return out
+        return fail_if_broken(kube, cluster_dir)
 
     def all_ready() -> bool:
         current = states()
@@ -425,39 +438,55 @@ def up(paths: Paths, name: str) -> dict:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
 
-    def step(n: int, title: str, fn: Callable[[], Any]) -> Any:
+    def step(n: int, title: str, fn: Callable[[], Any], log: str) -> Any:
         say(f"{n}/7 {title} ...")
         start = time.monotonic()
-        value = fn()
+        try:
+            value = fn()
+        except StepFailed:
+            raise
+        except Exception as exc:  # anything unforeseen: still a message and the log to read
+            raise StepFailed(f"{title}: {type(exc).__name__}: {exc}", paths.log(log)) from exc
         timings[title] = time.monotonic() - start
         say(f"{n}/7 {title}: done in {timings[title]:.1f}s")
         return value
 
-    facts |= step(1, "cluster with GPU nodes and the node agent", lambda: cluster_up(paths, name))
+    facts |= step(1, "cluster with GPU nodes and the node agent", lambda: cluster_up(paths, name),
+                  "cluster.log")  # fmt: skip
     save()
     kube = Kube(Path(facts["bin_dir"]), paths.kubeconfig, paths.log("kubectl.log"))
     facts |= step(2, "dev chain (TicketBroker, round, funded gateway)",
-                  lambda: chain_up(paths, facts["host_ip"]))  # fmt: skip
+                  lambda: chain_up(paths, facts["host_ip"]), "hardhat.log")  # fmt: skip
     save()
-    facts["model_dir"] = step(3, "tiny models", lambda: models_up(paths))
-    step(4, "helm install helm/kubepeer", lambda: install(kube, facts))
+    facts["model_dir"] = step(3, "tiny models", lambda: models_up(paths), "models.log")
+    step(4, "helm install helm/kubepeer", lambda: install(kube, facts), "kubectl.log")
     facts["proxy_url"] = f"https://{PROXY_CLUSTER_IP}:{PROXY_PORT}"
     save()
 
     def samples() -> None:
         apply_samples(kube)
-        wait(lambda: phase(kube, "text-to-image") == "Ready", timeout=300, log=kube.log,
+        cluster_dir = Path(facts["cluster_dir"])
+
+        def ready() -> bool:
+            fail_if_broken(kube, cluster_dir)
+            return phase(kube, "text-to-image") == "Ready"
+
+        wait(ready, timeout=300, log=kube.log,
              what="AIModel text-to-image Ready",
              progress=lambda: phase(kube, "text-to-image") or "no status yet")  # fmt: skip
 
-    step(5, "sample Pricing and AIModels (text-to-image Always, image-to-text OnDemand)", samples)
+    step(5, "sample Pricing and AIModels (text-to-image Always, image-to-text OnDemand)", samples,
+         "kubectl.log")  # fmt: skip
     asleep = aimodel(kube, "image-to-text")
     facts["image_to_text_replicas_before"] = (asleep.get("status") or {}).get("replicas", 0)
     say(f"  image-to-text: {facts['image_to_text_replicas_before']} replicas (OnDemand, asleep)")
-    jobs = step(6, "gateway: paid jobs over the real wire", lambda: gateway_jobs(paths, facts))
+    jobs = step(6, "gateway: paid jobs over the real wire", lambda: gateway_jobs(paths, facts),
+                "gateway.log")  # fmt: skip
     failed = [j for j in jobs if j["status"] != 200]
     if failed or not jobs:
-        raise StepFailed(f"jobs failed: {failed or 'none ran'}", paths.log("gateway.log"))
+        proxy_log = component_log(kube, Path(facts["cluster_dir"]), "proxy")
+        raise StepFailed(f"jobs failed: {failed or 'none ran'} (the proxy's log: {proxy_log})",
+                         paths.log("gateway.log"))  # fmt: skip
     facts["jobs"] = jobs
     save()
 
@@ -466,12 +495,14 @@ def up(paths: Paths, name: str) -> dict:
         facts["tickets_won"] = won
         say(f"  {won} ticket(s) won; the dev chain mines {fast_forward(facts)} blocks so that "
             "their params expire (on Arbitrum: minutes of L1 blocks)")  # fmt: skip
-        wait(lambda: len(redeemed_tickets(facts)) >= won, timeout=180, log=kube.log,
+        payments_log = component_log(kube, Path(facts["cluster_dir"]), "payments")
+        wait(lambda: len(redeemed_tickets(facts)) >= won, timeout=180, log=payments_log,
              what=f"{won} winning ticket(s) redeemed on the chain",
              progress=lambda: f"{len(redeemed_tickets(facts))} redeemed")  # fmt: skip
         return redeemed_tickets(facts)
 
-    facts["redeemed"] = step(7, "winning tickets redeemed by the payments Deployment", redemptions)
+    facts["redeemed"] = step(7, "winning tickets redeemed by the payments Deployment", redemptions,
+                             "kubectl.log")  # fmt: skip
     facts["cold_start_seconds"] = (aimodel(kube, "image-to-text").get("status") or {}).get(
         "lastColdStartSeconds"
     )
