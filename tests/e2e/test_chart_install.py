@@ -257,10 +257,13 @@ def test_an_upgrade_rolls_only_what_its_values_change(release):
     assert {k: v for k, v in after.items() if k != "proxy"} == {
         k: v for k, v in before.items() if k != "proxy"
     }
-    wait_for(lambda: [p["metadata"]["name"] for p in release.pods("proxy")]
-             not in ([], [old_proxy["metadata"]["name"]]), timeout=120,
-             what="the proxy pod replaced")  # fmt: skip
-    (new_proxy,) = release.pods("proxy")
+
+    def replaced() -> dict | None:  # the old pod gone (it drains for up to its grace period)
+        pods = release.pods("proxy")
+        names = [p["metadata"]["name"] for p in pods]
+        return pods[0] if len(pods) == 1 and names != [old_proxy["metadata"]["name"]] else None
+
+    new_proxy = wait_for(replaced, timeout=180, what="the proxy pod replaced")
     assert "--max-queue=16" in new_proxy["spec"]["containers"][0]["args"]
     # Generated secrets are kept: the recipientRand secret and the runners' token survive.
     assert (_secret(release, "kubepeer-proxy-secrets"),

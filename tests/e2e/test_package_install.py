@@ -5,13 +5,16 @@ checkout: nothing on PYTHONPATH."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import CACHE, REPO
+from conftest import CACHE, REPO, free_port
+from support import wait_for
 
 # The interpreter the checkout's .venv was built on: uv.lock's markers resolve as for it.
 PYTHON = str((REPO / ".venv" / "bin" / "python").resolve())
@@ -101,3 +104,29 @@ def test_the_control_extra_gives_every_control_plane_command(tmp_path):
     assert refused.returncode == 2
     assert "KUBEPEER_RPC_URL" in refused.stderr or "rpc" in refused.stderr.lower()
     assert os.path.exists(bin_dir / "kubepeer-runner")  # the runner's entry point is declared
+
+
+def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, tiny_models):
+    bin_dir = _install(tmp_path / "venv", "runner")
+    port = free_port()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "PIPELINE": "text-to-image", "MODEL_ID": "kubepeer-tiny/stable-diffusion",
+           "MODEL_DIR": str(tiny_models), "HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
+    log = tmp_path / "runner.log"
+    with log.open("wb") as out:
+        runner = subprocess.Popen([str(bin_dir / "kubepeer-runner")], cwd=tmp_path, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+
+        def healthy() -> bool:
+            assert runner.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    return json.loads(r.read()).get("status") == "OK"
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout=240, what="kubepeer-runner from a clean install to load")
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
