@@ -1,10 +1,10 @@
-# The README's two commands: `make setup` once, then `make test`.
+# The README's commands: `make setup` once, then `make demo` (or `make test`).
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 VENV := .venv
 ARGS ?=
 
-.PHONY: help setup test lint format cluster-up cluster-down demo
+.PHONY: help setup test lint format cluster-up cluster-down demo demo-down
 
 help:
 	@echo "make setup      install everything (Debian packages, Python env, control plane binaries)"
@@ -12,7 +12,8 @@ help:
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and autofix"
 	@echo "make cluster-up / cluster-down   a local cluster with GPU nodes (hack/cluster)"
-	@echo "make demo       the whole stack serving a paid job end to end (not yet: see README)"
+	@echo "make demo       the whole stack via its Helm chart serving paid jobs end to end (root)"
+	@echo "make demo-down  remove the demo's cluster, chain and .demo/"
 
 setup:
 	hack/setup
@@ -37,6 +38,8 @@ cluster-up:
 cluster-down:
 	hack/cluster down
 
-demo:
-	@echo "make demo arrives with the front proxy and Helm chart issues; today use 'hack/cluster up'." >&2
-	@exit 2
+demo: $(VENV)/bin/python
+	$(VENV)/bin/python hack/demo.py up
+
+demo-down: $(VENV)/bin/python
+	$(VENV)/bin/python hack/demo.py down

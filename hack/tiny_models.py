@@ -382,6 +382,18 @@ def build(model_dir: Path, pipelines: list[str] | None = None) -> dict[str, str]
     return chosen
 
 
+def cached_dir() -> Path:
+    """The shared cache's model dir, keyed by this script and the libraries that build the
+    models, so a change of either builds afresh (the tests and `make demo` both use it)."""
+    import os
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
+    libs = " ".join(version(p) for p in ("torch", "diffusers", "transformers"))
+    key = hashlib.sha256(Path(__file__).read_bytes() + libs.encode()).hexdigest()[:16]
+    return cache / "tiny-models" / key
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)

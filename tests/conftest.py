@@ -7,7 +7,6 @@ uses `namespace` gets a fresh namespace in it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -292,14 +291,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     """hack/tiny_models.py's models in a MODEL_DIR, cached by the script and library versions."""
-    from importlib.metadata import version
-
     import tiny_models as builder
 
-    script = (REPO / "hack" / "tiny_models.py").read_bytes()
-    libs = " ".join(version(p) for p in ("torch", "diffusers", "transformers"))
-    key = hashlib.sha256(script + libs.encode()).hexdigest()[:16]
-    model_dir = CACHE / "tiny-models" / key
+    model_dir = builder.cached_dir()
     builder.build(model_dir)
     return model_dir
 

@@ -16,21 +16,14 @@ import ssl
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
-from eth_account import Account
-from eth_account.messages import encode_defunct
-from eth_utils import keccak
 
 from conftest import REPO, RedisServer, free_port
 from kubepeer.livepeer import net_pb2
-from kubepeer.livepeer.wire import encode
-from kubepeer.payments.gateway import sign_payment
-from kubepeer.payments.recipient import TicketParams
 from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.watcher import save_view
 from support import wait_for
@@ -57,8 +50,6 @@ SD = "kubepeer-tiny/stable-diffusion"
 LLAMA = "kubepeer-tiny/llama"
 SVD = "kubepeer-tiny/svd"
 RUNNER_TOKEN = "proxy-test-runner-token"
-# gateway-wire 1.4: the AI gateway asks for DefaultCapabilities() (0-12, 14, 26) + its cap.
-GATEWAY_DEFAULT_CAPS = [*range(13), 14, 26]
 CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33}
 
 
@@ -189,96 +180,6 @@ def stop_proxy(proxy: ProxyServer) -> None:
         except subprocess.TimeoutExpired:
             proxy.process.kill()
             proxy.process.wait()
-
-
-# -- a gateway, from gateway-wire.md ----------------------------------------------------------
-def personal_sign_keccak(account, message: bytes) -> bytes:
-    """go-livepeer's gateway Sign: personal_sign over keccak256(message)."""
-    return Account.sign_message(encode_defunct(primitive=keccak(message)), account.key).signature
-
-
-@dataclass
-class Gateway:
-    account: object = field(default_factory=Account.create)
-    nonce: int = 0
-
-    @property
-    def address(self) -> bytes:
-        return bytes.fromhex(self.account.address[2:])
-
-    def request(self, cap: int | None, model: str | None) -> net_pb2.OrchestratorRequest:
-        request = net_pb2.OrchestratorRequest(
-            address=self.address,
-            sig=personal_sign_keccak(self.account, self.account.address.encode()),
-        )
-        if cap is not None:
-            caps = request.capabilities
-            caps.CopyFrom(self.capabilities(cap, model))
-        return request
-
-    @staticmethod
-    def capabilities(cap: int, model: str) -> net_pb2.Capabilities:
-        caps = net_pb2.Capabilities()
-        words = [0] * 1
-        for bit in [*GATEWAY_DEFAULT_CAPS, cap]:
-            words[bit // 64] |= 1 << (bit % 64)
-        caps.bitstring.extend(words)
-        caps.constraints.per_capability[cap].models[model].warm = False
-        return caps
-
-    def discover(self, proxy: ProxyServer, cap: int | None, model: str | None):
-        with proxy.channel() as channel:
-            call = channel.unary_unary(
-                "/net.Orchestrator/GetOrchestrator",
-                request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
-                response_deserializer=net_pb2.OrchestratorInfo.FromString,
-            )
-            return call(self.request(cap, model), timeout=10)
-
-    def headers(
-        self, info: net_pb2.OrchestratorInfo, cap: int, model: str, tickets: int = 1,
-        price: tuple[int, int] | None = None,
-    ) -> dict[str, str]:  # fmt: skip
-        """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1)."""
-        seg = net_pb2.SegData(manifest_id=f"{cap}_{model}".encode(), seq=0, hash=keccak(b""))
-        seg.capabilities.CopyFrom(self.capabilities(cap, model))
-        seg.auth_token.CopyFrom(info.auth_token)
-        flatten = seg.manifest_id + (0).to_bytes(32, "big") + seg.hash
-        seg.sig = personal_sign_keccak(self.account, flatten)
-        price = price or (info.price_info.price_per_unit, info.price_info.pixels_per_unit)
-        tp = info.ticket_params
-        params = TicketParams(
-            recipient=tp.recipient,
-            face_value=int.from_bytes(tp.face_value, "big"),
-            win_prob=int.from_bytes(tp.win_prob, "big"),
-            recipient_rand_hash=tp.recipient_rand_hash,
-            seed=int.from_bytes(tp.seed, "big"),
-            expiration_block=int.from_bytes(tp.expiration_block, "big"),
-            price=Fraction(*price),
-            creation_round=tp.expiration_params.creation_round,
-            creation_round_block_hash=tp.expiration_params.creation_round_block_hash,
-        )
-        nonces = list(range(self.nonce + 1, self.nonce + 1 + tickets))
-        self.nonce += tickets
-        payment = sign_payment(params, self.account.key, self.address, nonces, price)
-        if not tickets:
-            payment = net_pb2.Payment(sender=self.address, expected_price=payment.expected_price)
-        return {
-            "Livepeer-Segment": encode(seg),
-            "Livepeer-Payment": encode(payment),
-            "Authorization": "Livepeer-AI-Worker-1.0",
-        }
-
-
-def ticket_ev(info: net_pb2.OrchestratorInfo) -> int:
-    tp = info.ticket_params
-    face, prob = int.from_bytes(tp.face_value, "big"), int.from_bytes(tp.win_prob, "big")
-    return face * prob // (2**256 - 1)
-
-
-def fee(units: int, info: net_pb2.OrchestratorInfo) -> int:
-    price = Fraction(info.price_info.price_per_unit, info.price_info.pixels_per_unit)
-    return -(-units * price.numerator // price.denominator)
 
 
 PROBE_SOURCE = Path(__file__).resolve().parent / "proxy" / "grpcprobe"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "hack")]
 
 from eth_account import Account  # noqa: E402
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -22,12 +23,26 @@ from pathlib import Path
 from kubernetes import config
 
 from node_agent.agent import Agent, ca_pem_from_kubeconfig, node_manifest
-from node_agent.images import image_table
+from node_agent.images import build_image, image_table
 from node_agent.pods import NodeSettings
 from node_agent.sandbox import NodeNet, create_node, destroy_node
 from node_agent.services import NodeServices
 
 REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
+
+
+def local_images() -> Path:
+    """The checkout built as the kubepeer images install it (hack/setup's uv, offline)."""
+    uvs = sorted(CACHE.glob("tools/uv-*/bin/uv"))
+    if not uvs:
+        raise SystemExit(f"no uv under {CACHE}/tools: run `make setup`")
+    try:
+        return build_image(REPO, CACHE, uvs[-1])
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"building the local kubepeer image failed: {e.stderr}") from None
+
+
 AGENT_RANGE = "10.244.0.0/16"  # hack/cluster's agent_pod_cidr
 
 
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         net=net,
         api_port=port,
         ca_pem=ca,
-        images=image_table(REPO),
+        images=image_table(local_images()),
         backoff_base=args.backoff_base,
         cluster_dns=services is not None,
     )

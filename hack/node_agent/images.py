@@ -1,14 +1,26 @@
 """Images -> local commands: the one explicit table of what this node can run.
 
-There are no image pulls: an image runs only if this table maps it to a command from
-the checkout. An image it does not know leaves the container waiting with reason
-ErrImagePull and a message naming the image, as a kubelet does when a pull fails.
+There are no image pulls: an image runs only if this table maps it to a command. An image
+it does not know leaves the container waiting with reason ErrImagePull and a message naming
+the image, as a kubelet does when a pull fails.
+
+The kubepeer images run what their Dockerfiles install: the package built as a wheel
+(`build_image`, what `uv pip install .` puts in the image) and its console scripts
+`kubepeer` and `kubepeer-runner`, never the source tree on PYTHONPATH. The locked
+dependencies come from the checkout's .venv (uv.lock, all extras) through a .pth file.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+# What a wheel of the checkout is built from: a change here builds a new local image.
+IMAGE_SOURCES = ("pyproject.toml", "operator/kubepeer", "runner/kubepeer_runner")
 
 
 @dataclass(frozen=True)
@@ -23,25 +35,65 @@ def image_repository(image: str) -> str:
     return name.split(":", 1)[0]
 
 
-def image_table(repo: Path) -> dict[str, LocalImage]:
-    """By repository name (the last path part of the image, any registry, any tag)."""
-    venv_bin = repo / ".venv" / "bin"
-    python = str(venv_bin / "python")
-    path = f"{venv_bin}:/usr/local/bin:/usr/bin:/bin"
+def image_table(image_bin: Path) -> dict[str, LocalImage]:
+    """By repository name (the last path part of the image, any registry, any tag);
+    `image_bin` is the bin/ of the environment `build_image` made."""
+    python = str(image_bin / "python")
+    path = f"{image_bin}:/usr/local/bin:/usr/bin:/bin"
     return {
-        # runner/Dockerfile: ENTRYPOINT python -m kubepeer_runner, code under runner/.
-        "kubepeer-runner": LocalImage(
-            (python, "-m", "kubepeer_runner"),
-            (("PYTHONPATH", str(repo / "runner")), ("PATH", path)),
-        ),
-        # The control plane image: the `kubepeer` CLI.
-        "kubepeer": LocalImage(
-            (str(venv_bin / "kubepeer"),), (("PYTHONPATH", str(repo / "operator")), ("PATH", path))
-        ),
+        # runner/Dockerfile: ENTRYPOINT kubepeer-runner.
+        "kubepeer-runner": LocalImage((str(image_bin / "kubepeer-runner"),), (("PATH", path),)),
+        # operator/Dockerfile (the control plane): ENTRYPOINT kubepeer.
+        "kubepeer": LocalImage((str(image_bin / "kubepeer"),), (("PATH", path),)),
+        # The redis image's entrypoint takes redis-server's own options.
         "redis": LocalImage(("redis-server",), (("PATH", path),)),
         # A plain Python image for tests that run their own `command`.
         "python": LocalImage((python,), (("PATH", path),)),
     }
+
+
+def source_key(repo: Path) -> str:
+    """A hash of every file the wheel is built from, and of the .venv it layers on."""
+    digest = hashlib.sha256(str((repo / ".venv").resolve()).encode())
+    for source in IMAGE_SOURCES:
+        root = repo / source
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for file in files:
+            if file.is_file() and "__pycache__" not in file.parts:
+                digest.update(str(file.relative_to(repo)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_image(repo: Path, cache: Path, uv: Path) -> Path:
+    """The checkout installed as the images install it, in cache/images/<source key>;
+    returns its bin/. Built once per source (under a lock: agents may start together)."""
+    root = cache / "images" / source_key(repo)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with (root.parent / f"{root.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / ".complete").is_file():
+            return root / "bin"
+        shutil.rmtree(root, ignore_errors=True)  # a build that died half way
+        venv_python = repo / ".venv" / "bin" / "python"
+        offline = {"UV_CACHE_DIR": str(cache / "uv-cache"), "UV_PYTHON_DOWNLOADS": "never"}
+        run = {"check": True, "capture_output": True, "env": {"PATH": "/usr/bin:/bin", **offline}}
+        subprocess.run([str(uv), "venv", "-q", "--python", str(venv_python), str(root)], **run)
+        deps = _site_packages(venv_python)
+        purelib = Path(_site_packages(root / "bin" / "python"))
+        (purelib / "kubepeer-locked-deps.pth").write_text(deps + "\n")
+        subprocess.run(
+            [str(uv), "pip", "install", "-q", "--offline", "--no-deps",
+             "--python", str(root / "bin" / "python"), str(repo)],
+            **run,
+        )  # fmt: skip
+        (root / ".complete").touch()
+    return root / "bin"
+
+
+def _site_packages(python: Path) -> str:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 def command_for(

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -31,6 +32,7 @@ from node_agent.core import (
     ProbeSpec,
     ProbeState,
     backoff_seconds,
+    expand,
     mount_table,
     pod_status,
     resolve_env,
@@ -286,7 +288,8 @@ class PodWorker(threading.Thread):
             "KUBEPEER_MOUNTS": json.dumps(mounts),
         }
         full_env.update({k: rewrite_path(v, mounts) for k, v in env.items()})
-        argv = [rewrite_path(a, mounts) for a in argv]
+        # As a kubelet does: $(VAR) in command and args from the container's env.
+        argv = [rewrite_path(expand(a, env), mounts) for a in argv]
         if SA_DIR in mounts and self.settings.cluster_dns:
             argv = self._in_cluster(argv, mounts[SA_DIR], full_env)
         workdir = rewrite_path(spec.get("workingDir", ""), mounts) or str(self.dir)
@@ -404,8 +407,15 @@ class PodWorker(threading.Thread):
 
     def _http_ok(self, spec: ProbeSpec) -> bool:
         assert self.sandbox is not None
-        cls = http.client.HTTPSConnection if spec.scheme == "HTTPS" else http.client.HTTPConnection
-        conn = cls(self.sandbox.pod_ip, spec.port, timeout=spec.timeout)
+        conn: http.client.HTTPConnection
+        if spec.scheme == "HTTPS":
+            # A kubelet's HTTPS probe does not verify the certificate (often self-signed).
+            unverified = ssl._create_unverified_context()
+            conn = http.client.HTTPSConnection(
+                self.sandbox.pod_ip, spec.port, timeout=spec.timeout, context=unverified
+            )
+        else:
+            conn = http.client.HTTPConnection(self.sandbox.pod_ip, spec.port, timeout=spec.timeout)
         try:
             conn.request("GET", spec.path, headers={"User-Agent": "kube-probe/node-agent"})
             return 200 <= conn.getresponse().status < 400

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from gateway_sim import Gateway
 from kubepeer.api import GROUP, VERSION
 from kubepeer.controller.labels import WOKEN_AT
 from kubepeer.demand import read_demand
@@ -26,7 +27,6 @@ from kubepeer.proxy.endpoints import endpoint_slice_watch
 from proxies import (
     SD,
     FreshChainView,
-    Gateway,
     RunnerProcess,
     models_json,
     start_proxy,

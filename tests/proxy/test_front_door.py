@@ -28,6 +28,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from gateway_sim import Gateway, fee, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
 from proxies import (
@@ -37,17 +38,14 @@ from proxies import (
     SD,
     SVD,
     FreshChainView,
-    Gateway,
     ProxyServer,
     RunnerProcess,
-    fee,
     go_get_orchestrator,
     models_json,
     start_proxy,
     start_runner,
     stop,
     stop_proxy,
-    ticket_ev,
 )  # fmt: skip
 from support import wait_for
 

@@ -24,7 +24,7 @@ KINDS = {"AIModel": AIModel, "Pricing": Pricing}
 
 def sample_documents() -> list[tuple[str, dict[str, Any]]]:
     docs = []
-    for path in sorted(MANIFESTS.glob("*.yaml")):
+    for path in sorted([*MANIFESTS.glob("*.yaml"), *MANIFESTS.glob("demo/*.yaml")]):
         docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
 

@@ -156,11 +156,13 @@ def test_phase_and_ready_conditions_follow_the_containers():
 
 
 def test_images_map_by_repository_name_and_unmapped_is_none(tmp_path):
-    table = image_table(tmp_path)
+    table = image_table(tmp_path / "bin")
     assert image_repository("ghcr.io/x/kubepeer-runner:v1@sha256:ab") == "kubepeer-runner"
     argv, env = command_for(table, "example.invalid/kubepeer-runner:test", None, None)
-    assert argv[1:] == ["-m", "kubepeer_runner"]
-    assert env["PYTHONPATH"] == str(tmp_path / "runner")
+    assert argv == [str(tmp_path / "bin" / "kubepeer-runner")]  # the installed entry point
+    assert "PYTHONPATH" not in env
+    argv, _ = command_for(table, "registry.example/kubepeer:dev", None, ["proxy", "--plaintext"])
+    assert argv == [str(tmp_path / "bin" / "kubepeer"), "proxy", "--plaintext"]
     argv, _ = command_for(table, "python:3.12", ["python", "-c", "print(1)"], None)
     assert argv == ["python", "-c", "print(1)"]
     assert command_for(table, "nginx:latest", None, None) is None

@@ -341,6 +341,15 @@ def test_face_value_pays_for_redemption_and_win_prob_keeps_the_ev():
     assert DEFAULT_TICKET_EV <= ev <= DEFAULT_TICKET_EV * 1.001
 
 
+def test_evs_per_win_sets_how_often_a_ticket_wins_at_the_same_ev():
+    face = face_value_for(1, DEFAULT_TICKET_EV, evs_per_win=2)  # gas too cheap to matter
+    assert face == 2 * DEFAULT_TICKET_EV
+    win = win_prob_for(face, DEFAULT_TICKET_EV)
+    assert win / MAX_WIN_PROB == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="evs_per_win must be at least 2, got 1"):
+        face_value_for(1, DEFAULT_TICKET_EV, evs_per_win=1)  # EV = faceValue: refused
+
+
 @pytest.mark.parametrize("max_float", [0, DEFAULT_TICKET_EV - 1, DEFAULT_TICKET_EV])
 def test_no_params_a_gateway_would_refuse_when_the_max_float_is_too_low(max_float):
     """go-livepeer's sender refuses params whose EV is not below the face value ('ticket

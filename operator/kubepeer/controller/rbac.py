@@ -16,6 +16,7 @@ READ = ["get", "list", "watch"]
 RBAC = "rbac.authorization.k8s.io"
 NAME = "kubepeer-operator"
 PROXY = "kubepeer-proxy"
+PAYMENTS = "kubepeer-payments"
 
 
 def namespaced_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -74,14 +75,17 @@ def cluster_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
     ]
 
 
+# kopf's peering when it watches every namespace.
+CLUSTER_PEERING = {
+    "apiGroups": ["kopf.dev"],
+    "resources": ["clusterkopfpeerings"],
+    "verbs": [*READ, "create", "patch"],
+}
+
+
 def operator_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
     """Every rule, for the cluster-wide operator (one ClusterRole)."""
-    peering = {
-        "apiGroups": ["kopf.dev"],
-        "resources": ["clusterkopfpeerings"],
-        "verbs": [*READ, "create", "patch"],
-    }
-    return [*namespaced_rules(settings), peering, *cluster_rules(settings)]
+    return [*namespaced_rules(settings), CLUSTER_PEERING, *cluster_rules(settings)]
 
 
 def _binding(
@@ -145,15 +149,54 @@ def proxy_rules() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def proxy_rbac(namespace: str, service_account: str = PROXY) -> list[dict[str, Any]]:
-    """The proxy's ServiceAccount, and a Role and RoleBinding in the namespace it serves."""
-    labels = {"app.kubernetes.io/part-of": "kubepeer", "app.kubernetes.io/name": PROXY}
+def _role_rbac(
+    name: str, namespace: str, rules: list[dict[str, Any]], service_account: str
+) -> list[dict[str, Any]]:
+    """A ServiceAccount, and a Role and RoleBinding granting it `rules` in its namespace."""
+    labels = {"app.kubernetes.io/part-of": "kubepeer", "app.kubernetes.io/name": name}
     subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount",
          "metadata": {"name": service_account, "namespace": namespace, "labels": labels}},
         {"apiVersion": f"{RBAC}/v1", "kind": "Role",
-         "metadata": {"name": PROXY, "namespace": namespace, "labels": labels},
-         "rules": proxy_rules()},
-        _binding("RoleBinding", PROXY, "Role", subject, namespace=namespace, labels=labels),
+         "metadata": {"name": name, "namespace": namespace, "labels": labels}, "rules": rules},
+        _binding("RoleBinding", name, "Role", subject, namespace=namespace, labels=labels),
     ]  # fmt: skip
+
+
+def proxy_rbac(namespace: str, service_account: str = PROXY) -> list[dict[str, Any]]:
+    """The proxy's ServiceAccount, and a Role and RoleBinding in the namespace it serves."""
+    return _role_rbac(PROXY, namespace, proxy_rules(), service_account)
+
+
+def payments_rules() -> list[dict[str, Any]]:
+    """What `kubepeer payments --lease-namespace NS` does there: hold the redeemer's Lease
+    (read it, create it once, renew or take it over by update). Its name carries the
+    recipient address, so it cannot be narrowed by resourceNames before it exists."""
+    return [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "create", "update"]},
+    ]  # fmt: skip
+
+
+def payments_rbac(namespace: str, service_account: str = PAYMENTS) -> list[dict[str, Any]]:
+    """The payments process's ServiceAccount, and a Role and RoleBinding for its Lease."""
+    return _role_rbac(PAYMENTS, namespace, payments_rules(), service_account)
+
+
+def chart_data(settings: OperatorSettings) -> dict[str, Any]:
+    """What the Helm chart renders its RBAC and PriorityClasses from
+    (helm/kubepeer/files/generated.yaml, written by `kubepeer rbac --chart`): the same
+    rules as above, so the chart and `kubepeer rbac` cannot disagree."""
+    from kubepeer.controller.builders import build_priority_classes
+
+    return {
+        "operator": {
+            "namespaced": namespaced_rules(settings),
+            "clusterPeering": CLUSTER_PEERING,
+            "cluster": cluster_rules(settings),
+        },
+        "proxy": proxy_rules(),
+        "payments": payments_rules(),
+        "priorityClasses": build_priority_classes(settings),
+    }

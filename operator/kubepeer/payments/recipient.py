@@ -119,13 +119,20 @@ class InsufficientSenderReserve(ValueError):
     "insufficient sender reserve" to the gateway rather than issue params it would refuse."""
 
 
-def face_value_for(gas_price: int, ev: int, max_float: int | None = None) -> int:
+def face_value_for(
+    gas_price: int, ev: int, max_float: int | None = None, evs_per_win: int = EV_MULTIPLIER
+) -> int:
     """Big enough that redeeming a winner is worth its gas, small enough for the sender.
+
+    A winner is worth at least `evs_per_win` tickets' EV, so a ticket wins with probability
+    at most 1/evs_per_win (a dev chain's demo lowers it to see winners after a few jobs).
 
     Raises InsufficientSenderReserve when the sender's max float leaves no face value above
     the ticket EV: such a ticket always wins, and gateways refuse it ('ticket faceValue too
     low', go-livepeer's sender checks EV < faceValue)."""
-    face = max(REDEEM_GAS_L2 * gas_price * TX_COST_MULTIPLIER, ev * EV_MULTIPLIER)
+    if evs_per_win < 2:  # EV < faceValue, or gateways refuse the params
+        raise ValueError(f"evs_per_win must be at least 2, got {evs_per_win}")
+    face = max(REDEEM_GAS_L2 * gas_price * TX_COST_MULTIPLIER, ev * evs_per_win)
     if max_float is not None and max_float < face:
         face = max_float
     if ev <= 0 or face <= 0 or win_prob_for(face, ev) >= MAX_WIN_PROB:
@@ -152,13 +159,15 @@ def issue_ticket_params(
     gas_price: int | None = None,
     ev: int = DEFAULT_TICKET_EV,
     max_float: int | None = None,
+    evs_per_win: int = EV_MULTIPLIER,
 ) -> TicketParams:
     """Params for one gateway, priced to make a winning ticket worth redeeming.
 
     They expire EXPIRATION_BLOCKS after the watcher's L1 block, carry its last initialized
     round and block hash, and cover its gas price unless `gas_price` says otherwise.
     Raises InsufficientSenderReserve (see face_value_for)."""
-    face = face_value_for(chain.gas_price if gas_price is None else gas_price, ev, max_float)
+    gas = chain.gas_price if gas_price is None else gas_price
+    face = face_value_for(gas, ev, max_float, evs_per_win)
     return ticket_params(
         secret,
         recipient,

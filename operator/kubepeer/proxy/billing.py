@@ -18,6 +18,7 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.recipient import (
     DEFAULT_TICKET_EV,
+    EV_MULTIPLIER,
     REDEEM_GAS_L2,
     InsufficientSenderReserve,
     RecipientSecret,
@@ -60,6 +61,7 @@ class Billing:
         *,
         ticket_ev: int = DEFAULT_TICKET_EV,
         gas_price: int = ARBITRUM_GAS_PRICE,
+        evs_per_win: int = EV_MULTIPLIER,
         chain_max_age: float = 60.0,
     ) -> None:
         self.redis = redis
@@ -67,6 +69,7 @@ class Billing:
         self.secret = secret
         self.ticket_ev = ticket_ev
         self.gas_price = gas_price
+        self.evs_per_win = evs_per_win
         self.chain_max_age = chain_max_age
         self.ledger = Ledger(redis)
 
@@ -82,6 +85,7 @@ class Billing:
             params = issue_ticket_params(
                 self.secret, self.recipient, sender, self.chain(),
                 gas_price=self.gas_price, price=price, ev=self.ticket_ev,
+                evs_per_win=self.evs_per_win,
             )  # fmt: skip
         except InsufficientSenderReserve as exc:
             raise PaymentRefused(str(exc)) from None
@@ -93,7 +97,7 @@ class Billing:
         (redeemGas x gas price) over the face value our params carry. Same for every
         sender: we never lower the face value to a sender's max float."""
         try:
-            face = face_value_for(self.gas_price, self.ticket_ev)
+            face = face_value_for(self.gas_price, self.ticket_ev, evs_per_win=self.evs_per_win)
         except InsufficientSenderReserve as exc:
             raise PaymentRefused(str(exc)) from None
         return Fraction(REDEEM_GAS_L2 * self.gas_price, face)

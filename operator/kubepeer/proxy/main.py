@@ -61,6 +61,7 @@ class ProxyArgs:
     version: str = "0.9.1"
     wake: bool = True
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
+    evs_per_win: int = 100  # a winning ticket's worth in ticket EVs: 1/win probability
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
     server: str = SERVERS[0]
     auto_adjust_price: bool = True
@@ -170,6 +171,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
             recipient,
             RecipientSecret.from_file(args.recipient_secret_file),
             gas_price=args.gas_price,
+            evs_per_win=args.evs_per_win,
         )
     bearer = _secret_bytes(args.bearer_token_file)
     runner_token = _secret_bytes(args.runner_token_file)

@@ -1,5 +1,7 @@
 """A real Ethereum JSON-RPC dev node (Hardhat's, from npm) with our test TicketBroker on it.
 
+Used by the chain tests and by `make demo` (hack/demo.py).
+
 Hardhat's node is a full EVM with automining; the contracts are compiled from
 hack/chain/contracts by solc-js: a Controller (registry and pause switch), a RoundsManager
 and a BondingManager driven by the tests, and a TicketBroker as strict as Livepeer's.
@@ -9,27 +11,43 @@ private key is relied on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-from support import wait_for
-
-CHAIN_DIR = Path(__file__).resolve().parents[1] / "hack" / "chain"
+CHAIN_DIR = Path(__file__).resolve().parent / "chain"
+CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
 ETH = 10**18
 
 
 def compile_contracts() -> dict[str, dict]:
+    """ABIs and bytecode by contract name, compiled by solc-js once per source (cached:
+    compiling takes tens of seconds on a busy machine)."""
+    digest = hashlib.sha256()
+    for path in sorted([*CHAIN_DIR.glob("contracts/*.sol"), CHAIN_DIR / "compile.js",
+                        CHAIN_DIR / "package-lock.json"]):  # fmt: skip
+        digest.update(path.name.encode() + path.read_bytes())
+    cache = CACHE / "chain-artifacts" / f"{digest.hexdigest()[:16]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     out = subprocess.run(
         ["node", "compile.js"], cwd=CHAIN_DIR, capture_output=True, text=True, check=True
     )
-    return json.loads(out.stdout)
+    artifacts = json.loads(out.stdout)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(out.stdout)
+    partial.replace(cache)
+    return artifacts
 
 
 class DevChain:
@@ -43,16 +61,18 @@ class DevChain:
         self.url, self.process, self.w3 = url, process, w3
 
     @classmethod
-    def start(cls, port: int, log: Path) -> DevChain:
+    def start(cls, port: int, log: Path, host: str = "127.0.0.1", detach: bool = False) -> DevChain:
+        """`detach`: the node outlives this process (make demo), stopped by pid later."""
         process = subprocess.Popen(
             [str(CHAIN_DIR / "node_modules" / ".bin" / "hardhat"), "node",
-             "--hostname", "127.0.0.1", "--port", str(port)],
+             "--hostname", host, "--port", str(port)],
             cwd=CHAIN_DIR,
             env={**os.environ, "HARDHAT_DISABLE_TELEMETRY_PROMPT": "true"},
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            start_new_session=detach,
         )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
 
         def answering() -> bool:
@@ -63,7 +83,12 @@ class DevChain:
             except Exception:
                 return False
 
-        wait_for(answering, timeout=60, what="the hardhat node to answer")
+        deadline = time.monotonic() + 60
+        while not answering():
+            if time.monotonic() > deadline:
+                process.terminate()
+                raise RuntimeError(f"the hardhat node did not answer in 60 s; see {log}")
+            time.sleep(0.2)
         chain = cls(url, process, w3)
         chain.deployer = chain.new_account(100 * ETH)
         artifacts = compile_contracts()
@@ -89,7 +114,9 @@ class DevChain:
     def balance(self, address: str) -> int:
         return self.w3.eth.get_balance(address)
 
-    def transact(self, account: LocalAccount, call, value: int = 0, gas: int | None = None) -> dict:
+    def transact(
+        self, account: LocalAccount, call: Any, value: int = 0, gas: int | None = None
+    ) -> dict:
         fields = {
             "from": account.address,
             "nonce": self.w3.eth.get_transaction_count(account.address),

@@ -1,0 +1,181 @@
+"""The chart as files: its CRDs and RBAC are the generated ones, `helm lint` is clean, and
+values.schema.json refuses bad values naming the field. No servers (helm only)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+from charts import CHART, REQUIRED, REQUIRED_VALUES, find, helm, render, sets
+
+from conftest import REPO
+from kubepeer.api.crd import stale_crds
+from kubepeer.controller.rbac import (
+    cluster_rules,
+    namespaced_rules,
+    operator_rules,
+    payments_rules,
+    proxy_rules,
+)
+from kubepeer.controller.settings import OperatorSettings
+
+
+def test_the_charts_crds_are_crds_byte_for_byte_and_current():
+    ours = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert chart == ours
+    for name in ours:
+        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), name
+    assert stale_crds(CHART / "crds") == []
+
+
+def test_the_charts_rbac_data_is_what_kubepeer_rbac_generates():
+    check = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "kubepeer"), "rbac", "--chart", "--check"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def _rules(obj: dict) -> list[dict]:
+    return obj["rules"]
+
+
+def test_rendered_rbac_is_kubepeer_rbac_for_each_component():
+    settings = OperatorSettings()
+    objects = render(*REQUIRED, namespace="kp")
+    assert _rules(find(objects, "ClusterRole", "kubepeer-operator-kp")) == operator_rules(settings)
+    assert _rules(find(objects, "Role", "kubepeer-proxy", "kp")) == proxy_rules()
+    assert _rules(find(objects, "Role", "kubepeer-payments", "kp")) == payments_rules()
+    # Each binding grants its own ServiceAccount, and each Deployment runs as that account.
+    for kind, name, namespace in (
+        ("ClusterRoleBinding", "kubepeer-operator-kp", None),
+        ("RoleBinding", "kubepeer-proxy", "kp"),
+        ("RoleBinding", "kubepeer-payments", "kp"),
+    ):
+        binding = find(objects, kind, name, namespace)
+        account = binding["subjects"][0]["name"]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": "kp"}
+        ]
+        deployment = find(objects, "Deployment", account, "kp")
+        assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account
+    # The proxy and runners of another namespace: Roles there, accounts here.
+    watched = render(*REQUIRED, "--set", "operator.watchNamespaces={models}",
+                     "--set", "modelNamespace=models", namespace="kp")  # fmt: skip
+    assert _rules(find(watched, "Role", "kubepeer-operator", "models")) == namespaced_rules(
+        settings
+    )
+    assert _rules(find(watched, "ClusterRole", "kubepeer-operator-kp")) == cluster_rules(settings)
+    assert _rules(find(watched, "Role", "kubepeer-proxy", "models")) == proxy_rules()
+    assert [s["namespace"] for s in find(watched, "RoleBinding", "kubepeer-proxy")["subjects"]] == [
+        "kp"
+    ]
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CHART / "ci" / "lint-values.yaml")]])
+def test_helm_lint_is_clean(values):
+    result = helm("lint", "--strict", str(CHART), *values, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout, result.stdout
+    assert "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("proxy.replicas=two", "/proxy/replicas"),  # a wrong type
+        ("proxy.recipient=0x1234", "/proxy/recipient"),  # not an address
+        ("payments.network=mainnet", "/payments/network"),  # not one of the networks
+        ("proxy.replcas=3", "replcas"),  # a misspelt field is refused, not ignored
+        ("redis.externalUrl=http://redis:6379", "/redis/externalUrl"),  # not a redis URL
+    ],
+)
+def test_the_schema_refuses_bad_values_naming_the_field(setting, named):
+    result = helm("template", "kubepeer", str(CHART), *REQUIRED, "--set", setting, check=False)
+    assert result.returncode != 0
+    assert "schema" in result.stderr, result.stderr
+    assert named in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("drop", "named"),
+    [
+        ("proxy.publicUrl", "proxy.publicUrl"),
+        ("proxy.recipient", "proxy.recipient"),
+        ("secrets.rpcUrl.value", "secrets.rpcUrl"),
+    ],
+)
+def test_a_missing_required_value_is_named(drop, named):
+    kept = sets({k: v for k, v in REQUIRED_VALUES.items() if k != drop})
+    result = helm("template", "kubepeer", str(CHART), *kept, check=False)
+    assert result.returncode != 0
+    assert named in result.stderr, result.stderr
+
+
+def _containers(objects: list[dict]) -> list[dict]:
+    return [
+        c
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+        for c in o["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def test_secrets_reach_pods_as_files_never_as_args_or_literal_env():
+    objects = render(*REQUIRED)
+    pods = yaml.safe_dump([o for o in objects if o["kind"] in ("Deployment", "StatefulSet")])
+    for secret in ("SECRET-API-KEY", "SECRET-PASSWORD", "SECRET-KEYSTORE"):
+        assert secret not in pods
+    rpc = find(objects, "Secret", "kubepeer-rpc")
+    assert "SECRET-API-KEY" not in yaml.safe_dump(rpc)  # base64 in data, as a Secret holds it
+    generated = find(objects, "Secret", "kubepeer-proxy-secrets")["data"]
+    assert set(generated) == {"recipient-secret", "auth-secret", "bearer-token"}
+
+
+def test_images_and_placement_come_from_values():
+    objects = render(
+        *REQUIRED,
+        "--set", "images.kubepeer.repository=registry.example/kp/kubepeer",
+        "--set", "images.kubepeer.tag=v9",
+        "--set", "images.runner.repository=registry.example/kp/kubepeer-runner",
+        "--set", "nodeSelector.pool=control",
+    )  # fmt: skip
+    images = {c["name"]: c["image"] for c in _containers(objects)}
+    assert (
+        images["operator"]
+        == images["proxy"]
+        == images["payments"]
+        == ("registry.example/kp/kubepeer:v9")
+    )
+    operator = find(objects, "Deployment", "kubepeer-operator")["spec"]["template"]["spec"]
+    args = operator["containers"][0]["args"]
+    assert "--runner-image=registry.example/kp/kubepeer-runner:0.1.0" in args  # appVersion
+    for o in objects:
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            assert o["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "control"}
+
+
+def test_runner_pods_accept_only_the_proxy():
+    objects = render(*REQUIRED, "--set", "modelNamespace=models", namespace="kp")
+    policy = find(objects, "NetworkPolicy", "kubepeer-runners", "models")["spec"]
+    assert policy["podSelector"] == {
+        "matchExpressions": [{"key": "kubepeer.io/runner", "operator": "Exists"}]
+    }
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    proxy = find(objects, "Deployment", "kubepeer-proxy", "kp")
+    assert source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kp"}}
+    selector = source["podSelector"]["matchLabels"]
+    labels = proxy["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    others = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment" and o["metadata"]["name"] != "kubepeer-proxy"
+    ]
+    assert all(
+        not selector.items() <= o["spec"]["template"]["metadata"]["labels"].items() for o in others
+    )
