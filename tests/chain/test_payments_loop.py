@@ -32,7 +32,8 @@ pytest_plugins = ["paying"]
 def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):
     payment = pay(chain, orchestrator, gateway, tickets=12)
     balance = orchestrator.ledger.credit(payment, MANIFEST)
-    assert balance == payment.expected_value
+    assert balance == int(payment.expected_value)  # whole wei, the rest kept apart
+    assert orchestrator.ledger.exact_balance(payment.sender, MANIFEST) == payment.expected_value
     queued = winners(payment)
     assert queued, "with winProb 1/2, twelve tickets without a winner is a 1-in-4096 fluke"
     assert orchestrator.ledger.redis.xlen(orchestrator.ledger.stream) == len(queued)
@@ -124,7 +125,8 @@ def test_concurrent_credits_sum_exactly_and_a_replay_wins_once(chain, orchestrat
         outcomes = list(pool.map(credit, attempts))
     assert sum(outcomes) == len(payments)
     expected = sum(p.expected_value for p in payments)
-    assert orchestrator.ledger.balance(payments[0].sender, MANIFEST) == expected
+    assert orchestrator.ledger.exact_balance(payments[0].sender, MANIFEST) == expected
+    assert orchestrator.ledger.balance(payments[0].sender, MANIFEST) == int(expected)
 
 
 def test_debit_charges_fees_against_the_credit(chain, orchestrator, gateway):

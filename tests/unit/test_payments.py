@@ -103,9 +103,11 @@ def test_a_good_payment_is_accepted_with_its_expected_value():
     assert valid.price == PRICE
     assert valid.nonces == [1, 2, 3]
     one = valid.tickets[0].ticket
-    assert one.expected_value == one.face_value * one.win_prob // MAX_WIN_PROB
-    # The issued params aim at the default EV; rounding costs at most a few wei.
-    assert abs(one.expected_value - DEFAULT_TICKET_EV) <= DEFAULT_TICKET_EV // 10**6
+    # go-livepeer's ticketEV: a big.Rat, faceValue x winProb / (2^256 - 1).
+    assert one.expected_value == Fraction(one.face_value * one.win_prob, 2**256 - 1)
+    # The issued params never fall short of the default EV, and overshoot it by far less
+    # than a wei.
+    assert DEFAULT_TICKET_EV <= one.expected_value < DEFAULT_TICKET_EV + 1
     assert valid.expected_value == 3 * one.expected_value
     assert len(one.aux_data) == 64  # what the TicketBroker insists on
 
@@ -348,6 +350,14 @@ def test_evs_per_win_sets_how_often_a_ticket_wins_at_the_same_ev():
     assert win / MAX_WIN_PROB == pytest.approx(0.5, rel=1e-6)
     with pytest.raises(ValueError, match="evs_per_win must be at least 2, got 1"):
         face_value_for(1, DEFAULT_TICKET_EV, evs_per_win=1)  # EV = faceValue: refused
+
+
+@given(face=st.integers(DEFAULT_TICKET_EV + 1, 2**200), ev=st.integers(1, DEFAULT_TICKET_EV))
+def test_win_prob_is_go_livepeers_and_never_leaves_a_ticket_short_of_its_ev(face, ev):
+    go_max_win_prob = 2**256 - 1
+    quotient, remainder = divmod(go_max_win_prob, face)  # pm/recipient.go winProb
+    assert win_prob_for(face, ev) == ev * (quotient + (remainder != 0))
+    assert Fraction(face * win_prob_for(face, ev), go_max_win_prob) >= ev
 
 
 @pytest.mark.parametrize("max_float", [0, DEFAULT_TICKET_EV - 1, DEFAULT_TICKET_EV])

@@ -2,12 +2,24 @@
 
 Every credit is one Lua script, so it is atomic across proxy replicas: the nonce check,
 the nonce record, the balance increment and the winning tickets' append to the stream
-happen together or not at all. Run Redis with `appendonly yes` and `appendfsync always`
+happen together or not at all.
+
+The balance is exact, as go-livepeer's big.Rat balance is: a ticket is worth
+faceValue x winProb / maxWinProb wei, so every sum of ticket EVs is a whole number of wei
+plus some k / maxWinProb. The whole wei live in an integer Redis can INCRBY and DECRBY
+(fees are whole wei); the k, below maxWinProb, is added in the script with 32-bit limbs
+(Lua numbers are doubles) and carries into the wei when it reaches a whole one. The
+integer is therefore the exact balance rounded down, which is all a comparison with a
+whole-wei threshold (the ticket EV) needs. Run Redis with `appendonly yes` and `appendfsync always`
 so that an acknowledged credit survives a crash of Redis itself.
 
 Layout (every key carries the hash tag `{pm}`, so on a Redis Cluster the keys one script
 touches together live in one slot):
-    kubepeer:{pm}:balance:<sender>:<manifest>   integer wei (EV credited minus fees debited)
+    kubepeer:{pm}:balance:<sender>:<manifest>   integer wei: the exact balance rounded down
+                                                (EV credited minus fees debited)
+    kubepeer:{pm}:balance:<sender>:<manifest>:fraction
+                                                the rest, below one wei: 64 hex digits, the
+                                                numerator over maxWinProb (2^256 - 1)
     kubepeer:{pm}:nonces:<recipientRandHash>    set of sender nonces seen (at most 600)
     kubepeer:{pm}:tickets:winning               stream of winning tickets, field `ticket`
     kubepeer:{pm}:prices:<sender>               prices offered to the sender: sorted set of
@@ -25,6 +37,7 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from kubepeer.payments.queue import WinningTicket
+from kubepeer.payments.ticket import MAX_WIN_PROB
 from kubepeer.payments.validator import TicketRejected, ValidPayment
 
 TICKETS_RECEIVED = Counter("kubepeer_tickets_received_total", "Tickets credited to the ledger")
@@ -40,21 +53,54 @@ PREFIX = "kubepeer:{pm}"
 WINNING_STREAM = f"{PREFIX}:tickets:winning"
 
 _CREDIT = """
+-- KEYS: nonces, balance (whole wei), stream, balance fraction
+-- ARGV: max nonces, whole wei, nonce TTL, n, fraction (64 hex digits), n nonces, winners
 local n = tonumber(ARGV[4])
 for i = 1, n do
-  if redis.call('SISMEMBER', KEYS[1], ARGV[4 + i]) == 1 then
-    return redis.error_reply('replayed-nonce ' .. ARGV[4 + i])
+  if redis.call('SISMEMBER', KEYS[1], ARGV[5 + i]) == 1 then
+    return redis.error_reply('replayed-nonce ' .. ARGV[5 + i])
   end
 end
 if redis.call('SCARD', KEYS[1]) + n > tonumber(ARGV[1]) then
   return redis.error_reply('too-many-nonces')
 end
 for i = 1, n do
-  redis.call('SADD', KEYS[1], ARGV[4 + i])
+  redis.call('SADD', KEYS[1], ARGV[5 + i])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+
+-- held + added fraction, both below 2^256 - 1, in eight 32-bit limbs (least significant
+-- first): every intermediate stays an integer a double holds exactly.
+local held = redis.call('GET', KEYS[4]) or string.rep('0', 64)
+local added = ARGV[5]
+local limb, carry, all_ones = {}, 0, true
+for i = 57, 1, -8 do
+  local sum = tonumber(string.sub(held, i, i + 7), 16)
+    + tonumber(string.sub(added, i, i + 7), 16) + carry
+  carry = math.floor(sum / 4294967296)
+  limb[#limb + 1] = sum % 4294967296
+  all_ones = all_ones and limb[#limb] == 4294967295
+end
+local whole = 0
+if carry == 1 or all_ones then
+  -- A whole wei: subtract 2^256 - 1, i.e. drop the carry and add one (all ones: zero).
+  whole = 1
+  local i = 1
+  repeat
+    limb[i] = (limb[i] + 1) % 4294967296
+    i = i + 1
+  until limb[i - 1] ~= 0 or i > 8
+end
+local hex = {}
+for i = 8, 1, -1 do
+  hex[#hex + 1] = string.format('%08x', limb[i])
+end
+redis.call('SET', KEYS[4], table.concat(hex))
 redis.call('INCRBY', KEYS[2], ARGV[2])
-for i = 5 + n, #ARGV do
+if whole == 1 then
+  redis.call('INCRBY', KEYS[2], 1)
+end
+for i = 6 + n, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'ticket', ARGV[i])
 end
 -- GET, not INCRBY's reply: a Lua number is a double, exact only below 2^53 wei.
@@ -64,6 +110,10 @@ return redis.call('GET', KEYS[2])
 
 def balance_key(sender: bytes, manifest: str) -> str:
     return f"{PREFIX}:balance:0x{sender.hex()}:{manifest}"
+
+
+def fraction_key(sender: bytes, manifest: str) -> str:
+    return f"{balance_key(sender, manifest)}:fraction"
 
 
 def nonces_key(recipient_rand_hash: bytes) -> str:
@@ -95,18 +145,23 @@ class Ledger:
         self._credit = redis.register_script(_CREDIT)
 
     def credit(self, payment: ValidPayment, manifest: str) -> int:
-        """Credit every ticket's EV; queue the winners. Returns the new balance in wei.
+        """Credit every ticket's exact EV; queue the winners. Returns the new balance in
+        whole wei, rounded down (`exact_balance` has the rest).
 
         Raises TicketRejected (and changes nothing) when any nonce was seen before. A payment
         without tickets credits nothing: the caller checks the balance covers the job."""
         if not payment.tickets:
             return self.balance(payment.sender, manifest)
         winners = [WinningTicket.from_accepted(t).to_json() for t in payment.tickets if t.winning]
+        ev = payment.expected_value
+        whole = ev.numerator // ev.denominator
+        fraction = (ev - whole) * MAX_WIN_PROB  # an integer: every EV is k / maxWinProb
         args: list[Any] = [
             MAX_NONCES_PER_RAND,
-            payment.expected_value,
+            whole,
             NONCE_TTL_SECONDS,
             len(payment.nonces),
+            f"{int(fraction):064x}",
             *payment.nonces,
             *winners,
         ]
@@ -114,6 +169,7 @@ class Ledger:
             nonces_key(payment.recipient_rand_hash),
             balance_key(payment.sender, manifest),
             self.stream,
+            fraction_key(payment.sender, manifest),
         ]
         try:
             balance = int(self._credit(keys=keys, args=args))
@@ -135,8 +191,10 @@ class Ledger:
 
     def admit(self, payment: ValidPayment, manifest: str, ticket_ev: int) -> int:
         """Credit, then check the job may run as go-livepeer checks it: with a non-zero price
-        the balance must reach one ticket's EV. Returns the balance; raises TicketRejected
-        ('Insufficient balance', the text gateways know) when it does not."""
+        the balance must reach one ticket's EV. Returns the balance in whole wei; raises
+        TicketRejected ('Insufficient balance', the text gateways know) when it does not.
+
+        `ticket_ev` is whole wei, so comparing the balance rounded down is exact."""
         balance = self.credit(payment, manifest)
         if payment.price > 0 and balance < ticket_ev:
             TICKETS_REJECTED.labels("insufficient-balance").inc()
@@ -148,7 +206,14 @@ class Ledger:
         return int(self.redis.decrby(balance_key(sender, manifest), fee))
 
     def balance(self, sender: bytes, manifest: str) -> int:
+        """In whole wei, rounded down."""
         return int(self.redis.get(balance_key(sender, manifest)) or 0)
+
+    def exact_balance(self, sender: bytes, manifest: str) -> Fraction:
+        whole, fraction = self.redis.mget(
+            balance_key(sender, manifest), fraction_key(sender, manifest)
+        )
+        return int(whole or 0) + Fraction(int(fraction or b"0", 16), MAX_WIN_PROB)
 
     def offer_price(self, sender: bytes, price: Fraction, now: float | None = None) -> None:
         """Remember that `price` was offered to `sender` (with ticket params, or in

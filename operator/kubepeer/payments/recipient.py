@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import secrets
 from dataclasses import dataclass
 from fractions import Fraction
@@ -146,7 +145,9 @@ def face_value_for(
 def win_prob_for(face_value: int, ev: int) -> int:
     if face_value <= 0:
         raise ValueError("face value must be positive")
-    return min(MAX_WIN_PROB, ev * math.ceil(MAX_WIN_PROB / face_value))
+    # Integer ceil, as go-livepeer's DivMod: a float quotient loses all but 53 bits and can
+    # round below, leaving a ticket worth less than the EV it was issued for.
+    return min(MAX_WIN_PROB, ev * -(-MAX_WIN_PROB // face_value))
 
 
 def issue_ticket_params(

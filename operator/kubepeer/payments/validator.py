@@ -98,8 +98,9 @@ class ValidPayment:
     tickets: list[AcceptedTicket] = field(default_factory=list)
 
     @property
-    def expected_value(self) -> int:
-        return sum(t.ticket.expected_value for t in self.tickets)
+    def expected_value(self) -> Fraction:
+        """In wei, exactly (a sum of go-livepeer's big.Rat ticket EVs)."""
+        return sum((t.ticket.expected_value for t in self.tickets), Fraction(0))
 
     @property
     def nonces(self) -> list[int]:

@@ -113,9 +113,7 @@ class Billing:
         )
         try:
             valid = validate_payment(payment, context)
-            # The ledger credits each ticket's EV rounded down to whole wei, so one honest
-            # ticket may credit up to 1 wei below the EV its params were issued for.
-            self.ledger.admit(valid, manifest, self.ticket_ev - 1)
+            self.ledger.admit(valid, manifest, self.ticket_ev)
         except TicketRejected as exc:
             raise PaymentRefused(str(exc), exc.status) from None
         return valid
