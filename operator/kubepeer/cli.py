@@ -150,6 +150,8 @@ def _proxy(args: argparse.Namespace) -> int:
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
             gas_price=args.gas_price,
+            runner_trickle_url=args.trickle_url_for_runner,
+            live_payment_interval=args.live_payment_interval,
         )
     )
 
@@ -284,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--demand-ttl", type=float, default=60.0,
         help="seconds a demand record outlives this proxy's last heartbeat",
+    )  # fmt: skip
+    px.add_argument(
+        "--trickle-url-for-runner",
+        help="base URL runners reach our trickle channels at (default: --public-url), "
+        "as go-livepeer's -liveAITrickleHostForRunner",
+    )  # fmt: skip
+    px.add_argument(
+        "--live-payment-interval", type=float, default=5.0,
+        help="seconds between a live stream's debits (go-livepeer's LivePaymentInterval)",
     )  # fmt: skip
     px.set_defaults(run=_proxy)
 

@@ -35,7 +35,7 @@ from kubepeer.livepeer.wire import (
     decode_segment,
 )
 from kubepeer.payments.ledger import manifest_id
-from kubepeer.proxy import discovery, grpc_unary, metrics
+from kubepeer.proxy import discovery, grpc_unary, live, metrics
 from kubepeer.proxy.billing import Billing, PaymentRefused
 from kubepeer.proxy.catalogue import Catalogue, ServedModel
 from kubepeer.proxy.credentials import (
@@ -48,6 +48,8 @@ from kubepeer.proxy.credentials import (
 from kubepeer.proxy.jobs import BATCH_PIPELINES, JobRefused, JobRequest, decode_fields, read_body
 from kubepeer.proxy.results import ResultStore, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
+from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
+from kubepeer.proxy.trickle import TrickleServer, sweep_forever
 from kubepeer.proxy.units import UnitsError, billed_units
 
 log = logging.getLogger("kubepeer.proxy")
@@ -101,6 +103,7 @@ class Proxy:
         waker: Waker | None = None,
         demand: Demand | None = None,
         ready: Callable[[], bool] = lambda: True,
+        live_video: live.LiveService | None = None,
     ) -> None:
         if config.payments and billing is None:
             raise ValueError("payments are on but no billing was given")
@@ -114,6 +117,8 @@ class Proxy:
         self.waker = waker
         self.demand = demand or Demand()
         self.is_ready = ready
+        self.live = live_video  # None: live video not served (no cap 35, no trickle)
+        self.trickle = TrickleServer(live_video.store) if live_video else None
         self.http: aiohttp.ClientSession | None = None
         self._waking: set[str] = set()
         self.http_app = self._build_http_app()
@@ -125,6 +130,9 @@ class Proxy:
                 scope, receive, send, {GET_ORCHESTRATOR: self.get_orchestrator}
             )
             return
+        if self.trickle and scope["type"] == "http" and scope["path"].startswith(TRICKLE_PATH):
+            await self.trickle(scope, receive, send)
+            return
         await self.http_app(scope, receive, send)
 
     def _build_http_app(self) -> FastAPI:
@@ -134,9 +142,13 @@ class Proxy:
             self.http = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
             )
+            sweeper = asyncio.create_task(sweep_forever(self.live.store)) if self.live else None
             try:
                 yield
             finally:
+                if self.live and sweeper:
+                    sweeper.cancel()
+                    await self.live.stop_all()
                 await self.http.close()
 
         app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -146,10 +158,20 @@ class Proxy:
         app.router.add_route("/stream/{request_id}/{name}", self.stream_result, methods=["GET"])
         for pipeline in BATCH_PIPELINES:
             app.router.add_route(f"/{pipeline.value}", self.job, methods=["POST"])
+        if self.live:
+            app.router.add_route(f"/{live.LIVE.value}", self.live_start, methods=["POST"])
+            app.router.add_route("/payment", self.live_payment, methods=["POST"])
         return app
 
     # -- discovery ---------------------------------------------------------------------
     def model_state(self, model: ServedModel) -> discovery.ModelState:
+        if self.live and model.pipeline is live.LIVE:
+            free, in_use = self.live.capacity.state(model, self.router.urls(model))
+            total = model.capacity * len(self.router.urls(model))
+            return discovery.ModelState(
+                ready=self.router.ready(model), free_slots=free, in_use=in_use,
+                utilization=1.0 if not total else in_use / total,
+            )  # fmt: skip
         return discovery.ModelState(
             ready=self.router.ready(model),
             free_slots=self.router.free_slots(model),
@@ -173,6 +195,9 @@ class Proxy:
                 grpc_unary.UNKNOWN,
                 "Invalid orchestrator request: orchestrator req sig check failed",
             )
+        if discovery.live_capped(request, self.catalogue(), self.model_state):
+            metrics.DISCOVERY.labels("capped").inc()
+            raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, discovery.ORCHESTRATOR_CAPPED)
         reply = discovery.orchestrator_info(
             request,
             self.catalogue(),
@@ -191,6 +216,13 @@ class Proxy:
         reply.info.auth_token.CopyFrom(self.auth_secret.issue())
         metrics.DISCOVERY.labels("ok").inc()
         return reply.info.SerializeToString()
+
+    # -- live video (live.py) ------------------------------------------------------------
+    async def live_start(self, request: Request) -> Response:
+        return await live.start_stream(self, request)
+
+    async def live_payment(self, request: Request) -> Response:
+        return await live.receive_payment(self, request)
 
     # -- probes, metrics, results --------------------------------------------------------
     async def healthz(self, _: Request) -> Response:
