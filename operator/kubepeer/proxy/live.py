@@ -236,9 +236,11 @@ class LiveService:
         self.streams.pop(stream.mid, None)
 
     async def stop_all(self) -> None:
-        for stream in list(self.streams.values()):
-            if stream.task:
-                stream.task.cancel()
+        """On shutdown: every stream this replica watches is closed (its slot freed)."""
+        tasks = [s.task for s in self.streams.values() if s.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- the watch -------------------------------------------------------------------
     async def _watch(
