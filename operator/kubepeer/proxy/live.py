@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from kubepeer.livepeer import net_pb2
-from kubepeer.livepeer.capabilities import Pipeline
+from kubepeer.livepeer.capabilities import LIVE_PIXELS_PER_SECOND, Pipeline
 from kubepeer.livepeer.wire import (
     PAYMENT_HEADER,
     SEGMENT_HEADER,
@@ -53,8 +53,7 @@ log = logging.getLogger("kubepeer.proxy.live")
 
 LIVE = Pipeline.LIVE_VIDEO_TO_VIDEO
 INSUFFICIENT_CAPACITY = "insufficient capacity"
-# gateway-wire 3.3/3.5: a live stream is billed as 1280x720 at 30 fps, per elapsed second.
-PIXELS_PER_SECOND = 1280 * 720 * 30
+PIXELS_PER_SECOND = LIVE_PIXELS_PER_SECOND  # what each elapsed second is billed as
 PAYMENT_INTERVAL = 5.0  # go-livepeer's LivePaymentInterval
 LEASE_SECONDS = 30.0
 START_BUDGET = 4.0  # of the gateway's 5 s, what the runner call may take
