@@ -152,6 +152,7 @@ def _proxy(args: argparse.Namespace) -> int:
             gas_price=args.gas_price,
             runner_trickle_url=args.trickle_url_for_runner,
             live_payment_interval=args.live_payment_interval,
+            offchain_gateways=args.offchain_gateways,
         )
     )
 
@@ -272,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--recipient-secret-file", type=Path, help="recipientRand secret (a Secret)")
     px.add_argument("--no-payments", action="store_true", help="private mode: bearer token only")
     px.add_argument("--bearer-token-file", type=Path, help="private mode's token (a Secret)")
+    px.add_argument(
+        "--offchain-gateways", action="store_true",
+        help="private mode: also admit jobs as an offchain go-livepeer does (an auth token from "
+        "our discovery, no signature; the gateway SDK's offchain mode). Only where the network "
+        "limits who reaches the proxy",
+    )  # fmt: skip
     px.add_argument("--runner-token-file", type=Path, help="the runners' AUTH_TOKEN (a Secret)")
     px.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     px.add_argument("--max-queue", type=int, default=8, help="jobs waiting per model")

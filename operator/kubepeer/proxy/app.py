@@ -41,6 +41,7 @@ from kubepeer.proxy.catalogue import Catalogue, ServedModel
 from kubepeer.proxy.credentials import (
     AuthSecret,
     CredentialsRefused,
+    check_auth_token,
     check_segment,
     discovery_signed,
     go_address,
@@ -66,6 +67,9 @@ class ProxyConfig:
     version: str = "0.9.1"  # the go-livepeer protocol version we speak (gateways compare it)
     payments: bool = True
     bearer_token: str | None = None  # payments off: what a private gateway presents
+    # payments off: also admit gateways as an offchain go-livepeer does (a Livepeer-Segment
+    # with an auth token from our discovery, no signature): the Livepeer gateway SDK's way
+    offchain_gateways: bool = False
     runner_token: str | None = None  # the runners' AUTH_TOKEN
     max_body_bytes: int = 64 * 1024 * 1024
     max_queue: int = 8
@@ -324,11 +328,13 @@ class Proxy:
     def _check_credentials(self, request: Request) -> net_pb2.Payment | None:
         if not self.config.payments:
             presented = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if not self.config.bearer_token or not hmac.compare_digest(
+            if self.config.bearer_token and hmac.compare_digest(
                 presented.encode(), self.config.bearer_token.encode()
             ):
-                raise JobRefused(401, "a valid bearer token is required")
-            return None
+                return None
+            if self.config.offchain_gateways and _offchain_ok(request, self.auth_secret):
+                return None
+            raise JobRefused(401, "a valid bearer token is required")
         try:
             payment = decode_payment(request.headers.get(PAYMENT_HEADER, ""))
         except BadHeader as exc:
@@ -475,6 +481,14 @@ class Proxy:
                     self.router.release(slot, model)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _offchain_ok(request: Request, secret: AuthSecret) -> bool:
+    try:
+        check_auth_token(decode_segment(request.headers.get(SEGMENT_HEADER, "")), secret)
+    except (BadHeader, CredentialsRefused):
+        return False
+    return True
 
 
 def _finished(data: bytes) -> bool:

@@ -65,6 +65,7 @@ class ProxyArgs:
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
     runner_trickle_url: str | None = None  # where runners reach our trickle channels
     live_payment_interval: float = 5.0
+    offchain_gateways: bool = False
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -226,6 +227,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,
+        offchain_gateways=args.offchain_gateways,
     )
     demand = RedisDemand(redis, args.namespace, args.demand_ttl)
     live_video = build_live(args, redis, billing)
