@@ -153,6 +153,7 @@ def _proxy(args: argparse.Namespace) -> int:
             runner_trickle_url=args.trickle_url_for_runner,
             live_payment_interval=args.live_payment_interval,
             offchain_gateways=args.offchain_gateways,
+            live_lease_seconds=args.live_lease_seconds,
         )
     )
 
@@ -302,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--live-payment-interval", type=float, default=5.0,
         help="seconds between a live stream's debits (go-livepeer's LivePaymentInterval)",
+    )  # fmt: skip
+    px.add_argument(
+        "--live-lease-seconds", type=float, default=30.0,
+        help="a live stream's watcher renews its lease this often x3; another replica adopts "
+        "the stream once it lapses",
     )  # fmt: skip
     px.set_defaults(run=_proxy)
 

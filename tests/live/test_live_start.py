@@ -31,21 +31,27 @@ PIXELS_PER_SECOND = 1280 * 720 * 30  # gateway-wire 3.5
 PRICE = "72"  # wei per pixel: ~2e9 wei a second, so one ticket (EV 8e9) pays ~4 s
 
 
+def paid_proxy(workdir, redis_server, runner_url: str, price: str = PRICE, shared=None,
+               args: tuple[str, ...] = ()) -> ProxyServer:  # fmt: skip
+    """A paid proxy serving one live model of capacity 1 on the runner at runner_url."""
+    live = {"aimodel": "live", "pipeline": "live-video-to-video", "model_id": NOOP,
+            "runner": "runner-live"}  # fmt: skip
+    return proxy_process(
+        workdir, redis_server, models=table(price, 1, [live], base=False), shared=shared,
+        endpoints={"runner-live": [runner_url]}, args=["--live-payment-interval", "1", *args],
+    )  # fmt: skip
+
+
 @pytest.fixture
 def stack(tmp_path, redis_server):
-    """A fresh live runner and a paid proxy in front of it, one live model of capacity 1."""
+    """A fresh live runner and a paid proxy in front of it."""
     chain = FreshChainView(redis_server.client())  # the chain watcher's view, kept fresh
     runner = runner_process(
         {"PIPELINE": "live-video-to-video", "MODEL_ID": NOOP, "AUTH_TOKEN": RUNNER_TOKEN,
          "MODEL_DIR": str(tmp_path)},
         tmp_path / "runner.log",
     )  # fmt: skip
-    live = {"aimodel": "live", "pipeline": "live-video-to-video", "model_id": NOOP,
-            "runner": "runner-live"}  # fmt: skip
-    proxy = proxy_process(
-        tmp_path / "proxy", redis_server, models=table(PRICE, 1, [live], base=False),
-        endpoints={"runner-live": [runner.url]}, args=["--live-payment-interval", "1"],
-    )  # fmt: skip
+    proxy = paid_proxy(tmp_path / "proxy", redis_server, runner.url)
     yield proxy, runner
     end_proxy(proxy)
     chain.stop.set()
@@ -221,3 +227,42 @@ def test_a_runner_killed_mid_stream_ends_the_stream_and_frees_its_slot(stack):
     assert ended.headers.get("lp-trickle-closed") == "terminated"
     assert time.monotonic() - killed < 30  # inside the gateway's 30 s output watchdog
     assert live_constraint(proxy).capacity_in_use == 0
+
+
+def test_a_dead_replicas_stream_is_adopted_by_another_and_still_charged(
+    stack, tmp_path, redis_server
+):
+    _, runner = stack
+    # Two replicas sharing their secrets; 7 wei a pixel: one ticket pays ~40 s.
+    first, second = (
+        paid_proxy(tmp_path / name, redis_server, runner.url, price="7",
+                   shared=tmp_path / "first", args=("--live-lease-seconds", "3"))
+        for name in ("first", "second")
+    )  # fmt: skip
+    try:
+        gateway = Gateway()
+        reply = start(first, gateway)
+        assert reply.status_code == 200, reply.text
+        mid = reply.json()["manifest_id"]
+        redis = redis_server.client()
+        with second.http() as client:
+
+            def publish_and_debits_after(moment: float) -> bool:
+                client.post(f"/ai/trickle/{mid}/-1", content=b"\x47" * 188)
+                debits = json.loads(redis.hget(f"kubepeer:live:stream:{mid}", "debits"))
+                return any(d["at"] > moment for d in debits)
+
+            wait_for(lambda: publish_and_debits_after(0), timeout=15, what="a first debit")
+            first.process.kill()  # the replica watching the stream dies without a word
+            first.process.wait()
+            died = time.time()
+            wait_for(lambda: publish_and_debits_after(died), timeout=40,
+                     what="the stream charged again, by the surviving replica")  # fmt: skip
+            assert client.delete(f"/ai/trickle/{mid}").status_code == 200  # the gateway stops
+        wait_for(lambda: redis.hget(f"kubepeer:live:stream:{mid}", "closed"), timeout=15,
+                 what="the adopted stream closed")  # fmt: skip
+        reason = redis.hget(f"kubepeer:live:stream:{mid}", "reason")
+        assert reason == b"input channel closed"
+    finally:
+        end_proxy(first)
+        end_proxy(second)

@@ -146,12 +146,17 @@ class Proxy:
             self.http = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
             )
-            sweeper = asyncio.create_task(sweep_forever(self.live.store)) if self.live else None
+            keepers = []
+            if self.live:
+                adopting = live.adopt_forever(self.live, self._model, self)
+                keepers = [asyncio.create_task(sweep_forever(self.live.store)),
+                           asyncio.create_task(adopting)]  # fmt: skip
             try:
                 yield
             finally:
-                if self.live and sweeper:
-                    sweeper.cancel()
+                if self.live:
+                    for keeper in keepers:
+                        keeper.cancel()
                     await self.live.stop_all()
                 await self.http.close()
 
@@ -222,6 +227,9 @@ class Proxy:
         return reply.info.SerializeToString()
 
     # -- live video (live.py) ------------------------------------------------------------
+    def _model(self, aimodel: str) -> ServedModel | None:
+        return next((m for m in self.catalogue().models if m.aimodel == aimodel), None)
+
     async def live_start(self, request: Request) -> Response:
         return await live.start_stream(self, request)
 

@@ -63,6 +63,14 @@ IDLE_GRACE = 10.0  # a runner may say IDLE this long after a start before it cou
 CHANNELS = (("", "video/MP2T"), ("-out", "video/MP2T"),
             ("-control", "application/json"), ("-events", "application/json"))  # fmt: skip
 
+# Take over a stream whose watcher's lease has lapsed (its proxy replica died).
+_CLAIM = """
+local held = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if held and tonumber(held) > tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
 _RESERVE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local n = 0
@@ -93,10 +101,12 @@ def channel_urls(base: str, mid: str) -> dict[str, str]:
 class LiveCapacity:
     """Streams per runner replica, counted in Redis for every proxy replica."""
 
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(self, redis: Redis, namespace: str, lease_seconds: float = LEASE_SECONDS) -> None:
         self.redis = redis
         self.namespace = namespace
+        self.lease_seconds = lease_seconds
         self._reserve = redis.register_script(_RESERVE)
+        self._claim = redis.register_script(_CLAIM)
 
     def key(self, model: ServedModel) -> str:
         return f"kubepeer:live:{self.namespace}:{model.aimodel}"
@@ -106,13 +116,18 @@ class LiveCapacity:
         now = time.time()
         counts = self.per_runner(model)
         for url in sorted(urls, key=lambda u: counts.get(u, 0)):
-            args = [now, now + LEASE_SECONDS, f"{url} {mid}", f"{url} ", model.capacity]
+            args = [now, now + self.lease_seconds, f"{url} {mid}", f"{url} ", model.capacity]
             if self._reserve(keys=[self.key(model)], args=args):
                 return url
         return None
 
     def renew(self, model: ServedModel, url: str, mid: str) -> None:
-        self.redis.zadd(self.key(model), {f"{url} {mid}": time.time() + LEASE_SECONDS})
+        self.redis.zadd(self.key(model), {f"{url} {mid}": time.time() + self.lease_seconds})
+
+    def claim(self, model: ServedModel, url: str, mid: str) -> bool:
+        now = time.time()
+        args = [now, now + self.lease_seconds, f"{url} {mid}"]
+        return bool(self._claim(keys=[self.key(model)], args=args))
 
     def release(self, model: ServedModel, url: str, mid: str) -> None:
         self.redis.zrem(self.key(model), f"{url} {mid}")
@@ -158,6 +173,11 @@ def interval_fee(pixels: int, price: Fraction) -> int:
 
 def record_key(mid: str) -> str:
     return f"kubepeer:live:stream:{mid}"
+
+
+def streams_key(namespace: str) -> str:
+    """The manifest ids of the streams running in a namespace (for adoption)."""
+    return f"kubepeer:live:streams:{namespace}"
 
 
 @dataclass
@@ -215,10 +235,50 @@ class LiveService:
             record_key(stream.mid),
             mapping={"aimodel": stream.model.aimodel, "runner": stream.runner,
                      "started": stream.started, "price": str(stream.price),
-                     "sender": (stream.sender or b"").hex(), "debits": "[]"},
+                     "sender": (stream.sender or b"").hex(), "debits": "[]",
+                     "last_charged": stream.last_charged},
         )  # fmt: skip
         self.redis.expire(record_key(stream.mid), 24 * 3600)
+        self.redis.sadd(streams_key(self.capacity.namespace), stream.mid)
         stream.task = asyncio.create_task(self._watch(stream, http, token))
+
+    async def adopt_orphans(
+        self,
+        find_model: Callable[[str], ServedModel | None],
+        http: aiohttp.ClientSession,
+        token: str | None,
+    ) -> list[str]:
+        """Watch the streams whose watcher died (lease lapsed): any replica may take them."""
+        adopted = []
+        key = streams_key(self.capacity.namespace)
+        for raw in self.redis.smembers(key):
+            mid = raw.decode()
+            if mid in self.streams:
+                continue
+            record = {
+                k.decode(): v.decode() for k, v in self.redis.hgetall(record_key(mid)).items()
+            }
+            if not record or "closed" in record:
+                self.redis.srem(key, mid)
+                continue
+            model = find_model(record["aimodel"])
+            if model is None:  # the model is gone: so is the stream
+                await self.close_channels(mid)
+                self.redis.srem(key, mid)
+                continue
+            if not self.capacity.claim(model, record["runner"], mid):
+                continue  # its watcher is alive (or another replica was quicker)
+            stream = LiveStream(
+                mid, model, record["runner"],
+                bytes.fromhex(record["sender"]) if record["sender"] else None,
+                Fraction(record["price"]), started=float(record["started"]),
+                last_charged=float(record["last_charged"]),
+            )  # fmt: skip
+            self.streams[mid] = stream
+            stream.task = asyncio.create_task(self._watch(stream, http, token))
+            log.info("live stream adopted", extra={"manifest_id": mid})
+            adopted.append(mid)
+        return adopted
 
     async def close(self, stream: LiveStream, reason: str) -> None:
         if stream.closed:
@@ -230,6 +290,7 @@ class LiveService:
             await self.close_channels(stream.mid)
         with contextlib.suppress(Exception):
             self.capacity.release(stream.model, stream.runner, stream.mid)
+            self.redis.srem(streams_key(self.capacity.namespace), stream.mid)
             self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
                                                               "reason": reason})  # fmt: skip
         self.streams.pop(stream.mid, None)
@@ -265,7 +326,7 @@ class LiveService:
         while not stream.closed:
             await asyncio.sleep(0.5)
             now_mono = time.monotonic()
-            if now_mono - last_renew > LEASE_SECONDS / 3:
+            if now_mono - last_renew > self.capacity.lease_seconds / 3:
                 self.capacity.renew(stream.model, stream.runner, stream.mid)
                 last_renew = now_mono
             nxt = await self.store.next_seq(stream.mid)
@@ -307,8 +368,19 @@ class LiveService:
         key = record_key(stream.mid)
         debits = json.loads(self.redis.hget(key, "debits") or b"[]")
         debits.append({"seconds": elapsed, "pixels": pixels, "fee_wei": fee, "at": now})
-        self.redis.hset(key, "debits", json.dumps(debits))
+        self.redis.hset(key, mapping={"debits": json.dumps(debits), "last_charged": now})
         return None
+
+
+async def adopt_forever(
+    service: LiveService, find_model: Callable[[str], ServedModel | None], proxy: Any
+) -> None:
+    while True:
+        await asyncio.sleep(service.capacity.lease_seconds / 3)
+        try:
+            await service.adopt_orphans(find_model, proxy.http, proxy.config.runner_token)
+        except Exception:  # Redis away: the next pass tries again
+            log.exception("adopting live streams failed")
 
 
 async def _health(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> str | None:

@@ -66,6 +66,7 @@ class ProxyArgs:
     runner_trickle_url: str | None = None  # where runners reach our trickle channels
     live_payment_interval: float = 5.0
     offchain_gateways: bool = False
+    live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -183,7 +184,7 @@ def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveSe
     return LiveService(
         redis,
         TrickleStore(AsyncRedis.from_url(args.redis_url)),
-        LiveCapacity(redis, args.namespace),
+        LiveCapacity(redis, args.namespace, args.live_lease_seconds),
         public_url=args.public_url,
         runner_base_url=args.runner_trickle_url,
         ledger=ledger,
