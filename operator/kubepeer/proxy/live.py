@@ -296,7 +296,7 @@ class LiveService:
         self.streams.pop(stream.mid, None)
 
     async def stop_all(self) -> None:
-        """On shutdown: every stream this replica watches is closed (its slot freed)."""
+        """On shutdown: stop watching; the streams live on and are adopted elsewhere."""
         tasks = [s.task for s in self.streams.values() if s.task]
         for task in tasks:
             task.cancel()
@@ -309,7 +309,11 @@ class LiveService:
         try:
             reason = await self._until_over(stream, http, token)
         except asyncio.CancelledError:
-            reason = "proxy stopping"
+            # This replica is stopping (a rollout): the stream goes on, and another replica
+            # adopts it once its lease lapses.
+            self.streams.pop(stream.mid, None)
+            log.info("live stream left to another replica", extra={"manifest_id": stream.mid})
+            return
         except Exception as exc:  # a fault here must not leave the stream half alive
             log.exception("live stream watch failed")
             reason = f"watch failed: {exc}"
