@@ -40,6 +40,7 @@ IDLE_SECONDS = 300.0  # a channel with no new segment for this long is swept
 SWEEP_SECONDS = 60.0
 KEEP_AFTER_END = 60  # seconds a closed or evicted segment stays readable by readers on it
 POLL_MS = 1000  # a reader re-checks its channel this often while nothing arrives
+PRECONNECT_POLL_SECONDS = 0.25  # a publisher waiting for its first byte checks its channel
 ACTIVE = "kubepeer:trickle:active"
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 STATUS_ABSENT = 470  # channel exists, segment not (go-livepeer's special status)
@@ -401,9 +402,9 @@ class TrickleServer:
         total = 0
         while True:
             if chunk:
+                await self.store.append(channel, idx, chunk)  # readers first, bookkeeping after
                 if total == 0:
                     await self.store.first_byte(channel, idx)
-                await self.store.append(channel, idx, chunk)
                 total += len(chunk)
             if disconnected or not more:
                 break
@@ -430,10 +431,15 @@ class TrickleServer:
                 return body, more, False
 
     async def _segment_ended(self, channel: str, idx: int) -> bytes:
-        async for item in self.store.read(channel, idx):
-            if isinstance(item, SegmentEnd):
-                return item.reason
-        return CLOSED
+        """Polled, not a blocked XREAD: cancelling a blocked Redis command (as every first
+        byte would) costs the connection it was using."""
+        while True:
+            held = await self.store.in_ring(channel, idx)
+            if held is None:
+                return CLOSED
+            if not held:
+                return EVICTED
+            await asyncio.sleep(PRECONNECT_POLL_SECONDS)
 
     # -- GET: subscribe to one segment --------------------------------------------------
     async def subscribe(self, channel: str, seq: int, receive: Any, send: Any) -> None:
