@@ -414,11 +414,16 @@ class TrickleServer:
                 chunk, more = b"", False
             else:
                 chunk, more = message.get("body", b""), message.get("more_body", False)
+        headers = {"Lp-Trickle-Seq": idx}
         if total == 0 and not disconnected:
+            if await self.store.in_ring(channel, idx) is None:  # closed while we waited
+                await _plain(send, 200, "", {**headers, "Lp-Trickle-Closed": "terminated",
+                                             "Connection": "close"})  # fmt: skip
+                return
             await self.store.first_byte(channel, idx)  # an empty segment still moves on
         await self.store.end_segment(channel, idx, DONE)
         if not disconnected:
-            await _plain(send, 200, "", {"Lp-Trickle-Seq": idx})
+            await _plain(send, 200, "", headers)
 
     @staticmethod
     async def _first_chunk(receive: Any) -> tuple[bytes, bool, bool]:
