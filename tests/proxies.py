@@ -59,7 +59,7 @@ SVD = "kubepeer-tiny/svd"
 RUNNER_TOKEN = "proxy-test-runner-token"
 # gateway-wire 1.4: the AI gateway asks for DefaultCapabilities() (0-12, 14, 26) + its cap.
 GATEWAY_DEFAULT_CAPS = [*range(13), 14, 26]
-CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33}
+CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33, "live-video-to-video": 35}
 
 
 def models_json(
@@ -233,10 +233,12 @@ class Gateway:
 
     def headers(
         self, info: net_pb2.OrchestratorInfo, cap: int, model: str, tickets: int = 1,
-        price: tuple[int, int] | None = None,
+        price: tuple[int, int] | None = None, manifest: str | None = None,
     ) -> dict[str, str]:  # fmt: skip
-        """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1)."""
-        seg = net_pb2.SegData(manifest_id=f"{cap}_{model}".encode(), seq=0, hash=keccak(b""))
+        """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1); a live
+        stream's interval payments name the orchestrator's `manifest` id (3.5)."""
+        manifest = manifest or f"{cap}_{model}"
+        seg = net_pb2.SegData(manifest_id=manifest.encode(), seq=0, hash=keccak(b""))
         seg.capabilities.CopyFrom(self.capabilities(cap, model))
         seg.auth_token.CopyFrom(info.auth_token)
         flatten = seg.manifest_id + (0).to_bytes(32, "big") + seg.hash

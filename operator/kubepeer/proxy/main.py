@@ -27,9 +27,11 @@ from kubepeer.proxy.catalogue import (
 )
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
+from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
 from kubepeer.proxy.server import hypercorn_config, serve
+from kubepeer.proxy.trickle import TrickleStore
 
 log = logging.getLogger("kubepeer.proxy")
 
@@ -61,6 +63,10 @@ class ProxyArgs:
     wake: bool = True
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
+    runner_trickle_url: str | None = None  # where runners reach our trickle channels
+    live_payment_interval: float = 5.0
+    offchain_gateways: bool = False
+    live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -169,6 +175,23 @@ def _secret_bytes(path: Path | None) -> bytes | None:
     return path.read_bytes().strip() if path else None
 
 
+def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveService:
+    from redis.asyncio import Redis as AsyncRedis
+
+    ledger = None
+    if billing is not None:
+        ledger = LedgerDoor(balance=billing.ledger.balance, debit=billing.ledger.debit)
+    return LiveService(
+        redis,
+        TrickleStore(AsyncRedis.from_url(args.redis_url)),
+        LiveCapacity(redis, args.namespace, args.live_lease_seconds),
+        public_url=args.public_url,
+        runner_base_url=args.runner_trickle_url,
+        ledger=ledger,
+        interval=args.live_payment_interval,
+    )
+
+
 def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callable[[], Any]]:
     """The Proxy and the coroutine factory that keeps its inputs current."""
     redis = Redis.from_url(args.redis_url)
@@ -205,8 +228,10 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,
+        offchain_gateways=args.offchain_gateways,
     )
     demand = RedisDemand(redis, args.namespace, args.demand_ttl)
+    live_video = build_live(args, redis, billing)
     proxy = Proxy(
         config,
         catalogue=lambda: current["catalogue"],
@@ -218,6 +243,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
         demand=demand,
         ready=lambda: current["endpoints"] and current["models"],
+        live_video=live_video,
     )
 
     def apply_endpoints(table: dict[str, tuple[str, ...]]) -> None:
