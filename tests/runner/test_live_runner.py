@@ -191,6 +191,19 @@ def test_a_stream_whose_input_stops_is_torn_down(noop_runner, trickle):
     wait_for(lambda: health(noop_runner) == "IDLE", timeout=10, what="IDLE after teardown")
 
 
+def test_a_stream_whose_output_the_orchestrator_closes_stops_at_once(noop_runner, trickle):
+    stream = Stream(trickle, noop_runner)
+    assert stream.start("noop", {"width": 64, "height": 64}).status_code == 200
+    segments = clip_segments(12, 12, 64, 64, 0.5)
+    trickle.publish(stream.input, 0, segments[0])
+    assert trickle.read(stream.output, 0).status == 200
+    trickle.close(stream.output)  # e.g. the balance ran out (gateway-wire.md 3.5)
+    trickle.publish(stream.input, 1, segments[1])  # the input still flows
+    final = stream.events_until(lambda e: e.get("state") == "OFFLINE")[-1]
+    assert stream.output in final["end_reason"]
+    wait_for(lambda: health(noop_runner) == "IDLE", timeout=10, what="IDLE after the close")
+
+
 def test_control_params_change_the_model_output_without_a_restart(tiny_runner, trickle):
     stream = Stream(trickle, tiny_runner)
     response = stream.start(TINY, {"width": 64, "height": 64, "prompt": "a cat", "seed": 1})

@@ -163,7 +163,9 @@ class LiveStream:
                     await events.close()
 
     async def _media(self, session: Any, output: Publisher) -> str:
-        """Run the four stages until the input ends (then drain) or one of them fails."""
+        """Run the stages until the input stops (then drain what is queued), the
+        orchestrator closes a channel (then stop at once: nobody reads the output any
+        more) or a stage fails."""
         backlog = FrameBacklog(self.settings.max_queued_frames, self._dropped)
         processed: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         source = Subscriber(session, self.request.subscribe_url)
@@ -178,8 +180,10 @@ class LiveStream:
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     exc = task.exception()
-                    reason = f"{type(exc).__name__}: {exc}"
-                    if not isinstance(exc, ChannelClosed):
+                    if isinstance(exc, ChannelClosed):
+                        reason = str(exc)
+                    else:
+                        reason = f"{type(exc).__name__}: {exc}"
                         self.error(reason)
                     break
             else:
@@ -202,7 +206,7 @@ class LiveStream:
                 except TimeoutError:
                     return f"no input for {self.settings.input_timeout:g} s"
                 except ChannelClosed:
-                    return "input channel closed"
+                    raise ChannelClosed("input channel closed") from None
                 seq = subscriber.seq - 1
                 self.counters.segments_in += 1
                 self.counters.last_input_time = time.time()
