@@ -150,10 +150,12 @@ class Gateway:
 
     def headers(
         self, info: net_pb2.OrchestratorInfo, cap: int, model: str, tickets: int = 1,
-        price: tuple[int, int] | None = None,
+        price: tuple[int, int] | None = None, manifest: str | None = None,
     ) -> dict[str, str]:  # fmt: skip
-        """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1)."""
-        seg = net_pb2.SegData(manifest_id=f"{cap}_{model}".encode(), seq=0, hash=keccak(b""))
+        """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1); a live
+        stream's interval payments name the orchestrator's `manifest` id (3.5)."""
+        manifest = manifest or f"{cap}_{model}"
+        seg = net_pb2.SegData(manifest_id=manifest.encode(), seq=0, hash=keccak(b""))
         seg.capabilities.CopyFrom(self.capabilities(cap, model))
         seg.auth_token.CopyFrom(info.auth_token)
         flatten = seg.manifest_id + (0).to_bytes(32, "big") + seg.hash

@@ -6,8 +6,9 @@ path as real weights; nothing is fetched from any hub. Shapes are tiny so CPU in
 takes milliseconds; the outputs are noise, but of the right kind and size.
 
     hack/tiny_models.py MODEL_DIR [--pipeline text-to-image ...]
+    hack/tiny_models.py MODEL_DIR --model kubepeer-full/sd-turbo   # one model by id
 
-prints `pipeline model_id` for each model it wrote.
+prints `pipeline model_id` (or the model id) for each model it wrote.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ MODEL_IDS = {
     "image-to-video": "kubepeer-tiny/svd",
     "live-video-to-video": "noop",
 }
+# live-video-to-video also serves diffusers image-to-image models frame by frame: the tiny
+# one is built with the live pipeline; the full-size one (SD-Turbo's shapes, random
+# weights, for a GPU benchmark) only when asked for by name.
+LIVE_TINY_MODEL = "kubepeer-tiny/sd-turbo"
+LIVE_FULL_MODEL = "kubepeer-full/sd-turbo"
 
 
 def snapshot_dir(model_dir: Path, model_id: str) -> Path:
@@ -47,7 +53,7 @@ def snapshot_dir(model_dir: Path, model_id: str) -> Path:
     return snapshot
 
 
-def _clip_text_parts():  # noqa: ANN202 - (CLIPTokenizer, CLIPTextModel)
+def _clip_text_parts(hidden: int = 32):  # noqa: ANN202 - (CLIPTokenizer, CLIPTextModel)
     """The tokenizer (a character vocabulary) and a tiny CLIP text encoder for diffusers."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -64,7 +70,7 @@ def _clip_text_parts():  # noqa: ANN202 - (CLIPTokenizer, CLIPTextModel)
         )
     encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37,
             num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
             bos_token_id=0, eos_token_id=1, pad_token_id=1,
         )
@@ -354,7 +360,76 @@ def build_svd(snapshot: Path) -> None:
     ).save_pretrained(snapshot)  # fmt: skip
 
 
+def _live_pipeline(snapshot: Path, unet: object, vae: object, text_hidden: int) -> None:
+    """Save an image-to-image pipeline as SD-Turbo ships it (Euler, scaled-linear betas)."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    tokenizer, text_encoder = _clip_text_parts(text_hidden)
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="trailing", steps_offset=1,
+    )  # fmt: skip
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    if text_hidden > 32:  # the full-size model: half the disk, loaded in fp16 anyway
+        pipe.to(torch.float16)
+    pipe.save_pretrained(snapshot)
+
+
+def build_sd_turbo_tiny(snapshot: Path) -> None:
+    """A tiny one-step image-to-image model whose VAE downsamples 8x, like SD's, so a
+    512x512 frame is a 64x64 latent and a CPU runs it in tens of milliseconds."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    # Attention only at the lowest resolution (16x16 latents at 512x512): attention over
+    # every latent pixel is what would make a tiny model slow on a CPU.
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32, 32), norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=512, mid_block_add_attention=False,
+    )  # fmt: skip
+    _live_pipeline(snapshot, unet, vae, 32)
+
+
+def build_sd_turbo_full(snapshot: Path) -> None:
+    """SD-Turbo's UNet and VAE at full size (the SD 2.1 configs) with random weights; the
+    text encoder keeps SD 2.1's width (1024) but only two layers: the prompt is encoded
+    once per change, never per frame, so its depth does not touch frame latency."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=768,
+    )  # fmt: skip
+    _live_pipeline(snapshot, unet, vae, 1024)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    LIVE_TINY_MODEL: build_sd_turbo_tiny,
+    LIVE_FULL_MODEL: build_sd_turbo_full,
     "kubepeer-tiny/svd": build_svd,
     "kubepeer-tiny/sam2": build_sam2,
     "kubepeer-tiny/x4-upscaler": build_upscaler,
@@ -366,19 +441,26 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def build_model(model_dir: Path, model_id: str) -> None:
+    """Write one model under model_dir, unless it is already there."""
+    builder = BUILDERS.get(model_id)
+    if builder is None:
+        return  # e.g. live-video-to-video's noop: nothing to load
+    snapshot = snapshot_dir(model_dir, model_id)
+    if not (snapshot / ".complete").exists():
+        builder(snapshot)
+        (snapshot / ".complete").touch()
+
+
 def build(model_dir: Path, pipelines: list[str] | None = None) -> dict[str, str]:
-    """Write the tiny models for `pipelines` (default: all) under model_dir.
+    """Write the tiny models for `pipelines` (default: all) under model_dir, with the tiny
+    live model when live-video-to-video is among them.
 
     Returns {pipeline: model_id}. A model already present is not rebuilt."""
     chosen = {p: MODEL_IDS[p] for p in (pipelines or MODEL_IDS)}
-    for model_id in sorted(set(chosen.values())):
-        builder = BUILDERS.get(model_id)
-        if builder is None:
-            continue  # e.g. live-video-to-video's noop: nothing to load
-        snapshot = snapshot_dir(model_dir, model_id)
-        if not (snapshot / ".complete").exists():
-            builder(snapshot)
-            (snapshot / ".complete").touch()
+    extra = [LIVE_TINY_MODEL] if "live-video-to-video" in chosen else []
+    for model_id in sorted({*chosen.values(), *extra}):
+        build_model(model_dir, model_id)
     return chosen
 
 
@@ -398,7 +480,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--pipeline", action="append", choices=sorted(MODEL_IDS))
+    parser.add_argument(
+        "--model", action="append", choices=sorted(BUILDERS),
+        help="build these models by id (the only way to build the full-size live model)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.model:
+        for model_id in args.model:
+            build_model(args.model_dir, model_id)
+            print(model_id)
+        return 0
     for pipeline, model_id in build(args.model_dir, args.pipeline).items():
         print(pipeline, model_id)
     return 0

@@ -50,7 +50,7 @@ SD = "kubepeer-tiny/stable-diffusion"
 LLAMA = "kubepeer-tiny/llama"
 SVD = "kubepeer-tiny/svd"
 RUNNER_TOKEN = "proxy-test-runner-token"
-CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33}
+CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33, "live-video-to-video": 35}
 
 
 def models_json(

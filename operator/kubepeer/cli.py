@@ -188,6 +188,10 @@ def _proxy(args: argparse.Namespace) -> int:
             evs_per_win=args.evs_per_win,
             server=args.server,
             auto_adjust_price=not args.no_auto_adjust_price,
+            runner_trickle_url=args.trickle_url_for_runner,
+            live_payment_interval=args.live_payment_interval,
+            offchain_gateways=args.offchain_gateways,
+            live_lease_seconds=args.live_lease_seconds,
         )
     )
 
@@ -337,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--recipient-secret-file", type=Path, help="recipientRand secret (a Secret)")
     px.add_argument("--no-payments", action="store_true", help="private mode: bearer token only")
     px.add_argument("--bearer-token-file", type=Path, help="private mode's token (a Secret)")
+    px.add_argument(
+        "--offchain-gateways", action="store_true",
+        help="private mode: also admit jobs as an offchain go-livepeer does (an auth token from "
+        "our discovery, no signature; the gateway SDK's offchain mode). Only where the network "
+        "limits who reaches the proxy",
+    )  # fmt: skip
     px.add_argument("--runner-token-file", type=Path, help="the runners' AUTH_TOKEN (a Secret)")
     px.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     px.add_argument("--max-queue", type=int, default=8, help="jobs waiting per model")
@@ -360,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--demand-ttl", type=float, default=60.0,
         help="seconds a demand record outlives this proxy's last heartbeat",
+    )  # fmt: skip
+    px.add_argument(
+        "--trickle-url-for-runner",
+        help="base URL runners reach our trickle channels at (default: --public-url), "
+        "as go-livepeer's -liveAITrickleHostForRunner",
+    )  # fmt: skip
+    px.add_argument(
+        "--live-payment-interval", type=float, default=5.0,
+        help="seconds between a live stream's debits (go-livepeer's LivePaymentInterval)",
+    )  # fmt: skip
+    px.add_argument(
+        "--live-lease-seconds", type=float, default=30.0,
+        help="a live stream's watcher renews its lease this often x3; another replica adopts "
+        "the stream once it lapses",
     )  # fmt: skip
     px.set_defaults(run=_proxy)
 

@@ -95,12 +95,22 @@ class Runner:
             {s.pipeline: config.capacity(s) for s in config.models}, self.metrics
         )
         self._load_done: asyncio.Event | None = None
+        self.live: Any = None  # live-video-to-video's streams, when it is served
+        self.live_only = all(s.pipeline == "live-video-to-video" for s in config.models)
 
     @property
     def health(self) -> Health:
         if self.load_failure or self.device_health.broken:
             return Health.ERROR
-        return Health.OK if self.loaded else Health.LOADING
+        if not self.loaded:
+            return Health.LOADING
+        if self.live_only and self.live is not None and not self.live.running:
+            return Health.IDLE  # go-livepeer's live runners: ready, serving no stream
+        return Health.OK
+
+    @property
+    def ready(self) -> bool:
+        return self.health in (Health.OK, Health.IDLE)
 
     def start_loading(self) -> None:
         """Load every model in the device thread, where inference will run."""
@@ -151,7 +161,7 @@ class Runner:
         if self.health is Health.ERROR:
             reason = self.load_failure or self.device_health.broken
             raise RunnerError(500, f"{spec.model_id} is unavailable: {reason}")
-        if self.health is not Health.OK:
+        if not self.ready:
             raise RunnerError(500, f"{spec.model_id} is {self.health.value.lower()}")
         return self.models[pipeline]
 
@@ -177,6 +187,8 @@ def create_app(config: RunnerConfig, device: Device | None = None, load: bool = 
         if load:
             runner.start_loading()
         yield
+        if runner.live is not None:
+            await runner.live.stop_all()
 
     app = FastAPI(
         title="Kubepeer runner",
@@ -253,8 +265,9 @@ def create_app(config: RunnerConfig, device: Device | None = None, load: bool = 
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        ok = runner.health is Health.OK
-        return JSONResponse({"status": runner.health.value}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": runner.health.value}, status_code=200 if runner.ready else 503
+        )
 
     @app.get("/livez", include_in_schema=False)
     async def livez() -> JSONResponse:

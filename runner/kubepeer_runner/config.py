@@ -67,6 +67,12 @@ class Limits:
     max_masks_bytes: int = 8 * MIB  # segment-anything-2's encoded masks (then downscaled)
     # Out-of-memory failures in a row that mean the device is unusable (health ERROR).
     max_consecutive_oom: int = 3
+    # live-video-to-video: a stream whose input sends no segment for this long is torn
+    # down; status events this often (at most 10: gateways drop a stream after 30 s
+    # without one); decoded frames waiting for the model before the oldest is dropped.
+    live_input_timeout_seconds: float = 60.0
+    live_status_interval_seconds: float = 10.0
+    live_max_queued_frames: int = 48  # 2 s at 24 fps
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Limits:

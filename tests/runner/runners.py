@@ -62,7 +62,7 @@ def start_runner(env: dict[str, str], log: Path, wait: bool = True) -> RunnerPro
         runner.statuses.append(status)
         return status in done
 
-    finished = ("OK", "ERROR") if wait else ("LOADING", "OK", "ERROR")
+    finished = ("OK", "IDLE", "ERROR") if wait else ("LOADING", "OK", "IDLE", "ERROR")
     wait_for(lambda: health(finished), timeout=180, every=0.02, what="the runner's /health")
     return runner
 

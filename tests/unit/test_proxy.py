@@ -206,11 +206,39 @@ def test_warm_and_capacity_follow_ready_replicas_and_free_slots():
     assert (warm.models[SD].warm, warm.models[SD].capacity) == (True, 3)
 
 
-def test_live_video_is_not_advertised():
+def test_live_video_is_advertised_with_free_streams_and_streams_in_use():
     live = model(aimodel="live", pipeline=Pipeline.LIVE_VIDEO_TO_VIDEO, model_id="noop")
-    info = info_for(Catalogue("ns", (live,)), Router(), discovery_request(Account.create()))
-    assert not info.capabilities.bitstring[0] >> 35 & 1
-    assert 35 not in info.capabilities.constraints.per_capability
+
+    def state(m):  # one runner with capacity 2, one stream on it
+        return discovery.ModelState(ready=True, free_slots=1, utilization=0.5, in_use=1)
+
+    info = discovery.orchestrator_info(
+        discovery_request(Account.create()), Catalogue("ns", (live,)), state,
+        transcoder="https://o.example:8935", recipient=b"\x22" * 20, version="0.9.1",
+    ).info  # fmt: skip
+    assert info.capabilities.bitstring[0] >> 35 & 1
+    constraint = info.capabilities.constraints.per_capability[35].models["noop"]
+    assert (constraint.warm, constraint.capacity, constraint.capacity_in_use) == (True, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("free", "asks", "ignore", "capped"),
+    [(0, {35: "noop"}, False, True), (1, {35: "noop"}, False, False),
+     (0, {35: "noop"}, True, False), (0, {27: SD}, False, False),
+     (5, {35: "unknown"}, False, True)],
+)  # fmt: skip
+def test_discovery_refuses_a_live_request_only_when_no_asked_live_model_is_free(
+    free, asks, ignore, capped
+):
+    """checkLiveVideoToVideoCapacity (gateway-wire 1.2 step 4)."""
+    live = model(aimodel="live", pipeline=Pipeline.LIVE_VIDEO_TO_VIDEO, model_id="noop")
+    request = discovery_request(Account.create(), asks)
+    request.ignore_capacity_check = ignore
+
+    def state(m):
+        return discovery.ModelState(ready=True, free_slots=free, utilization=0.0)
+
+    assert discovery.live_capped(request, Catalogue("ns", (live, model())), state) is capped
 
 
 def test_surge_raises_the_price_as_slots_fill():

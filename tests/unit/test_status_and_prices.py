@@ -288,6 +288,32 @@ def test_ai_models_json_offers_priced_models_at_the_proxy():
     assert table["models"][0]["price"] is None
 
 
+def test_a_live_models_price_per_second_is_charged_per_pixel_of_720p30():
+    """gateway-wire 3.5: the wire bills each second of a stream as 1280 x 720 x 30 pixels."""
+    live = AIModelSpec.model_validate({
+        "pipeline": "live-video-to-video", "modelId": "noop", "capacity": 2,
+        "pricing": {"price": {"pricePerUnit": "27648000", "currency": "wei"}},
+    })  # fmt: skip
+    price = resolve_price(live, {})
+    [row] = models_table([TableRow("live", live, "runner-live", price)], 8000)["models"]
+    assert row["capacity"] == 2  # streams per replica
+    assert (row["price"]["unit"], row["price"]["weiPerUnit"]) == ("pixel", "1")
+    [entry] = ai_models_json([TableRow("live", live, "runner-live", price)], "https://p:8935")
+    assert (entry["price_per_unit"], entry["pixels_per_unit"]) == (1, 1)
+    usd = AIModelSpec.model_validate({
+        "pipeline": "live-video-to-video", "modelId": "noop",
+        "pricing": {"price": {"pricePerUnit": "0.0001", "currency": "USD", "usdPerEth": "2000",
+                              "unit": "second"}},
+    })  # fmt: skip
+    [entry] = ai_models_json([TableRow("u", usd, "r", resolve_price(usd, {}))], "https://p")
+    assert (entry["price_per_unit"], entry["pixels_per_unit"]) == ("0.0001USD", 27648000)
+    with pytest.raises(ValueError, match="unit 'millisecond' cannot bill live-video-to-video"):
+        AIModelSpec.model_validate({
+            "pipeline": "live-video-to-video", "modelId": "noop",
+            "pricing": {"price": {"pricePerUnit": "1", "unit": "millisecond"}},
+        })  # fmt: skip
+
+
 # --- demand ---
 
 

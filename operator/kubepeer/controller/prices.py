@@ -13,7 +13,7 @@ from typing import Any
 
 from kubepeer.api import AIModelSpec, Currency, Price, PriceEntry, PricingSpec, WarmPolicy
 from kubepeer.api.pricing import ANY
-from kubepeer.livepeer.capabilities import BILLING_UNIT, Unit, unit_fits
+from kubepeer.livepeer.capabilities import BILLING_UNIT, PIXELS_PER_UNIT, Unit, unit_fits
 
 WEI_PER_ETH = 10**18
 INT64_MAX = 2**63 - 1
@@ -32,6 +32,23 @@ class ModelPrice:
     gateways: dict[str, Fraction] = field(default_factory=dict)
     source: Price | None = None  # the price as the user wrote it, for aiModels.json
     surge: dict[str, float] | None = None
+
+    # What gateways see: a price per second of live video is per 1280x720x30 pixels.
+    @property
+    def pixels_per_unit(self) -> int:
+        return PIXELS_PER_UNIT.get(self.unit, 1)
+
+    @property
+    def wire_unit(self) -> Unit:
+        return Unit.PIXEL if self.unit in PIXELS_PER_UNIT else self.unit
+
+    @property
+    def wire_wei(self) -> Fraction:
+        return self.wei_per_unit / self.pixels_per_unit
+
+    @property
+    def wire_gateways(self) -> dict[str, Fraction]:
+        return {a: w / self.pixels_per_unit for a, w in self.gateways.items()}
 
 
 def wei_per_unit(price: Price, usd_per_eth: Fraction | None) -> Fraction:
@@ -106,7 +123,7 @@ def resolve_price(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelP
 
     Raises PricingProblem when none applies or it cannot be advertised on the wire."""
     price = _resolve(spec, pricings)
-    for wei in (price.wei_per_unit, *price.gateways.values()):
+    for wei in (price.wire_wei, *price.wire_gateways.values()):
         price_info(wei)
     return price
 
@@ -157,13 +174,13 @@ def model_entry(row: TableRow, runner_port: int) -> dict[str, Any]:
         "price": None,
     }
     if row.price:
-        num, den = price_info(row.price.wei_per_unit)
+        num, den = price_info(row.price.wire_wei)
         entry["price"] = {
-            "unit": row.price.unit.value,
-            "weiPerUnit": _fraction(row.price.wei_per_unit),
+            "unit": row.price.wire_unit.value,
+            "weiPerUnit": _fraction(row.price.wire_wei),
             "pricePerUnit": num,
             "pixelsPerUnit": den,
-            "gateways": {a: _fraction(w) for a, w in row.price.gateways.items()},
+            "gateways": {a: _fraction(w) for a, w in row.price.wire_gateways.items()},
             "surge": row.price.surge,
         }
     return entry
@@ -204,15 +221,15 @@ def ai_model_entries(row: TableRow, proxy_url: str) -> list[dict[str, Any]]:
     source = row.price.source
     if source is not None and source.currency is Currency.USD:
         entry["price_per_unit"] = f"{format(source.price_per_unit, 'f')}USD"
-        entry["pixels_per_unit"] = source.pixels_per_unit
+        entry["pixels_per_unit"] = source.pixels_per_unit * row.price.pixels_per_unit
         entry["currency"] = "USD"
     else:
-        num, den = price_info(row.price.wei_per_unit)
+        num, den = price_info(row.price.wire_wei)
         entry["price_per_unit"] = num
         entry["pixels_per_unit"] = den
         entry["currency"] = "WEI"
     entries = [entry]
-    for address, wei in row.price.gateways.items():
+    for address, wei in row.price.wire_gateways.items():
         num, den = price_info(wei)
         entries.append(
             {**entry, "price_per_unit": num, "pixels_per_unit": den, "currency": "WEI",

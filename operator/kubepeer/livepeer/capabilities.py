@@ -57,6 +57,7 @@ class Unit(StrEnum):
     MILLISECOND = "millisecond"
     CHARACTER = "character"
     TOKEN = "token"
+    SECOND = "second"  # live video: a stream's running time
     REQUEST = "request"
 
 
@@ -68,10 +69,16 @@ BILLING_UNIT: dict[Pipeline, Unit] = {
     Pipeline.SEGMENT_ANYTHING_2: Unit.PIXEL,
     Pipeline.IMAGE_TO_TEXT: Unit.PIXEL,
     Pipeline.AUDIO_TO_TEXT: Unit.MILLISECOND,
-    Pipeline.LIVE_VIDEO_TO_VIDEO: Unit.MILLISECOND,
+    Pipeline.LIVE_VIDEO_TO_VIDEO: Unit.SECOND,
     Pipeline.LLM: Unit.TOKEN,
     Pipeline.TEXT_TO_SPEECH: Unit.CHARACTER,
 }
+
+
+# gateway-wire 3.3/3.5: the wire bills a live stream as 1280x720 pixels at 30 fps per second.
+LIVE_PIXELS_PER_SECOND = 1280 * 720 * 30
+# Units the wire itself bills in pixels: a price per such unit is per this many pixels.
+PIXELS_PER_UNIT = {Unit.SECOND: LIVE_PIXELS_PER_SECOND}
 
 
 def unit_fits(pipeline: Pipeline, unit: Unit) -> bool:

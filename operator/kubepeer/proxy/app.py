@@ -35,12 +35,13 @@ from kubepeer.livepeer.wire import (
     decode_segment,
 )
 from kubepeer.payments.ledger import manifest_id
-from kubepeer.proxy import discovery, grpc_unary, metrics
+from kubepeer.proxy import discovery, grpc_unary, live, metrics
 from kubepeer.proxy.billing import Billing, PaymentRefused
 from kubepeer.proxy.catalogue import Catalogue, ServedModel
 from kubepeer.proxy.credentials import (
     AuthSecret,
     CredentialsRefused,
+    check_auth_token,
     check_segment,
     discovery_signed,
     go_address,
@@ -48,6 +49,8 @@ from kubepeer.proxy.credentials import (
 from kubepeer.proxy.jobs import BATCH_PIPELINES, JobRefused, JobRequest, decode_fields, read_body
 from kubepeer.proxy.results import ResultStore, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
+from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
+from kubepeer.proxy.trickle import TrickleServer, sweep_forever
 from kubepeer.proxy.units import UnitsError, billed_units
 
 log = logging.getLogger("kubepeer.proxy")
@@ -64,6 +67,9 @@ class ProxyConfig:
     version: str = "0.9.1"  # the go-livepeer protocol version we speak (gateways compare it)
     payments: bool = True
     bearer_token: str | None = None  # payments off: what a private gateway presents
+    # payments off: also admit gateways as an offchain go-livepeer does (a Livepeer-Segment
+    # with an auth token from our discovery, no signature): the Livepeer gateway SDK's way
+    offchain_gateways: bool = False
     runner_token: str | None = None  # the runners' AUTH_TOKEN
     max_body_bytes: int = 64 * 1024 * 1024
     max_queue: int = 8
@@ -105,6 +111,7 @@ class Proxy:
         waker: Waker | None = None,
         demand: Demand | None = None,
         ready: Callable[[], bool] = lambda: True,
+        live_video: live.LiveService | None = None,
     ) -> None:
         if config.payments and billing is None:
             raise ValueError("payments are on but no billing was given")
@@ -118,6 +125,8 @@ class Proxy:
         self.waker = waker
         self.demand = demand or Demand()
         self.is_ready = ready
+        self.live = live_video  # None: live video not served (no cap 35, no trickle)
+        self.trickle = TrickleServer(live_video.store) if live_video else None
         self.http: aiohttp.ClientSession | None = None
         self._waking: set[str] = set()
         self.http_app = self._build_http_app()
@@ -134,6 +143,9 @@ class Proxy:
             # Jobs skip the framework's middleware stack: it cost more CPU than the job's
             # own handling (hack/bench/proxy.py). Other routes go through it.
             await self._serve_job(scope, receive, send)
+            return
+        if self.trickle and scope["type"] == "http" and scope["path"].startswith(TRICKLE_PATH):
+            await self.trickle(scope, receive, send)
             return
         await self.http_app(scope, receive, send)
 
@@ -155,9 +167,18 @@ class Proxy:
             self.http = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
             )
+            keepers = []
+            if self.live:
+                adopting = live.adopt_forever(self.live, self._model, self)
+                keepers = [asyncio.create_task(sweep_forever(self.live.store)),
+                           asyncio.create_task(adopting)]  # fmt: skip
             try:
                 yield
             finally:
+                if self.live:
+                    for keeper in keepers:
+                        keeper.cancel()
+                    await self.live.stop_all()
                 await self.http.close()
 
         app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -165,12 +186,22 @@ class Proxy:
         app.router.add_route("/readyz", self.readyz, methods=["GET"])
         app.router.add_route("/metrics", self.metrics, methods=["GET"])
         app.router.add_route("/stream/{request_id}/{name}", self.stream_result, methods=["GET"])
+        if self.live:
+            app.router.add_route(f"/{live.LIVE.value}", self.live_start, methods=["POST"])
+            app.router.add_route("/payment", self.live_payment, methods=["POST"])
         return app
 
     # -- discovery ---------------------------------------------------------------------
     def model_state(self, model: ServedModel) -> discovery.ModelState:
         """What gateways are told of a model: of all the AIModels serving its (pipeline,
         model id) together, since a job for it may go to any of them."""
+        if self.live and model.pipeline is live.LIVE:
+            free, in_use = self.live.capacity.state(model, self.router.urls(model))
+            total = model.capacity * len(self.router.urls(model))
+            return discovery.ModelState(
+                ready=self.router.ready(model), free_slots=free, in_use=in_use,
+                utilization=1.0 if not total else in_use / total,
+            )  # fmt: skip
         group = self.catalogue().serving(model.pipeline, model.model_id) or (model,)
         return discovery.ModelState(
             ready=any(self.router.ready(m) for m in group),
@@ -195,6 +226,9 @@ class Proxy:
                 grpc_unary.UNKNOWN,
                 "Invalid orchestrator request: orchestrator req sig check failed",
             )
+        if discovery.live_capped(request, self.catalogue(), self.model_state):
+            metrics.DISCOVERY.labels("capped").inc()
+            raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, discovery.ORCHESTRATOR_CAPPED)
         tx_cost_share = None
         if self.billing is not None and self.config.auto_adjust_price:
             try:
@@ -221,6 +255,16 @@ class Proxy:
         reply.info.auth_token.CopyFrom(self.auth_secret.issue())
         metrics.DISCOVERY.labels("ok").inc()
         return reply.info.SerializeToString()
+
+    # -- live video (live.py) ------------------------------------------------------------
+    def _model(self, aimodel: str) -> ServedModel | None:
+        return next((m for m in self.catalogue().models if m.aimodel == aimodel), None)
+
+    async def live_start(self, request: Request) -> Response:
+        return await live.start_stream(self, request)
+
+    async def live_payment(self, request: Request) -> Response:
+        return await live.receive_payment(self, request)
 
     # -- probes, metrics, results --------------------------------------------------------
     async def healthz(self, _: Request) -> Response:
@@ -324,11 +368,13 @@ class Proxy:
     def _check_credentials(self, request: Request) -> net_pb2.Payment | None:
         if not self.config.payments:
             presented = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if not self.config.bearer_token or not hmac.compare_digest(
+            if self.config.bearer_token and hmac.compare_digest(
                 presented.encode(), self.config.bearer_token.encode()
             ):
-                raise JobRefused(401, "a valid bearer token is required")
-            return None
+                return None
+            if self.config.offchain_gateways and _offchain_ok(request, self.auth_secret):
+                return None
+            raise JobRefused(401, "a valid bearer token is required")
         try:
             payment = decode_payment(request.headers.get(PAYMENT_HEADER, ""))
         except BadHeader as exc:
@@ -475,6 +521,14 @@ class Proxy:
                     self.router.release(slot, model)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _offchain_ok(request: Request, secret: AuthSecret) -> bool:
+    try:
+        check_auth_token(decode_segment(request.headers.get(SEGMENT_HEADER, "")), secret)
+    except (BadHeader, CredentialsRefused):
+        return False
+    return True
 
 
 def _finished(data: bytes) -> bool:

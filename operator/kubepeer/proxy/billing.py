@@ -103,17 +103,28 @@ class Billing:
         return Fraction(REDEEM_GAS_L2 * self.gas_price, face)
 
     # -- a job -------------------------------------------------------------------------
-    def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
-        """ProcessPayment and the balance check (gateway-wire 2.2 steps 5 and 6)."""
-        context = PaymentContext(
+    def _context(self) -> PaymentContext:
+        return PaymentContext(
             recipient=self.recipient,
             secret=self.secret,
             chain=self.chain(),
             issued_prices=self.ledger.offered_prices,
         )
+
+    def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
+        """ProcessPayment and the balance check (gateway-wire 2.2 steps 5 and 6)."""
         try:
-            valid = validate_payment(payment, context)
+            valid = validate_payment(payment, self._context())
             self.ledger.admit(valid, manifest, self.ticket_ev)
+        except TicketRejected as exc:
+            raise PaymentRefused(str(exc), exc.status) from None
+        return valid
+
+    def credit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
+        """ProcessPayment alone: a live stream's interval payment (`POST /payment`)."""
+        try:
+            valid = validate_payment(payment, self._context())
+            self.ledger.credit(valid, manifest)
         except TicketRejected as exc:
             raise PaymentRefused(str(exc), exc.status) from None
         return valid

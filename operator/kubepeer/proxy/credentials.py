@@ -113,6 +113,12 @@ def check_segment(
         raise CredentialsRefused("ErrSegSig")
     if not compatible:
         raise CredentialsRefused("incompatible capabilities")
+    check_auth_token(seg, secret, now)
+    return SegmentCredentials(seg, seg.auth_token.session_id)
+
+
+def check_auth_token(seg: net_pb2.SegData, secret: AuthSecret, now: float | None = None) -> None:
+    """The segment carries an auth token we issued (at discovery) that has not expired."""
     if not seg.HasField("auth_token"):
         raise CredentialsRefused("missing auth token")
     token = seg.auth_token
@@ -120,4 +126,3 @@ def check_segment(
         raise CredentialsRefused("invalid auth token")
     if (now if now is not None else time.time()) > token.expiration:
         raise CredentialsRefused("expired auth token")
-    return SegmentCredentials(seg, token.session_id)

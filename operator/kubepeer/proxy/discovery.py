@@ -13,6 +13,7 @@ from fractions import Fraction
 
 from kubepeer.controller.prices import price_info
 from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.proxy.catalogue import Catalogue, ServedModel
 from kubepeer.proxy.credentials import go_address
 
@@ -20,15 +21,17 @@ from kubepeer.proxy.credentials import go_address
 # (direct, S3, GCS), four H264 profiles, GOP, AuthToken, MPEG7VideoSignature (0-12, 14),
 # SegmentSlicing (26). An AI-only orchestrator sets them all: the AI gateway asks for them.
 DEFAULT_CAPABILITIES = (*range(13), 14, 26)
-LIVE_VIDEO_CAPABILITY = 35  # not advertised until live video is built
+LIVE_VIDEO_CAPABILITY = 35
+ORCHESTRATOR_CAPPED = "Invalid orchestrator request: OrchestratorCapped"
 RUNNER_VERSION = "0.14.1"  # the ai-runner API our runner implements
 
 
 @dataclass(frozen=True)
 class ModelState:
     ready: bool
-    free_slots: int
+    free_slots: int  # live video: free stream slots
     utilization: float
+    in_use: int = 0  # live video: streams running (capacityInUse)
 
 
 def bitstring(capabilities: Iterable[int]) -> list[int]:
@@ -41,7 +44,7 @@ def bitstring(capabilities: Iterable[int]) -> list[int]:
 
 
 def served(catalogue: Catalogue) -> list[ServedModel]:
-    return [m for m in catalogue.offered if m.capability != LIVE_VIDEO_CAPABILITY]
+    return catalogue.offered
 
 
 def capabilities(
@@ -61,7 +64,26 @@ def capabilities(
         constraint.warm = now.ready
         constraint.capacity = now.free_slots
         constraint.runner_version = RUNNER_VERSION
+        if model.capability == LIVE_VIDEO_CAPABILITY:
+            constraint.capacity_in_use = now.in_use
     return caps
+
+
+def live_capped(
+    request: net_pb2.OrchestratorRequest,
+    catalogue: Catalogue,
+    state: Callable[[ServedModel], ModelState],
+) -> bool:
+    """checkLiveVideoToVideoCapacity: a request naming live models, without
+    ignoreCapacityCheck, is refused unless one of them has a free stream slot."""
+    wanted = request.capabilities.constraints.per_capability
+    if request.ignore_capacity_check or LIVE_VIDEO_CAPABILITY not in wanted:
+        return False
+    for model_id in wanted[LIVE_VIDEO_CAPABILITY].models:
+        model = catalogue.find(Pipeline.LIVE_VIDEO_TO_VIDEO, model_id)
+        if model is not None and state(model).free_slots > 0:
+            return False
+    return True
 
 
 def requested_models(request: net_pb2.OrchestratorRequest) -> list[tuple[int, str]]:

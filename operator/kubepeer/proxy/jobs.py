@@ -25,7 +25,8 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
 
 BATCH_PIPELINES = tuple(p for p in Pipeline if p is not Pipeline.LIVE_VIDEO_TO_VIDEO)
-JSON_PIPELINES = {Pipeline.TEXT_TO_IMAGE, Pipeline.LLM, Pipeline.TEXT_TO_SPEECH}
+JSON_PIPELINES = {Pipeline.TEXT_TO_IMAGE, Pipeline.LLM, Pipeline.TEXT_TO_SPEECH,
+                  Pipeline.LIVE_VIDEO_TO_VIDEO}  # fmt: skip
 
 
 class JobRefused(Exception):

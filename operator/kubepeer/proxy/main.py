@@ -28,9 +28,11 @@ from kubepeer.proxy.catalogue import (
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
+from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
-from kubepeer.proxy.server import SERVERS, hypercorn_config, serve
+from kubepeer.proxy.server import hypercorn_config, serve
+from kubepeer.proxy.trickle import TrickleStore
 
 log = logging.getLogger("kubepeer.proxy")
 
@@ -63,8 +65,6 @@ class ProxyArgs:
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     evs_per_win: int = 100  # a winning ticket's worth in ticket EVs: 1/win probability
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
-    server: str = SERVERS[0]
-    auto_adjust_price: bool = True
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -148,6 +148,23 @@ def _secret_bytes(path: Path | None) -> bytes | None:
     return path.read_bytes().strip() if path else None
 
 
+def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveService:
+    from redis.asyncio import Redis as AsyncRedis
+
+    ledger = None
+    if billing is not None:
+        ledger = LedgerDoor(balance=billing.ledger.balance, debit=billing.ledger.debit)
+    return LiveService(
+        redis,
+        TrickleStore(AsyncRedis.from_url(args.redis_url)),
+        LiveCapacity(redis, args.namespace, args.live_lease_seconds),
+        public_url=args.public_url,
+        runner_base_url=args.runner_trickle_url,
+        ledger=ledger,
+        interval=args.live_payment_interval,
+    )
+
+
 def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callable[[], Any]]:
     """The Proxy and the coroutine factory that keeps its inputs current."""
     redis = Redis.from_url(args.redis_url)
@@ -186,10 +203,12 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,
         auto_adjust_price=args.auto_adjust_price,
+        offchain_gateways=args.offchain_gateways,
     )
     demand = BatchedDemand(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
     )
+    live_video = build_live(args, redis, billing)
     proxy = Proxy(
         config,
         catalogue=lambda: current["catalogue"],
@@ -201,6 +220,7 @@ def build(args: ProxyArgs, api_client: Any | None = None) -> tuple[Proxy, Callab
         waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
         demand=demand,
         ready=lambda: current["endpoints"] and current["models"],
+        live_video=live_video,
     )
 
     def apply_endpoints(table: dict[str, tuple[str, ...]]) -> None:

@@ -1,11 +1,10 @@
-"""live-video-to-video: the control-plane contract of the route, with the `noop` pipeline.
+"""live-video-to-video: start a stream that runs every frame of a trickle channel through
+the model and publishes the result (the streaming itself is kubepeer_runner.live).
 
-A real live pipeline subscribes to `subscribe_url` (trickle segments in), runs every
-frame through the model, publishes to `publish_url`, takes parameter updates from
-`control_url` and reports on `events_url`. That streaming loop (a frame decoder, a GPU
-frame pipeline and a trickle client) is not built yet; this module accepts and echoes
-the request exactly as ai-runner does, so gateways and go-livepeer can be tested
-against it, and refuses any model but `noop`.
+The route answers at once, as go-livepeer's 5 s budget for the whole start demands: the
+stream runs in the background, waiting for the model if it is still loading. Models:
+`noop` (frames out as they came, resized) or a diffusers image-to-image model id from
+MODEL_DIR, run one or two denoising steps per frame (live/models.py).
 """
 
 from __future__ import annotations
@@ -16,14 +15,20 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from kubepeer_runner.config import ModelSpec
-from kubepeer_runner.serving import Device, bad_request, serve
+from kubepeer_runner.live.models import LiveParams, load_model, params_error
+from kubepeer_runner.live.stream import (
+    LiveStream,
+    LiveStreams,
+    LiveVideoToVideoResponse,
+    StreamSettings,
+)
+from kubepeer_runner.serving import Device, bad_request, check_size, serve
 
 PIPELINE = "live-video-to-video"
 BODY_LIMIT = "max_json_bytes"
-SUPPORTED = ("noop",)
 
 
 def _url(value: str) -> str:
@@ -46,31 +51,40 @@ class LiveVideoToVideoParams(BaseModel):
     _check_urls = field_validator("subscribe_url", "publish_url", "control_url", "events_url")(_url)
 
 
-class LiveVideoToVideoResponse(BaseModel):
-    subscribe_url: str
-    publish_url: str
-    control_url: str
-    events_url: str
-    request_id: str
-    manifest_id: str
-    stream_id: str
-
-
-def load(spec: ModelSpec, model_dir: Path, device: Device) -> str:
-    if spec.model_id not in SUPPORTED:
-        raise ValueError(
-            f"live-video-to-video serves {', '.join(SUPPORTED)} only; "
-            f"'{spec.model_id}' needs the streaming pipeline (not built yet)"
-        )
-    return spec.model_id
+def load(spec: ModelSpec, model_dir: Path, device: Device) -> Any:
+    return load_model(spec.model_id, model_dir, device)
 
 
 def register(app: FastAPI, runner: Any) -> None:
+    spec = runner.spec(PIPELINE)
+    limits = runner.limits
+    streams = LiveStreams(
+        runner.config.capacity(spec),
+        StreamSettings(
+            limits.live_input_timeout_seconds,
+            limits.live_status_interval_seconds,
+            limits.live_max_queued_frames,
+        ),
+    )
+    runner.live = streams
+
+    async def transform(image: Any, params: LiveParams) -> Any:
+        model = await runner.model(PIPELINE, None)  # waits while the model loads
+        return await runner.queue.run(model, image, params)
+
     async def live_video_to_video(req: LiveVideoToVideoParams) -> LiveVideoToVideoResponse:
-        await runner.model(PIPELINE, req.model_id)
+        if req.model_id and req.model_id != spec.model_id:
+            raise bad_request(
+                f"pipeline configured with {spec.model_id} but called with {req.model_id}"
+            )
         if req.subscribe_url == req.publish_url:
             raise bad_request("subscribe_url and publish_url must differ")
-        return LiveVideoToVideoResponse(
+        try:
+            params = LiveParams.model_validate(req.params)
+        except ValidationError as exc:
+            raise bad_request(params_error(exc)) from None
+        check_size(params.height, params.width, limits.max_output_pixels)
+        started = LiveVideoToVideoResponse(
             subscribe_url=req.subscribe_url,
             publish_url=req.publish_url,
             control_url=req.control_url,
@@ -79,5 +93,7 @@ def register(app: FastAPI, runner: Any) -> None:
             manifest_id=req.manifest_id,
             stream_id=req.stream_id,
         )
+        streams.start(LiveStream(started, spec.model_id, params, transform, streams.settings))
+        return started
 
     serve(app, "/" + PIPELINE, live_video_to_video, "genLiveVideoToVideo", LiveVideoToVideoResponse)

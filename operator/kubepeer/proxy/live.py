@@ -1,0 +1,533 @@
+"""Live video (capability 35): a stream's start, its capacity, its payments (gateway-wire 3.5, 5.1).
+
+`POST /live-video-to-video` in go-livepeer's order: body (400), capacity (503
+`insufficient capacity`), Livepeer-Payment (402), segment credentials (403), payment (400),
+balance (400 `Insufficient balance`); then the four trickle channels, the stream's watch,
+the runner's start (500 and everything undone when it fails), and the reply with absolute
+URLs. `POST /payment` credits a running stream and answers a PaymentResult.
+
+Streams count against capacity in Redis (`kubepeer:live:<namespace>:<aimodel>`: a sorted
+set of `<runner url> <manifest id>` -> lease expiry), so every proxy replica advertises and
+enforces the same numbers. The replica that started a stream watches it: renews its lease,
+debits it every `interval` seconds while input flows, and closes it (the four channels,
+the lease) when its input channel is gone, its runner is gone or idle, or the balance does
+not cover the time used. If that replica dies, the lease lapses within `LEASE_SECONDS`
+(the capacity comes back) and the idle sweep closes the channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import aiohttp
+from redis import Redis
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.capabilities import LIVE_PIXELS_PER_SECOND, Pipeline
+from kubepeer.livepeer.wire import (
+    PAYMENT_HEADER,
+    SEGMENT_HEADER,
+    BadHeader,
+    decode_payment,
+    decode_segment,
+)
+from kubepeer.proxy import discovery, metrics
+from kubepeer.proxy.billing import PaymentRefused
+from kubepeer.proxy.catalogue import ServedModel
+from kubepeer.proxy.credentials import CredentialsRefused, check_segment, go_address
+from kubepeer.proxy.jobs import JobRefused, decode_fields, read_body
+from kubepeer.proxy.trickle import BASE_PATH, TrickleStore
+
+log = logging.getLogger("kubepeer.proxy.live")
+
+LIVE = Pipeline.LIVE_VIDEO_TO_VIDEO
+INSUFFICIENT_CAPACITY = "insufficient capacity"
+PIXELS_PER_SECOND = LIVE_PIXELS_PER_SECOND  # what each elapsed second is billed as
+PAYMENT_INTERVAL = 5.0  # go-livepeer's LivePaymentInterval
+LEASE_SECONDS = 30.0
+START_BUDGET = 4.0  # of the gateway's 5 s, what the runner call may take
+HEALTH_EVERY = 2.0
+HEALTH_FAILURES = 2  # unreachable this many times in a row: the runner is gone
+IDLE_GRACE = 10.0  # a runner may say IDLE this long after a start before it counts
+CHANNELS = (("", "video/MP2T"), ("-out", "video/MP2T"),
+            ("-control", "application/json"), ("-events", "application/json"))  # fmt: skip
+
+# Take over a stream whose watcher's lease has lapsed (its proxy replica died).
+_CLAIM = """
+local held = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if held and tonumber(held) > tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+_RESERVE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #ARGV[4]) == ARGV[4] then n = n + 1 end
+end
+if n >= tonumber(ARGV[5]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+def stream_fee_pixels(seconds: float) -> int:
+    """go-livepeer's processOne: pixels per second x elapsed seconds, truncated."""
+    return int(PIXELS_PER_SECOND * seconds)
+
+
+def channel_urls(base: str, mid: str) -> dict[str, str]:
+    root = f"{base.rstrip('/')}{BASE_PATH}{mid}"
+    return {
+        "publish_url": root,  # the gateway publishes input here; the runner subscribes
+        "subscribe_url": root + "-out",
+        "control_url": root + "-control",
+        "events_url": root + "-events",
+    }
+
+
+class LiveCapacity:
+    """Streams per runner replica, counted in Redis for every proxy replica."""
+
+    def __init__(self, redis: Redis, namespace: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.lease_seconds = lease_seconds
+        self._reserve = redis.register_script(_RESERVE)
+        self._claim = redis.register_script(_CLAIM)
+
+    def key(self, model: ServedModel) -> str:
+        return f"kubepeer:live:{self.namespace}:{model.aimodel}"
+
+    def reserve(self, model: ServedModel, urls: tuple[str, ...], mid: str) -> str | None:
+        """A runner with a free stream slot, its slot taken for `mid`; None when all are full."""
+        now = time.time()
+        counts = self.per_runner(model)
+        for url in sorted(urls, key=lambda u: counts.get(u, 0)):
+            args = [now, now + self.lease_seconds, f"{url} {mid}", f"{url} ", model.capacity]
+            if self._reserve(keys=[self.key(model)], args=args):
+                return url
+        return None
+
+    def renew(self, model: ServedModel, url: str, mid: str) -> None:
+        self.redis.zadd(self.key(model), {f"{url} {mid}": time.time() + self.lease_seconds})
+
+    def claim(self, model: ServedModel, url: str, mid: str) -> bool:
+        now = time.time()
+        args = [now, now + self.lease_seconds, f"{url} {mid}"]
+        return bool(self._claim(keys=[self.key(model)], args=args))
+
+    def release(self, model: ServedModel, url: str, mid: str) -> None:
+        self.redis.zrem(self.key(model), f"{url} {mid}")
+
+    def per_runner(self, model: ServedModel) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for raw in self.redis.zrangebyscore(self.key(model), time.time(), "+inf"):
+            url = raw.decode().rsplit(" ", 1)[0]
+            counts[url] = counts.get(url, 0) + 1
+        return counts
+
+    def state(self, model: ServedModel, urls: tuple[str, ...]) -> tuple[int, int]:
+        """(free stream slots, streams in use) over the ready runners."""
+        counts = self.per_runner(model)
+        in_use = sum(counts.get(u, 0) for u in urls)
+        return sum(max(0, model.capacity - counts.get(u, 0)) for u in urls), in_use
+
+
+@dataclass
+class Debit:
+    """One interval's charge, as go-livepeer's AccountPayment makes it."""
+
+    seconds: float
+    pixels: int
+    fee_wei: int
+
+
+class LedgerDoor:
+    """What a stream's watch needs from billing (kept tiny so tests can see it whole)."""
+
+    def __init__(
+        self,
+        balance: Callable[[bytes, str], int],
+        debit: Callable[[bytes, str, int], int],
+    ) -> None:
+        self.balance = balance
+        self.debit = debit
+
+
+def interval_fee(pixels: int, price: Fraction) -> int:
+    return -(-pixels * price.numerator // price.denominator)
+
+
+def record_key(mid: str) -> str:
+    return f"kubepeer:live:stream:{mid}"
+
+
+def streams_key(namespace: str) -> str:
+    """The manifest ids of the streams running in a namespace (for adoption)."""
+    return f"kubepeer:live:streams:{namespace}"
+
+
+@dataclass
+class LiveStream:
+    mid: str
+    model: ServedModel
+    runner: str
+    sender: bytes | None  # None: private mode, nothing charged
+    price: Fraction
+    started: float
+    last_charged: float
+    closed: bool = False
+    reason: str = ""
+    task: asyncio.Task[None] | None = None
+
+
+class LiveService:
+    """Starts and watches streams; the Proxy hands it the live routes."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        store: TrickleStore,
+        capacity: LiveCapacity,
+        *,
+        public_url: str,
+        runner_base_url: str | None = None,
+        ledger: LedgerDoor | None = None,
+        interval: float = PAYMENT_INTERVAL,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.capacity = capacity
+        self.public_url = public_url.rstrip("/")
+        self.runner_base_url = (runner_base_url or public_url).rstrip("/")
+        self.ledger = ledger
+        self.interval = interval
+        self.streams: dict[str, LiveStream] = {}
+
+    @staticmethod
+    def new_manifest_id() -> str:
+        return secrets.token_hex(8)
+
+    async def open_channels(self, mid: str) -> None:
+        for suffix, mime in CHANNELS:
+            await self.store.create(mid + suffix, mime)
+
+    async def close_channels(self, mid: str) -> None:
+        for suffix, _ in CHANNELS:
+            await self.store.close(mid + suffix)
+
+    def watch(self, stream: LiveStream, http: aiohttp.ClientSession, token: str | None) -> None:
+        self.streams[stream.mid] = stream
+        self.redis.hset(
+            record_key(stream.mid),
+            mapping={"aimodel": stream.model.aimodel, "runner": stream.runner,
+                     "started": stream.started, "price": str(stream.price),
+                     "sender": (stream.sender or b"").hex(), "debits": "[]",
+                     "last_charged": stream.last_charged},
+        )  # fmt: skip
+        self.redis.expire(record_key(stream.mid), 24 * 3600)
+        self.redis.sadd(streams_key(self.capacity.namespace), stream.mid)
+        stream.task = asyncio.create_task(self._watch(stream, http, token))
+
+    async def adopt_orphans(
+        self,
+        find_model: Callable[[str], ServedModel | None],
+        http: aiohttp.ClientSession,
+        token: str | None,
+    ) -> list[str]:
+        """Watch the streams whose watcher died (lease lapsed): any replica may take them."""
+        adopted = []
+        key = streams_key(self.capacity.namespace)
+        for raw in self.redis.smembers(key):
+            mid = raw.decode()
+            if mid in self.streams:
+                continue
+            record = {
+                k.decode(): v.decode() for k, v in self.redis.hgetall(record_key(mid)).items()
+            }
+            if not record or "closed" in record:
+                self.redis.srem(key, mid)
+                continue
+            model = find_model(record["aimodel"])
+            if model is None:  # the model is gone: so is the stream
+                await self.close_channels(mid)
+                self.redis.srem(key, mid)
+                continue
+            if not self.capacity.claim(model, record["runner"], mid):
+                continue  # its watcher is alive (or another replica was quicker)
+            stream = LiveStream(
+                mid, model, record["runner"],
+                bytes.fromhex(record["sender"]) if record["sender"] else None,
+                Fraction(record["price"]), started=float(record["started"]),
+                last_charged=float(record["last_charged"]),
+            )  # fmt: skip
+            self.streams[mid] = stream
+            stream.task = asyncio.create_task(self._watch(stream, http, token))
+            log.info("live stream adopted", extra={"manifest_id": mid})
+            adopted.append(mid)
+        return adopted
+
+    async def close(self, stream: LiveStream, reason: str) -> None:
+        if stream.closed:
+            return
+        stream.closed = True
+        stream.reason = reason
+        log.info("live stream closed", extra={"manifest_id": stream.mid, "reason": reason})
+        with contextlib.suppress(Exception):
+            await self.close_channels(stream.mid)
+        with contextlib.suppress(Exception):
+            self.capacity.release(stream.model, stream.runner, stream.mid)
+            self.redis.srem(streams_key(self.capacity.namespace), stream.mid)
+            self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
+                                                              "reason": reason})  # fmt: skip
+        self.streams.pop(stream.mid, None)
+
+    async def stop_all(self) -> None:
+        """On shutdown: stop watching; the streams live on and are adopted elsewhere."""
+        tasks = [s.task for s in self.streams.values() if s.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the watch -------------------------------------------------------------------
+    async def _watch(
+        self, stream: LiveStream, http: aiohttp.ClientSession, token: str | None
+    ) -> None:
+        try:
+            reason = await self._until_over(stream, http, token)
+        except asyncio.CancelledError:
+            # This replica is stopping (a rollout): the stream goes on, and another replica
+            # adopts it once its lease lapses.
+            self.streams.pop(stream.mid, None)
+            log.info("live stream left to another replica", extra={"manifest_id": stream.mid})
+            return
+        except Exception as exc:  # a fault here must not leave the stream half alive
+            log.exception("live stream watch failed")
+            reason = f"watch failed: {exc}"
+        await self.close(stream, reason)
+
+    async def _until_over(
+        self, stream: LiveStream, http: aiohttp.ClientSession, token: str | None
+    ) -> str:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        failures = 0
+        seen_next = 0
+        last_renew = time.monotonic()
+        last_health = 0.0
+        while not stream.closed:
+            await asyncio.sleep(0.5)
+            now_mono = time.monotonic()
+            if now_mono - last_renew > self.capacity.lease_seconds / 3:
+                self.capacity.renew(stream.model, stream.runner, stream.mid)
+                last_renew = now_mono
+            nxt = await self.store.next_seq(stream.mid)
+            if nxt is None:
+                return "input channel closed"
+            if nxt != seen_next:  # a new input segment: time to account, as go-livepeer does
+                seen_next = nxt
+                problem = self.account(stream, time.time())
+                if problem:
+                    return problem
+            if now_mono - last_health >= HEALTH_EVERY:
+                last_health = now_mono
+                status = await _health(http, stream.runner, headers)
+                if status is None:
+                    failures += 1
+                    if failures >= HEALTH_FAILURES:
+                        return "runner unreachable"
+                else:
+                    failures = 0
+                    if status == "IDLE" and time.time() - stream.started > IDLE_GRACE:
+                        return "runner idle"
+        return stream.reason
+
+    def account(self, stream: LiveStream, now: float) -> str | None:
+        """Charge the time since the last charge once `interval` has passed; a reason to
+        close when the balance does not cover it."""
+        if stream.sender is None or not stream.price or self.ledger is None:
+            return None
+        elapsed = now - stream.last_charged
+        if elapsed < self.interval:
+            return None
+        pixels = stream_fee_pixels(elapsed)
+        fee = interval_fee(pixels, stream.price)
+        balance = self.ledger.balance(stream.sender, stream.mid)
+        if balance < fee:
+            return f"insufficient balance, mid={stream.mid}, fee={fee}, balance={balance}"
+        self.ledger.debit(stream.sender, stream.mid, fee)
+        stream.last_charged = now
+        key = record_key(stream.mid)
+        debits = json.loads(self.redis.hget(key, "debits") or b"[]")
+        debits.append({"seconds": elapsed, "pixels": pixels, "fee_wei": fee, "at": now})
+        self.redis.hset(key, mapping={"debits": json.dumps(debits), "last_charged": now})
+        return None
+
+
+async def adopt_forever(
+    service: LiveService, find_model: Callable[[str], ServedModel | None], proxy: Any
+) -> None:
+    while True:
+        await asyncio.sleep(service.capacity.lease_seconds / 3)
+        try:
+            await service.adopt_orphans(find_model, proxy.http, proxy.config.runner_token)
+        except Exception:  # Redis away: the next pass tries again
+            log.exception("adopting live streams failed")
+
+
+async def _health(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> str | None:
+    try:
+        async with http.get(
+            f"{url}/health", headers=headers, timeout=aiohttp.ClientTimeout(total=HEALTH_EVERY)
+        ) as reply:
+            if reply.status != 200:
+                return None
+            body = await reply.json(content_type=None)
+            return str(body.get("status", "")) if isinstance(body, dict) else None
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+        return None
+
+
+def runner_request(
+    fields: dict[str, Any], urls: dict[str, str], mid: str, stream_id: str, request_id: str
+) -> dict[str, Any]:
+    """ai-runner's LiveVideoToVideoParams: the runner subscribes to the gateway's input and
+    publishes to the gateway's output (the names are the runner's point of view)."""
+    return {
+        "subscribe_url": urls["publish_url"],
+        "publish_url": urls["subscribe_url"],
+        "control_url": urls["control_url"],
+        "events_url": urls["events_url"],
+        "model_id": fields.get("model_id") or "",
+        "params": fields.get("params") or {},
+        "gateway_request_id": request_id,
+        "manifest_id": mid,
+        "stream_id": stream_id,
+    }
+
+
+def payment_result(info: net_pb2.OrchestratorInfo) -> bytes:
+    return net_pb2.PaymentResult(info=info).SerializeToString()
+
+
+# -- the routes (the Proxy passes itself: its credentials check, billing, router, HTTP) ----
+async def start_stream(proxy: Any, request: Request) -> Response:
+    """POST /live-video-to-video, as go-livepeer's StartLiveVideoToVideo answers it."""
+    started = time.monotonic()
+    try:
+        reply = await _start(proxy, request, started)
+    except JobRefused as exc:
+        log.info("live start refused", extra={"status": exc.status, "reason": exc.text})
+        metrics.REQUESTS.labels(LIVE.value, str(exc.status)).inc()
+        return PlainTextResponse(exc.text + "\n", exc.status)
+    metrics.REQUESTS.labels(LIVE.value, "200").inc()
+    return JSONResponse(reply)
+
+
+async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]:
+    service: LiveService = proxy.live
+    body = await read_body(request, proxy.config.max_body_bytes)
+    fields = await decode_fields(LIVE, "application/json", body)
+    stream_id = str(fields.get("stream_id") or request.headers.get("streamID") or "")
+    request_id = str(fields.get("gateway_request_id") or request.headers.get("requestID") or "")
+    model = proxy.catalogue().find(LIVE, str(fields.get("model_id") or ""))
+    mid = service.new_manifest_id()
+    runner = service.capacity.reserve(model, proxy.router.urls(model), mid) if model else None
+    if model is None or runner is None:
+        raise JobRefused(503, INSUFFICIENT_CAPACITY)
+    stream: LiveStream | None = None
+    try:
+        payment = proxy._check_credentials(request)  # 402, 403 (401 in private mode)
+        sender, price = None, Fraction(0)
+        if payment is not None and proxy.billing is not None:
+            try:
+                valid = proxy.billing.admit(payment, mid)  # ProcessPayment, balance
+            except PaymentRefused as exc:
+                raise JobRefused(exc.status, str(exc)) from None
+            sender, price = valid.sender, valid.price
+        await service.open_channels(mid)
+        now = time.time()
+        stream = LiveStream(mid, model, runner, sender, price, started=now, last_charged=now)
+        service.watch(stream, proxy.http, proxy.config.runner_token)
+        urls = channel_urls(service.public_url, mid)
+        for_runner = channel_urls(service.runner_base_url, mid)
+        await _start_runner(
+            proxy, runner, runner_request(fields, for_runner, mid, stream_id, request_id),
+            budget=START_BUDGET - (time.monotonic() - started),
+        )  # fmt: skip
+    except BaseException as exc:
+        if stream is not None:
+            await service.close(stream, f"start failed: {exc}")
+        else:
+            service.capacity.release(model, runner, mid)
+        raise
+    log.info("live stream started",
+             extra={"manifest_id": mid, "model": model.model_id, "runner": runner,
+                    "stream_id": stream_id, "request_id": request_id})  # fmt: skip
+    return {**urls, "manifest_id": mid}
+
+
+async def _start_runner(proxy: Any, runner: str, params: dict[str, Any], budget: float) -> None:
+    headers = {"content-type": "application/json"}
+    if proxy.config.runner_token:
+        headers["authorization"] = f"Bearer {proxy.config.runner_token}"
+    try:
+        async with proxy.http.post(
+            f"{runner}/{LIVE.value}", data=json.dumps(params), headers=headers,
+            timeout=aiohttp.ClientTimeout(total=max(budget, 0.5)),
+        ) as reply:  # fmt: skip
+            if reply.status != 200:
+                from kubepeer.proxy.app import _runner_error  # app imports this module
+
+                raise JobRefused(500, await _runner_error(LIVE, reply))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise JobRefused(500, f"{LIVE.value} container failed: {exc or 'timed out'}") from None
+
+
+async def receive_payment(proxy: Any, request: Request) -> Response:
+    """POST /payment (segment_rpc.go Payment): credit the manifest the segment names and
+    answer a PaymentResult with fresh ticket params and the session's own auth token."""
+    try:
+        payment = decode_payment(request.headers.get(PAYMENT_HEADER, ""))
+    except BadHeader as exc:
+        return PlainTextResponse(f"{exc}\n", 402)
+    try:
+        seg = decode_segment(request.headers.get(SEGMENT_HEADER, ""))
+    except BadHeader:
+        return PlainTextResponse("ErrorSegEncoding\n", 403)
+    try:
+        compatible = discovery.compatible(seg.capabilities, proxy.our_capabilities())
+        check_segment(seg, payment.sender, proxy.auth_secret, compatible)
+    except CredentialsRefused as exc:
+        return PlainTextResponse(f"{exc}\n", 403)
+    asked = net_pb2.OrchestratorRequest(address=payment.sender)
+    if seg.HasField("capabilities"):
+        asked.capabilities.CopyFrom(seg.capabilities)
+    reply = discovery.orchestrator_info(
+        asked, proxy.catalogue(), proxy.model_state, transcoder=proxy.config.public_url,
+        recipient=proxy.recipient, version=proxy.config.version,
+    )  # fmt: skip
+    reply.info.auth_token.CopyFrom(seg.auth_token)
+    if proxy.billing is not None:
+        try:
+            params = proxy.billing.ticket_params(go_address(payment.sender), reply.price)
+        except PaymentRefused:
+            return PlainTextResponse("Internal Server Error\n", 500)
+        reply.info.ticket_params.CopyFrom(params)
+        try:
+            proxy.billing.credit(payment, seg.manifest_id.decode(errors="replace"))
+        except PaymentRefused as exc:
+            return PlainTextResponse(f"{exc}\n", 400)
+    return Response(payment_result(reply.info), media_type="application/octet-stream")

@@ -1,0 +1,218 @@
+"""The trickle server under /ai/trickle/ as gateway-wire 5.2 describes go-livepeer's:
+two real proxy processes sharing one real Redis, spoken to over HTTP.
+
+Channels are made as `/live-video-to-video` makes them (TrickleStore.create in the shared
+Redis: the protocol has no autocreate), then everything goes through the proxies' HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+
+from kubepeer.proxy.trickle import TrickleStore
+from proxies import ProxyServer, models_json, start_proxy, stop_proxy
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def replicas(redis_server, tmp_path_factory) -> Iterator[tuple[ProxyServer, ProxyServer]]:
+    """Two proxy replicas (private mode, plaintext) over one Redis."""
+    shared = tmp_path_factory.mktemp("trickle-shared")
+    (shared / "bearer").write_text("private-token")
+    proxies = [
+        start_proxy(tmp_path_factory.mktemp(f"trickle-{i}"), redis_server, models=models_json(),
+                    endpoints={}, plaintext=True, shared=shared if i else None,
+                    args=["--no-payments", "--bearer-token-file", str(shared / "bearer")])
+        for i in range(2)
+    ]  # fmt: skip
+    yield proxies[0], proxies[1]
+    for proxy in proxies:
+        stop_proxy(proxy)
+
+
+def make_channel(redis_server, mime: str = "video/MP2T") -> str:
+    name = secrets.token_hex(8)
+
+    async def create() -> None:
+        store = TrickleStore(AsyncRedis.from_url(redis_server.url))
+        await store.create(name, mime)
+        await store.redis.aclose()
+
+    asyncio.run(create())
+    return name
+
+
+def url(proxy: ProxyServer, channel: str, seq: int | str) -> str:
+    return f"{proxy.url}/ai/trickle/{channel}/{seq}"
+
+
+def test_unknown_channel_is_404_for_every_verb(replicas):
+    proxy, _ = replicas
+    with httpx.Client(timeout=10) as client:
+        assert client.get(url(proxy, "nosuchchannel", 0)).status_code == 404
+        refused = client.post(url(proxy, "nosuchchannel", 0), content=b"x")
+        assert refused.status_code == 404
+        assert refused.text.strip() == "Stream not found"
+        assert client.get(f"{proxy.url}/ai/trickle/nosuchchannel/next").status_code == 404
+        assert client.delete(f"{proxy.url}/ai/trickle/nosuchchannel").status_code == 400
+
+
+def test_ring_keeps_five_segments_and_answers_470_outside_it(replicas, redis_server):
+    writer, reader = replicas  # written through one replica, read through the other
+    channel = make_channel(redis_server)
+    with httpx.Client(timeout=10) as client:
+        for seq in range(7):
+            posted = client.post(url(writer, channel, seq), content=f"segment {seq}".encode())
+            assert posted.status_code == 200
+        for seq in range(2, 7):  # the last five
+            got = client.get(url(reader, channel, seq))
+            assert got.status_code == 200
+            assert got.content == f"segment {seq}".encode()
+            assert got.headers["lp-trickle-seq"] == str(seq)
+            assert got.headers["content-type"] == "video/MP2T"
+        for seq in (0, 1, 9):  # evicted, and too far ahead
+            gone = client.get(url(reader, channel, seq))
+            assert gone.status_code == 470
+            assert gone.headers["lp-trickle-latest"] == "7"
+            assert gone.headers["lp-trickle-seq"] == str(seq)
+        nxt = client.get(f"{reader.url}/ai/trickle/{channel}/next")
+        assert nxt.text.strip() == "7"
+        assert nxt.headers["lp-trickle-latest"] == "7"
+        current = client.get(url(reader, channel, -2))  # -2: the segment written last
+        assert current.headers["lp-trickle-seq"] == "6"
+        assert current.content == b"segment 6"
+
+
+def test_publish_with_seq_minus_one_writes_the_next_position(replicas, redis_server):
+    proxy, _ = replicas
+    channel = make_channel(redis_server, "application/json")
+    with httpx.Client(timeout=10) as client:
+        assert client.post(url(proxy, channel, -1), content=b'{"a": 1}').status_code == 200
+        assert client.post(url(proxy, channel, -1), content=b'{"a": 2}').status_code == 200
+        second = client.get(url(proxy, channel, 1))
+        assert second.json() == {"a": 2}
+        assert second.headers["content-type"] == "application/json"
+
+
+async def _chunks(parts: list[bytes], gate: asyncio.Event):
+    yield parts[0]
+    await gate.wait()
+    for part in parts[1:]:
+        yield part
+
+
+def test_bytes_reach_a_reader_while_the_segment_is_still_being_written(replicas, redis_server):
+    writer, reader = replicas
+    channel = make_channel(redis_server)
+
+    async def scenario() -> tuple[bytes, bytes, dict]:
+        gate = asyncio.Event()
+        first_seen = asyncio.Event()
+        got: dict = {}
+
+        async def read() -> None:
+            # A reader waiting at the live edge (-1) before anything is published.
+            async with client.stream("GET", url(reader, channel, -1)) as response:
+                chunks = response.aiter_bytes()
+                got["first"] = await chunks.__anext__()
+                first_seen.set()
+                got["rest"] = b"".join([chunk async for chunk in chunks])
+                got["headers"] = dict(response.headers)
+
+        async with httpx.AsyncClient(timeout=20) as client:
+            reading = asyncio.ensure_future(read())
+            await asyncio.sleep(0.3)
+            post = asyncio.ensure_future(
+                client.post(url(writer, channel, 0), content=_chunks([b"first", b"rest"], gate))
+            )
+            await asyncio.wait_for(first_seen.wait(), 10)
+            assert not post.done()  # the first bytes arrived with the post still open
+            gate.set()
+            assert (await post).status_code == 200
+            await asyncio.wait_for(reading, 10)
+        return got["first"], got["rest"], got["headers"]
+
+    first, rest, headers = asyncio.run(scenario())
+    assert first + rest == b"firstrest"
+    assert headers["lp-trickle-seq"] == "0"
+
+
+def test_close_propagates_to_waiting_readers_and_preconnected_writers(replicas, redis_server):
+    writer, reader = replicas
+    channel = make_channel(redis_server)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, int]:
+        async with httpx.AsyncClient(timeout=20) as client:
+            waiting = asyncio.ensure_future(client.get(url(reader, channel, 0)))
+            gate = asyncio.Event()  # a publisher preconnected to 0 that never sends a byte
+            preconnected = asyncio.ensure_future(
+                client.post(url(writer, channel, 0), content=_chunks([b""], gate))
+            )
+            await asyncio.sleep(0.5)
+            closed = await client.delete(f"{writer.url}/ai/trickle/{channel}")
+            got = await asyncio.wait_for(waiting, 10)
+            gate.set()  # httpx reads a response only once its body is sent (Go's does not wait)
+            posted = await asyncio.wait_for(preconnected, 10)
+            after = await client.get(url(reader, channel, 0))
+            assert closed.status_code == 200
+            return got, posted, after.status_code
+
+    got, posted, after = asyncio.run(scenario())
+    assert got.status_code == 200
+    assert got.headers["lp-trickle-closed"] == "terminated"
+    assert posted.headers.get("lp-trickle-closed") == "terminated"
+    assert after == 404
+
+
+def test_a_slow_reader_does_not_stall_the_writer(replicas, redis_server):
+    writer, reader = replicas
+    channel = make_channel(redis_server)
+    segment = bytes(range(256)) * 4096  # 1 MiB
+    # A reader that asks for segment 0 and then reads nothing at all.
+    slow = socket.create_connection(("127.0.0.1", reader.port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(f"GET /ai/trickle/{channel}/0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    try:
+        time.sleep(0.3)
+        with httpx.Client(timeout=30) as client:
+            for seq in range(8):  # 8 MiB: far more than the slow reader's socket holds
+                assert client.post(url(writer, channel, seq), content=segment).status_code == 200
+            latest = client.get(url(reader, channel, 7))
+        assert latest.status_code == 200
+        assert latest.content == segment
+        slow.setblocking(False)
+        try:
+            unread = len(slow.recv(16 * 1024 * 1024))
+        except BlockingIOError:
+            unread = 0
+        assert unread < 8 * len(segment)  # the writer finished with the reader far behind
+    finally:
+        slow.close()
+
+
+def test_idle_channels_are_swept(redis_server):
+    channel = make_channel(redis_server)
+
+    async def scenario() -> tuple[list[str], bool]:
+        store = TrickleStore(AsyncRedis.from_url(redis_server.url), idle_seconds=300)
+        try:
+            kept = await store.sweep(now=time.time() + 100)
+            assert channel not in kept
+            assert await store.exists(channel)
+            swept = await store.sweep(now=time.time() + 301)
+            return swept, await store.exists(channel)
+        finally:
+            await store.redis.aclose()
+
+    swept, exists = asyncio.run(scenario())
+    assert channel in swept
+    assert not exists
