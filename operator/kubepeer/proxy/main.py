@@ -31,7 +31,7 @@ from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
 from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
-from kubepeer.proxy.server import hypercorn_config, serve
+from kubepeer.proxy.server import SERVERS, hypercorn_config, serve
 from kubepeer.proxy.trickle import TrickleStore
 
 log = logging.getLogger("kubepeer.proxy")
@@ -65,6 +65,12 @@ class ProxyArgs:
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     evs_per_win: int = 100  # a winning ticket's worth in ticket EVs: 1/win probability
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
+    server: str = SERVERS[0]
+    auto_adjust_price: bool = True
+    runner_trickle_url: str | None = None  # where runners reach our trickle channels
+    live_payment_interval: float = 5.0
+    offchain_gateways: bool = False
+    live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
 
 
 class JsonLogFormatter(logging.Formatter):
