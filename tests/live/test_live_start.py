@@ -201,7 +201,9 @@ def test_interval_payments_are_credited_and_the_stream_is_debited_per_second(sta
     record = redis.hgetall(f"kubepeer:live:stream:{mid}")
     assert record[b"reason"].decode().startswith("insufficient balance")
     debits = json.loads(record[b"debits"])
-    price = Fraction(PRICE)
+    # Debited at the price the gateway was offered and pays (AutoAdjustPrice included).
+    price = Fraction(info.price_info.price_per_unit, info.price_info.pixels_per_unit)
+    assert price >= Fraction(PRICE)
     for debit in debits:
         assert debit["seconds"] >= 1  # the interval
         assert debit["pixels"] == int(PIXELS_PER_SECOND * debit["seconds"])

@@ -229,13 +229,22 @@ class Proxy:
         if discovery.live_capped(request, self.catalogue(), self.model_state):
             metrics.DISCOVERY.labels("capped").inc()
             raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, discovery.ORCHESTRATOR_CAPPED)
+        try:
+            reply = self.offer(request)
+        except PaymentRefused as exc:
+            metrics.DISCOVERY.labels("no-ticket-params").inc()
+            raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
+        reply.info.auth_token.CopyFrom(self.auth_secret.issue())
+        metrics.DISCOVERY.labels("ok").inc()
+        return reply.info.SerializeToString()
+
+    def offer(self, request: net_pb2.OrchestratorRequest) -> discovery.Reply:
+        """OrchestratorInfo for `request.address`, its ticket params issued at the price it
+        carries (AutoAdjustPrice included): what GetOrchestrator and a live stream's
+        PaymentResult both answer. Raises PaymentRefused when no params can be issued."""
         tx_cost_share = None
         if self.billing is not None and self.config.auto_adjust_price:
-            try:
-                tx_cost_share = self.billing.tx_cost_share()
-            except PaymentRefused as exc:
-                metrics.DISCOVERY.labels("no-ticket-params").inc()
-                raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
+            tx_cost_share = self.billing.tx_cost_share()
         reply = discovery.orchestrator_info(
             request,
             self.catalogue(),
@@ -246,15 +255,9 @@ class Proxy:
             tx_cost_share=tx_cost_share,
         )
         if self.billing is not None:
-            try:
-                params = self.billing.ticket_params(go_address(request.address), reply.price)
-            except PaymentRefused as exc:
-                metrics.DISCOVERY.labels("no-ticket-params").inc()
-                raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
+            params = self.billing.ticket_params(go_address(request.address), reply.price)
             reply.info.ticket_params.CopyFrom(params)
-        reply.info.auth_token.CopyFrom(self.auth_secret.issue())
-        metrics.DISCOVERY.labels("ok").inc()
-        return reply.info.SerializeToString()
+        return reply
 
     # -- live video (live.py) ------------------------------------------------------------
     def _model(self, aimodel: str) -> ServedModel | None:

@@ -45,7 +45,7 @@ from kubepeer.livepeer.wire import (
 from kubepeer.proxy import discovery, metrics
 from kubepeer.proxy.billing import PaymentRefused
 from kubepeer.proxy.catalogue import ServedModel
-from kubepeer.proxy.credentials import CredentialsRefused, check_segment, go_address
+from kubepeer.proxy.credentials import CredentialsRefused, check_segment
 from kubepeer.proxy.jobs import JobRefused, decode_fields, read_body
 from kubepeer.proxy.trickle import BASE_PATH, TrickleStore
 
@@ -515,17 +515,12 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
     asked = net_pb2.OrchestratorRequest(address=payment.sender)
     if seg.HasField("capabilities"):
         asked.capabilities.CopyFrom(seg.capabilities)
-    reply = discovery.orchestrator_info(
-        asked, proxy.catalogue(), proxy.model_state, transcoder=proxy.config.public_url,
-        recipient=proxy.recipient, version=proxy.config.version,
-    )  # fmt: skip
+    try:
+        reply = proxy.offer(asked)  # the same price and params discovery would give
+    except PaymentRefused:
+        return PlainTextResponse("Internal Server Error\n", 500)
     reply.info.auth_token.CopyFrom(seg.auth_token)
     if proxy.billing is not None:
-        try:
-            params = proxy.billing.ticket_params(go_address(payment.sender), reply.price)
-        except PaymentRefused:
-            return PlainTextResponse("Internal Server Error\n", 500)
-        reply.info.ticket_params.CopyFrom(params)
         try:
             proxy.billing.credit(payment, seg.manifest_id.decode(errors="replace"))
         except PaymentRefused as exc:
