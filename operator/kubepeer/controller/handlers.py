@@ -30,7 +30,6 @@ from kubepeer.controller.fleet import (
     Key,
     RunnerOutcome,
     View,
-    awaiting_first_runner,
     model_status,
     publish_table,
     reconcile_runner,
@@ -93,7 +92,7 @@ class Fleet:
         self.retry.discard(key)
         if gone:
             self.written.pop(key, None)
-        elif not awaiting_first_runner(self.view, body) or key in self.written:
+        else:
             self.refresh_status(namespace, name)
 
     def runner_changed(
