@@ -216,3 +216,69 @@ def test_idle_channels_are_swept(redis_server):
     swept, exists = asyncio.run(scenario())
     assert channel in swept
     assert not exists
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    """One response head (status line and headers) from a raw HTTP/1.1 socket."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, f"connection closed after {head!r}"
+        head += byte
+    return head
+
+
+def test_a_publisher_silent_before_its_first_byte_gets_100_continue(replicas, redis_server):
+    """gateway-wire 5.2: while waiting for a POST's first byte the server sends `100
+    Continue` every 10 s, so the preconnected publisher's connection stays alive."""
+    proxy, _ = replicas
+    channel = make_channel(redis_server)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=25)
+    try:
+        sock.sendall(
+            f"POST /ai/trickle/{channel}/0 HTTP/1.1\r\nHost: x\r\nContent-Type: video/MP2T\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        interim = _read_head(sock)  # nothing sent yet: the keepalive comes after 10 s
+        assert interim.split(b"\r\n")[0] == b"HTTP/1.1 100 Continue"
+        sock.sendall(b"5\r\nhello\r\n0\r\n\r\n")
+        final = _read_head(sock)
+        assert final.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+        assert b"lp-trickle-seq: 0" in final.lower()
+    finally:
+        sock.close()
+    with httpx.Client(timeout=10) as client:
+        assert client.get(url(proxy, channel, 0)).content == b"hello"
+
+
+def test_lp_trickle_reset_ends_earlier_segments_and_keeps_later_ones(replicas, redis_server):
+    """gateway-wire 5.2: `Lp-Trickle-Reset` on a POST closes the older segments (a
+    restarted publisher's unfinished one), unblocking their readers."""
+    writer, reader = replicas
+    channel = make_channel(redis_server)
+
+    async def scenario() -> tuple[bytes, bytes, dict]:
+        gate = asyncio.Event()  # the first publisher sends a little of 0, then hangs
+        async with httpx.AsyncClient(timeout=20) as client:
+            hung = asyncio.ensure_future(
+                client.post(url(writer, channel, 0), content=_chunks([b"partial", b"!"], gate))
+            )
+            await asyncio.sleep(0.5)
+            on_zero = asyncio.ensure_future(client.get(url(reader, channel, 0)))
+            on_one = asyncio.ensure_future(client.get(url(reader, channel, 1)))  # precreated
+            await asyncio.sleep(1.0)
+            assert not on_zero.done()  # segment 0 is still open: its publisher may go on
+            restarted = await client.post(
+                url(writer, channel, 1), content=b"fresh", headers={"Lp-Trickle-Reset": "1"}
+            )
+            zero = await asyncio.wait_for(on_zero, 10)
+            one = await asyncio.wait_for(on_one, 10)
+            gate.set()
+            await asyncio.wait_for(hung, 10)
+            assert restarted.status_code == 200
+            return zero.content, one.content, dict(one.headers)
+
+    zero, one, headers = asyncio.run(scenario())
+    assert zero == b"partial"  # ended by the reset, with what it had
+    assert one == b"fresh"  # the segment the reset came with is not closed
+    assert headers["lp-trickle-seq"] == "1"

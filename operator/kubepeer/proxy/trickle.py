@@ -32,6 +32,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from kubepeer.proxy.server import interim_sender
+
 log = logging.getLogger("kubepeer.proxy.trickle")
 
 BASE_PATH = "/ai/trickle/"
@@ -41,6 +43,8 @@ SWEEP_SECONDS = 60.0
 KEEP_AFTER_END = 60  # seconds a closed or evicted segment stays readable by readers on it
 POLL_MS = 1000  # a reader re-checks its channel this often while nothing arrives
 PRECONNECT_POLL_SECONDS = 0.25  # a publisher waiting for its first byte checks its channel
+KEEPALIVE_SECONDS = 10.0  # `100 Continue` to a publisher that has not sent its first byte
+RESET_HEADER = b"lp-trickle-reset"  # a restarted publisher: end the segments before its own
 ACTIVE = "kubepeer:trickle:active"
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 STATUS_ABSENT = 470  # channel exists, segment not (go-livepeer's special status)
@@ -125,6 +129,26 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
+# KEYS[1] meta; ARGV: prefix, idx, ttl -> how many segments before idx were ended. A
+# restarted publisher's earlier segments may never get their last byte: end them for the
+# readers waiting on them (who then get 470 and the latest seq); later, preconnected
+# segments are kept (they can arrive out of order).
+_RESET = """
+local ended = 0
+for i = 0, %LAST% do
+  local held = redis.call('HGET', KEYS[1], 'r' .. i)
+  if held and tonumber(held) < tonumber(ARGV[2]) then
+    local last = redis.call('XREVRANGE', ARGV[1] .. held, '+', '-', 'COUNT', 1)
+    if not (last[1] and last[1][2][1] == 'e') then
+      redis.call('XADD', ARGV[1] .. held, '*', 'e', 'done')
+      redis.call('EXPIRE', ARGV[1] .. held, ARGV[3])
+      ended = ended + 1
+    end
+  end
+end
+return ended
+""".replace("%LAST%", str(RING - 1))
+
 # KEYS[1] meta; ARGV: prefix, keep -> 1, or 0 when there was no such channel
 _CLOSE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -173,6 +197,7 @@ class TrickleStore:
         self._open_read = redis.register_script(_OPEN_READ)
         self._first_byte = redis.register_script(_FIRST_BYTE)
         self._close = redis.register_script(_CLOSE)
+        self._reset = redis.register_script(_RESET)
 
     @property
     def key_ttl(self) -> int:
@@ -227,6 +252,11 @@ class TrickleStore:
             keys=[meta_key(channel)], args=[prefix, seq, self.keep_after_end]
         )
         return int(found[0]) if found else None
+
+    async def reset_before(self, channel: str, seq: int) -> int:
+        """End the unfinished segments before seq (Lp-Trickle-Reset); how many were."""
+        prefix = segment_key(channel, 0)[:-1]
+        return int(await self._reset(keys=[meta_key(channel)], args=[prefix, seq, self.key_ttl]))
 
     async def first_byte(self, channel: str, seq: int) -> None:
         now = time.time()
@@ -317,8 +347,9 @@ async def _drain(receive: Any) -> None:
 class TrickleServer:
     """ASGI app for every path under BASE_PATH."""
 
-    def __init__(self, store: TrickleStore) -> None:
+    def __init__(self, store: TrickleStore, keepalive_seconds: float = KEEPALIVE_SECONDS) -> None:
         self.store = store
+        self.keepalive_seconds = keepalive_seconds
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         parts = scope["path"][len(BASE_PATH) :].split("/")
@@ -356,7 +387,7 @@ class TrickleServer:
             await _plain(send, 400, "Invalid idx")
             return
         if method == "POST":
-            await self.publish(channel, seq, receive, send)
+            await self.publish(channel, seq, scope, receive, send)
         elif method == "GET":
             await self.subscribe(channel, seq, receive, send)
         elif method == "DELETE":
@@ -375,7 +406,9 @@ class TrickleServer:
             await _plain(send, 200, "")
 
     # -- POST: publish one segment, relayed to readers as it arrives --------------------
-    async def publish(self, channel: str, seq: int, receive: Any, send: Any) -> None:
+    async def publish(
+        self, channel: str, seq: int, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
         if seq < -1:
             await _drain(receive)
             await _plain(send, 400, "Invalid idx")
@@ -385,9 +418,19 @@ class TrickleServer:
             await _drain(receive)
             await _plain(send, 404, "Stream not found", {"Connection": "close"})
             return
+        if any(k == RESET_HEADER and v for k, v in scope["headers"]):
+            await self.store.reset_before(channel, idx)
         first = asyncio.ensure_future(self._first_chunk(receive))
         ended = asyncio.ensure_future(self._segment_ended(channel, idx))
-        done, _ = await asyncio.wait({first, ended}, return_when=asyncio.FIRST_COMPLETED)
+        interim = interim_sender(receive)
+        while True:  # go-livepeer keeps a silent publisher's connection alive with 1xx
+            done, _ = await asyncio.wait(
+                {first, ended}, timeout=self.keepalive_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                break
+            if interim is not None:
+                interim(100)
         if first not in done:
             # A preconnected publisher whose channel closed before it sent a byte.
             first.cancel()
