@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from live_clips import clip_segments, codec_of, decode_frames, pattern
+from live_clips import clip_segments, codec_of, decode_audio, decode_frames, pattern, video_start
 from PIL import Image
 from runners import RunnerProcess, start_runner, stop
 from trickle_oracle import OracleServer
@@ -175,6 +175,29 @@ def test_noop_stream_resizes_every_frame_and_reports_until_the_input_closes(noop
     assert final["end_reason"] == "input channel closed"
     after = trickle.read(stream.output, 2, timeout=10)  # the runner closed its output
     assert after.status == 404 or after.headers.get("Lp-Trickle-Closed") == "terminated"
+    wait_for(lambda: health(noop_runner) == "IDLE", timeout=10, what="IDLE after the stream")
+
+
+def test_the_input_audio_is_passed_through_on_the_input_timeline(noop_runner, trickle):
+    """gateway-wire.md 5.3: audio frames pass through the runner (re-encoded to Opus 48 kHz
+    mono); each output segment carries its input segment's sound at the same times."""
+    stream = Stream(trickle, noop_runner)
+    assert stream.start("noop", {"width": 96, "height": 64}).status_code == 200
+    segments = clip_segments(24, 12, 160, 90, 1.0, tone_hz=440)
+    assert len(segments) == 2
+    for seq, segment in enumerate(segments):
+        trickle.publish(stream.input, seq, segment)
+        out = trickle.read(stream.output, seq)
+        assert out.status == 200
+        heard, played = decode_audio(out.body), decode_audio(segment)
+        assert heard is not None, f"output segment {seq} has no audio track"
+        assert (heard.codec, heard.rate, heard.layout) == ("opus", 48000, "mono")
+        assert abs(heard.dominant_hz() - 440) < 5  # the input's tone, not silence
+        assert abs(heard.start - played.start) < 0.03  # Opus's priming is 6.5 ms
+        assert abs(heard.seconds - played.seconds) < 0.06  # whole 20 ms Opus frames
+        assert abs(heard.start - video_start(out.body)) < 0.05  # in step with the video
+        assert len(decode_frames(out.body)) == len(decode_frames(segment))
+    trickle.close(stream.input)
     wait_for(lambda: health(noop_runner) == "IDLE", timeout=10, what="IDLE after the stream")
 
 

@@ -3,12 +3,16 @@
 Decoding keeps one decoder for the whole stream, so a segment that does not start on a
 keyframe still decodes from the frames before it; each output segment is encoded by a
 fresh encoder, so it starts with an IDR frame and a player can join at any segment.
+Audio skips the model: an input segment's audio frames, decoded with their own times, are
+re-encoded into the output segment made from that input segment, as ai-runner does (Opus,
+48 kHz mono: gateway-wire.md 5.3), so sound and pictures keep the input's timeline.
 Everything here blocks: callers run it off the event loop.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -21,6 +25,7 @@ MPEGTS_TIME_BASE = Fraction(1, 90000)
 X264_OPTIONS = {"preset": "superfast", "tune": "zerolatency", "bf": "0", "forced-idr": "1"}
 KEYFRAME_SECONDS = 2
 MAX_FPS = 24  # ai-runner caps input video at 24 fps
+AUDIO_CODEC, AUDIO_RATE, AUDIO_LAYOUT = "libopus", 48000, "mono"  # ai-runner's output audio
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,14 @@ class SegmentDecoder:
 
     def __init__(self, max_fps: float = MAX_FPS) -> None:
         self._codec: Any = None
+        self._audio_codec: Any = None
+        self._audio: list[Any] = []
         self._min_gap = Fraction(1) / Fraction(max_fps).limit_denominator(1000)
         self._last_kept: Fraction | None = None
 
     def decode(self, segment: bytes, width: int, height: int) -> list[Frame]:
-        """The frames of one segment, fitted to width x height, at most MAX_FPS."""
+        """The frames of one segment, fitted to width x height, at most MAX_FPS. Its audio
+        frames wait for `take_audio`."""
         import av
 
         frames: list[Frame] = []
@@ -59,28 +67,37 @@ class SegmentDecoder:
         except av.error.FFmpegError:
             return frames  # no stream in it (an empty or cut segment): nothing to show
         with container:
-            videos = container.streams.video
-            if not videos:
-                return frames
-            stream = videos[0]
-            if self._codec is None:
-                self._codec = av.CodecContext.create(stream.codec_context.name, "r")
-                self._codec.thread_type = "SLICE"  # frame threading would delay every frame
-                if stream.codec_context.extradata:
-                    self._codec.extradata = stream.codec_context.extradata
-            time_base = stream.time_base or MPEGTS_TIME_BASE
-            for packet in container.demux(stream):
+            streams = [*container.streams.video[:1], *container.streams.audio[:1]]
+            for stream in streams:
+                if stream.type == "video" and self._codec is None:
+                    self._codec = _decoder(stream)
+                    self._codec.thread_type = "SLICE"  # frame threading delays every frame
+                elif stream.type == "audio" and self._audio_codec is None:
+                    self._audio_codec = _decoder(stream)
+            for packet in container.demux(streams) if streams else ():
                 if packet.size == 0:
                     continue
+                video = packet.stream.type == "video"
                 try:
-                    decoded = self._codec.decode(packet)
+                    decoded = (self._codec if video else self._audio_codec).decode(packet)
                 except av.error.InvalidDataError:
                     continue  # a damaged packet: skip it, as a player would
+                time_base = packet.stream.time_base or MPEGTS_TIME_BASE
                 for frame in decoded:
+                    if not video:
+                        if frame.pts is not None:
+                            frame.time_base = time_base
+                            self._audio.append(frame)
+                        continue
                     kept = self._keep(frame, time_base)
                     if kept is not None:
                         frames.append(Frame(fit(frame, width, height), kept))
         return frames
+
+    def take_audio(self) -> list[Any]:
+        """The audio frames decoded since the last call (PyAV AudioFrames with times)."""
+        audio, self._audio = self._audio, []
+        return audio
 
     def _keep(self, frame: Any, time_base: Fraction) -> int | None:
         if frame.pts is None:
@@ -108,6 +125,7 @@ class SegmentEncoder:
         self._stream.time_base = MPEGTS_TIME_BASE
         self.frames = 0
         self._last_pts = -1
+        self._packets: list[Any] = []  # muxed at finish, once we know if there is audio
 
     def encode(self, image: np.ndarray, pts: int) -> None:
         import av
@@ -116,13 +134,30 @@ class SegmentEncoder:
         frame.pts = max(pts, self._last_pts + 1)  # strictly increasing, as muxers demand
         frame.time_base = MPEGTS_TIME_BASE
         self._last_pts = frame.pts
-        self._container.mux(self._stream.encode(frame))
+        self._packets += self._stream.encode(frame)
         self.frames += 1
 
-    def finish(self) -> bytes:
-        self._container.mux(self._stream.encode(None))
+    def finish(self, audio: Sequence[Any] = ()) -> bytes:
+        """The segment, with `audio` (decoded frames, any format) re-encoded beside the
+        video at its own times; the muxer interleaves the two by time."""
+        packets = [*self._packets, *self._stream.encode(None)]
+        if audio:
+            sound = self._container.add_stream(AUDIO_CODEC, rate=AUDIO_RATE, layout=AUDIO_LAYOUT)
+            for frame in audio:
+                packets += sound.encode(frame)
+            packets += sound.encode(None)
+        self._container.mux(packets)
         self._container.close()
         return self._buffer.getvalue()
+
+
+def _decoder(stream: Any) -> Any:
+    import av
+
+    codec = av.CodecContext.create(stream.codec_context.name, "r")
+    if stream.codec_context.extradata:
+        codec.extradata = stream.codec_context.extradata
+    return codec
 
 
 def encode_clip(frames: list[np.ndarray], fps: int) -> bytes:

@@ -7,6 +7,9 @@ Four stages joined by bounded queues, so memory stays flat whatever the model's 
   the oldest frame is dropped when full] -> model (the device thread) -> [8 frames] ->
   encode (worker thread) + publish (trickle POST), one output segment per input segment.
 
+An input segment's audio skips the model: it rides on the segment's end mark (never
+dropped) and is re-encoded into the output segment made from that input segment.
+
 The event loop only moves bytes and frames between them, so /health keeps answering.
 """
 
@@ -56,9 +59,11 @@ class LiveVideoToVideoResponse(BaseModel):
 
 @dataclass(frozen=True)
 class SegmentEnd:
-    """Marks where an input segment's frames end, so output segments follow input ones."""
+    """Marks where an input segment's frames end, so output segments follow input ones;
+    carries the segment's audio frames."""
 
     seq: int
+    audio: tuple[Any, ...] = ()
 
 
 END = object()  # no more input
@@ -215,7 +220,7 @@ class LiveStream:
                 self.counters.frames_in += len(frames)
                 for frame in frames:
                     backlog.put(frame)
-                backlog.put(SegmentEnd(seq))
+                backlog.put(SegmentEnd(seq, tuple(decoder.take_audio())))
         finally:
             backlog.put(END)
 
@@ -237,8 +242,10 @@ class LiveStream:
         encoder: SegmentEncoder | None = None
         while (item := await processed.get()) is not END:
             if isinstance(item, SegmentEnd):
+                if encoder is None and item.audio:  # every frame dropped: the sound goes on
+                    encoder = SegmentEncoder(self.params.width, self.params.height)
                 if encoder is not None:
-                    await output.write(await off_loop(encoder.finish))
+                    await output.write(await off_loop(encoder.finish, item.audio))
                     self.counters.segments_out += 1
                     self.counters.last_output_time = time.time()
                     encoder = None
