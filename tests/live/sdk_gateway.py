@@ -6,6 +6,14 @@ events channel, stop. Run by tests/live/test_live_sdk.py with the SDK's own inte
 
     .gateway-sdk/bin/python tests/live/sdk_gateway.py ORCH_URL MODEL_ID --seconds 6 \
         --params '{"width": 384, "height": 384}' --update '{"prompt": "..."}'
+
+So that every frame counts, nothing here drops one: each frame is written only once the
+SDK's encoder queue is empty (its overflow and time-debt skips then never fire: their
+counts are reported). The first `total` frames are those written before the `--update`
+control message, sent once at least `--seconds` of frames are in and some output has come
+back (so frames made before it exist, however slow the model). Then the app goes on
+feeding tail frames until the output shows one, which proves every one of the first
+`total` that went in has come out (a stream's output is in order): no guessed drain time.
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ async def run(args: argparse.Namespace) -> dict:
     report["manifest_id"] = job.manifest_id
     report["urls"] = [job.publish_url, job.subscribe_url, job.control_url, job.events_url]
     done = asyncio.Event()
+    minimum = int(args.seconds * args.fps)
+    span: dict[str, int] = {}  # "total": frames written before the update
+    past_total = asyncio.Event()  # an output frame from the tail: the first `total` are out
     update_at: list[float] = []
 
     async def read_events() -> None:
@@ -88,6 +99,8 @@ async def run(args: argparse.Namespace) -> dict:
                     "diff_from_input": float(np.abs(pixels - source).mean()),
                     "after_update": bool(update_at) and time.monotonic() > update_at[0],
                 })  # fmt: skip
+                if index >= span.get("total", index + 1):
+                    past_total.set()
                 if done.is_set():
                     return
         except Exception as exc:
@@ -98,19 +111,30 @@ async def run(args: argparse.Namespace) -> dict:
     events = asyncio.create_task(read_events())
     frames = asyncio.create_task(read_frames())
     media = job.start_media(MediaPublishConfig(tracks=[VideoOutputConfig(fps=args.fps)]))
-    total = int(args.seconds * args.fps)
     t0 = time.monotonic()
-    for index in range(total):
+    deadline = t0 + args.deadline
+    index = 0
+    while ("total" not in span or not past_total.is_set()) and time.monotonic() < deadline:
+        while media.get_stats().track_queue_stats[0].queue_depth:  # the encoder's turn
+            await asyncio.sleep(0.005)
         frame = av.VideoFrame.from_ndarray(input_frame(index), format="rgb24")
         frame.pts = index
         frame.time_base = Fraction(1, args.fps)
         await media.write_frame(frame)
-        if args.update and index == total * 2 // 3:
-            await job.control.write(json.loads(args.update))
-            update_at.append(time.monotonic())
-        await asyncio.sleep(max(0.0, t0 + (index + 1) / args.fps - time.monotonic()))
+        index += 1
+        if "total" not in span and index >= minimum and (report["frames"] or not args.update):
+            if args.update:
+                await job.control.write(json.loads(args.update))
+                update_at.append(time.monotonic())
+            span["total"] = index
+        await asyncio.sleep(max(0.0, t0 + index / args.fps - time.monotonic()))
+    total = span.get("total", index)
     report["frames_in"] = total
-    await asyncio.sleep(args.drain)  # the last segments through the model
+    report["tail_frames"] = index - total
+    report["past_total"] = past_total.is_set()
+    queue = media.get_stats().track_queue_stats[0]
+    report["sdk_dropped"] = (queue.frames_dropped_overflow + queue.frames_dropped_debt
+                             + queue.frames_dropped_non_monotonic_pts)  # fmt: skip
     done.set()
     await media.close()
     await job.close()
@@ -129,7 +153,8 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--fps", type=int, default=FPS)
-    parser.add_argument("--drain", type=float, default=4.0)
+    parser.add_argument("--deadline", type=float, default=120.0,
+                        help="give up waiting for the output to pass the frames after this")  # fmt: skip
     parser.add_argument("--params", default="{}")
     parser.add_argument("--update", default="")
     args = parser.parse_args()
