@@ -153,8 +153,8 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--fps", type=int, default=FPS)
-    parser.add_argument("--deadline", type=float, default=120.0,
-                        help="give up waiting for the output to pass the frames after this")  # fmt: skip
+    # Seconds after which the app stops waiting for the output to pass its frames.
+    parser.add_argument("--deadline", type=float, default=120.0)
     parser.add_argument("--params", default="{}")
     parser.add_argument("--update", default="")
     args = parser.parse_args()
