@@ -269,3 +269,46 @@ def test_a_dead_replicas_stream_is_adopted_by_another_and_still_charged(
     finally:
         end_proxy(first)
         end_proxy(second)
+
+
+def test_streams_spread_over_every_aimodel_serving_the_model_id(tmp_path, redis_server):
+    """Two AIModels serve the same live model id (capacity 1 each, their own runners): the
+    capacity advertised is both together, two streams start, one on each, and only a third
+    is refused, as a batch job may also go to any AIModel serving its model id."""
+    chain = FreshChainView(redis_server.client())
+    env = {"PIPELINE": "live-video-to-video", "MODEL_ID": NOOP, "AUTH_TOKEN": RUNNER_TOKEN,
+           "MODEL_DIR": str(tmp_path)}  # fmt: skip
+    runners = {
+        name: runner_process(env, tmp_path / f"{name}.log") for name in ("runner-a", "runner-b")
+    }
+    group = [{"aimodel": f"live-{x}", "pipeline": "live-video-to-video", "model_id": NOOP,
+              "runner": f"runner-{x}"} for x in "ab"]  # fmt: skip
+    proxy = proxy_process(
+        tmp_path / "proxy", redis_server, models=table(PRICE, 1, group, base=False),
+        endpoints={name: [r.url] for name, r in runners.items()},
+    )  # fmt: skip
+    try:
+        assert live_constraint(proxy).capacity == 2
+        late = Gateway()
+        late_info = late.discover(proxy, LIVE, NOOP)  # discovered while there was room
+        first, second = start(proxy, Gateway()), start(proxy, Gateway())
+        assert first.status_code == 200, first.text
+        assert second.status_code == 200, second.text
+        redis = redis_server.client()
+        placed = {
+            (redis.hget(f"kubepeer:live:stream:{r.json()['manifest_id']}", "aimodel"),
+             redis.hget(f"kubepeer:live:stream:{r.json()['manifest_id']}", "runner"))
+            for r in (first, second)
+        }  # fmt: skip
+        assert {aimodel for aimodel, _ in placed} == {b"live-a", b"live-b"}
+        assert {runner.decode() for _, runner in placed} == {r.url for r in runners.values()}
+        constraint = live_constraint(proxy)
+        assert (constraint.capacity, constraint.capacity_in_use) == (0, 2)
+        assert discover_error(proxy) == "UNKNOWN: Invalid orchestrator request: OrchestratorCapped"
+        third = start(proxy, late, late_info)
+        assert (third.status_code, third.text) == (503, "insufficient capacity\n")
+    finally:
+        end_proxy(proxy)
+        chain.stop.set()
+        for runner in runners.values():
+            stop_runner(runner)

@@ -194,15 +194,19 @@ class Proxy:
     # -- discovery ---------------------------------------------------------------------
     def model_state(self, model: ServedModel) -> discovery.ModelState:
         """What gateways are told of a model: of all the AIModels serving its (pipeline,
-        model id) together, since a job for it may go to any of them."""
+        model id) together, since a job or a stream for it may go to any of them."""
+        group = self.catalogue().serving(model.pipeline, model.model_id) or (model,)
         if self.live and model.pipeline is live.LIVE:
-            free, in_use = self.live.capacity.state(model, self.router.urls(model))
-            total = model.capacity * len(self.router.urls(model))
+            free = in_use = total = 0
+            for member in group:  # stream slots are counted per AIModel, then summed
+                urls = self.router.urls(member)
+                member_free, member_in_use = self.live.capacity.state(member, urls)
+                free, in_use = free + member_free, in_use + member_in_use
+                total += member.capacity * len(urls)
             return discovery.ModelState(
-                ready=self.router.ready(model), free_slots=free, in_use=in_use,
+                ready=any(self.router.ready(m) for m in group), free_slots=free, in_use=in_use,
                 utilization=1.0 if not total else in_use / total,
             )  # fmt: skip
-        group = self.catalogue().serving(model.pipeline, model.model_id) or (model,)
         return discovery.ModelState(
             ready=any(self.router.ready(m) for m in group),
             free_slots=sum(self.router.free_slots(m) for m in group),

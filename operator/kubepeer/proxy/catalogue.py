@@ -74,12 +74,6 @@ class Catalogue:
             m for m in self.models if m.pipeline == pipeline and m.model_id == model_id and m.price
         )
 
-    def find(self, pipeline: Pipeline | str, model_id: str) -> ServedModel | None:
-        """The first AIModel serving (pipeline, model_id). Live streams use it: a stream's
-        capacity is counted per AIModel, so they are not yet spread across a group."""
-        serving = self.serving(pipeline, model_id)
-        return serving[0] if serving else None
-
     @property
     def offered(self) -> list[ServedModel]:
         return [m for m in self.models if m.price is not None]

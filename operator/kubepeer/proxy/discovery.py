@@ -75,13 +75,14 @@ def live_capped(
     state: Callable[[ServedModel], ModelState],
 ) -> bool:
     """checkLiveVideoToVideoCapacity: a request naming live models, without
-    ignoreCapacityCheck, is refused unless one of them has a free stream slot."""
+    ignoreCapacityCheck, is refused unless one of them has a free stream slot on any of
+    the AIModels serving it."""
     wanted = request.capabilities.constraints.per_capability
     if request.ignore_capacity_check or LIVE_VIDEO_CAPABILITY not in wanted:
         return False
     for model_id in wanted[LIVE_VIDEO_CAPABILITY].models:
-        model = catalogue.find(Pipeline.LIVE_VIDEO_TO_VIDEO, model_id)
-        if model is not None and state(model).free_slots > 0:
+        group = catalogue.serving(Pipeline.LIVE_VIDEO_TO_VIDEO, model_id)
+        if any(state(model).free_slots > 0 for model in group):
             return False
     return True
 

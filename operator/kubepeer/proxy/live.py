@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -138,6 +138,18 @@ class LiveCapacity:
             url = raw.decode().rsplit(" ", 1)[0]
             counts[url] = counts.get(url, 0) + 1
         return counts
+
+    def reserve_in(
+        self, group: Sequence[tuple[ServedModel, tuple[str, ...]]], mid: str
+    ) -> tuple[ServedModel, str] | None:
+        """A stream slot on the AIModel of `group` (each with its ready runners) that has
+        the most free slots, so streams spread over every AIModel serving a model id."""
+        by_free = sorted(group, key=lambda member: -self.state(*member)[0])
+        for model, urls in by_free:
+            runner = self.reserve(model, urls, mid)
+            if runner is not None:
+                return model, runner
+        return None
 
     def state(self, model: ServedModel, urls: tuple[str, ...]) -> tuple[int, int]:
         """(free stream slots, streams in use) over the ready runners."""
@@ -442,11 +454,12 @@ async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]
     fields = await decode_fields(LIVE, "application/json", body)
     stream_id = str(fields.get("stream_id") or request.headers.get("streamID") or "")
     request_id = str(fields.get("gateway_request_id") or request.headers.get("requestID") or "")
-    model = proxy.catalogue().find(LIVE, str(fields.get("model_id") or ""))
+    group = proxy.catalogue().serving(LIVE, str(fields.get("model_id") or ""))
     mid = service.new_manifest_id()
-    runner = service.capacity.reserve(model, proxy.router.urls(model), mid) if model else None
-    if model is None or runner is None:
+    reserved = service.capacity.reserve_in([(m, proxy.router.urls(m)) for m in group], mid)
+    if reserved is None:
         raise JobRefused(503, INSUFFICIENT_CAPACITY)
+    model, runner = reserved
     stream: LiveStream | None = None
     try:
         payment = proxy._check_credentials(request)  # 402, 403 (401 in private mode)
