@@ -90,6 +90,8 @@ def test_helm_lint_is_clean(values):
         ("payments.network=mainnet", "/payments/network"),  # not one of the networks
         ("proxy.replcas=3", "replcas"),  # a misspelt field is refused, not ignored
         ("redis.externalUrl=http://redis:6379", "/redis/externalUrl"),  # not a redis URL
+        ("proxy.live.trickleUrlForRunner=proxy:8935", "/proxy/live/trickleUrlForRunner"),
+        ("proxy.live.paymentIntervalSeconds=0", "/proxy/live/paymentIntervalSeconds"),
     ],
 )
 def test_the_schema_refuses_bad_values_naming_the_field(setting, named):
@@ -179,3 +181,46 @@ def test_runner_pods_accept_only_the_proxy():
     assert all(
         not selector.items() <= o["spec"]["template"]["metadata"]["labels"].items() for o in others
     )
+
+
+def _proxy_args(objects: list[dict]) -> list[str]:
+    return find(objects, "Deployment", "kubepeer-proxy")["spec"]["template"]["spec"]["containers"][
+        0
+    ]["args"]
+
+
+def test_the_proxys_live_video_flags_come_from_values():
+    defaults = _proxy_args(render(*REQUIRED))
+    assert "--live-payment-interval=5" in defaults
+    assert "--live-lease-seconds=30" in defaults
+    assert not [a for a in defaults if a.startswith(("--trickle-url-for-runner", "--offchain"))]
+    runner_url = "https://kubepeer-proxy.kubepeer-system.svc:8935"
+    paid = _proxy_args(render(
+        *REQUIRED, "--set", f"proxy.live.trickleUrlForRunner={runner_url}",
+        "--set-json", "proxy.live.paymentIntervalSeconds=2.5",
+        "--set", "proxy.live.leaseSeconds=60",
+    ))  # fmt: skip
+    assert f"--trickle-url-for-runner={runner_url}" in paid
+    assert "--live-payment-interval=2.5" in paid
+    assert "--live-lease-seconds=60" in paid
+    private = _proxy_args(render(
+        *REQUIRED, "--set", "proxy.payments=false", "--set", "proxy.live.offchainGateways=true",
+    ))  # fmt: skip
+    assert "--offchain-gateways" in private
+    assert "--no-payments" in private
+    # The proxy's own parser accepts what the chart passes (the flags exist, values parse;
+    # the Redis URL comes from the pod's env).
+    from kubepeer.cli import build_parser
+
+    extra = ["--trickle-url-for-runner", runner_url, "--redis-url", "redis://redis:6379"]
+    parsed = build_parser().parse_args(private + extra)
+    assert parsed.offchain_gateways is True
+    assert parsed.trickle_url_for_runner == runner_url
+    assert parsed.live_payment_interval == 5.0
+
+
+def test_offchain_gateways_with_payments_on_is_refused_naming_the_value():
+    result = helm("template", "kubepeer", str(CHART), *REQUIRED,
+                  "--set", "proxy.live.offchainGateways=true", check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "proxy.live.offchainGateways" in result.stderr, result.stderr
