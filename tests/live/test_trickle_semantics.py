@@ -13,6 +13,9 @@ import socket
 import time
 from collections.abc import Iterator
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 from redis.asyncio import Redis as AsyncRedis
@@ -245,6 +248,49 @@ def test_a_publisher_silent_before_its_first_byte_gets_100_continue(replicas, re
         final = _read_head(sock)
         assert final.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
         assert b"lp-trickle-seq: 0" in final.lower()
+    finally:
+        sock.close()
+    with httpx.Client(timeout=10) as client:
+        assert client.get(url(proxy, channel, 0)).content == b"hello"
+
+
+def test_the_keepalive_reaches_an_http2_publisher_too(replicas, redis_server):
+    """Go's trickle clients speak HTTP/2 where they can: the interim `100` goes out on the
+    publisher's stream there as well (h2c here, by prior knowledge)."""
+    proxy, _ = replicas
+    channel = make_channel(redis_server)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=25)
+    try:
+        sock.sendall(conn.data_to_send())
+        path = f"/ai/trickle/{channel}/0"
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path),
+                              (":authority", "x"), ("content-type", "video/MP2T")])  # fmt: skip
+        sock.sendall(conn.data_to_send())
+        statuses: list[bytes] = []
+        while not statuses:  # nothing sent yet: the keepalive comes after 10 s
+            data = sock.recv(65536)
+            assert data, "connection closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.InformationalResponseReceived):
+                    statuses.append(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.ResponseReceived):
+                    raise AssertionError(f"a final response first: {event.headers}")
+            sock.sendall(conn.data_to_send())
+        assert statuses == [b"100"]
+        conn.send_data(1, b"hello", end_stream=True)
+        sock.sendall(conn.data_to_send())
+        final: dict[bytes, bytes] = {}
+        while not final:
+            data = sock.recv(65536)
+            assert data, "connection closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    final = dict(event.headers)
+            sock.sendall(conn.data_to_send())
+        assert final[b":status"] == b"200"
+        assert final[b"lp-trickle-seq"] == b"0"
     finally:
         sock.close()
     with httpx.Client(timeout=10) as client:
