@@ -231,17 +231,23 @@ def _read_head(sock: socket.socket) -> bytes:
     return head
 
 
+def preconnect(proxy: ProxyServer, channel: str, seq: int, timeout: float) -> socket.socket:
+    """A publisher's POST of a chunked segment, headers sent and no body byte yet."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
+    sock.sendall(
+        f"POST /ai/trickle/{channel}/{seq} HTTP/1.1\r\nHost: x\r\nContent-Type: video/MP2T\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    return sock
+
+
 def test_a_publisher_silent_before_its_first_byte_gets_100_continue(replicas, redis_server):
     """gateway-wire 5.2: while waiting for a POST's first byte the server sends `100
     Continue` every 10 s, so the preconnected publisher's connection stays alive."""
     proxy, _ = replicas
     channel = make_channel(redis_server)
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=25)
+    sock = preconnect(proxy, channel, 0, timeout=25)
     try:
-        sock.sendall(
-            f"POST /ai/trickle/{channel}/0 HTTP/1.1\r\nHost: x\r\nContent-Type: video/MP2T\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n".encode()
-        )
         interim = _read_head(sock)  # nothing sent yet: the keepalive comes after 10 s
         assert interim.split(b"\r\n")[0] == b"HTTP/1.1 100 Continue"
         sock.sendall(b"5\r\nhello\r\n0\r\n\r\n")
@@ -328,3 +334,27 @@ def test_lp_trickle_reset_ends_earlier_segments_and_keeps_later_ones(replicas, r
     assert zero == b"partial"  # ended by the reset, with what it had
     assert one == b"fresh"  # the segment the reset came with is not closed
     assert headers["lp-trickle-seq"] == "1"
+
+
+def test_lp_trickle_reset_releases_a_publisher_preconnected_to_an_earlier_segment(
+    replicas, redis_server
+):
+    """A segment the reset closes also lets go of the publisher waiting to write it: 200
+    with `Connection: close`, as go-livepeer's closed segment does."""
+    writer, _ = replicas
+    channel = make_channel(redis_server)
+    waiting = preconnect(writer, channel, 0, timeout=8)  # and it never sends a byte
+    try:
+        time.sleep(0.5)
+        with httpx.Client(timeout=10) as client:
+            restarted = client.post(
+                url(writer, channel, 1), content=b"fresh", headers={"Lp-Trickle-Reset": "1"}
+            )
+        assert restarted.status_code == 200
+        head = _read_head(waiting).lower()  # before the 10 s keepalive: released, not kept
+    finally:
+        waiting.close()
+    assert head.split(b"\r\n")[0] == b"http/1.1 200 ok"
+    assert b"connection: close" in head
+    assert b"lp-trickle-seq: 0" in head
+    assert b"lp-trickle-closed" not in head  # the channel itself goes on

@@ -279,6 +279,11 @@ class TrickleStore:
             pipe.expire(key, self.key_ttl)
             await pipe.execute()
 
+    async def ended(self, channel: str, seq: int) -> bool:
+        """Whether segment seq has its end entry (finished, closed, evicted)."""
+        last = await self.redis.xrevrange(segment_key(channel, seq), count=1)
+        return bool(last) and b"e" in last[0][1]
+
     async def in_ring(self, channel: str, seq: int) -> bool | None:
         """Whether segment seq is in its channel's ring; None when there is no channel."""
         held = await self.redis.hget(meta_key(channel), f"r{seq % RING}")
@@ -432,7 +437,7 @@ class TrickleServer:
             if interim is not None:
                 interim(100)
         if first not in done:
-            # A preconnected publisher whose channel closed before it sent a byte.
+            # A preconnected publisher whose segment or channel closed before it sent a byte.
             first.cancel()
             reason = ended.result()
             headers: dict[str, str | int] = {"Connection": "close", "Lp-Trickle-Seq": idx}
@@ -487,6 +492,8 @@ class TrickleServer:
                 return CLOSED
             if not held:
                 return EVICTED
+            if await self.store.ended(channel, idx):  # Lp-Trickle-Reset or DELETE /{ch}/{seq}
+                return DONE
             await asyncio.sleep(PRECONNECT_POLL_SECONDS)
 
     # -- GET: subscribe to one segment --------------------------------------------------
