@@ -298,13 +298,14 @@ class LiveService:
         stream.closed = True
         stream.reason = reason
         log.info("live stream closed", extra={"manifest_id": stream.mid, "reason": reason})
+        with contextlib.suppress(Exception):  # the why first: readers see the channels go
+            self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
+                                                              "reason": reason})  # fmt: skip
         with contextlib.suppress(Exception):
             await self.close_channels(stream.mid)
         with contextlib.suppress(Exception):
             self.capacity.release(stream.model, stream.runner, stream.mid)
             self.redis.srem(streams_key(self.capacity.namespace), stream.mid)
-            self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
-                                                              "reason": reason})  # fmt: skip
         self.streams.pop(stream.mid, None)
 
     async def stop_all(self) -> None:
