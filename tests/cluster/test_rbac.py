@@ -62,7 +62,16 @@ def test_operator_runs_a_model_with_only_its_own_rbac(crds, namespace, restricte
     try:
         wait_for(phase, timeout=60, what="the model to be Ready under the operator's own RBAC")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\noperator log:\n{restricted_operator.read_text()}") from None
+        state = "\n".join(
+            crds.kubectl(*args, check=False).stdout
+            for args in (
+                ("-n", namespace, "get", "aimodel", "m", "-o", "yaml"),
+                ("get", "pods", "-A", "-o", "wide"),
+                ("-n", namespace, "get", "events", "--sort-by=.lastTimestamp"),
+            )
+        )
+        log = restricted_operator.read_text()
+        raise AssertionError(f"{exc}\noperator log:\n{log}\ncluster:\n{state}") from None
     tables = crds.kubectl("-n", namespace, "get", "configmap", "-l", "kubepeer.io/table=model")
     assert "kubepeer-model-m" in tables.stdout
     log = restricted_operator.read_text()
