@@ -76,6 +76,8 @@ def test_operator_runs_a_model_with_only_its_own_rbac(crds, namespace, restricte
     assert "kubepeer-model-m" in tables.stdout
     log = restricted_operator.read_text()
     assert "forbidden" not in log.lower(), log
+    # It made the runner itself: no other operator is watching this namespace.
+    assert f"created runner {namespace}/runner-m for m" in log, log
 
 
 def test_operator_role_cannot_read_other_secrets(crds, api, namespace, operator_kubeconfig):
