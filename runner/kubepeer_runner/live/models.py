@@ -173,7 +173,8 @@ class DiffusionModel:
                     self._frame(static_in, *inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the runner's other threads (health, stats) may touch CUDA meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self._frame(static_in, *inputs)
             # The inputs stay referenced: the graph reads their memory on every replay.
             self._graph = (key, graph, static_in, static_out, inputs)
