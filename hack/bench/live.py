@@ -154,7 +154,8 @@ def bench(model_id: str, model_dir: Path, args: argparse.Namespace, trickle: Ora
     local_fps = args.frames / sum(in_process(model, large, params))
     del model
 
-    runner = Runner(model_id, model_dir, tmp / f"runner-{model_id.replace('/', '_')}.log")
+    log = tmp / f"runner-{model_id.replace('/', '_')}.log"
+    runner = Runner(model_id, model_dir, log)
     try:
         # Paced below what the path sustains, so latency is the path's, not a queue's.
         pace = args.pace_ms / 1000 if args.pace_ms else None
@@ -171,7 +172,8 @@ def bench(model_id: str, model_dir: Path, args: argparse.Namespace, trickle: Ora
     finally:
         runner.stop()
     if not path or not readable:
-        print(f"{model_id}: no output came back (see {tmp})")
+        tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-25:])
+        print(f"{model_id}: no output came back; the runner's log ends:\n    {tail}")
         return
     frames_out = sum(frames for _, frames in readable.values())
     path_fps = frames_out / (max(t for t, _ in readable.values()) - min(published.values()))
