@@ -304,11 +304,16 @@ class OperatorProcess:
     log: Path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(
     request: pytest.FixtureRequest, crds: Cluster, redis_server: RedisServer, tmp_path_factory
 ) -> Iterator[OperatorProcess]:
-    """`kubepeer operator` as a real process, watching the whole test cluster."""
+    """`kubepeer operator` as a real process, watching the whole test cluster.
+
+    Module-scoped: an operator watching every namespace would also act on the AIModels of
+    later modules that run operators of their own (test_rbac's restricted one), and two
+    operators with different runner images flip a runner's template for ever.
+    """
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {
         **os.environ,

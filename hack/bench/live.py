@@ -16,6 +16,7 @@ Ratios are path / in-process. A first stream warms the runner up, and the first 
 each timed run are left out.
 
 Run: .venv/bin/python hack/bench/live.py [--size 512] [--frames 48] [--full-size]
+The runner's optimisation flags apply to both sides, e.g. TORCH_COMPILE=1 (CUDA only).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from live_clips import clip_segments, decode_frames  # noqa: E402
 from trickle_oracle import OracleServer  # noqa: E402
 
 import tiny_models  # noqa: E402
+from kubepeer_runner.config import flags_from_env  # noqa: E402
 from kubepeer_runner.live.media import SegmentDecoder, SegmentEncoder  # noqa: E402
 from kubepeer_runner.live.models import LiveParams, load_model  # noqa: E402
 from kubepeer_runner.serving import Device  # noqa: E402
@@ -148,13 +150,14 @@ def bench(model_id: str, model_dir: Path, args: argparse.Namespace, trickle: Ora
     # Throughput: the whole clip in 1 s segments, as a gateway cuts it.
     large = clip_segments(args.frames, fps, args.size, args.size, 1.0)
 
-    model = load_model(model_id, model_dir, Device.pick())
+    model = load_model(model_id, model_dir, Device.pick(), flags_from_env(os.environ))
     in_process(model, small[:WARMUP_SEGMENTS], params)
     local = in_process(model, small, params)[WARMUP_SEGMENTS:]
     local_fps = args.frames / sum(in_process(model, large, params))
     del model
 
-    runner = Runner(model_id, model_dir, tmp / f"runner-{model_id.replace('/', '_')}.log")
+    log = tmp / f"runner-{model_id.replace('/', '_')}.log"
+    runner = Runner(model_id, model_dir, log)
     try:
         # Paced below what the path sustains, so latency is the path's, not a queue's.
         pace = args.pace_ms / 1000 if args.pace_ms else None
@@ -171,7 +174,8 @@ def bench(model_id: str, model_dir: Path, args: argparse.Namespace, trickle: Ora
     finally:
         runner.stop()
     if not path or not readable:
-        print(f"{model_id}: no output came back (see {tmp})")
+        tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-25:])
+        print(f"{model_id}: no output came back; the runner's log ends:\n    {tail}")
         return
     frames_out = sum(frames for _, frames in readable.values())
     path_fps = frames_out / (max(t for t, _ in readable.values()) - min(published.values()))
@@ -206,10 +210,13 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true", help=f"add {full} (for a GPU)")
     parser.add_argument("--model-dir", type=Path, help="default: a temporary directory")
     args = parser.parse_args()
-    models = args.models.split(",") + ([tiny_models.LIVE_FULL_MODEL] if args.full_size else [])
+    models = [m for m in args.models.split(",") if m]
+    models += [tiny_models.LIVE_FULL_MODEL] if args.full_size else []
     device = Device.pick()
+    flags = ",".join(sorted(flags_from_env(os.environ))) or "none"
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"device {device.name} ({device.dtype}); torch threads from OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
+          f"{threads}; flags {flags} (runner and in-process)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir = args.model_dir or tmp / "models"

@@ -92,6 +92,11 @@ class Limits:
         return cls(**values)
 
 
+def flags_from_env(env: Mapping[str, str]) -> frozenset[str]:
+    """The optimisation FLAGS set to 1, true or yes."""
+    return frozenset(f for f in FLAGS if env.get(f, "").lower() in ("1", "true", "yes"))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     pipeline: str
@@ -114,7 +119,7 @@ class RunnerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
         env = os.environ if env is None else env
-        flags = frozenset(f for f in FLAGS if env.get(f, "").lower() in ("1", "true", "yes"))
+        flags = flags_from_env(env)
         if env.get("MODELS"):
             models = _parse_models(env["MODELS"])
         else:

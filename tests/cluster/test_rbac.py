@@ -62,11 +62,22 @@ def test_operator_runs_a_model_with_only_its_own_rbac(crds, namespace, restricte
     try:
         wait_for(phase, timeout=60, what="the model to be Ready under the operator's own RBAC")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\noperator log:\n{restricted_operator.read_text()}") from None
+        state = "\n".join(
+            crds.kubectl(*args, check=False).stdout
+            for args in (
+                ("-n", namespace, "get", "aimodel", "m", "-o", "yaml"),
+                ("get", "pods", "-A", "-o", "wide"),
+                ("-n", namespace, "get", "events", "--sort-by=.lastTimestamp"),
+            )
+        )
+        log = restricted_operator.read_text()
+        raise AssertionError(f"{exc}\noperator log:\n{log}\ncluster:\n{state}") from None
     tables = crds.kubectl("-n", namespace, "get", "configmap", "-l", "kubepeer.io/table=model")
     assert "kubepeer-model-m" in tables.stdout
     log = restricted_operator.read_text()
     assert "forbidden" not in log.lower(), log
+    # It made the runner itself: no other operator is watching this namespace.
+    assert f"created runner {namespace}/runner-m for m" in log, log
 
 
 def test_operator_role_cannot_read_other_secrets(crds, api, namespace, operator_kubeconfig):

@@ -52,7 +52,7 @@ class LiveVideoToVideoParams(BaseModel):
 
 
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Any:
-    return load_model(spec.model_id, model_dir, device)
+    return load_model(spec.model_id, model_dir, device, spec.optimizations)
 
 
 def register(app: FastAPI, runner: Any) -> None:

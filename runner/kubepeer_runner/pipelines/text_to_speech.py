@@ -51,11 +51,15 @@ class Loaded:
 
 
 def load(spec: ModelSpec, model_dir: Path, device: Device) -> Loaded:
+    import torch
     from transformers import AutoModelForTextToWaveform, AutoTokenizer
 
     kwargs = load_kwargs(model_dir, spec.model_id, device)
     tokenizer = AutoTokenizer.from_pretrained(spec.model_id, **kwargs)
-    model = AutoModelForTextToWaveform.from_pretrained(spec.model_id, dtype=device.dtype, **kwargs)
+    # fp32 even on a GPU: a VITS duration predictor's splines overflow in fp16 (on an H200
+    # every request failed with "Discriminant has negative values" over inf/nan), and a
+    # model of tens of millions of parameters gains nothing measurable from half precision.
+    model = AutoModelForTextToWaveform.from_pretrained(spec.model_id, dtype=torch.float32, **kwargs)
     return Loaded(tokenizer, model.to(device.name).eval(), device)
 
 
