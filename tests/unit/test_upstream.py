@@ -44,6 +44,18 @@ async def serve(script: Script) -> tuple[asyncio.Server, str, list[int]]:
     return server, f"http://127.0.0.1:{port}", connections
 
 
+def answers(*parts: bytes) -> Script:
+    """A script that reads one request and writes `parts`, one write each."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+
+    return script
+
+
 def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 10))
 
@@ -79,13 +91,10 @@ def test_keep_alive_answers_reuse_one_connection_and_carry_the_request():
 
 
 def test_connection_close_is_not_reused():
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-
     async def test() -> None:
-        server, url, connections = await serve(script)
+        server, url, connections = await serve(
+            answers(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        )
         client = RunnerClient()
         for _ in range(2):
             answer = await client.post(url, "/llm", b"{}", {})
@@ -123,14 +132,8 @@ def test_chunked_answers_arrive_line_by_line_as_sent():
 
 
 def test_a_body_without_length_ends_at_close():
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the ")
-        await writer.drain()
-        writer.write(b"end")
-
     async def test() -> None:
-        server, url, _ = await serve(script)
+        server, url, _ = await serve(answers(b"HTTP/1.1 200 OK\r\n\r\nuntil the ", b"end"))
         answer = await RunnerClient().post(url, "/x", b"", {})
         assert await answer.read() == b"until the end"
         server.close()
@@ -139,21 +142,15 @@ def test_a_body_without_length_ends_at_close():
 
 
 def test_nothing_answered_is_unreachable_and_a_cut_answer_is_broken():
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-
     async def test() -> None:
         client = RunnerClient()
-        server, url, _ = await serve(hang_up)
+        server, url, _ = await serve(answers())
         with pytest.raises(RunnerUnreachable):
             await client.post(url, "/x", b"{}", {})
         server.close()
-        server, url, _ = await serve(cut)
+        server, url, _ = await serve(
+            answers(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        )
         answer = await client.post(url, "/x", b"{}", {})
         assert answer.status == 200
         with pytest.raises(RunnerBroken):
@@ -176,14 +173,11 @@ def test_a_refused_connection_is_unreachable():
 
 
 def test_an_interim_100_continue_is_skipped():
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 400 Bad Request\r\n"
-                     b"Content-Length: 4\r\n\r\nnope")  # fmt: skip
-        await writer.drain()
-
     async def test() -> None:
-        server, url, _ = await serve(script)
+        server, url, _ = await serve(answers(
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 4\r\n\r\nnope",
+        ))  # fmt: skip
         answer = await RunnerClient().post(url, "/x", b"", {})
         assert (answer.status, await answer.read()) == (400, b"nope")
         server.close()
