@@ -6,7 +6,10 @@
    so only the hop's own cost shows), through nginx as a reverse proxy (one worker,
    upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
    bearer token) on each server it can run on; plaintext and TLS. "added" is the p50/p99
-   above direct; "x nginx" is the proxy's added p50 over nginx's added p50.
+   above direct; "x nginx" is the proxy's added p50 over nginx's added p50. Every hop is
+   measured --rounds times, the rounds interleaved (direct, nginx, proxies, then again) so
+   that a change in the machine's load falls on all of them alike; the medians of the
+   rounds are printed, with each hop's CPU per request at that rate (its own process).
    1b: the TLS rows again over one HTTP/2 connection, as go-livepeer's client sends jobs
    (ForceAttemptHTTP2), against nginx's h2.
 2. Throughput at a fixed concurrency, the same ways.
@@ -349,6 +352,49 @@ async def discovery_server_time(work: Path, redis_url: str, calls: int) -> list[
     return times
 
 
+def latency_section(
+    targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], args: Any
+) -> None:
+    """Section 1: each hop at a fixed rate, in interleaved rounds; medians of the rounds."""
+    print(f"\n1. latency at {args.rate:.0f} requests/s for {args.seconds:.0f} s, HTTP/1.1 "
+          f"keep-alive, median of {args.rounds} interleaved rounds (ms; CPU us per request "
+          "of the hop's own process)")  # fmt: skip
+    rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
+    failed: dict[str, int] = dict.fromkeys(targets, 0)
+    for _ in range(args.rounds):
+        for name, (url, headers) in targets.items():
+            failures: list[object] = []
+            cpu = cpu_seconds(pids[name])
+            samples = asyncio.run(at_rate(url, args.rate, args.seconds, headers, failures))
+            per_request = (cpu_seconds(pids[name]) - cpu) / (len(samples) + 50) * 1e6
+            rounds[name].append(
+                (percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3, per_request)
+            )
+            failed[name] += len(failures)
+    medians = {
+        name: tuple(statistics.median(r[i] for r in runs) for i in range(3))
+        for name, runs in rounds.items()
+    }
+    base = medians["direct to the runner"]
+    added_nginx: dict[str, float] = {}
+    for name, (p50, p99, cpu) in medians.items():
+        label = name + (f" [{failed[name]} failed]" if failed[name] else "")
+        line = f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}  CPU {cpu:5.0f}"
+        if name == "direct to the runner":
+            print(line)
+            continue
+        added = p50 - base[0]
+        mode = name.rsplit("(", 1)[1].rstrip(")")
+        versus = ""
+        if name.startswith("nginx"):
+            added_nginx[mode] = added
+        elif added_nginx.get(mode, 0) > 0:
+            versus = f"  x nginx {added / added_nginx[mode]:.1f}"
+        print(f"{line}   added p50 {added:+.2f} p99 {p99 - base[1]:+.2f}{versus}")
+    for name, runs in rounds.items():
+        print(f"   rounds, {name}: p50 {', '.join(f'{r[0]:.2f}' for r in runs)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200, help="requests per second")
@@ -356,7 +402,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--calls", type=int, default=100, help="GetOrchestrator calls")
     parser.add_argument("--held", type=int, default=20, help="jobs held for a cold model")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of section 1")
+    parser.add_argument("--sections", default="1,1b,2,3,4", help="which sections to run")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     servers = list(reversed(SERVERS))  # hypercorn, then uvicorn (the default)
 
     work = Path(tempfile.mkdtemp(prefix="kubepeer-bench-proxy-"))
@@ -441,74 +490,60 @@ def main() -> int:
                 targets[f"proxy, {server} ({mode})"] = (
                     f"{scheme}://127.0.0.1:{port}/text-to-image", auth)  # fmt: skip
 
-        print(f"\n1. latency at {args.rate:.0f} requests/s for {args.seconds:.0f} s, HTTP/1.1 "
-              f"keep-alive (ms)")  # fmt: skip
-        base = None
-        added_nginx: dict[str, float] = {}
-        for name, (url, headers) in targets.items():
-            failures: list[object] = []
-            samples = asyncio.run(at_rate(url, args.rate, args.seconds, headers, failures))
-            p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
-            label = name + (f" [{len(failures)} of {len(samples)} failed]" if failures else "")
-            if base is None:
-                base = (p50, p99)
-                print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}")
-                continue
-            added = p50 - base[0]
-            mode = name.rsplit("(", 1)[1].rstrip(")")
-            versus = ""
-            if name.startswith("nginx"):
-                added_nginx[mode] = added
-            elif added_nginx.get(mode, 0) > 0:
-                versus = f"  x nginx {added / added_nginx[mode]:.1f}"
-            print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}   added p50 {added:+.2f} "
-                  f"p99 {p99 - base[1]:+.2f}{versus}")  # fmt: skip
+        print(f"\nload average at start: {os.getloadavg()[0]:.1f}")
+        if "1" in sections:
+            latency_section(targets, server_pids, args)
 
-        print(f"\n1b. latency at {args.rate:.0f} requests/s, HTTP/2 over TLS, one connection "
-              f"(ms; the client is httpx, so compare rows, not with 1)")  # fmt: skip
-        nginx_h2 = None
-        for name, (url, headers) in targets.items():
-            if "(tls)" not in name:
-                continue
-            failures = []
-            samples = asyncio.run(at_rate_h2(url, args.rate, args.seconds, headers, failures))
-            p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
-            label = name + (f" [{len(failures)} of {len(samples)} failed]" if failures else "")
-            nginx_h2 = nginx_h2 or (p50, p99)
-            print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}   beyond nginx: p50 "
-                  f"{p50 - nginx_h2[0]:+.2f} p99 {p99 - nginx_h2[1]:+.2f}")  # fmt: skip
+        if "1b" in sections:
+            print(f"\n1b. latency at {args.rate:.0f} requests/s, HTTP/2 over TLS, one connection "
+                  f"(ms; the client is httpx, so compare rows, not with 1)")  # fmt: skip
+            nginx_h2 = None
+            for name, (url, headers) in targets.items():
+                if "(tls)" not in name:
+                    continue
+                failures: list[object] = []
+                samples = asyncio.run(at_rate_h2(url, args.rate, args.seconds, headers, failures))
+                p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
+                label = name + (f" [{len(failures)} of {len(samples)} failed]" if failures else "")
+                nginx_h2 = nginx_h2 or (p50, p99)
+                print(f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}   beyond nginx: p50 "
+                      f"{p50 - nginx_h2[0]:+.2f} p99 {p99 - nginx_h2[1]:+.2f}")  # fmt: skip
 
-        print(f"\n2. throughput, {args.concurrency} concurrent, {args.seconds:.0f} s (requests/s),"
-              " and the CPU each hop spent per request (us; the runner's own for direct),"
-              " which the machine's load does not inflate as it does latency")  # fmt: skip
-        direct = None
-        for name, (url, headers) in targets.items():
-            pid = server_pids[name]
-            cpu = cpu_seconds(pid)
-            rate = asyncio.run(closed_loop(url, args.concurrency, args.seconds, headers))
-            per_job = (cpu_seconds(pid) - cpu) / max(1, rate * args.seconds) * 1e6
-            direct = direct or rate
-            print(f"   {name:30s} {rate:8.0f}   ({rate / direct:.2f} of direct)   "
-                  f"CPU {per_job:5.0f} us per request")  # fmt: skip
+        if "2" in sections:
+            print(f"\n2. throughput, {args.concurrency} concurrent, {args.seconds:.0f} s "
+                  "(requests/s), and the CPU each hop spent per request (us; the runner's own"
+                  " for direct), which the machine's load does not inflate as it does"
+                  " latency")  # fmt: skip
+            direct = None
+            for name, (url, headers) in targets.items():
+                pid = server_pids[name]
+                cpu = cpu_seconds(pid)
+                rate = asyncio.run(closed_loop(url, args.concurrency, args.seconds, headers))
+                per_job = (cpu_seconds(pid) - cpu) / max(1, rate * args.seconds) * 1e6
+                direct = direct or rate
+                print(f"   {name:30s} {rate:8.0f}   ({rate / direct:.2f} of direct)   "
+                      f"CPU {per_job:5.0f} us per request")  # fmt: skip
 
-        print(f"\n3. GetOrchestrator with payments on ({SERVERS[0]}), {args.calls} calls (ms)")
-        save_view(Redis.from_url(redis_url), CHAIN)
-        grpc_times, https_times = fresh_tls_calls(paid_port, args.calls)
-        server_times = asyncio.run(discovery_server_time(work, redis_url, args.calls))
-        for name, samples in [("GET /healthz, fresh TLS (h2)", https_times),
-                              ("GetOrchestrator, fresh TLS", grpc_times),
-                              ("GetOrchestrator server time", server_times)]:  # fmt: skip
-            print(f"   {name:32s} p50 {percentile(samples, 0.5) * 1e3:6.2f}  "
-                  f"p99 {percentile(samples, 0.99) * 1e3:6.2f}")  # fmt: skip
-        extra = statistics.median(grpc_times) - statistics.median(https_times)
-        print(f"   GetOrchestrator beyond a fresh-connection GET: p50 {extra * 1e3:+.2f} ms")
+        if "3" in sections:
+            print(f"\n3. GetOrchestrator with payments on ({SERVERS[0]}), {args.calls} calls (ms)")
+            save_view(Redis.from_url(redis_url), CHAIN)
+            grpc_times, https_times = fresh_tls_calls(paid_port, args.calls)
+            server_times = asyncio.run(discovery_server_time(work, redis_url, args.calls))
+            for name, samples in [("GET /healthz, fresh TLS (h2)", https_times),
+                                  ("GetOrchestrator, fresh TLS", grpc_times),
+                                  ("GetOrchestrator server time", server_times)]:  # fmt: skip
+                print(f"   {name:32s} p50 {percentile(samples, 0.5) * 1e3:6.2f}  "
+                      f"p99 {percentile(samples, 0.99) * 1e3:6.2f}")  # fmt: skip
+            extra = statistics.median(grpc_times) - statistics.median(https_times)
+            print(f"   GetOrchestrator beyond a fresh-connection GET: p50 {extra * 1e3:+.2f} ms")
 
-        print(f"\n4. hold overhead: {args.held} jobs held, replica turns ready (ms)")
-        overheads = asyncio.run(hold_overhead(work, redis_url, runner, args.held))
-        print(
-            f"   first job sent after {min(overheads) * 1e3:.1f}, p50 "
-            f"{statistics.median(overheads) * 1e3:.1f}, last {max(overheads) * 1e3:.1f}"
-        )
+        if "4" in sections:
+            print(f"\n4. hold overhead: {args.held} jobs held, replica turns ready (ms)")
+            overheads = asyncio.run(hold_overhead(work, redis_url, runner, args.held))
+            print(
+                f"   first job sent after {min(overheads) * 1e3:.1f}, p50 "
+                f"{statistics.median(overheads) * 1e3:.1f}, last {max(overheads) * 1e3:.1f}"
+            )
         print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     finally:
         for process in reversed(processes):

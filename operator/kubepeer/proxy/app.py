@@ -52,13 +52,12 @@ from kubepeer.proxy.routing import NoCapacity, Router, Slot
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
 from kubepeer.proxy.trickle import TrickleServer, sweep_forever
 from kubepeer.proxy.units import UnitsError, billed_units
+from kubepeer.proxy.upstream import Answer, RunnerBroken, RunnerClient, RunnerUnreachable
 
 log = logging.getLogger("kubepeer.proxy")
 
 GET_ORCHESTRATOR = "/net.Orchestrator/GetOrchestrator"
 INSUFFICIENT_CAPACITY = "insufficient capacity"
-# A runner that refused the connection or died before answering: retried once elsewhere.
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,8 @@ class Proxy:
         self.is_ready = ready
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
         self.trickle = TrickleServer(live_video.store) if live_video else None
-        self.http: aiohttp.ClientSession | None = None
+        self.http: aiohttp.ClientSession | None = None  # live video's client to runners
+        self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
         self._waking: set[str] = set()
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
@@ -151,14 +151,20 @@ class Proxy:
 
     async def _serve_job(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] != "POST":
-            response: Response = PlainTextResponse("Method Not Allowed", 405)
-        else:
-            try:
-                response = await self.job(Request(scope, receive))
-            except Exception:
-                log.exception("job failed")
-                response = PlainTextResponse("Internal Server Error", 500)
-        await response(scope, receive, send)
+            await PlainTextResponse("Method Not Allowed", 405)(scope, receive, send)
+            return
+        started = time.monotonic()
+        outcome = _Outcome(Pipeline(scope["path"][1:]))
+        try:
+            response = await self.job(Request(scope, receive), outcome)
+        except Exception:
+            log.exception("job failed")
+            response = PlainTextResponse("Internal Server Error", 500)
+        try:
+            await response(scope, receive, send)
+        finally:
+            # Counted and logged once the answer is on its way: off the gateway's wait.
+            outcome.record(response.status_code, time.monotonic() - started)
 
     def _build_http_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -167,6 +173,7 @@ class Proxy:
             self.http = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
             )
+            self.runners = RunnerClient()
             keepers = []
             if self.live:
                 adopting = live.adopt_forever(self.live, self._model, self)
@@ -180,6 +187,7 @@ class Proxy:
                         keeper.cancel()
                     await self.live.stop_all()
                 await self.http.close()
+                self.runners.close()
 
         app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.router.add_route("/healthz", self.healthz, methods=["GET"])
@@ -292,28 +300,23 @@ class Proxy:
         return Response(data, media_type=content_type)
 
     # -- jobs --------------------------------------------------------------------------
-    async def job(self, request: Request) -> Response:
-        pipeline = Pipeline(request.url.path.strip("/"))
-        request_id = request.headers.get("x-request-id") or secrets.token_hex(8)
-        started = time.monotonic()
-        model_label = pipeline.value
+    async def job(self, request: Request, outcome: _Outcome) -> Response:
+        """The answer to a batch job; what to count and log of it goes into `outcome`."""
+        pipeline = outcome.pipeline
+        request_id = outcome.request_id = request.headers.get("x-request-id") or secrets.token_hex(
+            8
+        )
         try:
-            response, model_label = await self._job(request, pipeline, request_id)
+            response = await self._job(request, pipeline, request_id, outcome)
         except JobRefused as exc:
             response = PlainTextResponse(exc.text + "\n", exc.status)
-            log.info(
-                "job refused",
-                extra={"request_id": request_id, "pipeline": pipeline.value,
-                       "status": exc.status, "reason": exc.text},
-            )  # fmt: skip
-        metrics.REQUESTS.labels(model_label, str(response.status_code)).inc()
-        metrics.LATENCY.labels(model_label).observe(time.monotonic() - started)
+            outcome.refused = exc
         response.headers["x-request-id"] = request_id
         return response
 
     async def _job(
-        self, request: Request, pipeline: Pipeline, request_id: str
-    ) -> tuple[Response, str]:
+        self, request: Request, pipeline: Pipeline, request_id: str, outcome: _Outcome
+    ) -> Response:
         body = await read_body(request, self.config.max_body_bytes)
         content_type = request.headers.get("content-type", "")
         job = JobRequest(
@@ -343,7 +346,9 @@ class Proxy:
                     paid = self.billing.admit(payment, manifest)
                 except PaymentRefused as exc:
                     raise JobRefused(exc.status, str(exc)) from None
-            metrics.IN_FLIGHT.labels(model.aimodel).inc()
+            outcome.model_label = model.aimodel
+            in_flight = metrics.child(metrics.IN_FLIGHT, model.aimodel)
+            in_flight.inc()
             try:
                 upstream = await self._send(job, model, held)
                 if upstream.status != 200:
@@ -351,21 +356,16 @@ class Proxy:
                 fee = 0
                 if paid is not None and self.billing is not None:
                     fee = self.billing.debit(paid, manifest, units)
-                    metrics.FEES.labels(model.aimodel).inc(fee)
-                log.info(
-                    "job served",
-                    extra={"request_id": request_id, "pipeline": pipeline.value,
-                           "model": model.model_id, "runner": held[0].url, "units": units,
-                           "fee_wei": fee},
-                )  # fmt: skip
+                    metrics.child(metrics.FEES, model.aimodel).inc(fee)
+                outcome.served = {"model": model.model_id, "runner": held[0].url,
+                                  "units": units, "fee_wei": fee}  # fmt: skip
                 if job.streams:
                     handed_off = True
-                    return self._stream(upstream, model, held, request_id), model.aimodel
-                reply = await self._reply(job, upstream, request, request_id)
-                return reply, model.aimodel
+                    return self._stream(upstream, model, held, request_id)
+                return await self._reply(job, upstream, request, request_id)
             finally:
                 if not handed_off:
-                    metrics.IN_FLIGHT.labels(model.aimodel).dec()
+                    in_flight.dec()
         finally:
             if not handed_off:
                 self.demand.end(model, request_id)
@@ -443,22 +443,19 @@ class Proxy:
             if self.router.ready(model):
                 self._waking.discard(model.aimodel)
 
-    async def _send(
-        self, job: JobRequest, model: ServedModel, held: list[Slot]
-    ) -> aiohttp.ClientResponse:
+    async def _send(self, job: JobRequest, model: ServedModel, held: list[Slot]) -> Answer:
         """POST the job to the held slot's runner; once more elsewhere if that runner is gone."""
-        assert self.http is not None
-        headers = {"content-type": job.content_type}
+        assert self.runners is not None
+        headers = {"Content-Type": job.content_type}
         if self.config.runner_token:
-            headers["authorization"] = f"Bearer {self.config.runner_token}"
+            headers["Authorization"] = f"Bearer {self.config.runner_token}"
+        path = f"/{job.pipeline.value}"
         tried: list[str] = []
         while True:
             url = held[0].url
             try:
-                return await self.http.post(
-                    f"{url}/{job.pipeline.value}", data=job.body, headers=headers
-                )
-            except RETRYABLE as exc:
+                return await self.runners.post(url, path, job.body, headers)
+            except RunnerUnreachable as exc:
                 tried.append(url)
                 log.warning("runner %s failed before answering (%s)", url, exc)
                 self.router.release(held.pop(), model)
@@ -472,15 +469,15 @@ class Proxy:
                     )
                 except NoCapacity:
                     raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
-            except aiohttp.ClientError as exc:
+            except RunnerBroken as exc:
                 raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
 
     async def _reply(
-        self, job: JobRequest, upstream: aiohttp.ClientResponse, request: Request, request_id: str
+        self, job: JobRequest, upstream: Answer, request: Request, request_id: str
     ) -> Response:
         try:
-            body = await upstream.json(content_type=None)
-        except (json.JSONDecodeError, aiohttp.ClientError) as exc:
+            body = json.loads(await upstream.read())
+        except (json.JSONDecodeError, UnicodeDecodeError, RunnerBroken) as exc:
             raise JobRefused(
                 500, f"{job.pipeline.value} container returned bad JSON: {exc}"
             ) from None
@@ -504,13 +501,13 @@ class Proxy:
         return store
 
     def _stream(
-        self, upstream: aiohttp.ClientResponse, model: ServedModel, held: list[Slot], job_id: str
+        self, upstream: Answer, model: ServedModel, held: list[Slot], job_id: str
     ) -> Response:
         """llm SSE, chunk by chunk, until the chunk with a finish_reason; no [DONE]."""
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                async for line in upstream.content:
+                async for line in upstream.lines():
                     text = line.strip()
                     if not text.startswith(b"data:"):
                         continue
@@ -522,12 +519,41 @@ class Proxy:
                         break
             finally:
                 upstream.release()
-                metrics.IN_FLIGHT.labels(model.aimodel).dec()
+                metrics.child(metrics.IN_FLIGHT, model.aimodel).dec()
                 self.demand.end(model, job_id)
                 for slot in held:
                     self.router.release(slot, model)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class _Outcome:
+    """What a batch job's end counts and logs, after its answer is sent."""
+
+    __slots__ = ("model_label", "pipeline", "refused", "request_id", "served")
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.request_id = ""
+        self.model_label = pipeline.value  # the AIModel once one is chosen
+        self.served: dict[str, Any] | None = None
+        self.refused: JobRefused | None = None
+
+    def record(self, status: int, seconds: float) -> None:
+        metrics.child(metrics.REQUESTS, self.model_label, str(status)).inc()
+        metrics.child(metrics.LATENCY, self.model_label).observe(seconds)
+        if self.refused is not None:
+            log.info(
+                "job refused",
+                extra={"request_id": self.request_id, "pipeline": self.pipeline.value,
+                       "status": self.refused.status, "reason": self.refused.text},
+            )  # fmt: skip
+        elif self.served is not None:
+            log.info(
+                "job served",
+                extra={"request_id": self.request_id, "pipeline": self.pipeline.value,
+                       **self.served},
+            )  # fmt: skip
 
 
 def _offchain_ok(request: Request, secret: AuthSecret) -> bool:
@@ -546,10 +572,12 @@ def _finished(data: bytes) -> bool:
     return bool(choices[0].get("finish_reason"))
 
 
-async def _runner_error(pipeline: Pipeline, upstream: aiohttp.ClientResponse) -> str:
+async def _runner_error(pipeline: Pipeline, upstream: Answer) -> str:
     """ai-runner errors are {"detail": {"msg": ...}}; go-livepeer reports them like this."""
     try:
         raw = await upstream.read()
+    except RunnerBroken as exc:
+        raw = str(exc).encode()
     finally:
         upstream.release()
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 IN_FLIGHT = Gauge("kubepeer_proxy_in_flight", "Jobs sent to runners, not yet answered", ["model"])
@@ -25,3 +28,10 @@ FEES = Counter("kubepeer_proxy_fees_wei_total", "Fees debited for finished jobs,
 DISCOVERY = Counter(
     "kubepeer_proxy_discovery_total", "GetOrchestrator calls by outcome", ["outcome"]
 )
+
+
+@functools.cache
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: labels() validates and locks on each call,
+    a cost on every job. Labels are models and statuses, so the cache stays small."""
+    return metric.labels(*labels)

@@ -90,6 +90,8 @@ class Router:
         ready) an OnDemand one, to be woken; else the first, which refuses the job."""
         if not models:
             raise ValueError("no model to choose from")
+        if len(models) == 1:  # the usual case, and every rule below picks it
+            return models[0]
         open_ = [
             (self._in_flight.get((url, m.aimodel), 0), m)
             for m in models

@@ -158,6 +158,7 @@ def uvicorn_server(app: Callable[..., Awaitable[None]], hypercorn: Any) -> Any:
         ssl_certfile=hypercorn.certfile,
         ssl_keyfile=hypercorn.keyfile,
         server_header=False,
+        proxy_headers=False,  # nothing here reads the client's address: skip the rewrite
     )
 
     class Server(uvicorn.Server):
