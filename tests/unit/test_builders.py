@@ -18,7 +18,7 @@ from kubepeer.controller.builders import (
     build_runner_deployment,
     build_runner_service,
 )
-from kubepeer.controller.fleet import View, plan_runner
+from kubepeer.controller.fleet import View, awaiting_first_runner, plan_runner
 from kubepeer.controller.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
@@ -135,18 +135,14 @@ def test_a_group_newcomer_that_conflicts_is_refused_alone():
     assert "already serves pipeline text-to-image with AIModel 'first'" in refused["same-pipeline"]
 
 
-def test_planning_a_runner_reads_only_its_own_members():
-    def body(name: str, created: str, **spec: Any) -> dict[str, Any]:
-        return {
-            "metadata": {
-                "name": name,
-                "uid": name,
-                "namespace": "ns",
-                "creationTimestamp": created,
-            },
-            "spec": {"pipeline": "llm", "modelId": "m", **spec},
-        }
+def body(name: str, created: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "uid": name, "namespace": "ns", "creationTimestamp": created},
+        "spec": {"pipeline": "llm", "modelId": "m", **spec},
+    }
 
+
+def test_planning_a_runner_reads_only_its_own_members():
     bodies = [
         body("a", "1", image="one", gpu={"shareGroup": "g"}),
         body("b", "2", image="two", gpu={"shareGroup": "g"}),
@@ -160,6 +156,25 @@ def test_planning_a_runner_reads_only_its_own_members():
     assert [m.name for m in outcome.plan.members] == ["a"]
     assert set(outcome.refused) == {"b"}
     assert plan_runner(view, "ns", "runner-other").plan is None
+
+
+def test_a_new_models_first_status_waits_for_its_runner_to_be_seen():
+    bodies = [
+        body("a", "1", image="one", gpu={"shareGroup": "g"}),
+        body("b", "2", image="two", gpu={"shareGroup": "g"}),
+    ]
+    view = View(
+        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies},
+        members={("ns", "group-g"): ["a", "b"]},
+    )
+    a, refused = bodies
+    assert not awaiting_first_runner(view, a)  # nothing applied: nothing will bring a status
+    view.wrote(("ns", "group-g"), "hash")
+    assert awaiting_first_runner(view, a)  # its Deployment's first event will
+    assert not awaiting_first_runner(view, refused)  # its refusal is said now
+    assert not awaiting_first_runner(view, {**a, "status": {"phase": "Pending"}})
+    view.runners = {("ns", "group-g"): [{"hash": "hash"}]}
+    assert not awaiting_first_runner(view, a)  # seen: the status is written as before
 
 
 def test_service_selects_the_runner_pods():

@@ -30,6 +30,7 @@ from kubepeer.controller.fleet import (
     Key,
     RunnerOutcome,
     View,
+    awaiting_first_runner,
     model_status,
     publish_table,
     reconcile_runner,
@@ -92,7 +93,7 @@ class Fleet:
         self.retry.discard(key)
         if gone:
             self.written.pop(key, None)
-        else:
+        elif not awaiting_first_runner(self.view, body) or key in self.written:
             self.refresh_status(namespace, name)
 
     def runner_changed(
