@@ -142,15 +142,20 @@ def body(name: str, created: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def test_planning_a_runner_reads_only_its_own_members():
+def group_of_two() -> tuple[list[dict[str, Any]], View]:
+    """Share group g: "a" first, then "b" with another image (so refused)."""
     bodies = [
         body("a", "1", image="one", gpu={"shareGroup": "g"}),
         body("b", "2", image="two", gpu={"shareGroup": "g"}),
     ]
-    view = View(
-        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies},
-        members={("ns", "group-g"): ["a", "b"]},
+    members = {("ns", "group-g"): ["a", "b"]}
+    return bodies, View(
+        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies}, members=members
     )
+
+
+def test_planning_a_runner_reads_only_its_own_members():
+    _, view = group_of_two()
     outcome = plan_runner(view, "ns", "group-g")
     assert outcome.plan is not None
     assert [m.name for m in outcome.plan.members] == ["a"]
@@ -159,14 +164,7 @@ def test_planning_a_runner_reads_only_its_own_members():
 
 
 def test_a_new_models_first_status_waits_for_its_runner_to_be_seen():
-    bodies = [
-        body("a", "1", image="one", gpu={"shareGroup": "g"}),
-        body("b", "2", image="two", gpu={"shareGroup": "g"}),
-    ]
-    view = View(
-        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies},
-        members={("ns", "group-g"): ["a", "b"]},
-    )
+    bodies, view = group_of_two()
     a, refused = bodies
     assert not awaiting_first_runner(view, a)  # nothing applied: nothing will bring a status
     view.wrote(("ns", "group-g"), "hash")
