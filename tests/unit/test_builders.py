@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from kubepeer.controller.builders import (
     build_runner_service,
 )
 from kubepeer.controller.fleet import View, awaiting_first_runner, plan_runner
+from kubepeer.controller.handlers import FIRST_STATUS_WAIT_SECONDS, Fleet
 from kubepeer.controller.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
@@ -173,6 +175,56 @@ def test_a_new_models_first_status_waits_for_its_runner_to_be_seen():
     assert not awaiting_first_runner(view, {**a, "status": {"phase": "Pending"}})
     view.runners = {("ns", "group-g"): [{"hash": "hash"}]}
     assert not awaiting_first_runner(view, a)  # seen: the status is written as before
+
+
+class Recorder:
+    """The operator's writes, recorded instead of sent."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.statuses: list[tuple[str, dict[str, Any]]] = []
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+
+    def ensure_auth_secret(self, namespace: str, settings: OperatorSettings) -> None:
+        pass
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.append((name, status))
+
+
+def new_model_fleet() -> tuple[Fleet, Recorder]:
+    """A fleet that has just seen AIModel "a" (group g) created, and nothing else."""
+    bodies, view = group_of_two()
+    view.aimodels = {("ns", "a"): [bodies[0]]}
+    view.members = {("ns", "group-g"): ["a"]}
+    kube = Recorder()
+    fleet = Fleet(SETTINGS, kube, None)  # type: ignore[arg-type]
+    fleet.view = view
+    fleet.model_changed("ns", "a")
+    assert "Deployment/group-g" in kube.applied
+    assert kube.statuses == []  # waiting for the runner's first watch event
+    return fleet, kube
+
+
+def test_a_first_status_whose_runner_is_never_seen_is_written_by_the_deadline():
+    fleet, kube = new_model_fleet()
+    start = time.monotonic()
+    fleet.write_overdue_first_statuses(now=start)
+    assert kube.statuses == []
+    fleet.write_overdue_first_statuses(now=start + FIRST_STATUS_WAIT_SECONDS + 0.1)
+    assert [(name, s["phase"]) for name, s in kube.statuses] == [("a", "Pending")]
+    fleet.write_overdue_first_statuses(now=start + 10 * FIRST_STATUS_WAIT_SECONDS)
+    assert len(kube.statuses) == 1  # written once
+
+
+def test_a_first_status_written_by_the_runners_event_is_not_written_again():
+    fleet, kube = new_model_fleet()
+    fleet.runner_changed("ns", "group-g")  # the Deployment's first watch event
+    assert [name for name, _ in kube.statuses] == ["a"]
+    fleet.write_overdue_first_statuses(now=time.monotonic() + 10 * FIRST_STATUS_WAIT_SECONDS)
+    assert len(kube.statuses) == 1
 
 
 def test_service_selects_the_runner_pods():
