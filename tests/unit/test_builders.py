@@ -20,7 +20,7 @@ from kubepeer.controller.builders import (
     build_runner_service,
 )
 from kubepeer.controller.fleet import View, awaiting_first_runner, plan_runner
-from kubepeer.controller.handlers import FIRST_STATUS_WAIT_SECONDS, Fleet
+from kubepeer.controller.handlers import FIRST_STATUS_WAIT_SECONDS, Fleet, build_registry
 from kubepeer.controller.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
@@ -225,6 +225,15 @@ def test_a_first_status_written_by_the_runners_event_is_not_written_again():
     assert [name for name, _ in kube.statuses] == ["a"]
     fleet.write_overdue_first_statuses(now=time.monotonic() + 10 * FIRST_STATUS_WAIT_SECONDS)
     assert len(kube.statuses) == 1
+
+
+def test_no_handler_needs_the_diff_base_the_operator_stops_kopf_keeping():
+    """The operator drops kopf's per-event copy of each object (NoDiffBase): safe only while
+    no change handler (create/update/delete) or daemon/timer is registered to read it."""
+    registry = build_registry(SETTINGS, Recorder(), None)  # type: ignore[arg-type]
+    assert registry._changing.get_all_handlers() == []
+    assert registry._spawning.get_all_handlers() == []
+    assert len(registry._watching.get_all_handlers()) == 5  # the event handlers do run
 
 
 def test_service_selects_the_runner_pods():
