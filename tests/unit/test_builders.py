@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 import pytest
@@ -19,8 +18,8 @@ from kubepeer.controller.builders import (
     build_runner_deployment,
     build_runner_service,
 )
-from kubepeer.controller.fleet import View, awaiting_first_runner, plan_runner
-from kubepeer.controller.handlers import FIRST_STATUS_WAIT_SECONDS, Fleet, build_registry
+from kubepeer.controller.fleet import View, plan_runner
+from kubepeer.controller.handlers import build_registry
 from kubepeer.controller.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
@@ -137,27 +136,26 @@ def test_a_group_newcomer_that_conflicts_is_refused_alone():
     assert "already serves pipeline text-to-image with AIModel 'first'" in refused["same-pipeline"]
 
 
-def body(name: str, created: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "uid": name, "namespace": "ns", "creationTimestamp": created},
-        "spec": {"pipeline": "llm", "modelId": "m", **spec},
-    }
+def test_planning_a_runner_reads_only_its_own_members():
+    def body(name: str, created: str, **spec: Any) -> dict[str, Any]:
+        return {
+            "metadata": {
+                "name": name,
+                "uid": name,
+                "namespace": "ns",
+                "creationTimestamp": created,
+            },
+            "spec": {"pipeline": "llm", "modelId": "m", **spec},
+        }
 
-
-def group_of_two() -> tuple[list[dict[str, Any]], View]:
-    """Share group g: "a" first, then "b" with another image (so refused)."""
     bodies = [
         body("a", "1", image="one", gpu={"shareGroup": "g"}),
         body("b", "2", image="two", gpu={"shareGroup": "g"}),
     ]
-    members = {("ns", "group-g"): ["a", "b"]}
-    return bodies, View(
-        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies}, members=members
+    view = View(
+        aimodels={("ns", b["metadata"]["name"]): [b] for b in bodies},
+        members={("ns", "group-g"): ["a", "b"]},
     )
-
-
-def test_planning_a_runner_reads_only_its_own_members():
-    _, view = group_of_two()
     outcome = plan_runner(view, "ns", "group-g")
     assert outcome.plan is not None
     assert [m.name for m in outcome.plan.members] == ["a"]
@@ -165,72 +163,10 @@ def test_planning_a_runner_reads_only_its_own_members():
     assert plan_runner(view, "ns", "runner-other").plan is None
 
 
-def test_a_new_models_first_status_waits_for_its_runner_to_be_seen():
-    bodies, view = group_of_two()
-    a, refused = bodies
-    assert not awaiting_first_runner(view, a)  # nothing applied: nothing will bring a status
-    view.wrote(("ns", "group-g"), "hash")
-    assert awaiting_first_runner(view, a)  # its Deployment's first event will
-    assert not awaiting_first_runner(view, refused)  # its refusal is said now
-    assert not awaiting_first_runner(view, {**a, "status": {"phase": "Pending"}})
-    view.runners = {("ns", "group-g"): [{"hash": "hash"}]}
-    assert not awaiting_first_runner(view, a)  # seen: the status is written as before
-
-
-class Recorder:
-    """The operator's writes, recorded instead of sent."""
-
-    def __init__(self) -> None:
-        self.applied: list[str] = []
-        self.statuses: list[tuple[str, dict[str, Any]]] = []
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        self.applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
-
-    def ensure_auth_secret(self, namespace: str, settings: OperatorSettings) -> None:
-        pass
-
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.statuses.append((name, status))
-
-
-def new_model_fleet() -> tuple[Fleet, Recorder]:
-    """A fleet that has just seen AIModel "a" (group g) created, and nothing else."""
-    bodies, view = group_of_two()
-    view.aimodels = {("ns", "a"): [bodies[0]]}
-    view.members = {("ns", "group-g"): ["a"]}
-    kube = Recorder()
-    fleet = Fleet(SETTINGS, kube, None)  # type: ignore[arg-type]
-    fleet.view = view
-    fleet.model_changed("ns", "a")
-    assert "Deployment/group-g" in kube.applied
-    assert kube.statuses == []  # waiting for the runner's first watch event
-    return fleet, kube
-
-
-def test_a_first_status_whose_runner_is_never_seen_is_written_by_the_deadline():
-    fleet, kube = new_model_fleet()
-    start = time.monotonic()
-    fleet.write_overdue_first_statuses(now=start)
-    assert kube.statuses == []
-    fleet.write_overdue_first_statuses(now=start + FIRST_STATUS_WAIT_SECONDS + 0.1)
-    assert [(name, s["phase"]) for name, s in kube.statuses] == [("a", "Pending")]
-    fleet.write_overdue_first_statuses(now=start + 10 * FIRST_STATUS_WAIT_SECONDS)
-    assert len(kube.statuses) == 1  # written once
-
-
-def test_a_first_status_written_by_the_runners_event_is_not_written_again():
-    fleet, kube = new_model_fleet()
-    fleet.runner_changed("ns", "group-g")  # the Deployment's first watch event
-    assert [name for name, _ in kube.statuses] == ["a"]
-    fleet.write_overdue_first_statuses(now=time.monotonic() + 10 * FIRST_STATUS_WAIT_SECONDS)
-    assert len(kube.statuses) == 1
-
-
 def test_no_handler_needs_the_diff_base_the_operator_stops_kopf_keeping():
     """The operator drops kopf's per-event copy of each object (NoDiffBase): safe only while
     no change handler (create/update/delete) or daemon/timer is registered to read it."""
-    registry = build_registry(SETTINGS, Recorder(), None)  # type: ignore[arg-type]
+    registry = build_registry(SETTINGS, None, None)  # type: ignore[arg-type]
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
     assert len(registry._watching.get_all_handlers()) == 5  # the event handlers do run

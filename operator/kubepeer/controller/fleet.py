@@ -321,26 +321,6 @@ def model_status(
     return compute_status(observed, previous, now or datetime.now(UTC))
 
 
-def awaiting_first_runner(view: View, body: Mapping[str, Any]) -> bool:
-    """Whether a new AIModel's runner was just created and the watch has not shown it yet.
-
-    Then the Deployment's first event refreshes the status of every member, so a "Pending"
-    written now would be overwritten within seconds: at fleet scale one write per model
-    that the API server (shared with the runners being created) can be spared. A model
-    refused from its runner, or one with a status already, is written as before."""
-    meta = body["metadata"]
-    key = (meta["namespace"], target_runner(body))
-    if body.get("status"):
-        return False
-    outcome = plan_runner(view, *key)
-    if outcome.plan is None:
-        return False
-    if meta["name"] in outcome.refused or view.one(view.runners, key) is not None:
-        return False
-    recent = view.applied.get(key)
-    return recent is not None and time.monotonic() - recent[1] < 60
-
-
 def runner_hash(view: View, settings: OperatorSettings, plan: RunnerPlan) -> str:
     """The content hash of the runner a plan builds, remembered with the plan it is for."""
     key = (plan.namespace, plan.name)

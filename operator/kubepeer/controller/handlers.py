@@ -30,7 +30,6 @@ from kubepeer.controller.fleet import (
     Key,
     RunnerOutcome,
     View,
-    awaiting_first_runner,
     model_status,
     publish_table,
     reconcile_runner,
@@ -50,9 +49,6 @@ PODS = ("", "v1", "pods")
 CONFIGMAPS = ("", "v1", "configmaps")
 OURS = {L.MANAGED_BY: L.MANAGER}
 INDICES = ("aimodels", "members", "runners", "listed_in", "pods", "pricings", "tables")
-# How long a new AIModel's first status waits for its runner's first watch event before the
-# sweep writes it anyway: the event may be late (a loaded API server) or never come.
-FIRST_STATUS_WAIT_SECONDS = 5.0
 
 
 class Fleet:
@@ -63,9 +59,6 @@ class Fleet:
         self.view = View()
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
         self.retry: set[Key] = set()  # AIModels whose last reconcile failed
-        # New AIModels whose first status waits for their runner's first watch event, each
-        # with the deadline (monotonic) after which the sweep writes it anyway.
-        self.first_status_due: dict[Key, float] = {}
         self._locks: dict[Key, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -99,13 +92,6 @@ class Fleet:
         self.retry.discard(key)
         if gone:
             self.written.pop(key, None)
-            self.first_status_due.pop(key, None)
-        elif key not in self.written and awaiting_first_runner(self.view, body):
-            # Its runner's first watch event writes it (one write fewer per new model). The
-            # deadline is set after the check, so whichever comes first writes, the other
-            # finds nothing to change: no order of the two leaves the model without one.
-            due = time.monotonic() + FIRST_STATUS_WAIT_SECONDS
-            self.first_status_due.setdefault(key, due)
         else:
             self.refresh_status(namespace, name)
 
@@ -122,7 +108,6 @@ class Fleet:
     ) -> None:
         key = (namespace, name)
         with self.lock(key):
-            self.first_status_due.pop(key, None)  # decided here, whatever the outcome
             body = self.view.one(self.view.aimodels, key)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
@@ -147,7 +132,6 @@ class Fleet:
     def sweep(self, now: float | None = None) -> None:
         for key in sorted(self.retry):
             self.model_changed(*key)
-        self.write_overdue_first_statuses()
         if self.redis is None:
             return
         now = time.time() if now is None else now
@@ -155,15 +139,6 @@ class Fleet:
             body = self.view.one(self.view.aimodels, key)
             if body is not None and self._idle_past_timeout(body, now):
                 self.scale_to_zero(body, now)
-
-    def write_overdue_first_statuses(self, now: float | None = None) -> None:
-        """First statuses whose runner's watch event did not come in time: written now."""
-        now = time.monotonic() if now is None else now
-        overdue = [key for key, due in self.first_status_due.copy().items() if due <= now]
-        for key in overdue:
-            self.refresh_status(*key)
-        if overdue:
-            log.info("%d first statuses written by the deadline: runner not seen", len(overdue))
 
     def _idle_past_timeout(self, body: Mapping[str, Any], now: float) -> bool:
         try:
