@@ -465,6 +465,34 @@ def _group_models(fleet: Fleet) -> list[dict[str, Any]]:
     return json.loads(next(e.value for e in container.env if e.name == "MODELS"))
 
 
+def test_every_model_of_a_burst_gets_its_first_status(fleet):
+    """Forty AIModels in one apply, so forty runners created in a burst: each first status
+    comes from its runner's first watch event or from the deadline, and none is missing."""
+    names = [f"burst-{i:02d}" for i in range(40)]
+    fleet.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AIModel", "metadata": {"name": name},
+         "spec": {"pipeline": "text-to-image", "modelId": f"org/{name}",
+                  "warm": {"policy": "OnDemand"}}}
+        for name in names
+    ]))  # fmt: skip
+    missing: list[str] = []
+
+    def all_have_a_status() -> bool:
+        items = fleet.custom.list_namespaced_custom_object(
+            GROUP, VERSION, fleet.namespace, "aimodels"
+        )["items"]
+        phases = {m["metadata"]["name"]: (m.get("status") or {}).get("phase") for m in items}
+        missing[:] = [name for name in names if not phases.get(name)]
+        return not missing
+
+    try:
+        wait_for(all_have_a_status, timeout=60, what="a status on every AIModel", every=1.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; without one: {missing}") from None
+    assert {fleet.status(name)["phase"] for name in names} == {"Idle"}  # OnDemand, no demand
+    assert len(fleet.apps.list_namespaced_deployment(fleet.namespace).items) == len(names)
+
+
 def test_deleting_an_aimodel_garbage_collects_its_runner(fleet):
     fleet.apply("short-lived")
     fleet.wait_phase("short-lived", "Ready")

@@ -19,6 +19,7 @@ from kubepeer.controller.builders import (
     build_runner_service,
 )
 from kubepeer.controller.fleet import View, plan_runner
+from kubepeer.controller.handlers import build_registry
 from kubepeer.controller.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
@@ -160,6 +161,15 @@ def test_planning_a_runner_reads_only_its_own_members():
     assert [m.name for m in outcome.plan.members] == ["a"]
     assert set(outcome.refused) == {"b"}
     assert plan_runner(view, "ns", "runner-other").plan is None
+
+
+def test_no_handler_needs_the_diff_base_the_operator_stops_kopf_keeping():
+    """The operator drops kopf's per-event copy of each object (NoDiffBase): safe only while
+    no change handler (create/update/delete) or daemon/timer is registered to read it."""
+    registry = build_registry(SETTINGS, None, None)  # type: ignore[arg-type]
+    assert registry._changing.get_all_handlers() == []
+    assert registry._spawning.get_all_handlers() == []
+    assert len(registry._watching.get_all_handlers()) == 5  # the event handlers do run
 
 
 def test_service_selects_the_runner_pods():

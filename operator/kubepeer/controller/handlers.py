@@ -175,6 +175,22 @@ class Fleet:
         self.kube.post_event(dict(body), "ScaledToZero", "idle past warm.idleTimeout")
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No "last handled" copy of each object: kopf keeps one to give change handlers
+    (on.create/update) a diff, and this operator has none, only event handlers and indices.
+    kopf's default deep-copies every object on every event for it: a tenth of the
+    operator's CPU while a fleet is created (py-spy, 1,000 AIModels)."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: Any) -> None:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        pass
+
+
 def snapshot(index: Mapping[Key, Any]) -> list[Key]:
     """The keys of an index, read from a worker thread while the watch may be changing it."""
     while True:
@@ -248,6 +264,7 @@ def build_registry(
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
         settings.execution.max_workers = operator_settings.workers
+        settings.persistence.diffbase_storage = NoDiffBase()
 
     @kopf.on.startup(registry=registry)
     def create_priority_classes(**_: Any) -> None:
