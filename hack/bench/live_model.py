@@ -205,8 +205,7 @@ def main() -> None:
 
         def compiled() -> DiffusionModel:
             model = make()
-            model.unet = torch.compile(model.unet)
-            model.vae.decoder = torch.compile(model.vae.decoder)
+            model.compile()  # as the runner does with TORCH_COMPILE
             return model
 
         run("graph + torch.compile (UNet, VAE decoder)", compiled)

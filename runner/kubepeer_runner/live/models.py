@@ -91,6 +91,14 @@ class DiffusionModel:
         self._graph: tuple[tuple[Any, ...], Any, Any, Any, tuple[Any, ...]] | None = None
         self._host: dict[tuple[int, ...], tuple[Any, Any]] = {}  # shape -> pinned in/out
 
+    def compile(self) -> None:
+        """torch.compile the UNet and the VAE decoder (they run inside the CUDA graph); the
+        first frame at each size then takes the compiling time."""
+        import torch
+
+        self.unet = torch.compile(self.unet)
+        self.vae.decoder = torch.compile(self.vae.decoder)
+
     def _embedding(self, prompt: str) -> Any:
         if self._prompt is None or self._prompt[0] != prompt:
             tokens = self.tokenizer(
@@ -230,10 +238,7 @@ def load_model(
     loaded = load_diffusers(AutoPipelineForImage2Image, model_id, model_dir, device)
     model = DiffusionModel(loaded.pipe, device, model_id)
     if "TORCH_COMPILE" in optimizations and device.name == "cuda":
-        import torch
-
-        model.unet = torch.compile(model.unet)
-        model.vae.decoder = torch.compile(model.vae.decoder)
+        model.compile()
         params = LiveParams()
         model(np.zeros((params.height, params.width, 3), dtype=np.uint8), params)
     return model
