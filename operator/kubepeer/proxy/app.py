@@ -131,6 +131,9 @@ class Proxy:
         self._waking: set[str] = set()
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
+        # What http1.py serves itself on HTTP/1.1 (server.py): the job routes, whole bodies
+        # up to the limit (larger ones stream through uvicorn to their 413).
+        self.lean_jobs = (self._job_paths, config.max_body_bytes)
 
     # -- ASGI ---------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -2,7 +2,8 @@
 ingress that terminates TLS (gateway-wire 1.1). The ASGI app needs HTTP/2 with response
 trailers (unary gRPC) and HTTP/1.1 on the same socket. Two servers give it: uvicorn with
 zttp (the default: about a third less CPU per job, hack/bench/proxy.py) and hypercorn
-(`--server hypercorn`); one config serves both the same way.
+(`--server hypercorn`); one config serves both the same way. On uvicorn, HTTP/1.1 jobs are
+parsed and answered by http1.py, which leaves every other request to uvicorn.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ipaddress
 import logging
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -121,7 +122,7 @@ def hypercorn_config(
 async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = SERVERS[0]) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish."""
     if server == "uvicorn":
-        await uvicorn_server(app, config).serve()
+        await uvicorn_server(app, config, getattr(app, "lean_jobs", None)).serve()
         return
     from hypercorn.asyncio import serve as hypercorn_serve
 
@@ -132,18 +133,31 @@ async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = 
     await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
-def uvicorn_server(app: Callable[..., Awaitable[None]], hypercorn: Any) -> Any:
+def uvicorn_server(
+    app: Callable[..., Awaitable[None]],
+    hypercorn: Any,
+    lean_jobs: tuple[Iterable[str], int] | None = None,
+) -> Any:
     """The same listener on uvicorn with zttp (HTTP/1.1 and HTTP/2 with trailers, ALPN
     h2 + http/1.1 over TLS, h2c by preface sniffing in plaintext): the cert, bind and
-    timeouts are taken from the hypercorn config so both servers serve the same thing."""
+    timeouts are taken from the hypercorn config so both servers serve the same thing.
+    `lean_jobs`: (paths, body limit) of the POSTs that http1.py serves on HTTP/1.1."""
     try:
         import uvicorn
         import zttp  # noqa: F401
+
+        from kubepeer.proxy import http1
     except ImportError as exc:
         raise SystemExit(f"--server uvicorn needs uvicorn and zttp installed: {exc}") from None
 
+    class Config(uvicorn.Config):
+        def load(self) -> None:
+            super().load()
+            if lean_jobs is not None:
+                self.http_protocol_class = http1.listener(*lean_jobs)
+
     host, _, port = hypercorn.bind[0].rpartition(":")
-    config = uvicorn.Config(
+    config = Config(
         app,
         host=host.strip("[]"),
         port=int(port),
