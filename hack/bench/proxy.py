@@ -5,9 +5,10 @@
    /text-to-image straight to a runner stand-in (an aiohttp server that answers at once,
    so only the hop's own cost shows), through nginx as a reverse proxy (one worker,
    upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
-   bearer token) on each server it can run on; plaintext and TLS. "added" is the p50/p99
-   above direct; "x nginx" is the proxy's added p50 over nginx's added p50. Every hop is
-   measured --rounds times, the rounds interleaved (direct, nginx, proxies, then again) so
+   bearer token) on each server it can run on; plaintext and TLS; and through a bare Python
+   forwarder (uvloop + httptools, no checks: the least a Python hop adds on this machine).
+   "added" is the p50/p99 above direct; "x nginx" is a hop's added p50 over nginx's. Every
+   hop is measured --rounds times, the rounds interleaved (direct, nginx, proxies, then again) so
    that a change in the machine's load falls on all of them alike; the medians of the
    rounds are printed, with each hop's CPU per request at that rate (its own process).
    1b: the TLS rows again over one HTTP/2 connection, as go-livepeer's client sends jobs
@@ -75,6 +76,54 @@ app = web.Application()
 app.router.add_post("/text-to-image", t2i)
 app.router.add_get("/arrivals", arrivals)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+FORWARDER = """
+# The least a Python hop can add: uvloop + httptools, callbacks only, no checks at all; each
+# request goes to the runner on a pooled keep-alive connection and its answer comes back as
+# the runner's bytes. Plain HTTP/1.1, Content-Length bodies: enough for this bench's route.
+import asyncio, sys, httptools, uvloop
+RUNNER = ("127.0.0.1", int(sys.argv[2]))
+idle = []
+class Upstream(asyncio.Protocol):
+    def __init__(self, client, request):
+        self.client, self.pending, self.answer = client, request, bytearray()
+        self.parser = httptools.HttpResponseParser(self)
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.pending)
+    def data_received(self, data):
+        self.answer += data
+        self.parser.feed_data(data)
+    def on_message_complete(self):
+        self.client.transport.write(bytes(self.answer))
+        self.answer.clear()
+        idle.append(self)
+class Client(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.body = transport, []
+        self.parser = httptools.HttpRequestParser(self)
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_url(self, url):
+        self.url = url
+    def on_body(self, body):
+        self.body.append(body)
+    def on_message_complete(self):
+        body, self.body = b"".join(self.body), []
+        head = b"%s %s HTTP/1.1\\r\\nHost: runner\\r\\n" % (self.parser.get_method(), self.url)
+        request = head + b"Content-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (
+            len(body), body)
+        if idle:
+            upstream = idle.pop()
+            upstream.client = self
+            upstream.transport.write(request)
+        else:
+            loop = asyncio.get_running_loop()
+            loop.create_task(loop.create_connection(lambda: Upstream(self, request), *RUNNER))
+async def main():
+    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+uvloop.run(main())
 """
 NGINX = """
 worker_processes 1;
@@ -446,6 +495,10 @@ def main() -> int:
         server_pids = {"direct to the runner": processes[1].pid}
         for mode in ("plain", "tls"):
             server_pids[f"nginx ({mode})"] = processes[-1].pid
+        forwarder_port = free_port()
+        server_pids["python forwarder (plain)"] = spawn(
+            sys.executable, "-c", FORWARDER, str(forwarder_port), str(runner_port)
+        )
         ports: dict[tuple[str, str], int] = {}
         for server in servers:
             for mode in ("plain", "tls"):
@@ -472,6 +525,7 @@ def main() -> int:
         )  # fmt: skip
         wait_up(f"{runner}/arrivals")
         wait_up(f"http://127.0.0.1:{nginx_ports['plain']}/arrivals")
+        wait_up(f"http://127.0.0.1:{forwarder_port}/arrivals")
         for (_, mode), port in [*ports.items(), (("paid", "tls"), paid_port)]:
             wait_up(f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/healthz")
         save_view(Redis.from_url(redis_url), CHAIN)
@@ -485,6 +539,9 @@ def main() -> int:
                 f"{scheme}://127.0.0.1:{nginx_ports[mode]}/text-to-image",
                 {},
             )
+            if mode == "plain":
+                targets["python forwarder (plain)"] = (
+                    f"http://127.0.0.1:{forwarder_port}/text-to-image", {})  # fmt: skip
             for server in servers:
                 port = ports[(server, mode)]
                 targets[f"proxy, {server} ({mode})"] = (
