@@ -21,6 +21,7 @@ import aiohttp
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
@@ -46,6 +47,7 @@ from kubepeer.proxy.credentials import (
     discovery_signed,
     go_address,
 )
+from kubepeer.proxy.http1 import Reply
 from kubepeer.proxy.jobs import BATCH_PIPELINES, JobRefused, JobRequest, decode_fields, read_body
 from kubepeer.proxy.results import ResultStore, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
@@ -133,7 +135,7 @@ class Proxy:
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
         # What http1.py serves itself on HTTP/1.1 (server.py): the job routes, whole bodies
         # up to the limit (larger ones stream through uvicorn to their 413).
-        self.lean_jobs = (self._job_paths, config.max_body_bytes)
+        self.lean_jobs = (self._job_paths, config.max_body_bytes, self.lean_job)
 
     # -- ASGI ---------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -153,21 +155,35 @@ class Proxy:
         await self.http_app(scope, receive, send)
 
     async def _serve_job(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A job through the ASGI server: HTTP/2, hypercorn, and the HTTP/1.1 requests that
+        http1.py leaves to uvicorn (`lean_job` has the rest)."""
         if scope["method"] != "POST":
             await PlainTextResponse("Method Not Allowed", 405)(scope, receive, send)
             return
-        started = time.monotonic()
-        outcome = _Outcome(Pipeline(scope["path"][1:]))
-        try:
-            response = await self.job(Request(scope, receive), outcome)
-        except Exception:
-            log.exception("job failed")
-            response = PlainTextResponse("Internal Server Error", 500)
+        request = Request(scope, receive)
+        reply = await self.job(
+            scope["path"], request.headers, lambda: read_body(request, self.config.max_body_bytes)
+        )
+        headers = {name.decode(): value.decode("latin-1") for name, value in reply.headers}
+        response = (
+            Response(reply.body, reply.status, headers)
+            if reply.stream is None
+            else StreamingResponse(reply.stream, reply.status, headers)
+        )
         try:
             await response(scope, receive, send)
         finally:
-            # Counted and logged once the answer is on its way: off the gateway's wait.
-            outcome.record(response.status_code, time.monotonic() - started)
+            reply.sent()
+
+    async def lean_job(
+        self, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Reply:
+        """A plain HTTP/1.1 job from http1.py: the same job, its body already whole."""
+
+        async def whole() -> bytes:
+            return body
+
+        return await self.job(target.decode("ascii"), Headers(raw=headers), whole)
 
     def _build_http_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -303,29 +319,37 @@ class Proxy:
         return Response(data, media_type=content_type)
 
     # -- jobs --------------------------------------------------------------------------
-    async def job(self, request: Request, outcome: _Outcome) -> Response:
-        """The answer to a batch job; what to count and log of it goes into `outcome`."""
-        pipeline = outcome.pipeline
-        request_id = outcome.request_id = request.headers.get("x-request-id") or secrets.token_hex(
-            8
-        )
+    async def job(self, path: str, headers: Headers, read: Callable[[], Awaitable[bytes]]) -> Reply:
+        """The answer to a batch job at `path`, its body from `read()`. The job is counted and
+        logged when the server calls the reply's `sent()`: off the gateway's wait."""
+        outcome = _Outcome(Pipeline(path[1:]))
+        request_id = outcome.request_id = headers.get("x-request-id") or secrets.token_hex(8)
         try:
-            response = await self._job(request, pipeline, request_id, outcome)
+            reply = await self._job(headers, read, request_id, outcome)
         except JobRefused as exc:
-            response = PlainTextResponse(exc.text + "\n", exc.status)
+            reply = _text(exc.status, exc.text + "\n")
             outcome.refused = exc
-        response.headers["x-request-id"] = request_id
-        return response
+        except Exception:
+            log.exception("job failed")
+            reply = _text(500, "Internal Server Error")
+        reply.headers.append((b"x-request-id", request_id.encode()))
+        reply.after = outcome.record
+        return reply
 
     async def _job(
-        self, request: Request, pipeline: Pipeline, request_id: str, outcome: _Outcome
-    ) -> Response:
-        body = await read_body(request, self.config.max_body_bytes)
-        content_type = request.headers.get("content-type", "")
+        self,
+        headers: Headers,
+        read: Callable[[], Awaitable[bytes]],
+        request_id: str,
+        outcome: _Outcome,
+    ) -> Reply:
+        pipeline = outcome.pipeline
+        body = await read()
+        content_type = headers.get("content-type", "")
         job = JobRequest(
             pipeline, body, content_type, await decode_fields(pipeline, content_type, body)
         )
-        payment = self._check_credentials(request)
+        payment = self._check_credentials(headers)
         try:
             units = billed_units(pipeline, job.fields)
         except UnitsError as exc:
@@ -365,7 +389,7 @@ class Proxy:
                 if job.streams:
                     handed_off = True
                     return self._stream(upstream, model, held, request_id)
-                return await self._reply(job, upstream, request, request_id)
+                return await self._reply(job, upstream, headers, request_id)
             finally:
                 if not handed_off:
                     in_flight.dec()
@@ -375,22 +399,22 @@ class Proxy:
                 for slot in held:
                     self.router.release(slot, model)
 
-    def _check_credentials(self, request: Request) -> net_pb2.Payment | None:
+    def _check_credentials(self, headers: Headers) -> net_pb2.Payment | None:
         if not self.config.payments:
-            presented = request.headers.get("authorization", "").removeprefix("Bearer ")
+            presented = headers.get("authorization", "").removeprefix("Bearer ")
             if self.config.bearer_token and hmac.compare_digest(
                 presented.encode(), self.config.bearer_token.encode()
             ):
                 return None
-            if self.config.offchain_gateways and _offchain_ok(request, self.auth_secret):
+            if self.config.offchain_gateways and _offchain_ok(headers, self.auth_secret):
                 return None
             raise JobRefused(401, "a valid bearer token is required")
         try:
-            payment = decode_payment(request.headers.get(PAYMENT_HEADER, ""))
+            payment = decode_payment(headers.get(PAYMENT_HEADER, ""))
         except BadHeader as exc:
             raise JobRefused(402, str(exc)) from None
         try:
-            seg = decode_segment(request.headers.get(SEGMENT_HEADER, ""))
+            seg = decode_segment(headers.get(SEGMENT_HEADER, ""))
         except BadHeader:
             raise JobRefused(403, "ErrorSegEncoding") from None
         try:
@@ -476,8 +500,8 @@ class Proxy:
                 raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
 
     async def _reply(
-        self, job: JobRequest, upstream: Answer, request: Request, request_id: str
-    ) -> Response:
+        self, job: JobRequest, upstream: Answer, headers: Headers, request_id: str
+    ) -> Reply:
         try:
             body = json.loads(await upstream.read())
         except (json.JSONDecodeError, UnicodeDecodeError, RunnerBroken) as exc:
@@ -486,13 +510,13 @@ class Proxy:
             ) from None
         finally:
             upstream.release()
-        as_urls = request.headers.get("authorization") == AI_WORKER_AUTHORIZATION
+        as_urls = headers.get("authorization") == AI_WORKER_AUTHORIZATION
         store = self._storer(request_id) if as_urls else None
         if job.pipeline is Pipeline.IMAGE_TO_VIDEO:  # H.264 encoding: off the event loop
             reply = await asyncio.to_thread(shape_reply, job.pipeline, body, job.fields, store)
         else:
             reply = shape_reply(job.pipeline, body, job.fields, store)
-        return Response(json.dumps(reply) + "\n", media_type="application/json")
+        return Reply(200, b"application/json", (json.dumps(reply) + "\n").encode())
 
     def _storer(self, request_id: str) -> Callable[[str, bytes], str]:
         base = self.config.public_url.rstrip("/")
@@ -503,9 +527,7 @@ class Proxy:
 
         return store
 
-    def _stream(
-        self, upstream: Answer, model: ServedModel, held: list[Slot], job_id: str
-    ) -> Response:
+    def _stream(self, upstream: Answer, model: ServedModel, held: list[Slot], job_id: str) -> Reply:
         """llm SSE, chunk by chunk, until the chunk with a finish_reason; no [DONE]."""
 
         async def events() -> AsyncIterator[bytes]:
@@ -527,24 +549,25 @@ class Proxy:
                 for slot in held:
                     self.router.release(slot, model)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return Reply(200, b"text/event-stream", stream=events())
 
 
 class _Outcome:
     """What a batch job's end counts and logs, after its answer is sent."""
 
-    __slots__ = ("model_label", "pipeline", "refused", "request_id", "served")
+    __slots__ = ("model_label", "pipeline", "refused", "request_id", "served", "started")
 
     def __init__(self, pipeline: Pipeline) -> None:
+        self.started = time.monotonic()
         self.pipeline = pipeline
         self.request_id = ""
         self.model_label = pipeline.value  # the AIModel once one is chosen
         self.served: dict[str, Any] | None = None
         self.refused: JobRefused | None = None
 
-    def record(self, status: int, seconds: float) -> None:
+    def record(self, status: int) -> None:
         metrics.child(metrics.REQUESTS, self.model_label, str(status)).inc()
-        metrics.child(metrics.LATENCY, self.model_label).observe(seconds)
+        metrics.child(metrics.LATENCY, self.model_label).observe(time.monotonic() - self.started)
         if self.refused is not None:
             log.info(
                 "job refused",
@@ -559,9 +582,13 @@ class _Outcome:
             )  # fmt: skip
 
 
-def _offchain_ok(request: Request, secret: AuthSecret) -> bool:
+def _text(status: int, text: str) -> Reply:
+    return Reply(status, b"text/plain; charset=utf-8", text.encode())
+
+
+def _offchain_ok(headers: Headers, secret: AuthSecret) -> bool:
     try:
-        check_auth_token(decode_segment(request.headers.get(SEGMENT_HEADER, "")), secret)
+        check_auth_token(decode_segment(headers.get(SEGMENT_HEADER, "")), secret)
     except (BadHeader, CredentialsRefused):
         return False
     return True

@@ -1,15 +1,15 @@
 """Batch jobs over HTTP/1.1, without the ASGI server's per-request machinery.
 
 A gateway's batch job is the proxy's hot path: one POST with a small body, one JSON answer.
-uvicorn spends about as much CPU on each as the proxy's own handling of it
+Through uvicorn and ASGI, the server's share of each cost more than the job's own handling
 (hack/bench/proxy.py). So the listener's HTTP/1.1 connections start on `LeanJobs`, which
 serves a request itself when it is plainly a job: `POST /<batch pipeline> HTTP/1.1` with one
 Content-Length up to `body_limit` and none of Transfer-Encoding, Expect or Upgrade. It parses
-the head, hands the same ASGI app the same scope uvicorn would, and writes the answer in one
-piece (chunked when the app streams it: llm). At the first request that is anything else, the
-connection moves to uvicorn's own HTTP/1.1 protocol for good, with every byte it has not used,
-so each other route keeps uvicorn's full HTTP handling (trickle's 100 Continue, disconnects,
-its 4xx for malformed requests). HTTP/2 connections never come here.
+the head, calls the handler with the target, the headers and the whole body, and writes the
+`Reply` in one piece (chunked when streamed: llm). At the first request that is anything
+else, the connection moves to uvicorn's own HTTP/1.1 protocol for good, with every byte it has
+not used, so each other route keeps uvicorn's full HTTP handling (trickle's 100 Continue,
+disconnects, its 4xx for malformed requests) and the ASGI app. HTTP/2 never comes here.
 """
 
 from __future__ import annotations
@@ -18,12 +18,8 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, ClassVar
-
-from uvicorn.protocols.http.auto_zttp_impl import AutoZttpProtocol
-from uvicorn.protocols.http.zttp_impl import ZttpProtocol
-from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 log = logging.getLogger("kubepeer.proxy")
 
@@ -32,7 +28,28 @@ HIGH_WATER = 64 * 1024  # bytes of a pipelined next request read ahead of its tu
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
-_DISCONNECT = {"type": "http.disconnect"}
+
+
+class Reply:
+    """A job's answer: a whole body, or a `stream` of pieces (llm SSE). `sent()` is called
+    by the server once the answer is out (or the client gone), and calls `after(status)`."""
+
+    __slots__ = ("after", "body", "headers", "status", "stream")
+
+    def __init__(self, status: int, content_type: bytes, body: bytes = b"",
+                 stream: AsyncIterator[bytes] | None = None) -> None:  # fmt: skip
+        self.status, self.body, self.stream = status, body, stream
+        self.headers: list[tuple[bytes, bytes]] = [(b"content-type", content_type)]
+        self.after: Callable[[int], None] | None = None
+
+    def sent(self) -> None:
+        after, self.after = self.after, None
+        if after is not None:
+            after(self.status)
+
+
+# (target, headers with lowercased names, body) -> the reply
+Handler = Callable[[bytes, list[tuple[bytes, bytes]], bytes], Awaitable[Reply]]
 
 
 class Head:
@@ -74,13 +91,16 @@ def parse_head(head: bytes, paths: frozenset[bytes]) -> Head | None:
     return None if length is None else Head(target, headers, length, close)
 
 
-def listener(paths: Iterable[str], body_limit: int) -> type[AutoZttpProtocol]:
+def listener(paths: Iterable[str], body_limit: int, handler: Handler) -> type[asyncio.Protocol]:
     """uvicorn's HTTP/1.1 + HTTP/2 dispatcher, with HTTP/1.1 connections starting on
-    LeanJobs for these paths and bodies up to `body_limit` bytes."""
+    LeanJobs for these paths, bodies up to `body_limit` bytes, served by `handler`. (uvicorn
+    is imported here, not by the module: app.py needs only `Reply`.)"""
+    from uvicorn.protocols.http.auto_zttp_impl import AutoZttpProtocol
+    from uvicorn.protocols.http.zttp_impl import ZttpProtocol
 
     class Listener(AutoZttpProtocol):
-        lean: ClassVar[tuple[frozenset[bytes], int]] = (
-            frozenset(path.encode() for path in paths), body_limit)  # fmt: skip
+        lean: ClassVar[tuple[type[asyncio.Protocol], frozenset[bytes], int, Handler]] = (
+            ZttpProtocol, frozenset(p.encode() for p in paths), body_limit, handler)  # fmt: skip
 
         def _switch(self, http2: bool, initial_data: bytes = b"") -> None:
             if http2:
@@ -99,16 +119,17 @@ class LeanJobs(asyncio.Protocol):
     """One HTTP/1.1 connection, while its requests are plain jobs (see the module)."""
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
-                 paths: frozenset[bytes], body_limit: int) -> None:  # fmt: skip
+                 uvicorn: type[asyncio.Protocol], paths: frozenset[bytes], body_limit: int,
+                 handler: Handler) -> None:  # fmt: skip
         self.config, self.server_state, self.app_state = config, server_state, app_state
-        self.app = config.loaded_app
-        self.paths, self.body_limit = paths, body_limit
+        self.uvicorn = uvicorn  # the protocol a connection moves to (zttp's HTTP/1.1)
+        self.paths, self.body_limit, self.handler = paths, body_limit, handler
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buffer = bytearray()
         self.head: Head | None = None  # the request whose body is being read
         self.job: asyncio.Task[None] | None = None  # the request being answered
-        self.gone: asyncio.Future[None] = self.loop.create_future()  # the client went away
+        self.gone = False  # the client went away
         self.writable = asyncio.Event()
         self.writable.set()
         self.closing = False  # close once the job in flight is answered
@@ -118,17 +139,13 @@ class LeanJobs(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.scheme = "https" if is_ssl(self.transport) else "http"
-        self.server = get_local_addr(self.transport)
-        self.client = get_remote_addr(self.transport)
         self.server_state.connections.add(self)
         self._wait_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self._stop_idle()
-        if not self.gone.done():
-            self.gone.set_result(None)
+        self.gone = True
         self.writable.set()
 
     def data_received(self, data: bytes) -> None:
@@ -185,7 +202,7 @@ class LeanJobs(asyncio.Protocol):
         self.server_state.connections.discard(self)
         if self.paused:
             self.transport.resume_reading()
-        protocol = ZttpProtocol(  # type: ignore[call-arg]
+        protocol = self.uvicorn(  # type: ignore[call-arg]
             config=self.config, server_state=self.server_state, app_state=self.app_state,
             _loop=self.loop,
         )  # fmt: skip
@@ -196,27 +213,19 @@ class LeanJobs(asyncio.Protocol):
         self.buffer.clear()
 
     async def _serve(self, head: Head, body: bytes) -> None:
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1", "server": self.server, "client": self.client,
-            "scheme": self.scheme, "method": "POST", "root_path": "",
-            "path": head.target.decode("ascii"), "raw_path": head.target, "query_string": b"",
-            "headers": head.headers, "state": self.app_state.copy(),
-        }  # fmt: skip
-        answer = _Answer(self, body, close=head.close or self.closing)
+        close = head.close
         try:
-            await self.app(scope, answer.receive, answer.send)
+            reply = await self.handler(head.target, head.headers, body)
         except Exception:
             log.exception("job failed")
-            if not answer.started:
-                plain = [(b"content-type", b"text/plain; charset=utf-8")]
-                await answer.send({"type": "http.response.start", "status": 500, "headers": plain})
-                await answer.send({"type": "http.response.body", "body": b"Internal Server Error"})
-            answer.close = True
-        if not answer.done:
-            answer.close = True  # the app ended without a whole answer: the client must not wait
+            reply = Reply(500, b"text/plain; charset=utf-8", b"Internal Server Error")
+            close = True
+        try:
+            whole = await self._write(reply, close or self.closing)
+        finally:
+            reply.sent()
         self.job = None
-        if answer.close or self.closing or self.transport.is_closing():
+        if not whole or close or self.closing or self.transport.is_closing():
             self.transport.close()
             return
         self._wait_idle()
@@ -224,6 +233,40 @@ class LeanJobs(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         self._next()
+
+    async def _write(self, reply: Reply, close: bool) -> bool:
+        """Write the reply; False when it could not be written whole (the client left)."""
+        status = reply.status
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        for name, value in (*reply.headers, *self.server_state.default_headers):
+            head.append(b"%s: %s\r\n" % (name, value))
+        stream = reply.stream
+        if stream is None:
+            head.append(b"content-length: %d\r\n" % len(reply.body))
+        else:
+            head.append(b"transfer-encoding: chunked\r\n")
+        if close:
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        if self.gone:
+            return False
+        if stream is None:
+            self.transport.write(b"".join(head) + reply.body)
+            return True
+        self.transport.write(b"".join(head))
+        try:
+            async for piece in stream:  # a client gone is noticed at the next piece
+                if self.gone:
+                    return False
+                if piece:
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    await self.writable.wait()  # a slow reader holds the stream back
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # its own cleanup, now
+        if self.gone:
+            return False
+        self.transport.write(b"0\r\n\r\n")
+        return True
 
     # -- keep-alive ----------------------------------------------------------------------
     def _wait_idle(self) -> None:
@@ -234,63 +277,3 @@ class LeanJobs(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
-
-
-class _Answer:
-    """One request's ASGI receive and send: the answer goes out as one write, or chunked."""
-
-    __slots__ = ("body", "chunked", "close", "conn", "done", "head", "started")
-
-    def __init__(self, conn: LeanJobs, body: bytes, close: bool) -> None:
-        self.conn, self.close = conn, close
-        self.body: bytes | None = body  # the request body, until the app has read it
-        self.head: list[bytes] = []
-        self.started = self.chunked = self.done = False
-
-    async def receive(self) -> dict[str, Any]:
-        if self.body is not None:
-            body, self.body = self.body, None
-            return {"type": "http.request", "body": body, "more_body": False}
-        await self.conn.gone  # after the body, the only event left is the client leaving
-        return _DISCONNECT
-
-    async def send(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        conn = self.conn
-        if kind == "http.response.start":
-            status = message["status"]
-            head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-            length = False
-            for name, value in message.get("headers", ()):
-                head.append(b"%s: %s\r\n" % (name, value))
-                length = length or name.lower() == b"content-length"
-            for name, value in conn.server_state.default_headers:
-                head.append(b"%s: %s\r\n" % (name, value))
-            if not length:
-                self.chunked = True
-                head.append(b"transfer-encoding: chunked\r\n")
-            if self.close or conn.closing:  # the client's wish, or a graceful stop
-                self.close = True
-                head.append(b"connection: close\r\n")
-            self.head, self.started = head, True
-            return
-        if kind != "http.response.body" or self.done:
-            return
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
-        if self.chunked:
-            out = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-            if not more:
-                out += b"0\r\n\r\n"
-        else:
-            out = body
-        if self.head:
-            self.head.append(b"\r\n")
-            out = b"".join(self.head) + out
-            self.head = []
-        self.done = not more
-        if conn.transport.is_closing():
-            return
-        conn.transport.write(out)
-        if more:
-            await conn.writable.wait()  # a streaming answer waits for a slow reader

@@ -463,7 +463,7 @@ async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]
     model, runner = reserved
     stream: LiveStream | None = None
     try:
-        payment = proxy._check_credentials(request)  # 402, 403 (401 in private mode)
+        payment = proxy._check_credentials(request.headers)  # 402, 403 (401 in private mode)
         sender, price = None, Fraction(0)
         if payment is not None and proxy.billing is not None:
             try:
