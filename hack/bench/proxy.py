@@ -7,10 +7,11 @@
    upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
    bearer token) on each server it can run on; plaintext and TLS; and through a bare Python
    forwarder (uvloop + httptools, no checks: the least a Python hop adds on this machine).
-   "added" is the p50/p99 above direct; "x nginx" is a hop's added p50 over nginx's. Every
-   hop is measured --rounds times, the rounds interleaved (direct, nginx, proxies, then again) so
-   that a change in the machine's load falls on all of them alike; the medians of the
-   rounds are printed, with each hop's CPU per request at that rate (its own process).
+   Every hop is measured --rounds times, the rounds interleaved (direct, nginx, proxies,
+   then again) so that a change in the machine's load falls on all of them alike. Printed:
+   the medians of the rounds, each hop's CPU per request at that rate (its own process),
+   "added" (the median over rounds of a round's p50/p99 minus direct's in that round) and
+   "x nginx" (a hop's added p50 over nginx's).
    1b: the TLS rows again over one HTTP/2 connection, as go-livepeer's client sends jobs
    (ForceAttemptHTTP2), against nginx's h2.
 2. Throughput at a fixed concurrency, the same ways.
@@ -424,7 +425,7 @@ def latency_section(
         name: tuple(statistics.median(r[i] for r in runs) for i in range(3))
         for name, runs in rounds.items()
     }
-    base = medians["direct to the runner"]
+    direct = rounds["direct to the runner"]
     added_nginx: dict[str, float] = {}
     for name, (p50, p99, cpu) in medians.items():
         label = name + (f" [{failed[name]} failed]" if failed[name] else "")
@@ -432,14 +433,18 @@ def latency_section(
         if name == "direct to the runner":
             print(line)
             continue
-        added = p50 - base[0]
+        # Added: each round against direct in the same round, then the median of those.
+        added, added_p99 = (
+            statistics.median(r[i] - d[i] for r, d in zip(rounds[name], direct, strict=True))
+            for i in (0, 1)
+        )
         mode = name.rsplit("(", 1)[1].rstrip(")")
         versus = ""
         if name.startswith("nginx"):
             added_nginx[mode] = added
         elif added_nginx.get(mode, 0) > 0:
             versus = f"  x nginx {added / added_nginx[mode]:.1f}"
-        print(f"{line}   added p50 {added:+.2f} p99 {p99 - base[1]:+.2f}{versus}")
+        print(f"{line}   added p50 {added:+.2f} p99 {added_p99:+.2f}{versus}")
     for name, runs in rounds.items():
         print(f"   rounds, {name}: p50 {', '.join(f'{r[0]:.2f}' for r in runs)}")
 
@@ -451,7 +456,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--calls", type=int, default=100, help="GetOrchestrator calls")
     parser.add_argument("--held", type=int, default=20, help="jobs held for a cold model")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of section 1")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of section 1")
     parser.add_argument("--sections", default="1,1b,2,3,4", help="which sections to run")
     args = parser.parse_args()
     sections = set(args.sections.split(","))

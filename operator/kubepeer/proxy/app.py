@@ -332,7 +332,7 @@ class Proxy:
         except Exception:
             log.exception("job failed")
             reply = _text(500, "Internal Server Error")
-        reply.headers.append((b"x-request-id", request_id.encode()))
+        reply.headers.append((b"x-request-id", request_id.encode("latin-1")))
         reply.after = outcome.record
         return reply
 
