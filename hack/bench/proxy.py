@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import ssl
 import statistics
@@ -160,9 +161,17 @@ CHAIN = ChainView(l1_block=5_000, current_round=10, creation_round=10,
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: the bench's own connections take
+    ephemeral ports while the servers start, and one could take a port picked for a server."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_up(url: str, timeout: float = 60) -> None:

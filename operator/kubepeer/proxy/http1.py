@@ -53,7 +53,7 @@ Handler = Callable[[bytes, list[tuple[bytes, bytes]], bytes], Awaitable[Reply]]
 
 
 class Head:
-    """A plain job's request line and headers, as ASGI wants them."""
+    """A plain job's target, headers (names lowercased), body length and Connection: close."""
 
     __slots__ = ("close", "headers", "length", "target")
 
