@@ -189,6 +189,36 @@ def test_a_paid_job_returns_a_url_any_replica_serves_and_is_debited_units_times_
         stop_proxy(other)
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
+def test_each_job_is_logged_once_with_its_request_id_as_one_json_line(proxy, http2):
+    """Served and refused, on the lean HTTP/1.1 path and on HTTP/2 (uvicorn's ASGI path)."""
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    served, refused = f"served-{http2}", f"refused-{http2}"
+    paid = {**gateway.headers(info, 27, SD), "X-Request-Id": served}
+    with proxy.http(http2=http2) as client:
+        ok = client.post("/text-to-image", json=T2I, headers=paid)
+        unpaid = client.post("/text-to-image", json=T2I, headers={"X-Request-Id": refused})
+    assert ok.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert (ok.status_code, ok.headers["x-request-id"]) == (200, served)
+    assert (unpaid.status_code, unpaid.headers["x-request-id"]) == (403, refused)  # no segment
+
+    def lines(request_id: str) -> list[dict]:
+        entries = [json.loads(line) for line in proxy.log.read_text().splitlines()
+                   if line.startswith("{")]  # fmt: skip
+        return [e for e in entries if e.get("request_id") == request_id]
+
+    wait_for(lambda: lines(served) and lines(refused), timeout=10, what="the jobs' log lines")
+    [line] = lines(served)
+    assert line["message"] == "job served"
+    assert (line["pipeline"], line["model"], line["units"]) == ("text-to-image", SD, T2I_UNITS)
+    assert line["fee_wei"] == fee(T2I_UNITS, info)
+    [line] = lines(refused)
+    assert (line["message"], line["status"]) == ("job refused", 403)
+    assert line["reason"]  # go-livepeer's text, as the gateway got it
+    assert unpaid.text == line["reason"] + "\n"
+
+
 def test_without_the_ai_worker_header_images_are_data_urls(proxy):
     gateway = Gateway()
     info = gateway.discover(proxy, 27, SD)
