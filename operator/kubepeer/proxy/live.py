@@ -301,11 +301,11 @@ class LiveService:
         with contextlib.suppress(Exception):  # the why first: readers see the channels go
             self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
                                                               "reason": reason})  # fmt: skip
-        with contextlib.suppress(Exception):
-            await self.close_channels(stream.mid)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the slot is free before anyone sees the end
             self.capacity.release(stream.model, stream.runner, stream.mid)
             self.redis.srem(streams_key(self.capacity.namespace), stream.mid)
+        with contextlib.suppress(Exception):
+            await self.close_channels(stream.mid)
         self.streams.pop(stream.mid, None)
 
     async def stop_all(self) -> None:
