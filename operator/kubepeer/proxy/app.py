@@ -325,7 +325,7 @@ class Proxy:
         outcome = _Outcome(Pipeline(path[1:]))
         request_id = outcome.request_id = headers.get("x-request-id") or secrets.token_hex(8)
         try:
-            reply = await self._job(headers, read, request_id, outcome)
+            reply = await self._job(headers, read, outcome)
         except JobRefused as exc:
             reply = _text(exc.status, exc.text + "\n")
             outcome.refused = exc
@@ -340,10 +340,9 @@ class Proxy:
         self,
         headers: Headers,
         read: Callable[[], Awaitable[bytes]],
-        request_id: str,
         outcome: _Outcome,
     ) -> Reply:
-        pipeline = outcome.pipeline
+        pipeline, request_id = outcome.pipeline, outcome.request_id
         body = await read()
         content_type = headers.get("content-type", "")
         job = JobRequest(

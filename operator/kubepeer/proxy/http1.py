@@ -19,6 +19,7 @@ import http
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 log = logging.getLogger("kubepeer.proxy")
@@ -52,14 +53,14 @@ class Reply:
 Handler = Callable[[bytes, list[tuple[bytes, bytes]], bytes], Awaitable[Reply]]
 
 
+@dataclass(slots=True)
 class Head:
     """A plain job's target, headers (names lowercased), body length and Connection: close."""
 
-    __slots__ = ("close", "headers", "length", "target")
-
-    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]], length: int,
-                 close: bool) -> None:  # fmt: skip
-        self.target, self.headers, self.length, self.close = target, headers, length, close
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    length: int
+    close: bool
 
 
 def parse_head(head: bytes, paths: frozenset[bytes]) -> Head | None:
@@ -107,12 +108,17 @@ def listener(paths: Iterable[str], body_limit: int, handler: Handler) -> type[as
                 super()._switch(http2, initial_data)
                 return
             protocol = LeanJobs(self.config, self.server_state, self.app_state, *self.lean)
-            self.transport.set_protocol(protocol)
-            protocol.connection_made(self.transport)
-            if initial_data:
-                protocol.data_received(initial_data)
+            _move(self.transport, protocol, initial_data)
 
     return Listener
+
+
+def _move(transport: asyncio.Transport, protocol: asyncio.Protocol, unread: bytes) -> None:
+    """Give the connection to `protocol`, with the bytes read but not yet used."""
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if unread:
+        protocol.data_received(unread)
 
 
 class LeanJobs(asyncio.Protocol):
@@ -206,10 +212,7 @@ class LeanJobs(asyncio.Protocol):
             config=self.config, server_state=self.server_state, app_state=self.app_state,
             _loop=self.loop,
         )  # fmt: skip
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
-        if self.buffer:
-            protocol.data_received(bytes(self.buffer))
+        _move(self.transport, protocol, bytes(self.buffer))
         self.buffer.clear()
 
     async def _serve(self, head: Head, body: bytes) -> None:
