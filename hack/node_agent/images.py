@@ -7,7 +7,9 @@ the image, as a kubelet does when a pull fails.
 The kubepeer images run what their Dockerfiles install: the package built as a wheel
 (`build_image`, what `uv pip install .` puts in the image) and its console scripts
 `kubepeer` and `kubepeer-runner`, never the source tree on PYTHONPATH. The locked
-dependencies come from the checkout's .venv (uv.lock, all extras) through a .pth file.
+dependencies come from the checkout's .venv (uv.lock, all extras) through a .pth file
+naming the environment's real directory (hack/setup links .venv to a shared one in the
+cache), never a path through the checkout: checkouts come and go, the image stays.
 """
 
 from __future__ import annotations
@@ -71,16 +73,16 @@ def build_image(repo: Path, cache: Path, uv: Path) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     with (root.parent / f"{root.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / ".complete").is_file():
+        if (root / ".complete").is_file() and _deps_present(root):
             return root / "bin"
-        shutil.rmtree(root, ignore_errors=True)  # a build that died half way
+        # A build that died half way, or one whose dependencies have since gone.
+        shutil.rmtree(root, ignore_errors=True)
         venv_python = repo / ".venv" / "bin" / "python"
         offline = {"UV_CACHE_DIR": str(cache / "uv-cache"), "UV_PYTHON_DOWNLOADS": "never"}
         run = {"check": True, "capture_output": True, "env": {"PATH": "/usr/bin:/bin", **offline}}
         subprocess.run([str(uv), "venv", "-q", "--python", str(venv_python), str(root)], **run)
-        deps = _site_packages(venv_python)
-        purelib = Path(_site_packages(root / "bin" / "python"))
-        (purelib / "kubepeer-locked-deps.pth").write_text(deps + "\n")
+        deps = Path(_site_packages(venv_python)).resolve()
+        (_purelib(root) / DEPS_PTH).write_text(f"{deps}\n")
         subprocess.run(
             [str(uv), "pip", "install", "-q", "--offline", "--no-deps",
              "--python", str(root / "bin" / "python"), str(repo)],
@@ -88,6 +90,19 @@ def build_image(repo: Path, cache: Path, uv: Path) -> Path:
         )  # fmt: skip
         (root / ".complete").touch()
     return root / "bin"
+
+
+DEPS_PTH = "kubepeer-locked-deps.pth"
+
+
+def _purelib(root: Path) -> Path:
+    return Path(_site_packages(root / "bin" / "python"))
+
+
+def _deps_present(root: Path) -> bool:
+    """Whether the dependencies a built image layers on are still where its .pth says."""
+    pths = list(root.glob(f"lib/python*/site-packages/{DEPS_PTH}"))
+    return len(pths) == 1 and Path(pths[0].read_text().strip()).is_dir()
 
 
 def _site_packages(python: Path) -> str:

@@ -3,6 +3,12 @@ Kubernetes documentation says a kubelet does."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from node_agent.core import (
@@ -19,7 +25,7 @@ from node_agent.core import (
     resolve_env,
     rewrite_path,
 )
-from node_agent.images import command_for, image_repository, image_table
+from node_agent.images import build_image, command_for, image_repository, image_table
 
 POD = {
     "metadata": {"name": "p", "namespace": "ns", "uid": "u1", "labels": {"app": "x"}},
@@ -166,6 +172,55 @@ def test_images_map_by_repository_name_and_unmapped_is_none(tmp_path):
     argv, _ = command_for(table, "python:3.12", ["python", "-c", "print(1)"], None)
     assert argv == ["python", "-c", "print(1)"]
     assert command_for(table, "nginx:latest", None, None) is None
+
+
+def test_a_built_image_outlives_the_checkout_that_built_it(tmp_path):
+    """hack/setup links each checkout's .venv to one shared environment in the cache, so two
+    clones of the same sources share a built image. The image must name that environment,
+    not a path through whichever clone built it first: CI once ran pods whose image pointed
+    into a deleted clone, and every kubepeer process died on `import kopf`."""
+    cache = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
+    uvs = sorted(cache.glob("tools/uv-*/bin/uv"))
+    assert uvs, f"no uv under {cache}/tools: run `make setup`"
+    work = tmp_path / "cache"
+    work.mkdir()
+    (work / "uv-cache").symlink_to(cache / "uv-cache")  # offline: hatchling comes from here
+    shared = tmp_path / "shared-venv"  # what hack/setup keeps in the cache
+    uv = str(uvs[-1])
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(shared)], check=True)
+    (next(shared.glob("lib/python*/site-packages")) / "locked_dep.py").write_text("OK = 1\n")
+
+    def checkout(name: str) -> Path:
+        repo = tmp_path / name
+        (repo / "operator" / "kubepeer").mkdir(parents=True)
+        (repo / "operator" / "kubepeer" / "__init__.py").write_text("")
+        (repo / "pyproject.toml").write_text(
+            '[project]\nname = "kubepeer"\nversion = "0.0.1"\n'
+            '[build-system]\nrequires = ["hatchling>=1.25"]\nbuild-backend = "hatchling.build"\n'
+            '[tool.hatch.build.targets.wheel]\npackages = ["operator/kubepeer"]\n'
+        )
+        (repo / ".venv").symlink_to(shared)
+        return repo
+
+    def imports(image_bin: Path) -> subprocess.CompletedProcess:
+        code = "import kubepeer, locked_dep; print(locked_dep.OK)"
+        python = str(image_bin / "python")
+        return subprocess.run([python, "-c", code], capture_output=True, text=True)
+
+    first = checkout("clone-a")
+    built = build_image(first, work, Path(uv))
+    assert imports(built).stdout == "1\n", imports(built).stderr
+    shutil.rmtree(first)
+    again = build_image(checkout("clone-b"), work, Path(uv))
+    assert again == built  # the same sources and environment: the same image, reused
+    assert imports(again).stdout == "1\n", imports(again).stderr
+
+    # An image built before this fix names a clone that is gone: it is built again.
+    pth = next(built.parent.glob("lib/python*/site-packages/kubepeer-locked-deps.pth"))
+    pth.write_text(f"{first}/.venv/lib/site-packages\n")
+    assert imports(built).returncode != 0
+    rebuilt = build_image(tmp_path / "clone-b", work, Path(uv))
+    assert imports(rebuilt).stdout == "1\n", imports(rebuilt).stderr
 
 
 def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
