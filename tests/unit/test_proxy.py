@@ -490,3 +490,40 @@ def test_image_to_video_frames_become_one_playable_h264_mp4():
     assert len(decoded) == 5
     assert {(f.width, f.height) for f in decoded} == {(48, 32)}
     assert math.isclose(float(video.average_rate), 5)
+
+
+def test_a_repeated_header_reads_as_its_first_value_as_go_and_starlette_read_it():
+    """Go's http.Header.Get returns the first value; so does starlette's Headers.get, which
+    the ASGI route read before the lean path's header map replaced it."""
+    from starlette.datastructures import Headers
+
+    from kubepeer.proxy.app import header_map
+
+    raw = [(b"authorization", b"Bearer first"), (b"content-type", b"application/json"),
+           (b"authorization", b"Bearer second")]  # fmt: skip
+    assert header_map(raw)["authorization"] == Headers(raw=raw)["authorization"]
+    assert header_map(raw) == {"authorization": "Bearer first", "content-type": "application/json"}
+
+
+def test_job_lines_are_the_json_log_lines_of_the_proxy_and_follow_the_loggers_level():
+    import json
+    import logging
+
+    from kubepeer.proxy.main import JobLines, JsonLogFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("kubepeer.test-job-lines")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    fields = {"request_id": "r1", "pipeline": "llm", "units": 3, "fee_wei": 10**30}
+    logger.info("job served", extra=fields)
+    JobLines(handler, logger)("job served", fields)
+    logger.setLevel(logging.WARNING)
+    JobLines(handler, logger)("job refused", fields)
+    via_logging, direct = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert abs(direct.pop("time") - via_logging.pop("time")) < 5
+    assert direct == via_logging == {"level": "info", "logger": "kubepeer.test-job-lines",
+                                     "message": "job served", **fields}  # fmt: skip

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,6 @@ import aiohttp
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
@@ -59,6 +58,17 @@ from kubepeer.proxy.upstream import Answer, RunnerBroken, RunnerClient, RunnerUn
 log = logging.getLogger("kubepeer.proxy")
 
 GET_ORCHESTRATOR = "/net.Orchestrator/GetOrchestrator"
+_PAYMENT, _SEGMENT = PAYMENT_HEADER.lower(), SEGMENT_HEADER.lower()
+
+# Writes a job's log line: (message, fields). By default through `logging`; `kubepeer proxy`
+# gives main.JobLines, the same JSON line for less CPU.
+JobLog = Callable[[str, dict[str, Any]], None]
+
+
+def _logged(message: str, fields: dict[str, Any]) -> None:
+    log.info(message, extra=fields)
+
+
 INSUFFICIENT_CAPACITY = "insufficient capacity"
 
 
@@ -113,6 +123,7 @@ class Proxy:
         demand: Demand | None = None,
         ready: Callable[[], bool] = lambda: True,
         live_video: live.LiveService | None = None,
+        job_log: JobLog | None = None,
     ) -> None:
         if config.payments and billing is None:
             raise ValueError("payments are on but no billing was given")
@@ -127,6 +138,7 @@ class Proxy:
         self.demand = demand or Demand()
         self.is_ready = ready
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
+        self.job_log = job_log or _logged
         self.trickle = TrickleServer(live_video.store) if live_video else None
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
@@ -162,7 +174,9 @@ class Proxy:
             return
         request = Request(scope, receive)
         reply = await self.job(
-            scope["path"], request.headers, lambda: read_body(request, self.config.max_body_bytes)
+            scope["path"],
+            header_map(scope["headers"]),
+            lambda: read_body(request, self.config.max_body_bytes),
         )
         headers = {name.decode(): value.decode("latin-1") for name, value in reply.headers}
         response = (
@@ -183,7 +197,7 @@ class Proxy:
         async def whole() -> bytes:
             return body
 
-        return await self.job(target.decode("ascii"), Headers(raw=headers), whole)
+        return await self.job(target.decode("ascii"), header_map(headers), whole)
 
     def _build_http_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -319,10 +333,13 @@ class Proxy:
         return Response(data, media_type=content_type)
 
     # -- jobs --------------------------------------------------------------------------
-    async def job(self, path: str, headers: Headers, read: Callable[[], Awaitable[bytes]]) -> Reply:
-        """The answer to a batch job at `path`, its body from `read()`. The job is counted and
-        logged when the server calls the reply's `sent()`: off the gateway's wait."""
-        outcome = _Outcome(Pipeline(path[1:]))
+    async def job(
+        self, path: str, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]]
+    ) -> Reply:
+        """The answer to a batch job at `path` (`headers` by lowercased name, `header_map`),
+        its body from `read()`. The job is counted and logged when the server calls the
+        reply's `sent()`: off the gateway's wait."""
+        outcome = _Outcome(Pipeline(path[1:]), self.job_log)
         request_id = outcome.request_id = headers.get("x-request-id") or secrets.token_hex(8)
         try:
             reply = await self._job(headers, read, outcome)
@@ -338,7 +355,7 @@ class Proxy:
 
     async def _job(
         self,
-        headers: Headers,
+        headers: Mapping[str, str],
         read: Callable[[], Awaitable[bytes]],
         outcome: _Outcome,
     ) -> Reply:
@@ -398,7 +415,8 @@ class Proxy:
                 for slot in held:
                     self.router.release(slot, model)
 
-    def _check_credentials(self, headers: Headers) -> net_pb2.Payment | None:
+    def _check_credentials(self, headers: Mapping[str, str]) -> net_pb2.Payment | None:
+        """`headers` by lowercased name (starlette's Headers, or `header_map`'s dict)."""
         if not self.config.payments:
             presented = headers.get("authorization", "").removeprefix("Bearer ")
             if self.config.bearer_token and hmac.compare_digest(
@@ -409,11 +427,11 @@ class Proxy:
                 return None
             raise JobRefused(401, "a valid bearer token is required")
         try:
-            payment = decode_payment(headers.get(PAYMENT_HEADER, ""))
+            payment = decode_payment(headers.get(_PAYMENT, ""))
         except BadHeader as exc:
             raise JobRefused(402, str(exc)) from None
         try:
-            seg = decode_segment(headers.get(SEGMENT_HEADER, ""))
+            seg = decode_segment(headers.get(_SEGMENT, ""))
         except BadHeader:
             raise JobRefused(403, "ErrorSegEncoding") from None
         try:
@@ -499,7 +517,7 @@ class Proxy:
                 raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
 
     async def _reply(
-        self, job: JobRequest, upstream: Answer, headers: Headers, request_id: str
+        self, job: JobRequest, upstream: Answer, headers: Mapping[str, str], request_id: str
     ) -> Reply:
         try:
             body = json.loads(await upstream.read())
@@ -554,10 +572,11 @@ class Proxy:
 class _Outcome:
     """What a batch job's end counts and logs, after its answer is sent."""
 
-    __slots__ = ("model_label", "pipeline", "refused", "request_id", "served", "started")
+    __slots__ = ("log", "model_label", "pipeline", "refused", "request_id", "served", "started")
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, job_log: JobLog) -> None:
         self.started = time.monotonic()
+        self.log = job_log
         self.pipeline = pipeline
         self.request_id = ""
         self.model_label = pipeline.value  # the AIModel once one is chosen
@@ -567,27 +586,27 @@ class _Outcome:
     def record(self, status: int) -> None:
         metrics.child(metrics.REQUESTS, self.model_label, str(status)).inc()
         metrics.child(metrics.LATENCY, self.model_label).observe(time.monotonic() - self.started)
+        job = {"request_id": self.request_id, "pipeline": self.pipeline.value}
         if self.refused is not None:
-            log.info(
-                "job refused",
-                extra={"request_id": self.request_id, "pipeline": self.pipeline.value,
-                       "status": self.refused.status, "reason": self.refused.text},
-            )  # fmt: skip
+            self.log("job refused", {**job, "status": self.refused.status,
+                                     "reason": self.refused.text})  # fmt: skip
         elif self.served is not None:
-            log.info(
-                "job served",
-                extra={"request_id": self.request_id, "pipeline": self.pipeline.value,
-                       **self.served},
-            )  # fmt: skip
+            self.log("job served", {**job, **self.served})
 
 
 def _text(status: int, text: str) -> Reply:
     return Reply(status, b"text/plain; charset=utf-8", text.encode())
 
 
-def _offchain_ok(headers: Headers, secret: AuthSecret) -> bool:
+def header_map(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Headers with lowercased names (as ASGI and http1.py give them) by name; of a repeated
+    one the first, as Go's Header.Get and starlette's Headers.get read it."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}
+
+
+def _offchain_ok(headers: Mapping[str, str], secret: AuthSecret) -> bool:
     try:
-        check_auth_token(decode_segment(headers.get(SEGMENT_HEADER, "")), secret)
+        check_auth_token(decode_segment(headers.get(_SEGMENT, "")), secret)
     except (BadHeader, CredentialsRefused):
         return False
     return True
