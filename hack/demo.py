@@ -51,7 +51,11 @@ PASSWORD = "kubepeer-demo"  # the dev chain's keystore only: a demo, not a secre
 T2I_MODEL = "kubepeer-tiny/stable-diffusion"
 I2T_MODEL = "kubepeer-tiny/blip"
 IMAGES = 3
-PROXY_CLUSTER_IP = "10.0.0.80"  # in hack/cluster's service range; the proxy's public URL
+# The proxy's public URL. A fixed ClusterIP from the low band of hack/cluster's service range
+# (10.0.0.0/24: its first 16 addresses), which the apiserver keeps for addresses asked for by
+# name and hands out dynamically only once the rest is gone (KEP-3070). A fixed address in
+# the upper band (10.0.0.80 once) can already be another Service's, and the install fails.
+PROXY_CLUSTER_IP = "10.0.0.8"
 PROXY_PORT = 8935
 # Dev-chain economics: the base fee is Arbitrum-quiet and the proxy sizes tickets for it,
 # and a ticket wins one time in two (--evs-per-win 2), so a few jobs show redemptions.

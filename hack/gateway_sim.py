@@ -9,7 +9,7 @@ and the result fetched from the URL in the answer. It keeps its own balance per
 (recipient, auth-token session), paying only the tickets a job needs beyond its credit
 (go-livepeer's `newBalanceUpdate`).
 
-    hack/gateway_sim.py --orchestrator https://10.0.0.80:8935 --key-file gateway.key \\
+    hack/gateway_sim.py --orchestrator https://10.0.0.8:8935 --key-file gateway.key \\
         --out DIR --text-to-image MODEL --prompt "a lighthouse" --image-to-text MODEL
 
 prints one JSON object per job on stdout; progress goes to stderr.
