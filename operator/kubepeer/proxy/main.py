@@ -73,6 +73,10 @@ class ProxyArgs:
     live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
 
 
+# One encoder for every log line: json.dumps(..., default=str) builds a new one per call.
+_encode_line = json.JSONEncoder(default=str).encode
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line, with the request id and the other `extra` fields."""
 
@@ -89,7 +93,7 @@ class JsonLogFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return _encode_line(entry)
 
 
 class JobLines:
@@ -109,7 +113,7 @@ class JobLines:
             return
         entry = {"time": round(time.time(), 3), "level": "info", "logger": self.logger.name,
                  "message": message, **fields}  # fmt: skip
-        line = json.dumps(entry, default=str) + "\n"
+        line = _encode_line(entry) + "\n"
         with self.handler.lock:  # type: ignore[union-attr]
             self.handler.stream.write(line)
             self.handler.stream.flush()

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from kubepeer.proxy.catalogue import ServedModel
 
+_NONE: frozenset[str] = frozenset()
+
 
 class NoCapacity(Exception):
     """No slot now and none worth waiting for: go-livepeer's `insufficient capacity`."""
@@ -111,16 +113,18 @@ class Router:
     def _pick(self, model: ServedModel, exclude: frozenset[str]) -> Slot | None:
         """The least busy replica with a free slot; ties broken at random so that several
         proxy replicas do not all pile onto the same runner."""
-        open_ = [
-            (self._in_flight.get((url, model.aimodel), 0), url)
-            for url in self.urls(model)
-            if url not in exclude
-        ]
-        open_ = [(busy, url) for busy, url in open_ if busy < model.capacity]
-        if not open_:
+        least, ties = model.capacity, []  # one pass: this runs for every job
+        for url in self.urls(model):
+            if url in exclude:
+                continue
+            busy = self._in_flight.get((url, model.aimodel), 0)
+            if busy < least:
+                least, ties = busy, [url]
+            elif busy == least < model.capacity:
+                ties.append(url)
+        if not ties:
             return None
-        least = min(busy for busy, _ in open_)
-        url = random.choice([u for busy, u in open_ if busy == least])
+        url = ties[0] if len(ties) == 1 else random.choice(ties)
         key = (url, model.aimodel)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return Slot(model.aimodel, url)
@@ -128,7 +132,7 @@ class Router:
     def try_reserve(self, model: ServedModel, exclude: Iterable[str] = ()) -> Slot | None:
         if self._waiters.get(model.aimodel):
             return None  # others were first
-        return self._pick(model, frozenset(exclude))
+        return self._pick(model, frozenset(exclude) if exclude else _NONE)
 
     async def reserve(
         self,
