@@ -518,12 +518,16 @@ def test_job_lines_are_the_json_log_lines_of_the_proxy_and_follow_the_loggers_le
     logger.propagate = False
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    fields = {"request_id": "r1", "pipeline": "llm", "units": 3, "fee_wei": 10**30}
-    logger.info("job served", extra=fields)
-    JobLines(handler, logger)("job served", fields)
-    logger.setLevel(logging.WARNING)
-    JobLines(handler, logger)("job refused", fields)
-    via_logging, direct = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert abs(direct.pop("time") - via_logging.pop("time")) < 5
-    assert direct == via_logging == {"level": "info", "logger": "kubepeer.test-job-lines",
-                                     "message": "job served", **fields}  # fmt: skip
+    for fee in (10**30, 7):  # past 64 bits (a fee in wei can be), and a small one
+        fields = {"request_id": "r1", "pipeline": "llm", "units": 3, "fee_wei": fee}
+        logger.setLevel(logging.INFO)
+        logger.info("job served", extra=fields)
+        JobLines(handler, logger)("job served", fields)
+        logger.setLevel(logging.WARNING)
+        JobLines(handler, logger)("job refused", fields)
+        via_logging, direct = [json.loads(line) for line in stream.getvalue().splitlines()]
+        stream.seek(0)
+        stream.truncate()
+        assert abs(direct.pop("time") - via_logging.pop("time")) < 5
+        assert direct == via_logging == {"level": "info", "logger": "kubepeer.test-job-lines",
+                                         "message": "job served", **fields}  # fmt: skip

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -520,8 +521,8 @@ class Proxy:
         self, job: JobRequest, upstream: Answer, headers: Mapping[str, str], request_id: str
     ) -> Reply:
         try:
-            body = json.loads(await upstream.read())
-        except (json.JSONDecodeError, UnicodeDecodeError, RunnerBroken) as exc:
+            body = orjson.loads(await upstream.read())
+        except (orjson.JSONDecodeError, RunnerBroken) as exc:
             raise JobRefused(
                 500, f"{job.pipeline.value} container returned bad JSON: {exc}"
             ) from None
@@ -533,7 +534,9 @@ class Proxy:
             reply = await asyncio.to_thread(shape_reply, job.pipeline, body, job.fields, store)
         else:
             reply = shape_reply(job.pipeline, body, job.fields, store)
-        return Reply(200, b"application/json", (json.dumps(reply) + "\n").encode())
+        return Reply(
+            200, b"application/json", orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
+        )
 
     def _storer(self, request_id: str) -> Callable[[str, bytes], str]:
         base = self.config.public_url.rstrip("/")
@@ -614,7 +617,7 @@ def _offchain_ok(headers: Mapping[str, str], secret: AuthSecret) -> bool:
 
 def _finished(data: bytes) -> bool:
     try:
-        choices = json.loads(data).get("choices") or [{}]
+        choices = orjson.loads(data).get("choices") or [{}]
     except (json.JSONDecodeError, AttributeError):
         return False
     return bool(choices[0].get("finish_reason"))

@@ -14,10 +14,10 @@ Error bodies are plain text with a newline, like Go's http.Error: gateways match
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -71,8 +71,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def decode_fields(pipeline: Pipeline, content_type: str, body: bytes) -> dict[str, Any]:
     if pipeline in JSON_PIPELINES:
         try:
-            fields = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            fields = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:  # also invalid UTF-8
             raise JobRefused(400, f"invalid JSON body: {exc}") from None
         if not isinstance(fields, dict):
             raise JobRefused(400, "the JSON body must be an object")

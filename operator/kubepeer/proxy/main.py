@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -73,8 +74,16 @@ class ProxyArgs:
     live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
 
 
-# One encoder for every log line: json.dumps(..., default=str) builds a new one per call.
-_encode_line = json.JSONEncoder(default=str).encode
+_stdlib_line = json.JSONEncoder(default=str).encode
+
+
+def _encode_line(entry: dict[str, Any]) -> str:
+    """A log line's JSON; anything not JSON as its str(). orjson, but for what it refuses (an
+    int past 64 bits, such as a fee in wei): the stdlib's encoder has no such limit."""
+    try:
+        return orjson.dumps(entry, default=str).decode()
+    except TypeError:
+        return _stdlib_line(entry)
 
 
 class JsonLogFormatter(logging.Formatter):
