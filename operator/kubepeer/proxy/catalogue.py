@@ -4,6 +4,7 @@ inputs"), read into typed values. The one module that knows that file's shape. P
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -70,9 +71,18 @@ class Catalogue:
 
     def serving(self, pipeline: Pipeline | str, model_id: str) -> tuple[ServedModel, ...]:
         """Every offered AIModel serving (pipeline, model_id): a job may go to any of them."""
-        return tuple(
-            m for m in self.models if m.pipeline == pipeline and m.model_id == model_id and m.price
-        )
+        return self._by_job.get((pipeline, model_id), ())
+
+    @functools.cached_property
+    def _by_job(self) -> dict[tuple[str, str], tuple[ServedModel, ...]]:
+        """`serving`'s answers, made once per catalogue: a job looks its models up, it does
+        not scan every AIModel. (Pipeline is a StrEnum: it and its value are one key.)"""
+        index: dict[tuple[str, str], tuple[ServedModel, ...]] = {}
+        for m in self.models:
+            if m.price is not None:
+                key = (m.pipeline, m.model_id)
+                index[key] = (*index.get(key, ()), m)
+        return index
 
     @property
     def offered(self) -> list[ServedModel]:

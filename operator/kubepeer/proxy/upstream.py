@@ -26,6 +26,9 @@ CONNECT_TIMEOUT = 2.0
 IDLE_REUSE_SECONDS = 4.0
 
 
+_FRAMING = (b"content-length", b"transfer-encoding")
+
+
 class RunnerUnreachable(Exception):
     """No status line came back: connection refused, timed out or closed first."""
 
@@ -35,12 +38,13 @@ class RunnerBroken(Exception):
 
 
 class Answer:
-    """A runner's answer: the status and headers at once, the body as it arrives."""
+    """A runner's answer: the status at once, the body as it arrives. (Its headers are read
+    for the body's framing only: the proxy passes none of them on.)"""
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self._framed = False  # a Content-Length or Transfer-Encoding came
         self._chunks: deque[bytes] = deque()
         self._complete = False
         self._error: Exception | None = None
@@ -179,21 +183,21 @@ class _Connection(asyncio.Protocol):
         pass
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.answer is not None
-        self.answer.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if name.lower() in _FRAMING:
+            assert self.answer is not None
+            self.answer._framed = True
 
     def on_headers_complete(self) -> None:
         answer = self.answer
         assert answer is not None
         answer.status = self.parser.get_status_code()
         self._until_eof = (
-            "content-length" not in answer.headers
-            and "transfer-encoding" not in answer.headers
+            not answer._framed
             and answer.status not in (204, 304)
             and not 100 <= answer.status < 200
         )
         if 100 <= answer.status < 200:  # an interim answer: the real one follows
-            answer.headers.clear()
+            answer._framed = False
             answer.status = 0
             return
         answer._headed()
