@@ -59,7 +59,8 @@ from kubepeer.proxy.upstream import Answer, RunnerBroken, RunnerClient, RunnerUn
 log = logging.getLogger("kubepeer.proxy")
 
 GET_ORCHESTRATOR = "/net.Orchestrator/GetOrchestrator"
-_PAYMENT, _SEGMENT = PAYMENT_HEADER.lower(), SEGMENT_HEADER.lower()
+INSUFFICIENT_CAPACITY = "insufficient capacity"
+_PAYMENT, _SEGMENT = PAYMENT_HEADER.lower(), SEGMENT_HEADER.lower()  # as header_map keys them
 
 # Writes a job's log line: (message, fields). By default through `logging`; `kubepeer proxy`
 # gives main.JobLines, the same JSON line for less CPU.
@@ -68,9 +69,6 @@ JobLog = Callable[[str, dict[str, Any]], None]
 
 def _logged(message: str, fields: dict[str, Any]) -> None:
     log.info(message, extra=fields)
-
-
-INSUFFICIENT_CAPACITY = "insufficient capacity"
 
 
 @dataclass(frozen=True)
