@@ -23,6 +23,7 @@ from pathlib import Path
 
 # What a wheel of the checkout is built from: a change here builds a new local image.
 IMAGE_SOURCES = ("pyproject.toml", "operator/kubepeer", "runner/kubepeer_runner")
+DEPS_PTH = "kubepeer-locked-deps.pth"  # in an image's site-packages: where its dependencies are
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,6 @@ def build_image(repo: Path, cache: Path, uv: Path) -> Path:
         )  # fmt: skip
         (root / ".complete").touch()
     return root / "bin"
-
-
-DEPS_PTH = "kubepeer-locked-deps.pth"
 
 
 def _purelib(root: Path) -> Path:

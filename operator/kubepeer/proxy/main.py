@@ -77,9 +77,13 @@ class ProxyArgs:
 _stdlib_line = json.JSONEncoder(default=str).encode
 
 
-def _encode_line(entry: dict[str, Any]) -> str:
-    """A log line's JSON; anything not JSON as its str(). orjson, but for what it refuses (an
-    int past 64 bits, such as a fee in wei): the stdlib's encoder has no such limit."""
+def _log_line(created: float, level: str, logger: str, message: str,
+              fields: dict[str, Any]) -> str:  # fmt: skip
+    """One log line's JSON, the shape of every line the proxy writes; anything not JSON as its
+    str(). orjson, but for what it refuses (an int past 64 bits, such as a fee in wei): the
+    stdlib's encoder has no such limit."""
+    entry = {"time": round(created, 3), "level": level, "logger": logger, "message": message,
+             **fields}  # fmt: skip
     try:
         return orjson.dumps(entry, default=str).decode()
     except TypeError:
@@ -93,16 +97,11 @@ class JsonLogFormatter(logging.Formatter):
     BASE = frozenset({*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "color_message"})
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **{k: v for k, v in vars(record).items() if k not in self.BASE},
-        }
+        fields = {k: v for k, v in vars(record).items() if k not in self.BASE}
         if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return _encode_line(entry)
+            fields["error"] = self.formatException(record.exc_info)
+        level = record.levelname.lower()
+        return _log_line(record.created, level, record.name, record.getMessage(), fields)
 
 
 class JobLines:
@@ -120,9 +119,7 @@ class JobLines:
     def __call__(self, message: str, fields: dict[str, Any]) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        entry = {"time": round(time.time(), 3), "level": "info", "logger": self.logger.name,
-                 "message": message, **fields}  # fmt: skip
-        line = _encode_line(entry) + "\n"
+        line = _log_line(time.time(), "info", self.logger.name, message, fields) + "\n"
         with self.handler.lock:  # type: ignore[union-attr]
             self.handler.stream.write(line)
             self.handler.stream.flush()

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 from kubepeer.proxy.catalogue import ServedModel
 
-_NONE: frozenset[str] = frozenset()
-
 
 class NoCapacity(Exception):
     """No slot now and none worth waiting for: go-livepeer's `insufficient capacity`."""
@@ -132,7 +130,7 @@ class Router:
     def try_reserve(self, model: ServedModel, exclude: Iterable[str] = ()) -> Slot | None:
         if self._waiters.get(model.aimodel):
             return None  # others were first
-        return self._pick(model, frozenset(exclude) if exclude else _NONE)
+        return self._pick(model, frozenset(exclude))
 
     async def reserve(
         self,
