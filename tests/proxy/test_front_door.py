@@ -353,6 +353,74 @@ def test_the_llm_stream_arrives_chunk_by_chunk(proxy):
 
 
 # -- capacity, retry -----------------------------------------------------------------------------
+class HeldStream:
+    """A stand-in llm runner that answers a stream only once `answer` is set (it has
+    `arrived` by then), in its own thread and loop."""
+
+    def __init__(self) -> None:
+        self.arrived, self.answer = threading.Event(), threading.Event()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), daemon=True).start()
+        assert started.wait(10)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        started.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/llm", self._llm)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def _llm(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.set()
+        while not self.answer.is_set():
+            await asyncio.sleep(0.01)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        return response
+
+
+def test_a_stream_whose_gateway_left_before_it_began_gives_its_slot_back(redis_server, tmp_path):
+    """The gateway hangs up while the runner has not yet answered an llm stream: the job's
+    reply is never written, and its slot must come back all the same (capacity 1)."""
+    held = HeldStream()
+    (tmp_path / "bearer").write_text("let-me-in")
+    server = start_proxy(
+        tmp_path, redis_server, models=models_json(capacity=1),
+        endpoints={"runner-fleet": [held.url]}, plaintext=True,
+        args=["--no-payments", "--bearer-token-file", str(tmp_path / "bearer")],
+    )  # fmt: skip
+    try:
+        assert free_slots(server, 33, LLAMA) == 1
+        body = json.dumps({"model": LLAMA, "messages": [{"role": "user", "content": "x"}],
+                           "max_tokens": 4, "stream": True}).encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as gateway:
+            gateway.sendall(
+                b"POST /llm HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer let-me-in\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            assert held.arrived.wait(10), "the job did not reach the runner"
+            assert free_slots(server, 33, LLAMA) == 0
+        time.sleep(0.3)  # the proxy sees the gateway gone
+        held.answer.set()
+        wait_for(lambda: free_slots(server, 33, LLAMA) == 1, timeout=10,
+                 what="the left stream's slot to come back")  # fmt: skip
+    finally:
+        stop_proxy(server)
+        held.loop.call_soon_threadsafe(held.loop.stop)
+
+
 def test_concurrent_jobs_on_capacity_one_are_served_once_or_refused(proxy, redis_server):
     gateway = Gateway()
     info = gateway.discover(proxy, 27, SD)

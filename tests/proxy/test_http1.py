@@ -8,16 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import h11
 import pytest
 from uvicorn.protocols.http.zttp_impl import ZttpProtocol
 
-from kubepeer.proxy.http1 import LeanJobs, Reply, parse_head
+from kubepeer.proxy.http1 import LeanJobs, Reply, Respond, parse_head
 from kubepeer.proxy.server import hypercorn_config, uvicorn_server
 
 JOB = "/text-to-image"
@@ -25,28 +26,40 @@ LIMIT = 4096
 
 
 class App:
-    """The server's two sides: `lean`, the handler http1.py calls for plain jobs, and the ASGI
-    app uvicorn calls for everything else. Both echo what they were given as JSON; on the
-    lean side `/llm` streams three pieces, `/drip` a piece every 20 ms (at most 100) until
-    the client leaves, `/boom` raises and `/slow` waits for `release`."""
+    """The server's two sides: `lean`, the handler http1.py starts for plain jobs, and the
+    ASGI app uvicorn calls for everything else. Both echo what they were given as JSON. On
+    the lean side a job is answered at once, as the proxy refuses a job; `/later` from a
+    timer's callback 10 ms on, as the proxy answers from its runner's; `/slow` from a task
+    once `release` is set. `/llm` streams three pieces, `/drip` a piece every 20 ms (at
+    most 100) until the client leaves, and `/boom` raises."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.drip_closed = threading.Event()
         self.drips = 0
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    async def lean(self, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> Reply:
-        path = target.decode()
+    def lean(self, path: str, headers: dict[str, str], body: bytes, respond: Respond) -> None:
+        echo = Reply(200, b"application/json", _echo("POST", path, body, headers.items()))
         if path == "/boom":
             raise RuntimeError("boom")
-        if path == "/slow":
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
-        if path == "/llm":
-            return Reply(200, b"text/event-stream", stream=self._pieces())
-        if path == "/drip":
-            return Reply(200, b"text/event-stream", stream=self._drip())
-        return Reply(200, b"application/json", _echo("POST", path, body, headers))
+        if path == "/later":
+            asyncio.get_running_loop().call_later(0.01, respond, echo)
+        elif path == "/slow":
+            task = asyncio.get_running_loop().create_task(self._slow(respond, echo))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        elif path == "/llm":
+            respond(Reply(200, b"text/event-stream", stream=self._pieces()))
+        elif path == "/drip":
+            respond(Reply(200, b"text/event-stream", stream=self._drip()))
+        else:
+            respond(echo)
+
+    async def _slow(self, respond: Respond, reply: Reply) -> None:
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        respond(reply)
 
     async def _pieces(self) -> AsyncIterator[bytes]:
         for piece in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"):
@@ -80,11 +93,16 @@ class App:
         await send({"type": "http.response.body", "body": reply})
 
 
-def _echo(method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    pairs = [[name.decode(), value.decode()] for name, value in headers]
+def _echo(method: str, path: str, body: bytes, headers: Iterable[tuple[Any, Any]]) -> bytes:
+    """The request as JSON; header names and values as text, from bytes (ASGI) or str."""
+    pairs = [[_text(name), _text(value)] for name, value in headers]
     return json.dumps(
         {"method": method, "path": path, "body": body.decode(), "headers": pairs}
     ).encode()
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode()
 
 
 class Listener:
@@ -95,7 +113,7 @@ class Listener:
         config = hypercorn_config(f"127.0.0.1:{self.port}", "http://127.0.0.1", plaintext=True,
                                   graceful_seconds=10)  # fmt: skip
         config.keep_alive_timeout = keep_alive
-        paths = (JOB, "/llm", "/drip", "/boom", "/slow")
+        paths = (JOB, "/later", "/llm", "/drip", "/boom", "/slow")
         self.server = uvicorn_server(app, config, (paths, LIMIT, app.lean))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
         self.thread.start()
@@ -182,7 +200,7 @@ def listener(app: App) -> Iterator[Listener]:
 
 
 # -- the head parser ------------------------------------------------------------------------
-PATHS = frozenset({JOB.encode()})
+PATHS = frozenset({JOB})
 PLAIN = (
     b"POST /text-to-image HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
     b"Content-Length: 12"
@@ -192,10 +210,27 @@ PLAIN = (
 def test_a_plain_job_head_is_parsed_with_lowercased_names():
     head = parse_head(PLAIN + b"\r\nX-Request-Id:  abc \r\nConnection: Close", PATHS)
     assert head is not None
-    assert (head.target, head.length, head.close) == (JOB.encode(), 12, True)
-    assert head.headers == [(b"host", b"p"), (b"content-type", b"application/json"),
-                            (b"content-length", b"12"), (b"x-request-id", b"abc"),
-                            (b"connection", b"Close")]  # fmt: skip
+    assert (head.target, head.length, head.close) == (JOB, 12, True)
+    assert head.headers == {"host": "p", "content-type": "application/json",
+                            "content-length": "12", "x-request-id": "abc",
+                            "connection": "Close"}  # fmt: skip
+
+
+def test_a_repeated_header_reads_as_its_first_value_as_go_and_starlette_read_it():
+    """Go's http.Header.Get returns the first value; so does starlette's Headers.get, which
+    reads the same head on the ASGI path."""
+    from starlette.datastructures import Headers
+
+    head = parse_head(PLAIN + b"\r\nAuthorization: Bearer first\r\nAuthorization: Bearer 2", PATHS)
+    assert head is not None
+    raw = [(b"authorization", b"Bearer first"), (b"authorization", b"Bearer 2")]
+    assert head.headers["authorization"] == Headers(raw=raw)["authorization"] == "Bearer first"
+
+
+def test_header_values_are_latin_1_text_as_asgi_servers_decode_them():
+    head = parse_head(PLAIN + b"\r\nX-Name: caf\xe9", PATHS)
+    assert head is not None
+    assert head.headers["x-name"] == "caf\xe9"
 
 
 @pytest.mark.parametrize(
@@ -260,6 +295,36 @@ def test_pipelined_jobs_are_answered_one_by_one_in_order(listener: Listener):
     assert [echoed(client.answer()[1])["body"] for _ in range(4)] == [
         f'{{"n": {n}}}' for n in range(4)
     ]
+
+
+def test_many_pipelined_jobs_answered_at_once_are_answered_in_order(listener: Listener, app: App):
+    """More jobs waiting in the buffer than Python's recursion limit (they pile up behind a
+    slow one): each answer given during its own start must lead to the next job by a loop,
+    not by a call one level deeper each time."""
+    many = 1500
+    raised = sys.getrecursionlimit()  # py_ecc, imported by the payment tests, raises it
+    sys.setrecursionlimit(1000)  # Python's own
+    try:
+        client = listener.connect()
+        client.send(job("/slow", body=b"first"))
+        client.send(b"".join(job(body=str(n).encode()) for n in range(many)))
+        time.sleep(0.2)  # read up to the high-water mark, behind the slow job
+        app.release.set()
+        assert echoed(client.answer()[1])["body"] == "first"
+        assert [echoed(client.answer()[1])["body"] for _ in range(many)] == [
+            str(n) for n in range(many)
+        ]
+    finally:
+        sys.setrecursionlimit(raised)
+    assert listener.protocols() == [LeanJobs]
+
+
+def test_jobs_answered_later_from_a_callback_are_answered_in_order(listener: Listener):
+    client = listener.connect()
+    client.send(b"".join(job("/later", body=str(n).encode()) for n in range(3)))
+    assert [echoed(client.answer()[1])["body"] for _ in range(3)] == ["0", "1", "2"]
+    client.send(job(body=b"now"))
+    assert echoed(client.answer()[1])["body"] == "now"
 
 
 def test_a_job_arriving_byte_by_byte_is_served(listener: Listener):
@@ -340,6 +405,24 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(app: App):
         client = running.connect()
         client.send(job(body=b"1"))
         client.answer()
+        started = time.monotonic()
+        assert client.closed()
+        assert 0.5 < time.monotonic() - started < 4
+    finally:
+        running.stop()
+
+
+def test_a_connection_in_use_outlives_the_keep_alive_timeout(app: App):
+    """The timeout counts from the last answer, not from the connection's start."""
+    running = Listener(app, keep_alive=1)
+    try:
+        client = running.connect()
+        for n in range(8):  # 2 s of jobs, 0.25 s apart
+            client.send(job(body=str(n).encode()))
+            assert echoed(client.answer()[1])["body"] == str(n)
+            time.sleep(0.25)
+        client.send(job("/later", body=b"last"))
+        assert echoed(client.answer()[1])["body"] == "last"
         started = time.monotonic()
         assert client.closed()
         assert 0.5 < time.monotonic() - started < 4

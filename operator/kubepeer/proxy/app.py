@@ -9,16 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,17 +23,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from kubepeer.livepeer import net_pb2
-from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.livepeer.wire import (
-    AI_WORKER_AUTHORIZATION,
     PAYMENT_HEADER,
     SEGMENT_HEADER,
     BadHeader,
     decode_payment,
     decode_segment,
 )
-from kubepeer.payments.ledger import manifest_id
 from kubepeer.proxy import discovery, grpc_unary, live, metrics
+from kubepeer.proxy.batch import BatchJob, JobLog
 from kubepeer.proxy.billing import Billing, PaymentRefused
 from kubepeer.proxy.catalogue import Catalogue, ServedModel
 from kubepeer.proxy.credentials import (
@@ -47,24 +42,18 @@ from kubepeer.proxy.credentials import (
     discovery_signed,
     go_address,
 )
-from kubepeer.proxy.http1 import Reply
-from kubepeer.proxy.jobs import BATCH_PIPELINES, JobRefused, JobRequest, decode_fields, read_body
-from kubepeer.proxy.results import ResultStore, shape_reply
+from kubepeer.proxy.http1 import Reply, Respond
+from kubepeer.proxy.jobs import BATCH_PIPELINES, INSUFFICIENT_CAPACITY, JobRefused, read_body
+from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
 from kubepeer.proxy.trickle import TrickleServer, sweep_forever
-from kubepeer.proxy.units import UnitsError, billed_units
-from kubepeer.proxy.upstream import Answer, RunnerBroken, RunnerClient, RunnerUnreachable
+from kubepeer.proxy.upstream import RunnerClient
 
 log = logging.getLogger("kubepeer.proxy")
 
 GET_ORCHESTRATOR = "/net.Orchestrator/GetOrchestrator"
-INSUFFICIENT_CAPACITY = "insufficient capacity"
 _PAYMENT, _SEGMENT = PAYMENT_HEADER.lower(), SEGMENT_HEADER.lower()  # as header_map keys them
-
-# Writes a job's log line: (message, fields). By default through `logging`; `kubepeer proxy`
-# gives main.JobLines, the same JSON line for less CPU.
-JobLog = Callable[[str, dict[str, Any]], None]
 
 
 def _logged(message: str, fields: dict[str, Any]) -> None:
@@ -98,9 +87,11 @@ class Waker:
 class Demand:
     """Demand records the operator reads (no-op when the proxy has no Redis for them)."""
 
-    def start(self, model: ServedModel, job_id: str) -> Awaitable[bool]:
-        """Record a job; resolves True when the operator had claimed the model idle (wake
-        it). Awaited only for OnDemand models: recording never holds up other jobs."""
+    def start(self, model: ServedModel, job_id: str) -> Awaitable[bool] | None:
+        """Record a job. For an OnDemand model, resolves True when the operator had claimed
+        the model idle (wake it); None for any other (nothing to wait for)."""
+        if not model.on_demand:
+            return None
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         done.set_result(False)
         return done
@@ -142,6 +133,7 @@ class Proxy:
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
         self._waking: set[str] = set()
+        self.jobs: set[asyncio.Task[None]] = set()  # jobs that went on in a task (batch.py)
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
         # What http1.py serves itself on HTTP/1.1 (server.py): the job routes, whole bodies
@@ -187,16 +179,6 @@ class Proxy:
             await response(scope, receive, send)
         finally:
             reply.sent()
-
-    async def lean_job(
-        self, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Reply:
-        """A plain HTTP/1.1 job from http1.py: the same job, its body already whole."""
-
-        async def whole() -> bytes:
-            return body
-
-        return await self.job(target.decode("ascii"), header_map(headers), whole)
 
     def _build_http_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -332,87 +314,37 @@ class Proxy:
         return Response(data, media_type=content_type)
 
     # -- jobs --------------------------------------------------------------------------
+    def lean_job(self, path: str, headers: dict[str, str], body: bytes, respond: Respond) -> None:
+        """A plain HTTP/1.1 job from http1.py, its body already whole (batch.py)."""
+        BatchJob(self, path, headers, respond).start(body)
+
     async def job(
         self, path: str, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]]
     ) -> Reply:
         """The answer to a batch job at `path` (`headers` by lowercased name, `header_map`),
         its body from `read()`. The job is counted and logged when the server calls the
         reply's `sent()`: off the gateway's wait."""
-        outcome = _Outcome(Pipeline(path[1:]), self.job_log)
-        request_id = outcome.request_id = headers.get("x-request-id") or secrets.token_hex(8)
-        try:
-            reply = await self._job(headers, read, outcome)
-        except JobRefused as exc:
-            reply = _text(exc.status, exc.text + "\n")
-            outcome.refused = exc
-        except Exception:
-            log.exception("job failed")
-            reply = _text(500, "Internal Server Error")
-        reply.headers.append((b"x-request-id", request_id.encode("latin-1")))
-        reply.after = outcome.record
-        return reply
+        answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
 
-    async def _job(
-        self,
-        headers: Mapping[str, str],
-        read: Callable[[], Awaitable[bytes]],
-        outcome: _Outcome,
-    ) -> Reply:
-        pipeline, request_id = outcome.pipeline, outcome.request_id
-        body = await read()
-        content_type = headers.get("content-type", "")
-        job = JobRequest(
-            pipeline, body, content_type, await decode_fields(pipeline, content_type, body)
-        )
-        payment = self._check_credentials(headers)
+        def respond(reply: Reply) -> None:
+            if answered.done():  # the server gave up on the request: the job ends unsent
+                reply.sent()
+            else:
+                answered.set_result(reply)
+
+        job = BatchJob(self, path, headers, respond)
         try:
-            units = billed_units(pipeline, job.fields)
-        except UnitsError as exc:
-            raise JobRefused(400, str(exc)) from None
-        serving = self.catalogue().serving(pipeline, job.model_id)
-        if not serving:
-            raise JobRefused(503, INSUFFICIENT_CAPACITY)
-        model = self.router.choose(serving)
-        # A job counts as demand from arrival (a held job keeps its model awake) to its end.
-        woke = self.demand.start(model, request_id)
-        if model.on_demand and await woke:
-            await self._wake(model, force=True)  # the operator is putting it to sleep
-        held: list[Slot] = []
-        handed_off = False
+            body = await read()
+        except JobRefused as exc:  # 413
+            job.refuse(exc)
+        else:
+            job.start(body)
         try:
-            held.append(await self._admit(model))
-            manifest = manifest_id(model.capability, model.model_id)
-            paid = None
-            if payment is not None and self.billing is not None:
-                try:
-                    paid = self.billing.admit(payment, manifest)
-                except PaymentRefused as exc:
-                    raise JobRefused(exc.status, str(exc)) from None
-            outcome.model_label = model.aimodel
-            in_flight = metrics.child(metrics.IN_FLIGHT, model.aimodel)
-            in_flight.inc()
-            try:
-                upstream = await self._send(job, model, held)
-                if upstream.status != 200:
-                    raise JobRefused(500, await _runner_error(pipeline, upstream))
-                fee = 0
-                if paid is not None and self.billing is not None:
-                    fee = self.billing.debit(paid, manifest, units)
-                    metrics.child(metrics.FEES, model.aimodel).inc(fee)
-                outcome.served = {"model": model.model_id, "runner": held[0].url,
-                                  "units": units, "fee_wei": fee}  # fmt: skip
-                if job.streams:
-                    handed_off = True
-                    return self._stream(upstream, model, held, request_id)
-                return await self._reply(job, upstream, headers, request_id)
-            finally:
-                if not handed_off:
-                    in_flight.dec()
-        finally:
-            if not handed_off:
-                self.demand.end(model, request_id)
-                for slot in held:
-                    self.router.release(slot, model)
+            return await answered
+        except asyncio.CancelledError:
+            if answered.done() and not answered.cancelled():
+                answered.result().sent()  # answered, but this request is cancelled
+            raise
 
     def _check_credentials(self, headers: Mapping[str, str]) -> net_pb2.Payment | None:
         """`headers` by lowercased name (starlette's Headers, or `header_map`'s dict)."""
@@ -486,56 +418,6 @@ class Proxy:
             if self.router.ready(model):
                 self._waking.discard(model.aimodel)
 
-    async def _send(self, job: JobRequest, model: ServedModel, held: list[Slot]) -> Answer:
-        """POST the job to the held slot's runner; once more elsewhere if that runner is gone."""
-        assert self.runners is not None
-        headers = {"Content-Type": job.content_type}
-        if self.config.runner_token:
-            headers["Authorization"] = f"Bearer {self.config.runner_token}"
-        path = f"/{job.pipeline.value}"
-        tried: list[str] = []
-        while True:
-            url = held[0].url
-            try:
-                return await self.runners.post(url, path, job.body, headers)
-            except RunnerUnreachable as exc:
-                tried.append(url)
-                log.warning("runner %s failed before answering (%s)", url, exc)
-                self.router.release(held.pop(), model)
-                if len(tried) > 1:
-                    raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
-                try:
-                    held.append(
-                        await self.router.reserve(
-                            model, timeout=self.config.queue_timeout, exclude=tried
-                        )
-                    )
-                except NoCapacity:
-                    raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
-            except RunnerBroken as exc:
-                raise JobRefused(500, f"{job.pipeline.value} container failed: {exc}") from None
-
-    async def _reply(
-        self, job: JobRequest, upstream: Answer, headers: Mapping[str, str], request_id: str
-    ) -> Reply:
-        try:
-            body = orjson.loads(await upstream.read())
-        except (orjson.JSONDecodeError, RunnerBroken) as exc:
-            raise JobRefused(
-                500, f"{job.pipeline.value} container returned bad JSON: {exc}"
-            ) from None
-        finally:
-            upstream.release()
-        as_urls = headers.get("authorization") == AI_WORKER_AUTHORIZATION
-        store = self._storer(request_id) if as_urls else None
-        if job.pipeline is Pipeline.IMAGE_TO_VIDEO:  # H.264 encoding: off the event loop
-            reply = await asyncio.to_thread(shape_reply, job.pipeline, body, job.fields, store)
-        else:
-            reply = shape_reply(job.pipeline, body, job.fields, store)
-        return Reply(
-            200, b"application/json", orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
-        )
-
     def _storer(self, request_id: str) -> Callable[[str, bytes], str]:
         base = self.config.public_url.rstrip("/")
 
@@ -544,59 +426,6 @@ class Proxy:
             return f"{base}/stream/{request_id}/{name}"
 
         return store
-
-    def _stream(self, upstream: Answer, model: ServedModel, held: list[Slot], job_id: str) -> Reply:
-        """llm SSE, chunk by chunk, until the chunk with a finish_reason; no [DONE]."""
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                async for line in upstream.lines():
-                    text = line.strip()
-                    if not text.startswith(b"data:"):
-                        continue
-                    data = text[5:].strip()
-                    if data == b"[DONE]":
-                        break
-                    yield b"data: " + data + b"\n\n"
-                    if _finished(data):
-                        break
-            finally:
-                upstream.release()
-                metrics.child(metrics.IN_FLIGHT, model.aimodel).dec()
-                self.demand.end(model, job_id)
-                for slot in held:
-                    self.router.release(slot, model)
-
-        return Reply(200, b"text/event-stream", stream=events())
-
-
-class _Outcome:
-    """What a batch job's end counts and logs, after its answer is sent."""
-
-    __slots__ = ("log", "model_label", "pipeline", "refused", "request_id", "served", "started")
-
-    def __init__(self, pipeline: Pipeline, job_log: JobLog) -> None:
-        self.started = time.monotonic()
-        self.log = job_log
-        self.pipeline = pipeline
-        self.request_id = ""
-        self.model_label = pipeline.value  # the AIModel once one is chosen
-        self.served: dict[str, Any] | None = None
-        self.refused: JobRefused | None = None
-
-    def record(self, status: int) -> None:
-        metrics.child(metrics.REQUESTS, self.model_label, str(status)).inc()
-        metrics.child(metrics.LATENCY, self.model_label).observe(time.monotonic() - self.started)
-        job = {"request_id": self.request_id, "pipeline": self.pipeline.value}
-        if self.refused is not None:
-            self.log("job refused", {**job, "status": self.refused.status,
-                                     "reason": self.refused.text})  # fmt: skip
-        elif self.served is not None:
-            self.log("job served", {**job, **self.served})
-
-
-def _text(status: int, text: str) -> Reply:
-    return Reply(status, b"text/plain; charset=utf-8", text.encode())
 
 
 def header_map(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -611,27 +440,3 @@ def _offchain_ok(headers: Mapping[str, str], secret: AuthSecret) -> bool:
     except (BadHeader, CredentialsRefused):
         return False
     return True
-
-
-def _finished(data: bytes) -> bool:
-    try:
-        choices = orjson.loads(data).get("choices") or [{}]
-    except (json.JSONDecodeError, AttributeError):
-        return False
-    return bool(choices[0].get("finish_reason"))
-
-
-async def _runner_error(pipeline: Pipeline, upstream: Answer) -> str:
-    """ai-runner errors are {"detail": {"msg": ...}}; go-livepeer reports them like this."""
-    try:
-        raw = await upstream.read()
-    except RunnerBroken as exc:
-        raw = str(exc).encode()
-    finally:
-        upstream.release()
-    try:
-        detail = json.loads(raw).get("detail")
-        message = detail.get("msg") if isinstance(detail, dict) else detail
-    except (json.JSONDecodeError, AttributeError):
-        message = raw.decode(errors="replace").strip()
-    return f"{pipeline.value} container returned {upstream.status}: {message}"

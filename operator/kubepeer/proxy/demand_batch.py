@@ -39,14 +39,13 @@ class BatchedDemand(Demand):
         self._queued: list[tuple[str, str, str, asyncio.Future[bool] | None]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    def start(self, model: ServedModel, job_id: str) -> asyncio.Future[bool]:
-        woke: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if model.on_demand:
-            self.recorded.setdefault(model.aimodel, set()).add(job_id)
-            self._queue("started", model.aimodel, job_id, woke)
-        else:
+    def start(self, model: ServedModel, job_id: str) -> asyncio.Future[bool] | None:
+        if not model.on_demand:
             self.unrecorded.setdefault(model.aimodel, set()).add(job_id)
-            woke.set_result(False)
+            return None
+        woke: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.recorded.setdefault(model.aimodel, set()).add(job_id)
+        self._queue("started", model.aimodel, job_id, woke)
         return woke
 
     def end(self, model: ServedModel, job_id: str) -> None:

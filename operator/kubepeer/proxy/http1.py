@@ -5,8 +5,10 @@ Through uvicorn and ASGI, the server's share of each cost more than the job's ow
 (hack/bench/proxy.py). So the listener's HTTP/1.1 connections start on `LeanJobs`, which
 serves a request itself when it is plainly a job: `POST /<batch pipeline> HTTP/1.1` with one
 Content-Length up to `body_limit` and none of Transfer-Encoding, Expect or Upgrade. It parses
-the head, calls the handler with the target, the headers and the whole body, and writes the
-`Reply` in one piece (chunked when streamed: llm). At the first request that is anything
+the head, starts the handler with the target, the headers, the whole body and a `respond`
+callback, and writes the `Reply` it is given in one piece (chunked when streamed: llm). The
+handler answers when it can: at once, from a callback, or from a task of its own; nothing
+here needs a task or a future per job. At the first request that is anything
 else, the connection moves to uvicorn's own HTTP/1.1 protocol for good, with every byte it has
 not used, so each other route keeps uvicorn's full HTTP handling (trickle's 100 Continue,
 disconnects, its 4xx for malformed requests) and the ASGI app. HTTP/2 never comes here.
@@ -18,7 +20,7 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +30,8 @@ MAX_HEAD = 16 * 1024  # a job's head is a few hundred bytes; a larger one is uvi
 HIGH_WATER = 64 * 1024  # bytes of a pipelined next request read ahead of its turn
 # Header lines, each `token: value` with no control bytes in the value but tab (CR is one, so
 # no line hides a bare CR or LF), checked in one pass over the whole block.
-_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*"
+_FIELDS = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
 
@@ -50,46 +53,51 @@ class Reply:
             after(self.status)
 
 
-# (target, headers with lowercased names, body) -> the reply
-Handler = Callable[[bytes, list[tuple[bytes, bytes]], bytes], Awaitable[Reply]]
+# Gives a request its reply; called once per request.
+Respond = Callable[[Reply], None]
+# Starts a job: (target, headers, body, respond); headers as `Head` has them. It calls
+# `respond` exactly once, at once or later; raising before it has is answered with a 500.
+Handler = Callable[[str, dict[str, str], bytes, Respond], None]
 
 
 @dataclass(slots=True)
 class Head:
-    """A plain job's target, headers (names lowercased), body length and Connection: close."""
+    """A plain job's target, headers, body length and Connection: close. Headers by
+    lowercased name, latin-1 text; of a repeated one the first, as Go's Header.Get reads."""
 
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
+    target: str
+    headers: dict[str, str]
     length: int
     close: bool
 
 
-def parse_head(head: bytes, paths: frozenset[bytes]) -> Head | None:
+def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
     """The head (without its blank line) of a plain job, or None for anything else: another
     method, path or version, a header line that is not `token: value`, control bytes, no
     or a repeated Content-Length, or a header that asks for more than a buffered body."""
-    request_line, _, fields = head.partition(b"\r\n")
-    method, _, rest = request_line.partition(b" ")
-    target, _, version = rest.partition(b" ")
-    if method != b"POST" or version != b"HTTP/1.1" or target not in paths:
+    line_end = head.find(b"\r\n")  # (no header line: no Content-Length either)
+    if line_end < 0 or not _FIELDS.fullmatch(head, line_end + 2):
         return None
-    if not _FIELDS.fullmatch(fields + b"\r\n"):
+    request_line, _, fields = head.decode("latin-1").partition("\r\n")
+    method, _, rest = request_line.partition(" ")
+    target, _, version = rest.partition(" ")
+    if method != "POST" or version != "HTTP/1.1" or target not in paths:
         return None
-    headers = []
+    headers: dict[str, str] = {}
     length = None
     close = False
-    for line in fields.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        name, value = name.lower(), value.strip(b" \t")
-        if name == b"content-length":
+    for line in fields.split("\r\n"):
+        name, _, value = line.partition(":")
+        name, value = name.lower(), value.strip(" \t")
+        if name == "content-length":
             if length is not None or not value.isdigit():
                 return None
             length = int(value)
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+        elif name in ("transfer-encoding", "expect", "upgrade"):
             return None
-        elif name == b"connection":
-            close = b"close" in value.lower()
-        headers.append((name, value))
+        elif name == "connection":
+            close = "close" in value.lower()
+        headers.setdefault(name, value)
     return None if length is None else Head(target, headers, length, close)
 
 
@@ -101,8 +109,8 @@ def listener(paths: Iterable[str], body_limit: int, handler: Handler) -> type[as
     from uvicorn.protocols.http.zttp_impl import ZttpProtocol
 
     class Listener(AutoZttpProtocol):
-        lean: ClassVar[tuple[type[asyncio.Protocol], frozenset[bytes], int, Handler]] = (
-            ZttpProtocol, frozenset(p.encode() for p in paths), body_limit, handler)  # fmt: skip
+        lean: ClassVar[tuple[type[asyncio.Protocol], frozenset[str], int, Handler]] = (
+            ZttpProtocol, frozenset(paths), body_limit, handler)  # fmt: skip
 
         def _switch(self, http2: bool, initial_data: bytes = b"") -> None:
             if http2:
@@ -126,7 +134,7 @@ class LeanJobs(asyncio.Protocol):
     """One HTTP/1.1 connection, while its requests are plain jobs (see the module)."""
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
-                 uvicorn: type[asyncio.Protocol], paths: frozenset[bytes], body_limit: int,
+                 uvicorn: type[asyncio.Protocol], paths: frozenset[str], body_limit: int,
                  handler: Handler) -> None:  # fmt: skip
         self.config, self.server_state, self.app_state = config, server_state, app_state
         self.uvicorn = uvicorn  # the protocol a connection moves to (zttp's HTTP/1.1)
@@ -135,13 +143,16 @@ class LeanJobs(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buffer = bytearray()
         self.head: Head | None = None  # the request whose body is being read
-        self.job: asyncio.Task[None] | None = None  # the request being answered
+        self.busy = False  # a request is being answered
+        self.close_after = False  # ... and asked for Connection: close
+        self.starting = False  # in _next's loop (a reply given at once returns to it)
         self.gone = False  # the client went away
         self.writable = asyncio.Event()
         self.writable.set()
         self.closing = False  # close once the job in flight is answered
         self.paused = False
-        self.idle: asyncio.TimerHandle | None = None
+        self.idle: asyncio.TimerHandle | None = None  # the keep-alive timer
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,7 +168,7 @@ class LeanJobs(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.job is None:
+        if not self.busy:
             self._next()
         elif len(self.buffer) > HIGH_WATER and not self.paused:
             self.paused = True  # a pipelined request waits for its turn
@@ -174,35 +185,54 @@ class LeanJobs(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """uvicorn's graceful stop: close now if idle, else after the job in flight."""
-        if self.job is None:
+        if not self.busy:
             self.transport.close()
         else:
             self.closing = True
 
     # -- requests ------------------------------------------------------------------------
     def _next(self) -> None:
-        """Start the buffered request once it is whole, or give the connection to uvicorn."""
+        """Start the buffered requests, one at a time, as each is whole and the one before
+        it answered; or give the connection to uvicorn. A loop, not a recursion: a reply
+        given at once (a refusal) comes back here through `_answered`."""
+        if self.starting:
+            return
+        self.starting = True
+        try:
+            while not self.busy and not self.transport.is_closing() and self._start():
+                pass
+        finally:
+            self.starting = False
+
+    def _start(self) -> bool:
+        """Start the buffered request if it is whole: False when there is none yet, or the
+        connection has gone to uvicorn."""
         if self.head is None:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 if not b"POST /".startswith(self.buffer[:6]) or len(self.buffer) > MAX_HEAD:
                     self._hand_off()
-                return
+                return False
             head = parse_head(bytes(self.buffer[:end]), self.paths)
             if head is None or head.length > self.body_limit:
                 self._hand_off()
-                return
-            self._stop_idle()
+                return False
             self.head = head
             del self.buffer[: end + 4]
         if len(self.buffer) < self.head.length:
-            return
+            return False
         head, self.head = self.head, None
         body = bytes(self.buffer[: head.length])
         del self.buffer[: head.length]
-        self.job = self.loop.create_task(self._serve(head, body))
-        self.server_state.tasks.add(self.job)
-        self.job.add_done_callback(self.server_state.tasks.discard)
+        self.busy, self.close_after = True, head.close
+        try:
+            self.handler(head.target, head.headers, body, self._respond)
+        except Exception:
+            log.exception("job failed")
+            if self.busy:  # not answered yet
+                self.close_after = True
+                self._respond(Reply(500, b"text/plain; charset=utf-8", b"Internal Server Error"))
+        return True
 
     def _hand_off(self) -> None:
         self._stop_idle()
@@ -216,19 +246,29 @@ class LeanJobs(asyncio.Protocol):
         _move(self.transport, protocol, bytes(self.buffer))
         self.buffer.clear()
 
-    async def _serve(self, head: Head, body: bytes) -> None:
-        close = head.close
+    def _respond(self, reply: Reply) -> None:
+        close = self.close_after or self.closing
+        if reply.stream is not None:
+            streaming = self.loop.create_task(self._stream(reply, close))
+            self.server_state.tasks.add(streaming)
+            streaming.add_done_callback(self.server_state.tasks.discard)
+            return
         try:
-            reply = await self.handler(head.target, head.headers, body)
-        except Exception:
-            log.exception("job failed")
-            reply = Reply(500, b"text/plain; charset=utf-8", b"Internal Server Error")
-            close = True
-        try:
-            whole = await self._write(reply, close or self.closing)
+            whole = self._write_whole(reply, close)
         finally:
             reply.sent()
-        self.job = None
+        self._answered(whole, close)
+
+    async def _stream(self, reply: Reply, close: bool) -> None:
+        try:
+            whole = await self._write_stream(reply, close)
+        finally:
+            reply.sent()
+        self._answered(whole, close)
+
+    def _answered(self, whole: bool, close: bool) -> None:
+        """The reply is out (`whole`: all of it): the next request, or the end."""
+        self.busy = False
         if not whole or close or self.closing or self.transport.is_closing():
             self.transport.close()
             return
@@ -238,27 +278,37 @@ class LeanJobs(asyncio.Protocol):
             self.transport.resume_reading()
         self._next()
 
-    async def _write(self, reply: Reply, close: bool) -> bool:
-        """Write the reply; False when it could not be written whole (the client left)."""
+    def _head_bytes(self, reply: Reply, close: bool) -> bytearray:
         status = reply.status
-        head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        head = bytearray(b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")))
         for name, value in (*reply.headers, *self.server_state.default_headers):
-            head.append(b"%s: %s\r\n" % (name, value))
-        stream = reply.stream
-        if stream is None:
-            head.append(b"content-length: %d\r\n" % len(reply.body))
+            head += b"%s: %s\r\n" % (name, value)
+        if reply.stream is None:
+            head += b"content-length: %d\r\n" % len(reply.body)
         else:
-            head.append(b"transfer-encoding: chunked\r\n")
+            head += b"transfer-encoding: chunked\r\n"
         if close:
-            head.append(b"connection: close\r\n")
-        head.append(b"\r\n")
+            head += b"connection: close\r\n"
+        head += b"\r\n"
+        return head
+
+    def _write_whole(self, reply: Reply, close: bool) -> bool:
+        """Write a whole reply; False when the client has left."""
         if self.gone:
             return False
-        if stream is None:
-            self.transport.write(b"".join(head) + reply.body)
-            return True
-        self.transport.write(b"".join(head))
+        head = self._head_bytes(reply, close)
+        head += reply.body
+        self.transport.write(head)
+        return True
+
+    async def _write_stream(self, reply: Reply, close: bool) -> bool:
+        """Write a streamed reply chunk by chunk; False when the client left before its end."""
+        stream = reply.stream
+        assert stream is not None
         try:
+            if self.gone:
+                return False
+            self.transport.write(self._head_bytes(reply, close))
             async for piece in stream:  # a client gone is noticed at the next piece
                 if self.gone:
                     return False
@@ -274,8 +324,23 @@ class LeanJobs(asyncio.Protocol):
 
     # -- keep-alive ----------------------------------------------------------------------
     def _wait_idle(self) -> None:
-        self._stop_idle()
-        self.idle = self.loop.call_later(self.config.timeout_keep_alive, self.transport.close)
+        """Idle from now: closed after the keep-alive timeout unless a request starts. One
+        timer for the connection, pushed on when it fires early, not one per request."""
+        self.idle_since = self.loop.time()
+        if self.idle is None:
+            self.idle = self.loop.call_at(
+                self.idle_since + self.config.timeout_keep_alive, self._idle_check
+            )
+
+    def _idle_check(self) -> None:
+        self.idle = None
+        if self.busy or self.head is not None:
+            return  # a request is in: its reply starts the wait again
+        due = self.idle_since + self.config.timeout_keep_alive
+        if self.loop.time() >= due:
+            self.transport.close()
+        else:
+            self.idle = self.loop.call_at(due, self._idle_check)
 
     def _stop_idle(self) -> None:
         if self.idle is not None:

@@ -14,6 +14,7 @@ Error bodies are plain text with a newline, like Go's http.Error: gateways match
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from kubepeer.livepeer.capabilities import Pipeline
 BATCH_PIPELINES = tuple(p for p in Pipeline if p is not Pipeline.LIVE_VIDEO_TO_VIDEO)
 JSON_PIPELINES = {Pipeline.TEXT_TO_IMAGE, Pipeline.LLM, Pipeline.TEXT_TO_SPEECH,
                   Pipeline.LIVE_VIDEO_TO_VIDEO}  # fmt: skip
+INSUFFICIENT_CAPACITY = "insufficient capacity"  # 503: no slot, and none worth waiting for
 
 
 class JobRefused(Exception):
@@ -68,15 +70,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def decode_json(body: bytes) -> dict[str, Any]:
+    """The fields of a JSON pipeline's body (400 unless it is a JSON object)."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8
+        raise JobRefused(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(fields, dict):
+        raise JobRefused(400, "the JSON body must be an object")
+    return fields
+
+
 async def decode_fields(pipeline: Pipeline, content_type: str, body: bytes) -> dict[str, Any]:
     if pipeline in JSON_PIPELINES:
-        try:
-            fields = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:  # also invalid UTF-8
-            raise JobRefused(400, f"invalid JSON body: {exc}") from None
-        if not isinstance(fields, dict):
-            raise JobRefused(400, "the JSON body must be an object")
-        return fields
+        return decode_json(body)
     if not content_type.startswith("multipart/form-data"):
         raise JobRefused(400, f"{pipeline.value} takes multipart/form-data, got {content_type!r}")
 
@@ -96,6 +103,17 @@ async def decode_fields(pipeline: Pipeline, content_type: str, body: bytes) -> d
     for name, value in form.multi_items():
         fields[name] = await value.read() if isinstance(value, UploadFile) else value
     return fields
+
+
+def runner_error(pipeline: Pipeline, status: int, raw: bytes) -> str:
+    """A runner's error answer as go-livepeer reports it (step 7); ai-runner's errors are
+    {"detail": {"msg": ...}}."""
+    try:
+        detail = json.loads(raw).get("detail")
+        message = detail.get("msg") if isinstance(detail, dict) else detail
+    except (json.JSONDecodeError, AttributeError):
+        message = raw.decode(errors="replace").strip()
+    return f"{pipeline.value} container returned {status}: {message}"
 
 
 def segment_capabilities_model(seg: net_pb2.SegData) -> list[tuple[int, str]]:

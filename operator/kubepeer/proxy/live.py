@@ -46,7 +46,7 @@ from kubepeer.proxy import discovery, metrics
 from kubepeer.proxy.billing import PaymentRefused
 from kubepeer.proxy.catalogue import ServedModel
 from kubepeer.proxy.credentials import CredentialsRefused, check_segment
-from kubepeer.proxy.jobs import JobRefused, decode_fields, read_body
+from kubepeer.proxy.jobs import JobRefused, decode_fields, read_body, runner_error
 from kubepeer.proxy.trickle import BASE_PATH, TrickleStore
 
 log = logging.getLogger("kubepeer.proxy.live")
@@ -503,9 +503,7 @@ async def _start_runner(proxy: Any, runner: str, params: dict[str, Any], budget:
             timeout=aiohttp.ClientTimeout(total=max(budget, 0.5)),
         ) as reply:  # fmt: skip
             if reply.status != 200:
-                from kubepeer.proxy.app import _runner_error  # app imports this module
-
-                raise JobRefused(500, await _runner_error(LIVE, reply))
+                raise JobRefused(500, runner_error(LIVE, reply.status, await reply.read()))
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise JobRefused(500, f"{LIVE.value} container failed: {exc or 'timed out'}") from None
 

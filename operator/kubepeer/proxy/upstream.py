@@ -5,6 +5,11 @@ a third of the proxy's CPU per job (cookies, redirects, tracing, proxies: none o
 runner needs), so jobs take this lean one instead: one POST written as a single buffer,
 the answer parsed by httptools (llhttp, C), connections kept per runner and reused.
 
+Two ways to ask: `post` (awaited, the answer at its head: llm streams read it as it
+comes), and `fetch`, which calls back once the whole answer is in, from the connection's
+own `data_received`: on a kept-alive connection no task, future or loop turn stands between
+the runner's last byte and the job's next step (hack/bench/proxy.py).
+
 Failures are split as the router needs them: `RunnerUnreachable` when the runner refused
 or dropped the connection before a status line (nothing was answered: the job may go to
 another replica), `RunnerBroken` for anything after that (the job fails).
@@ -15,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -37,23 +42,40 @@ class RunnerBroken(Exception):
     """The runner answered, then broke the answer (closed mid-body, bad HTTP)."""
 
 
+# Called once with a fetched answer: complete (`body()`), or failed (`error`).
+Whole = Callable[["Answer"], None]
+
+
 class Answer:
     """A runner's answer: the status at once, the body as it arrives. (Its headers are read
     for the body's framing only: the proxy passes none of them on.)"""
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: _Connection | None, whole: Whole | None = None) -> None:
         self._connection = connection
         self.status = 0
         self._framed = False  # a Content-Length or Transfer-Encoding came
         self._chunks: deque[bytes] = deque()
         self._complete = False
         self._error: Exception | None = None
-        self._head: asyncio.Future[None] = connection.loop.create_future()
+        self._whole = whole  # fetch's callback; post's waiters are the futures below
+        self._head: asyncio.Future[None] | None = None
         self._more: asyncio.Future[None] | None = None
+
+    @property
+    def error(self) -> Exception | None:
+        """Why the answer failed (RunnerUnreachable or RunnerBroken), or None."""
+        return self._error
+
+    def body(self) -> bytes:
+        """The whole body of a complete answer, its connection released (reused or closed)."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self.release()
+        return data
 
     # -- fed by the connection -------------------------------------------------------
     def _headed(self) -> None:
-        if not self._head.done():
+        if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
     def _body(self, data: bytes) -> None:
@@ -68,16 +90,23 @@ class Answer:
         if self._complete:
             return
         self._error = error
-        if not self._head.done():
+        if self._head is not None and not self._head.done():
             self._head.set_exception(error)
         self._wake()
+
+    def _settled(self) -> None:
+        """After the connection's event: call fetch's callback once the answer is over."""
+        whole = self._whole
+        if whole is not None and (self._complete or self._error is not None):
+            self._whole = None
+            whole(self)
 
     def _wake(self) -> None:
         if self._more is not None and not self._more.done():
             self._more.set_result(None)
 
     async def _wait(self) -> None:
-        self._more = self._connection.loop.create_future()
+        self._more = asyncio.get_running_loop().create_future()
         await self._more
         self._more = None
 
@@ -88,10 +117,7 @@ class Answer:
             if self._error is not None:
                 raise self._error
             await self._wait()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self.release()
-        return data
+        return self.body()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body piece by piece, as the runner sends it (llm SSE)."""
@@ -118,7 +144,8 @@ class Answer:
     def release(self) -> None:
         """Done with the answer: its connection is pooled again if the answer was read to
         its end and the runner keeps it alive, else closed."""
-        self._connection.finished(self)
+        if self._connection is not None:
+            self._connection.finished(self)
 
 
 class _Connection(asyncio.Protocol):
@@ -141,13 +168,15 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.answer is None:  # bytes nobody asked for: the connection is unusable
+        answer = self.answer
+        if answer is None:  # bytes nobody asked for: the connection is unusable
             self.close()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._broken(RunnerBroken(f"bad HTTP from the runner: {exc}"))
+        answer._settled()  # after the parser is done with the bytes: it may be reused now
 
     def eof_received(self) -> bool | None:
         return None  # close
@@ -160,12 +189,12 @@ class _Connection(asyncio.Protocol):
             return
         if self._until_eof and answer.status:
             answer._finish()
-            return
-        if not answer.status:
+        elif not answer.status:
             answer._fail(RunnerUnreachable(f"the runner closed the connection ({exc or 'EOF'})"))
         else:
             answer._fail(RunnerBroken(f"the runner closed the connection mid-answer ({exc})"))
         self._wake_writer()
+        answer._settled()
 
     def pause_writing(self) -> None:
         self._writable = self.loop.create_future()
@@ -214,9 +243,16 @@ class _Connection(asyncio.Protocol):
         answer._finish()
 
     # -- the client's side ---------------------------------------------------------------
+    def start(self, request: bytes, whole: Whole) -> None:
+        """Write `request`; `whole(answer)` once its answer is over (fetch)."""
+        assert self.transport is not None
+        self.answer = Answer(self, whole)
+        self.transport.write(request)
+
     async def send(self, request: bytes) -> Answer:
         assert self.transport is not None
         self.answer = answer = Answer(self)
+        answer._head = self.loop.create_future()
         self.transport.write(request)
         try:
             if self._writable is not None:  # a big body: wait for the kernel to take it
@@ -257,6 +293,13 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _unanswered(error: RunnerUnreachable) -> Answer:
+    """The answer fetch gives when no connection could be made."""
+    answer = Answer(None)
+    answer._error = error
+    return answer
+
+
 class RunnerClient:
     """Keep-alive connections to runners, by (host, port); no limit on their number (the
     router bounds jobs in flight per runner)."""
@@ -268,14 +311,41 @@ class RunnerClient:
 
     async def post(self, url: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         """POST `body` to `url` + `path`; the answer once its status line and headers are in."""
-        host, port, host_header = self._target(url)
-        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", host_header,
-                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]  # fmt: skip
-        for name, value in headers.items():
-            head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
-        head.append(b"\r\n")
+        host, port, request = self._request(url, path, body, headers)
         connection = self._reuse((host, port)) or await self._connect(host, port)
-        return await connection.send(b"".join(head) + body)
+        return await connection.send(request)
+
+    def fetch(
+        self, url: str, path: str, body: bytes, headers: dict[str, str], whole: Whole
+    ) -> None:
+        """POST as `post` does; `whole(answer)` once the answer is complete or has failed
+        (`answer.error`). On an idle kept-alive connection, no task or future on the way."""
+        host, port, request = self._request(url, path, body, headers)
+        connection = self._reuse((host, port))
+        if connection is not None:
+            connection.start(request, whole)
+            return
+        asyncio.get_running_loop().create_task(self._fetch_new(host, port, request, whole))
+
+    async def _fetch_new(self, host: str, port: int, request: bytes, whole: Whole) -> None:
+        try:
+            connection = await self._connect(host, port)
+        except RunnerUnreachable as exc:
+            whole(_unanswered(exc))
+            return
+        connection.start(request, whole)
+
+    def _request(
+        self, url: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[str, int, bytes]:
+        host, port, host_header = self._target(url)
+        request = bytearray(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n" % (
+            path.encode(), host_header, len(body)))  # fmt: skip
+        for name, value in headers.items():
+            request += b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+        request += b"\r\n"
+        request += body
+        return host, port, bytes(request)
 
     def _target(self, url: str) -> tuple[str, int, bytes]:
         target = self._targets.get(url)
