@@ -7,11 +7,13 @@
    upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
    bearer token) on each server it can run on; plaintext and TLS; and through a bare Python
    forwarder (uvloop + httptools, no checks: the least a Python hop adds on this machine).
-   Every hop is measured --rounds times, the rounds interleaved (direct, nginx, proxies,
-   then again) so that a change in the machine's load falls on all of them alike. Printed:
-   the medians of the rounds, each hop's CPU per request at that rate (its own process),
-   "added" (the median over rounds of a round's p50/p99 minus direct's in that round) and
-   "x nginx" (a hop's added p50 over nginx's).
+   Every hop is measured in --rounds short rounds (--round-seconds), interleaved (direct,
+   nginx, proxies, then again), so that the machine's speed, which drifts over seconds,
+   falls on all of them alike. Printed: p50 and p99 over all of a hop's requests, its CPU
+   per request at that rate (its own process, median of the rounds), "added p50" (the
+   median over rounds of the hop's p50 minus direct's in the same round, with the quartiles
+   of those), "added p99" (the hop's p99 minus direct's) and "x nginx" (a hop's added p50
+   over nginx's). The load generator's garbage collector is paused while it times a hop.
    1b: the TLS rows again over one HTTP/2 connection, as go-livepeer's client sends jobs
    (ForceAttemptHTTP2), against nginx's h2.
 2. Throughput at a fixed concurrency, the same ways.
@@ -21,7 +23,7 @@
 4. Hold overhead: jobs held for an OnDemand model with no ready replica; the time from the
    replica turning ready (the endpoint watch's callback) to each job reaching the runner.
 
-Run: .venv/bin/python hack/bench/proxy.py [--rate 200] [--seconds 5] [--calls 100]
+Run: .venv/bin/python hack/bench/proxy.py [--rate 200] [--rounds 25] [--seconds 5] [--calls 100]
 "CPU us per request" (section 2) is the measure the machine's load disturbs least.
 """
 
@@ -430,48 +432,48 @@ async def discovery_server_time(work: Path, redis_url: str, calls: int) -> list[
 def latency_section(
     targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], args: Any
 ) -> None:
-    """Section 1: each hop at a fixed rate, in interleaved rounds; medians of the rounds."""
-    print(f"\n1. latency at {args.rate:.0f} requests/s for {args.seconds:.0f} s, HTTP/1.1 "
-          f"keep-alive, median of {args.rounds} interleaved rounds (ms; CPU us per request "
-          "of the hop's own process)")  # fmt: skip
-    rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
+    """Section 1: each hop at a fixed rate, in many short interleaved rounds. The machine's
+    speed drifts over seconds, so a hop is compared with direct round by round: "added p50"
+    is the median over rounds of (the hop's p50 - direct's p50) in each round. p50 and p99
+    are over all of a hop's requests; "added p99" is the hop's p99 - direct's."""
+    print(f"\n1. latency at {args.rate:.0f} requests/s, HTTP/1.1 keep-alive, {args.rounds} "
+          f"interleaved rounds of {args.round_seconds:g} s (ms; CPU us per request of the "
+          "hop's own process)")  # fmt: skip
+    p50s: dict[str, list[float]] = {name: [] for name in targets}
+    cpus: dict[str, list[float]] = {name: [] for name in targets}
+    everything: dict[str, list[float]] = {name: [] for name in targets}
     failed: dict[str, int] = dict.fromkeys(targets, 0)
     for _ in range(args.rounds):
         for name, (url, headers) in targets.items():
             failures: list[object] = []
             cpu = cpu_seconds(pids[name])
-            samples = asyncio.run(at_rate(url, args.rate, args.seconds, headers, failures))
-            per_request = (cpu_seconds(pids[name]) - cpu) / (len(samples) + 50) * 1e6
-            rounds[name].append(
-                (percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3, per_request)
-            )
+            samples = asyncio.run(at_rate(url, args.rate, args.round_seconds, headers, failures))
+            cpus[name].append((cpu_seconds(pids[name]) - cpu) / (len(samples) + 50) * 1e6)
+            p50s[name].append(percentile(samples, 0.5) * 1e3)
+            everything[name] += samples
             failed[name] += len(failures)
-    medians = {
-        name: tuple(statistics.median(r[i] for r in runs) for i in range(3))
-        for name, runs in rounds.items()
-    }
-    direct = rounds["direct to the runner"]
+    direct = "direct to the runner"
+    direct_p99 = percentile(everything[direct], 0.99) * 1e3
     added_nginx: dict[str, float] = {}
-    for name, (p50, p99, cpu) in medians.items():
+    for name in targets:
+        p50, p99 = (percentile(everything[name], q) * 1e3 for q in (0.5, 0.99))
         label = name + (f" [{failed[name]} failed]" if failed[name] else "")
+        cpu = statistics.median(cpus[name])
         line = f"   {label:30s} p50 {p50:6.2f}  p99 {p99:6.2f}  CPU {cpu:5.0f}"
-        if name == "direct to the runner":
+        if name == direct:
             print(line)
             continue
-        # Added: each round against direct in the same round, then the median of those.
-        added, added_p99 = (
-            statistics.median(r[i] - d[i] for r, d in zip(rounds[name], direct, strict=True))
-            for i in (0, 1)
-        )
+        by_round = sorted(r - d for r, d in zip(p50s[name], p50s[direct], strict=True))
+        added = statistics.median(by_round)
         mode = name.rsplit("(", 1)[1].rstrip(")")
         versus = ""
         if name.startswith("nginx"):
             added_nginx[mode] = added
         elif added_nginx.get(mode, 0) > 0:
             versus = f"  x nginx {added / added_nginx[mode]:.1f}"
-        print(f"{line}   added p50 {added:+.2f} p99 {added_p99:+.2f}{versus}")
-    for name, runs in rounds.items():
-        print(f"   rounds, {name}: p50 {', '.join(f'{r[0]:.2f}' for r in runs)}")
+        quartiles = statistics.quantiles(by_round, n=4) if len(by_round) > 1 else [added] * 3
+        print(f"{line}   added p50 {added:+.2f} (rounds' quartiles {quartiles[0]:+.2f}, "
+              f"{quartiles[2]:+.2f}) p99 {p99 - direct_p99:+.2f}{versus}")  # fmt: skip
 
 
 def main() -> int:
@@ -481,7 +483,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--calls", type=int, default=100, help="GetOrchestrator calls")
     parser.add_argument("--held", type=int, default=20, help="jobs held for a cold model")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of section 1")
+    parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds of section 1")
+    parser.add_argument("--round-seconds", type=float, default=1.0, help="each round's length")
     parser.add_argument("--sections", default="1,1b,2,3,4", help="which sections to run")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
