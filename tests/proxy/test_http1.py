@@ -43,6 +43,9 @@ class App:
         echo = Reply(200, b"application/json", _echo("POST", path, body, headers.items()))
         if path == "/boom":
             raise RuntimeError("boom")
+        if path == "/twice":  # answers with a stream, then fails: the answer stands, alone
+            respond(Reply(200, b"text/event-stream", stream=self._pieces()))
+            raise RuntimeError("after the answer")
         if path == "/later":
             asyncio.get_running_loop().call_later(0.01, respond, echo)
         elif path == "/slow":
@@ -53,6 +56,8 @@ class App:
             respond(Reply(200, b"text/event-stream", stream=self._pieces()))
         elif path == "/drip":
             respond(Reply(200, b"text/event-stream", stream=self._drip()))
+        elif path == "/broken":
+            respond(Reply(200, b"text/event-stream", stream=self._broken()))
         else:
             respond(echo)
 
@@ -64,6 +69,10 @@ class App:
     async def _pieces(self) -> AsyncIterator[bytes]:
         for piece in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"):
             yield piece
+
+    async def _broken(self) -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        raise ConnectionResetError("the runner went away mid-stream")
 
     async def _drip(self) -> AsyncIterator[bytes]:
         try:
@@ -113,7 +122,7 @@ class Listener:
         config = hypercorn_config(f"127.0.0.1:{self.port}", "http://127.0.0.1", plaintext=True,
                                   graceful_seconds=10)  # fmt: skip
         config.keep_alive_timeout = keep_alive
-        paths = (JOB, "/later", "/llm", "/drip", "/boom", "/slow")
+        paths = (JOB, "/later", "/llm", "/drip", "/broken", "/boom", "/twice", "/slow")
         self.server = uvicorn_server(app, config, (paths, LIMIT, app.lean))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
         self.thread.start()
@@ -244,6 +253,8 @@ def test_header_values_are_latin_1_text_as_asgi_servers_decode_them():
         PLAIN + b"\r\nContent-Length: 12",
         PLAIN.replace(b"12", b"-1"),
         PLAIN.replace(b"12", b"0x1"),
+        PLAIN.replace(b"12", b"\xb9\xb2"),
+        PLAIN.replace(b"12", b"1" * 19),
         PLAIN + b"\r\nTransfer-Encoding: chunked",
         PLAIN + b"\r\nExpect: 100-continue",
         PLAIN + b"\r\nUpgrade: h2c",
@@ -262,6 +273,8 @@ def test_header_values_are_latin_1_text_as_asgi_servers_decode_them():
         "two-lengths",
         "negative",
         "hex",
+        "superscript-digits",
+        "past-63-bits",
         "chunked",
         "expect",
         "upgrade",
@@ -388,6 +401,27 @@ def test_an_app_failure_is_a_500_and_the_connection_is_closed(listener: Listener
     head, pieces = client.answer()
     assert (head.status_code, b"".join(pieces)) == (500, b"Internal Server Error")
     assert client.closed()
+
+
+def test_a_handler_that_fails_after_answering_leaves_its_answer_alone(listener: Listener):
+    client = listener.connect()
+    client.send(job("/twice"))
+    assert client.answer()[1] == [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
+    client.send(job(body=b"next"))  # no stray 500 in between, the connection still good
+    head, pieces = client.answer()
+    assert (head.status_code, echoed(pieces)["body"]) == (200, "next")
+
+
+def test_a_stream_that_breaks_midway_closes_the_connection(listener: Listener):
+    """A chunked body that cannot end properly must not leave the client waiting."""
+    client = listener.connect()
+    client.send(job("/broken"))
+    received = b""
+    while chunk := client.sock.recv(65536):  # EOF, or the socket's 5 s timeout fails it
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"data: 1" in received
+    assert not received.endswith(b"0\r\n\r\n")  # no clean end: the gateway sees it broke
 
 
 def test_a_client_that_leaves_mid_stream_ends_the_stream(listener: Listener, app: App):

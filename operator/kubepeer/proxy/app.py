@@ -196,6 +196,11 @@ class Proxy:
             try:
                 yield
             finally:
+                # Jobs still waiting after the server's graceful timeout: refused, their
+                # slots and demand records given back before the last demand write.
+                for job in list(self.jobs):
+                    job.cancel()
+                await asyncio.gather(*self.jobs, return_exceptions=True)
                 if self.live:
                     for keeper in keepers:
                         keeper.cancel()
@@ -337,11 +342,17 @@ class Proxy:
             body = await read()
         except JobRefused as exc:  # 413
             job.refuse(exc)
+        except Exception:  # the client left mid-body, or worse
+            log.exception("job failed")
+            job.fail()
         else:
             job.start(body)
         try:
             return await answered
         except asyncio.CancelledError:
+            # The server gave up on the request (the client left, or its graceful timeout).
+            # The job is not cancelled with it: once on a runner it runs to its end anyway,
+            # and it ends (its slot back, counted) when its reply comes, unsent.
             if answered.done() and not answered.cancelled():
                 answered.result().sent()  # answered, but this request is cancelled
             raise

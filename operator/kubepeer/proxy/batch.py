@@ -111,8 +111,8 @@ class BatchJob:
         self._settle(self._at_once, body)
 
     def _at_once(self, body: bytes) -> Reply | None:
-        """Steps 0 to 6, and the job posted to its runner; None when the job goes on (from
-        the answer's callback, or in a task)."""
+        """Steps 0 to 6, and the job posted to its runner. Its reply comes later (from the
+        answer's callback, or from a task), so this gives None; a refusal is raised."""
         slot = None
         if self.outcome.pipeline in JSON_PIPELINES:  # (a multipart body: an async parser's)
             request = self._check(body, decode_json(body))
@@ -131,6 +131,10 @@ class BatchJob:
     def refuse(self, refused: JobRefused) -> None:
         """Refuse the job before it starts (a body past the limit, read by the ASGI path)."""
         self._answer(self._refusal(refused))
+
+    def fail(self) -> None:
+        """Answer 500: the job failed in a way the gateway is told nothing more of."""
+        self._answer(Reply(500, _TEXT, SERVER_ERROR))
 
     def _answered(self, answer: Answer) -> None:
         """fetch's callback: the runner's whole answer, or why there is none."""
@@ -161,7 +165,8 @@ class BatchJob:
             reply = self._refusal(exc)
         except Exception:
             log.exception("job failed")
-            reply = Reply(500, _TEXT, SERVER_ERROR)
+            self.fail()
+            return
         if reply is not None:
             self._answer(reply)
 
@@ -178,7 +183,9 @@ class BatchJob:
         except JobRefused as exc:
             reply = self._refusal(exc)
         except asyncio.CancelledError:
-            self._end()  # the proxy is stopping: give back what the job holds
+            # The proxy is stopping, past its graceful timeout (Proxy's lifespan cancels the
+            # jobs left): the gateway may try another orchestrator, as for a full one.
+            self._answer(self._refusal(JobRefused(503, INSUFFICIENT_CAPACITY)))
             raise
         except Exception:
             log.exception("job failed")

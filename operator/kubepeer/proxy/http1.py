@@ -32,6 +32,7 @@ HIGH_WATER = 64 * 1024  # bytes of a pipelined next request read ahead of its tu
 # no line hides a bare CR or LF), checked in one pass over the whole block.
 _FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*"
 _FIELDS = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
+_LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII digits only (str.isdigit takes "²"), < 2**63
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
 
@@ -56,7 +57,8 @@ class Reply:
 # Gives a request its reply; called once per request.
 Respond = Callable[[Reply], None]
 # Starts a job: (target, headers, body, respond); headers as `Head` has them. It calls
-# `respond` exactly once, at once or later; raising before it has is answered with a 500.
+# `respond` exactly once, at once or later. If it raises without having called it, the
+# request is answered with a 500 (and a later call is ignored).
 Handler = Callable[[str, dict[str, str], bytes, Respond], None]
 
 
@@ -73,8 +75,9 @@ class Head:
 
 def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
     """The head (without its blank line) of a plain job, or None for anything else: another
-    method, path or version, a header line that is not `token: value`, control bytes, no
-    or a repeated Content-Length, or a header that asks for more than a buffered body."""
+    method, path or version, a header line that is not `token: value`, control bytes, no,
+    a repeated or a malformed Content-Length, or Transfer-Encoding, Expect or Upgrade (a
+    body not yet whole, or a protocol of uvicorn's to handle)."""
     line_end = head.find(b"\r\n")  # (no header line: no Content-Length either)
     if line_end < 0 or not _FIELDS.fullmatch(head, line_end + 2):
         return None
@@ -90,7 +93,7 @@ def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
         name, _, value = line.partition(":")
         name, value = name.lower(), value.strip(" \t")
         if name == "content-length":
-            if length is not None or not value.isdigit():
+            if length is not None or not _LENGTH.fullmatch(value):
                 return None
             length = int(value)
         elif name in ("transfer-encoding", "expect", "upgrade"):
@@ -122,6 +125,14 @@ def listener(paths: Iterable[str], body_limit: int, handler: Handler) -> type[as
     return Listener
 
 
+def _sent(reply: Reply) -> None:
+    """The reply is out: its `after` runs (counts, the log line), whatever it raises."""
+    try:
+        reply.sent()
+    except Exception:
+        log.exception("recording a reply failed")
+
+
 def _move(transport: asyncio.Transport, protocol: asyncio.Protocol, unread: bytes) -> None:
     """Give the connection to `protocol`, with the bytes read but not yet used."""
     transport.set_protocol(protocol)
@@ -144,6 +155,7 @@ class LeanJobs(asyncio.Protocol):
         self.buffer = bytearray()
         self.head: Head | None = None  # the request whose body is being read
         self.busy = False  # a request is being answered
+        self.responded = False  # ... and its handler has given the reply
         self.close_after = False  # ... and asked for Connection: close
         self.starting = False  # in _next's loop (a reply given at once returns to it)
         self.gone = False  # the client went away
@@ -224,12 +236,12 @@ class LeanJobs(asyncio.Protocol):
         head, self.head = self.head, None
         body = bytes(self.buffer[: head.length])
         del self.buffer[: head.length]
-        self.busy, self.close_after = True, head.close
+        self.busy, self.responded, self.close_after = True, False, head.close
         try:
             self.handler(head.target, head.headers, body, self._respond)
         except Exception:
             log.exception("job failed")
-            if self.busy:  # not answered yet
+            if not self.responded:
                 self.close_after = True
                 self._respond(Reply(500, b"text/plain; charset=utf-8", b"Internal Server Error"))
         return True
@@ -247,6 +259,10 @@ class LeanJobs(asyncio.Protocol):
         self.buffer.clear()
 
     def _respond(self, reply: Reply) -> None:
+        if self.responded:  # the handler raised after answering, or answered twice
+            log.error("a second reply to one request was dropped")
+            return
+        self.responded = True
         close = self.close_after or self.closing
         if reply.stream is not None:
             streaming = self.loop.create_task(self._stream(reply, close))
@@ -256,14 +272,17 @@ class LeanJobs(asyncio.Protocol):
         try:
             whole = self._write_whole(reply, close)
         finally:
-            reply.sent()
+            _sent(reply)
         self._answered(whole, close)
 
     async def _stream(self, reply: Reply, close: bool) -> None:
         try:
             whole = await self._write_stream(reply, close)
+        except Exception:  # the stream broke (its runner died): the chunked body never ends
+            log.exception("a streamed reply failed")
+            whole = False
         finally:
-            reply.sent()
+            _sent(reply)
         self._answered(whole, close)
 
     def _answered(self, whole: bool, close: bool) -> None:

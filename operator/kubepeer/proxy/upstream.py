@@ -246,11 +246,16 @@ class _Connection(asyncio.Protocol):
     def start(self, request: bytes, whole: Whole) -> None:
         """Write `request`; `whole(answer)` once its answer is over (fetch)."""
         assert self.transport is not None
+        if self.closed:  # closed between its connect and now: no answer will come
+            whole(_unanswered(RunnerUnreachable("the runner closed the connection first")))
+            return
         self.answer = Answer(self, whole)
         self.transport.write(request)
 
     async def send(self, request: bytes) -> Answer:
         assert self.transport is not None
+        if self.closed:
+            raise RunnerUnreachable("the runner closed the connection first")
         self.answer = answer = Answer(self)
         answer._head = self.loop.create_future()
         self.transport.write(request)
@@ -308,6 +313,7 @@ class RunnerClient:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bytes]] = {}  # url -> host, port, Host header
+        self._connecting: set[asyncio.Task[None]] = set()  # fetch's connects, kept till done
 
     async def post(self, url: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         """POST `body` to `url` + `path`; the answer once its status line and headers are in."""
@@ -325,7 +331,11 @@ class RunnerClient:
         if connection is not None:
             connection.start(request, whole)
             return
-        asyncio.get_running_loop().create_task(self._fetch_new(host, port, request, whole))
+        connecting = asyncio.get_running_loop().create_task(
+            self._fetch_new(host, port, request, whole)
+        )
+        self._connecting.add(connecting)
+        connecting.add_done_callback(self._connecting.discard)
 
     async def _fetch_new(self, host: str, port: int, request: bytes, whole: Whole) -> None:
         try:
