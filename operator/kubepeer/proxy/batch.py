@@ -146,15 +146,7 @@ class BatchJob:
             self._go_on(self._retried(self.held[0].url, error))
             return None
         raw = answer.body()  # (releases its connection)
-        if answer.status == 0:
-            raise JobRefused(500, f"{self.outcome.pipeline.value} container failed: {error}")
-        if answer.status != 200:
-            raw = raw if error is None else str(error).encode()
-            raise JobRefused(500, runner_error(self.outcome.pipeline, answer.status, raw))
-        self._debit()
-        if error is not None:
-            raise JobRefused(500, self._bad_json(error))
-        return self._shape(raw)
+        return self._shape(self._runner_json(answer.status, raw, error))
 
     def _settle(self, step: Callable[[Any], Reply | None], arg: Any) -> None:
         """Run a step, and answer the reply it gives (None: the job goes on elsewhere); a
@@ -243,29 +235,36 @@ class BatchJob:
             raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
 
     async def _reply(self, upstream: Answer) -> Reply:
-        pipeline = self.outcome.pipeline
-        if upstream.status != 200:
-            try:
-                raw = await upstream.read()
-            except RunnerBroken as exc:
-                raw = str(exc).encode()
-            finally:
-                upstream.release()
-            raise JobRefused(500, runner_error(pipeline, upstream.status, raw))
-        self._debit()
         assert self.request is not None
-        if self.request.streams:
+        if self.request.streams and upstream.status == 200:
+            self._debit()
             self._upstream = upstream
             return Reply(200, b"text/event-stream", stream=_events(upstream))
+        error = None
         try:
-            data = await upstream.read()
+            raw = await upstream.read()
         except RunnerBroken as exc:
-            raise JobRefused(500, self._bad_json(exc)) from None
+            raw, error = b"", exc
         finally:
             upstream.release()
-        if pipeline is Pipeline.IMAGE_TO_VIDEO:  # H.264 encoding: off the event loop
+        data = self._runner_json(upstream.status, raw, error)
+        if self.outcome.pipeline is Pipeline.IMAGE_TO_VIDEO:  # H.264: off the event loop
             return await asyncio.to_thread(self._shape, data)
         return self._shape(data)
+
+    def _runner_json(self, status: int, raw: bytes, error: Exception | None) -> bytes:
+        """Steps 7 and 8 for a whole answer (`error`: why it broke off): its JSON to shape,
+        debited, or the refusal that tells the gateway what the runner did."""
+        pipeline = self.outcome.pipeline
+        if status == 0:
+            raise JobRefused(500, f"{pipeline.value} container failed: {error}")
+        if status != 200:
+            raw = raw if error is None else str(error).encode()
+            raise JobRefused(500, runner_error(pipeline, status, raw))
+        self._debit()
+        if error is not None:
+            raise JobRefused(500, self._bad_json(error))
+        return raw
 
     # -- the steps -----------------------------------------------------------------------
     def _check(self, body: bytes, fields: dict[str, Any]) -> JobRequest:
