@@ -6,7 +6,9 @@
    so only the hop's own cost shows), through nginx as a reverse proxy (one worker,
    upstream keep-alive: the baseline hop), and through `kubepeer proxy` (payments off, a
    bearer token) on each server it can run on; plaintext and TLS; and through a bare Python
-   forwarder (uvloop + httptools, no checks: the least a Python hop adds on this machine).
+   forwarder (uvloop + httptools, no checks: the least a Python hop adds on this machine),
+   alone and with a job's least work inline ("+ checks": headers read, the bearer token
+   checked, the JSON decoded and priced, the runner's JSON cut to the gateway's fields).
    Every hop is measured in --rounds short rounds (--round-seconds), interleaved (direct,
    nginx, proxies, then again), so that the machine's speed, which drifts over seconds,
    falls on all of them alike. Printed: p50 and p99 over all of a hop's requests, its CPU
@@ -124,9 +126,43 @@ class Client(asyncio.Protocol):
             upstream.transport.write(request)
         else:
             loop = asyncio.get_running_loop()
-            loop.create_task(loop.create_connection(lambda: Upstream(self, request), *RUNNER))
+            loop.create_task(loop.create_connection(lambda: UPSTREAM(self, request), *RUNNER))
+# With "checks" (a third argument): the least of a job's own work as well, inline: headers
+# read, the bearer token checked, the JSON decoded and priced, a request id; the runner's
+# JSON decoded, cut to the gateway's fields and encoded under a head of its own.
+import hmac, secrets, orjson
+class CheckedUpstream(Upstream):
+    def on_message_complete(self):
+        answer = orjson.loads(self.answer[self.answer.index(b"\\r\\n\\r\\n") + 4:])
+        images = [{"url": i["url"], "seed": i["seed"], "nsfw": i["nsfw"]} for i in answer["images"]]
+        reply = orjson.dumps({"images": images}, option=orjson.OPT_APPEND_NEWLINE)
+        head = b"HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\n"
+        head += b"x-request-id: %s\\r\\ncontent-length: %d\\r\\n\\r\\n" % (
+            self.client.request_id, len(reply))
+        self.client.transport.write(head + reply)
+        self.answer.clear()
+        idle.append(self)
+class CheckedClient(Client):
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.headers = {}
+    def on_header(self, name, value):
+        self.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    def on_message_complete(self):
+        headers, self.headers = self.headers, {}
+        self.request_id = (headers.get("x-request-id") or secrets.token_hex(8)).encode()
+        token = headers.get("authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(token, b"bench"):  # (wait_up's GET: up, and refused)
+            self.body = []
+            self.transport.write(b"HTTP/1.1 401 Unauthorized\\r\\ncontent-length: 0\\r\\n\\r\\n")
+            return
+        fields = orjson.loads(b"".join(self.body))
+        assert int(fields.get("height") or 512) * int(fields.get("width") or 512) > 0
+        super().on_message_complete()
+CHECKS = len(sys.argv) > 3
+UPSTREAM, CLIENT = (CheckedUpstream, CheckedClient) if CHECKS else (Upstream, Client)
 async def main():
-    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", int(sys.argv[1]))
+    server = await asyncio.get_running_loop().create_server(CLIENT, "127.0.0.1", int(sys.argv[1]))
     await server.serve_forever()
 uvloop.run(main())
 """
@@ -532,6 +568,10 @@ def main() -> int:
         server_pids["python forwarder (plain)"] = spawn(
             sys.executable, "-c", FORWARDER, str(forwarder_port), str(runner_port)
         )
+        checked_port = free_port()
+        server_pids["forwarder + checks (plain)"] = spawn(
+            sys.executable, "-c", FORWARDER, str(checked_port), str(runner_port), "checks"
+        )
         ports: dict[tuple[str, str], int] = {}
         for server in servers:
             for mode in ("plain", "tls"):
@@ -559,6 +599,7 @@ def main() -> int:
         wait_up(f"{runner}/arrivals")
         wait_up(f"http://127.0.0.1:{nginx_ports['plain']}/arrivals")
         wait_up(f"http://127.0.0.1:{forwarder_port}/arrivals")
+        wait_up(f"http://127.0.0.1:{checked_port}/arrivals")
         for (_, mode), port in [*ports.items(), (("paid", "tls"), paid_port)]:
             wait_up(f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/healthz")
         save_view(Redis.from_url(redis_url), CHAIN)
@@ -575,6 +616,8 @@ def main() -> int:
             if mode == "plain":
                 targets["python forwarder (plain)"] = (
                     f"http://127.0.0.1:{forwarder_port}/text-to-image", {})  # fmt: skip
+                targets["forwarder + checks (plain)"] = (
+                    f"http://127.0.0.1:{checked_port}/text-to-image", auth)  # fmt: skip
             for server in servers:
                 port = ports[(server, mode)]
                 targets[f"proxy, {server} ({mode})"] = (
