@@ -578,29 +578,40 @@ def test_jobs_for_a_model_go_to_every_aimodel_serving_it(
         stop_proxy(server)
 
 
-class DyingRunner:
-    """A process-local server that accepts a job and hangs up before answering."""
+class SocketRunner:
+    """A process-local runner on a bare socket, each connection served by `serve` in a
+    thread of its own."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
 
-    def _serve(self) -> None:
+    def _accept(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
             self.accepted += 1
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class DyingRunner(SocketRunner):
+    """Accepts a job and hangs up before answering."""
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
             conn.recv(65536)
-            conn.close()
 
 
 def test_a_runner_that_dies_before_answering_is_retried_once_elsewhere(
@@ -635,6 +646,57 @@ def test_a_runner_that_dies_before_answering_is_retried_once_elsewhere(
         for sock in refusing:
             sock.close()
         dying.sock.close()
+
+
+class ClosingRunner(SocketRunner):
+    """A text-to-image runner whose server closes each kept-alive connection just as the
+    next request arrives on it (the idle-close race, every time): one answer per connection."""
+
+    ANSWER = json.dumps({"images": [{"url": "data:image/png;base64,iVBORw0KGgo=", "seed": 3,
+                                     "nsfw": False}]}).encode()  # fmt: skip
+    answered = 0
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER)
+            )
+            self.answered += 1
+            reader.readline()  # the next request's first line: closed unanswered
+
+
+def test_a_kept_alive_runner_connection_closed_as_a_job_goes_out_is_tried_afresh(
+    redis_server, tmp_path
+):
+    """One replica, whose server drops a kept-alive connection as the next job is written
+    to it: that says nothing about the runner, so the job goes to it on a new connection
+    (not to another replica, of which there is none: a wait for the queue timeout, then a
+    503)."""
+    runner = ClosingRunner()
+    (tmp_path / "bearer").write_text("let-me-in")
+    server = start_proxy(
+        tmp_path, redis_server, models=models_json(capacity=1),
+        endpoints={"runner-fleet": [runner.url]}, plaintext=True,
+        args=["--no-payments", "--bearer-token-file", str(tmp_path / "bearer"),
+              "--queue-timeout", "2"],
+    )  # fmt: skip
+    try:
+        with server.http() as client:
+            for _ in range(3):
+                response = client.post("/text-to-image", json=T2I, timeout=30,
+                                       headers={"Authorization": "Bearer let-me-in"})  # fmt: skip
+                assert response.status_code == 200, response.text
+                assert response.json()["images"][0]["seed"] == 3
+        assert (runner.accepted, runner.answered) == (3, 3)
+    finally:
+        stop_proxy(server)
+        runner.sock.close()
 
 
 # -- modes ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from kubepeer.proxy.upstream import RunnerBroken, RunnerClient, RunnerUnreachable
+from kubepeer.proxy.upstream import Answer, RunnerBroken, RunnerClient, RunnerUnreachable
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -209,6 +209,70 @@ def test_a_job_cancelled_while_waiting_leaves_no_connection_to_reuse():
         answer = await client.post(url, "/x", b"", {})
         assert await answer.read() == b"late"
         assert len(connections) == 2
+        server.close()
+
+    run(test)
+
+
+def closes_at_the_second_request(*, answered: int) -> Script:
+    """A runner whose server closed a kept-alive connection just as the next request came
+    (the idle-close race): it answers `answered` requests in all, one per connection, then
+    drops each later request unanswered."""
+    served: list[int] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            if len(served) >= answered:
+                return  # closed, nothing answered
+            served.append(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await read_request(reader)
+            return  # the next request on this connection goes unanswered
+
+    return script
+
+
+async def fetched(client: RunnerClient, url: str) -> Answer:
+    answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+    client.fetch(url, "/x", b"{}", {}, answered.set_result)
+    return await answered
+
+
+@pytest.mark.parametrize("way", ["post", "fetch"])
+def test_a_kept_alive_connection_closed_before_answering_is_tried_once_more_afresh(way: str):
+    async def test() -> None:
+        server, url, connections = await serve(closes_at_the_second_request(answered=2))
+        client = RunnerClient()
+        for _ in range(2):
+            if way == "post":
+                answer = await client.post(url, "/x", b"{}", {})
+                body = await answer.read()
+            else:
+                answer = await fetched(client, url)
+                assert answer.error is None
+                body = answer.body()
+            assert (answer.status, body) == (200, b"ok")
+        assert len(connections) == 2  # the second job: its kept-alive one, then a new one
+        server.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize("way", ["post", "fetch"])
+def test_a_runner_that_drops_the_new_connection_too_is_unreachable(way: str):
+    async def test() -> None:
+        server, url, connections = await serve(closes_at_the_second_request(answered=1))
+        client = RunnerClient()
+        if way == "post":
+            assert await (await client.post(url, "/x", b"{}", {})).read() == b"ok"
+            with pytest.raises(RunnerUnreachable):
+                await client.post(url, "/x", b"{}", {})
+        else:
+            assert (await fetched(client, url)).body() == b"ok"
+            assert isinstance((await fetched(client, url)).error, RunnerUnreachable)
+        assert len(connections) == 2  # once more afresh, not again and again
         server.close()
 
     run(test)

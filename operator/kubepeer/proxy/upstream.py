@@ -12,7 +12,11 @@ the runner's last byte and the job's next step (hack/bench/proxy.py).
 
 Failures are split as the router needs them: `RunnerUnreachable` when the runner refused
 or dropped the connection before a status line (nothing was answered: the job may go to
-another replica), `RunnerBroken` for anything after that (the job fails).
+another replica), `RunnerBroken` for anything after that (the job fails). A kept-alive
+connection that closes before a status line is first tried once more, on a new connection
+to the same runner: a runner's server closes idle connections, and one may close just as a
+request goes out on it, which says nothing about the runner. Only if the new connection
+fails too is the runner unreachable.
 """
 
 from __future__ import annotations
@@ -162,6 +166,8 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False  # read at the answer's end (the parser forgets it after)
         self._header_name = b""
         self._writable: asyncio.Future[None] | None = None
+        self.reused = False  # taken from the pool: its first request may race an idle close
+        self.request = b""  # the request in flight, to send again on a new connection
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -189,6 +195,9 @@ class _Connection(asyncio.Protocol):
             return
         if self._until_eof and answer.status:
             answer._finish()
+        elif not answer.status and self.reused and answer._whole is not None:
+            whole, answer._whole = answer._whole, None  # (post: RunnerClient.post sends again)
+            self.pool.afresh(self.key, self.request, whole)
         elif not answer.status:
             answer._fail(RunnerUnreachable(f"the runner closed the connection ({exc or 'EOF'})"))
         else:
@@ -250,6 +259,7 @@ class _Connection(asyncio.Protocol):
             whole(_unanswered(RunnerUnreachable("the runner closed the connection first")))
             return
         self.answer = Answer(self, whole)
+        self.request = request
         self.transport.write(request)
 
     async def send(self, request: bytes) -> Answer:
@@ -280,11 +290,13 @@ class _Connection(asyncio.Protocol):
             and self._keep_alive
         ):
             self.answer = None
+            self.request = b""
             self._keep_alive = False
             self.parser = httptools.HttpResponseParser(self)
             self.pool.put_back(self)
         else:
             self.answer = None
+            self.request = b""
             self.close()
 
     def _broken(self, error: Exception) -> None:
@@ -318,8 +330,13 @@ class RunnerClient:
     async def post(self, url: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         """POST `body` to `url` + `path`; the answer once its status line and headers are in."""
         host, port, request = self._request(url, path, body, headers)
-        connection = self._reuse((host, port)) or await self._connect(host, port)
-        return await connection.send(request)
+        connection = self._reuse((host, port))
+        if connection is not None:
+            try:
+                return await connection.send(request)
+            except RunnerUnreachable:  # closed as it sat idle: once more, on a new connection
+                pass
+        return await (await self._connect(host, port)).send(request)
 
     def fetch(
         self, url: str, path: str, body: bytes, headers: dict[str, str], whole: Whole
@@ -330,10 +347,13 @@ class RunnerClient:
         connection = self._reuse((host, port))
         if connection is not None:
             connection.start(request, whole)
-            return
-        connecting = asyncio.get_running_loop().create_task(
-            self._fetch_new(host, port, request, whole)
-        )
+        else:
+            self.afresh((host, port), request, whole)
+
+    def afresh(self, key: tuple[str, int], request: bytes, whole: Whole) -> None:
+        """fetch's request on a new connection: the first to this runner, or once more after
+        a kept-alive one closed before answering (see the module)."""
+        connecting = asyncio.get_running_loop().create_task(self._fetch_new(*key, request, whole))
         self._connecting.add(connecting)
         connecting.add_done_callback(self._connecting.discard)
 
@@ -372,6 +392,7 @@ class RunnerClient:
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to be closing
             if not connection.closed and now - connection.idle_since < IDLE_REUSE_SECONDS:
+                connection.reused = True
                 return connection
             connection.close()
         return None
