@@ -23,6 +23,8 @@ from fractions import Fraction
 import aiohttp
 import av
 import grpc
+import h2.connection
+import h2.events
 import httpx
 import pytest
 from aiohttp import web
@@ -31,6 +33,7 @@ from PIL import Image
 from gateway_sim import Gateway, fee, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
+from kubepeer.proxy.server import SERVERS
 from proxies import (
     LLAMA,
     RECIPIENT,
@@ -708,6 +711,43 @@ def test_h2c_mode_serves_grpc_and_http_in_plaintext(redis_server, fleet, chain_f
         assert info.transcoder.startswith("http://")
         with httpx.Client(base_url=server.url, http1=False, http2=True) as client:
             assert client.get("/healthz").http_version == "HTTP/2"
+    finally:
+        stop_proxy(server)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_one_http2_connection_serves_a_gateway_however_many_requests_it_sends(
+    redis_server, fleet, tmp_path, kind
+):
+    """go-livepeer sends every job to an orchestrator over one HTTP/2 connection (1.1), and
+    Go's server ends none for the number of requests on it: no GOAWAY after 1000 streams
+    (hypercorn's default cap, which failed the streams in flight as it closed)."""
+    server = start_proxy(
+        tmp_path, redis_server, models=models_json(), endpoints={"runner-fleet": [fleet.url]},
+        plaintext=True, args=["--server", kind],
+    )  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            h2c = h2.connection.H2Connection()
+            h2c.initiate_connection()
+            statuses: list[bytes] = []
+            for n in range(1100):
+                stream = h2c.get_next_available_stream_id()
+                h2c.send_headers(stream, [(":method", "GET"), (":path", "/healthz"),
+                                          (":scheme", "http"), (":authority", "proxy")],
+                                 end_stream=True)  # fmt: skip
+                ended = False
+                while not ended:
+                    sock.sendall(h2c.data_to_send())
+                    for event in h2c.receive_data(sock.recv(65536)):
+                        if isinstance(event, h2.events.ConnectionTerminated):
+                            pytest.fail(f"the connection was ended after {n} requests: {event}")
+                        if isinstance(event, h2.events.ResponseReceived):
+                            statuses.append(dict(event.headers)[b":status"])
+                        if isinstance(event, h2.events.DataReceived):
+                            h2c.acknowledge_received_data(event.flow_controlled_length, stream)
+                        ended |= isinstance(event, h2.events.StreamEnded)
+        assert statuses == [b"200"] * 1100
     finally:
         stop_proxy(server)
 

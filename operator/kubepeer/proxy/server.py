@@ -104,6 +104,9 @@ def hypercorn_config(
     config.alpn_protocols = ["h2", "http/1.1"]
     config.graceful_timeout = graceful_seconds
     config.keep_alive_timeout = 600  # go-livepeer's idle timeout is 10 min
+    # A gateway sends every job over one HTTP/2 connection, and Go's server ends none for
+    # its number of requests: hypercorn's default (1000) would close it with jobs in flight.
+    config.keep_alive_max_requests = 2**62
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # our JSON lines, not its own
     config.h2_max_concurrent_streams = 1000
