@@ -28,6 +28,7 @@ from kubepeer.proxy.credentials import (
     discovery_signed,
 )
 from kubepeer.proxy.endpoints import EndpointTable
+from kubepeer.proxy.jobs import runner_error
 from kubepeer.proxy.results import gateway_fields, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router
 from kubepeer.proxy.units import UnitsError, billed_units
@@ -462,6 +463,28 @@ def test_endpoint_table_keeps_ready_addresses_per_service():
 # -- results (gateway-wire 2.3) --------------------------------------------------------------
 def data_url(data: bytes, kind="image/png") -> str:
     return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            b'{"detail": {"msg": "height must be a multiple of 8"}}',
+            "height must be a multiple of 8",
+        ),
+        (b'{"detail": "Not Found"}', "Not Found"),
+        (b"upstream went away\n", "upstream went away"),
+        (b"bad \xff bytes", "bad \ufffd bytes"),
+    ],
+    ids=["ai-runner", "plain-detail", "text", "not-utf8"],
+)
+def test_a_runner_error_is_reported_as_go_livepeer_reports_it(raw, message):
+    """gateway-wire 2.2, step 7: `<pipeline> container returned <status>: <msg>`, ai-runner's
+    errors being {"detail": {"msg": ...}}; any other body is passed on as text, whatever its
+    bytes (one that was not UTF-8 raised, and the gateway got a bare 500)."""
+    assert runner_error(Pipeline.TEXT_TO_IMAGE, 400, raw) == (
+        f"text-to-image container returned 400: {message}"
+    )
 
 
 def test_only_fields_the_gateway_knows_are_sent():

@@ -14,7 +14,6 @@ Error bodies are plain text with a newline, like Go's http.Error: gateways match
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +108,9 @@ def runner_error(pipeline: Pipeline, status: int, raw: bytes) -> str:
     """A runner's error answer as go-livepeer reports it (step 7); ai-runner's errors are
     {"detail": {"msg": ...}}."""
     try:
-        detail = json.loads(raw).get("detail")
+        detail = orjson.loads(raw).get("detail")
         message = detail.get("msg") if isinstance(detail, dict) else detail
-    except (json.JSONDecodeError, AttributeError):
+    except (orjson.JSONDecodeError, AttributeError):  # (also a body that is not UTF-8)
         message = raw.decode(errors="replace").strip()
     return f"{pipeline.value} container returned {status}: {message}"
 
