@@ -166,8 +166,6 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False  # read at the answer's end (the parser forgets it after)
         self._header_name = b""
         self._writable: asyncio.Future[None] | None = None
-        self.reused = False  # taken from the pool: its first request may race an idle close
-        self.request = b""  # the request in flight, to send again on a new connection
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,9 +193,6 @@ class _Connection(asyncio.Protocol):
             return
         if self._until_eof and answer.status:
             answer._finish()
-        elif not answer.status and self.reused and answer._whole is not None:
-            whole, answer._whole = answer._whole, None  # (post: RunnerClient.post sends again)
-            self.pool.afresh(self.key, self.request, whole)
         elif not answer.status:
             answer._fail(RunnerUnreachable(f"the runner closed the connection ({exc or 'EOF'})"))
         else:
@@ -259,7 +254,6 @@ class _Connection(asyncio.Protocol):
             whole(_unanswered(RunnerUnreachable("the runner closed the connection first")))
             return
         self.answer = Answer(self, whole)
-        self.request = request
         self.transport.write(request)
 
     async def send(self, request: bytes) -> Answer:
@@ -290,13 +284,11 @@ class _Connection(asyncio.Protocol):
             and self._keep_alive
         ):
             self.answer = None
-            self.request = b""
             self._keep_alive = False
             self.parser = httptools.HttpResponseParser(self)
             self.pool.put_back(self)
         else:
             self.answer = None
-            self.request = b""
             self.close()
 
     def _broken(self, error: Exception) -> None:
@@ -345,19 +337,28 @@ class RunnerClient:
         (`answer.error`). On an idle kept-alive connection, no task or future on the way."""
         host, port, request = self._request(url, path, body, headers)
         connection = self._reuse((host, port))
-        if connection is not None:
-            connection.start(request, whole)
-        else:
-            self.afresh((host, port), request, whole)
+        if connection is None:
+            self._fetch_new(host, port, request, whole)
+            return
 
-    def afresh(self, key: tuple[str, int], request: bytes, whole: Whole) -> None:
-        """fetch's request on a new connection: the first to this runner, or once more after
-        a kept-alive one closed before answering (see the module)."""
-        connecting = asyncio.get_running_loop().create_task(self._fetch_new(*key, request, whole))
+        def answered(answer: Answer) -> None:
+            # Closed before an answer, as it sat idle: once more, on a new connection (as post).
+            if isinstance(answer.error, RunnerUnreachable):
+                self._fetch_new(host, port, request, whole)
+            else:
+                whole(answer)
+
+        connection.start(request, answered)
+
+    def _fetch_new(self, host: str, port: int, request: bytes, whole: Whole) -> None:
+        """fetch's request on a new connection, made in a task kept until it is done."""
+        connecting = asyncio.get_running_loop().create_task(
+            self._connect_and_start(host, port, request, whole)
+        )
         self._connecting.add(connecting)
         connecting.add_done_callback(self._connecting.discard)
 
-    async def _fetch_new(self, host: str, port: int, request: bytes, whole: Whole) -> None:
+    async def _connect_and_start(self, host: str, port: int, request: bytes, whole: Whole) -> None:
         try:
             connection = await self._connect(host, port)
         except RunnerUnreachable as exc:
@@ -392,7 +393,6 @@ class RunnerClient:
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to be closing
             if not connection.closed and now - connection.idle_since < IDLE_REUSE_SECONDS:
-                connection.reused = True
                 return connection
             connection.close()
         return None
