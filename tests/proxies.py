@@ -114,8 +114,10 @@ def start_proxy(
     workdir: Path, redis: RedisServer, *, models: dict | None, endpoints: dict | None,
     args: list[str] = (), plaintext: bool = False, shared: Path | None = None,
     namespace: str = "test", kubeconfig: Path | None = None, runner_token: str = RUNNER_TOKEN,
+    recipient: bytes | None = RECIPIENT,
 ) -> ProxyServer:  # fmt: skip
     """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares.
+    `recipient=None`: no --recipient (private mode only: the proxy advertises zero).
 
     `models=None`: the operator's table ConfigMaps, watched; `endpoints=None`: the runner
     Services' EndpointSlices, watched (only for pods at addresses we own: node-agent pods).
@@ -138,7 +140,7 @@ def start_proxy(
         "--public-url", proxy.url, "--namespace", namespace, "--redis-url", redis.url,
         *(["--models-file", str(workdir / "models.json")] if models is not None else []),
         *(["--endpoints-file", str(workdir / "endpoints.json")] if endpoints is not None else []),
-        "--recipient", "0x" + RECIPIENT.hex(),
+        *(["--recipient", "0x" + recipient.hex()] if recipient is not None else []),
         "--recipient-secret-file", str(shared / "recipient-secret"),
         "--auth-secret-file", str(shared / "auth-secret"),
         "--runner-token-file", str(shared / "runner-token"),

@@ -337,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--tls-cert", type=Path, help="certificate (a Secret); default: self-signed")
     px.add_argument("--tls-key", type=Path, help="its key (a Secret)")
     px.add_argument("--auth-secret-file", type=Path, help="auth token HMAC key shared by replicas")
-    px.add_argument("--recipient", help="our ticket recipient address (0x...)")
+    px.add_argument(
+        "--recipient",
+        help="our address (0x...): the ticket recipient; with --no-payments only advertised "
+        "in discovery (default there: the zero address, as an offchain go-livepeer sends)",
+    )  # fmt: skip
     px.add_argument("--recipient-secret-file", type=Path, help="recipientRand secret (a Secret)")
     px.add_argument("--no-payments", action="store_true", help="private mode: bearer token only")
     px.add_argument("--bearer-token-file", type=Path, help="private mode's token (a Secret)")

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import yaml
-from charts import CHART, REQUIRED, REQUIRED_VALUES, find, helm, render, sets
+from charts import CHART, RECIPIENT, REQUIRED, REQUIRED_VALUES, find, helm, render, sets
 
 from conftest import REPO
 from kubepeer.api.crd import stale_crds
@@ -208,6 +208,12 @@ def test_the_proxys_live_video_flags_come_from_values():
     ))  # fmt: skip
     assert "--offchain-gateways" in private
     assert "--no-payments" in private
+    # Discovery's address (gateway-wire 1.5): the recipient if set, else the proxy's zero.
+    assert f"--recipient={RECIPIENT}" in private
+    unnamed = _proxy_args(render(
+        *REQUIRED, "--set", "proxy.payments=false", "--set", "proxy.recipient=",
+    ))  # fmt: skip
+    assert not [a for a in unnamed if a.startswith("--recipient")]
     # The proxy's own parser accepts what the chart passes (the flags exist, values parse;
     # the Redis URL comes from the pod's env).
     from kubepeer.cli import build_parser

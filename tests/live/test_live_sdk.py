@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from conftest import REPO
+from gateway_rules import gateway_accepts, selectable
+from gateway_sim import Gateway
 from proxies import RUNNER_TOKEN, ProxyServer, models_json, start_proxy, stop_proxy
 from proxies import start_runner as runner_process
 from proxies import stop as stop_runner
@@ -56,7 +58,7 @@ def live_stack(tiny_models, redis_server, tmp_path_factory) -> Iterator[tuple[Pr
         workdir / "proxy", redis_server, models=models_json("1", 1, [live], base=False),
         endpoints={"runner-live": [runner.url]},
         args=["--no-payments", "--bearer-token-file", str(workdir / "bearer"),
-              "--offchain-gateways"],
+              "--offchain-gateways"], recipient=None,
     )  # fmt: skip
     yield proxy, runner.url
     stop_proxy(proxy)
@@ -106,3 +108,14 @@ def test_a_stream_through_the_sdk_is_transformed_steered_reported_and_stopped(li
     # Stopped: the runner goes back to IDLE and the proxy frees the slot.
     wait_for(lambda: httpx.get(f"{runner_url}/health").json()["status"] == "IDLE",
              timeout=30, what="the runner to report IDLE")  # fmt: skip
+
+
+def test_an_offchain_gateway_keeps_the_proxy_after_discovery(live_stack):
+    """With offchain gateways admitted and no address configured, discovery answers the
+    zero address, as an offchain go-livepeer does: an empty one would match a default
+    gateway's blocklist and drop the proxy (gateway-wire 1.5)."""
+    proxy, _ = live_stack
+    info = Gateway().discover(proxy, 35, MODEL)
+    assert info.address == bytes(20)
+    assert gateway_accepts(info, 35, MODEL)
+    assert selectable(info, has_sender=False) == ""

@@ -30,6 +30,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from gateway_rules import gateway_accepts, selectable
 from gateway_sim import Gateway, fee, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
@@ -128,6 +129,8 @@ def test_discovery_passes_the_gateways_rules_for_every_served_model(proxy):
         assert constraint.runner_version
         assert tuple(map(int, caps.version.split("."))) >= (0, 9, 0)  # (1.4 a)
         assert info.address == RECIPIENT
+        assert gateway_accepts(info, cap, model)  # 1.5: not blocklisted, compatible
+        assert selectable(info, has_sender=True, l1_block=5_000) == ""
         assert info.auth_token.expiration - time.time() == pytest.approx(1800, abs=5)
         tp = info.ticket_params  # 1.5: valid params, EV < faceValue, EV <= 3e12
         assert int.from_bytes(tp.expiration_block, "big") - 5_000 > 1
@@ -756,7 +759,7 @@ def test_private_mode_takes_a_bearer_token_instead_of_payment(redis_server, flee
     (tmp_path / "bearer").write_text("let-me-in")
     server = start_proxy(
         tmp_path, redis_server, models=models_json(), endpoints={"runner-fleet": [fleet.url]},
-        args=["--no-payments", "--bearer-token-file", str(tmp_path / "bearer")],
+        args=["--no-payments", "--bearer-token-file", str(tmp_path / "bearer")], recipient=None,
     )  # fmt: skip
     try:
         with server.http() as client:
@@ -776,6 +779,11 @@ def test_private_mode_takes_a_bearer_token_instead_of_payment(redis_server, flee
                 response_deserializer=net_pb2.OrchestratorInfo.FromString,
             )(request, timeout=10)
         assert not info.HasField("ticket_params")
+        # As go-livepeer offchain: the zero address, which a default gateway does not
+        # blocklist (an empty one it does, gateway-wire 1.5).
+        assert info.address == bytes(20)
+        assert gateway_accepts(info, 27, SD)
+        assert selectable(info, has_sender=False) == ""
     finally:
         stop_proxy(server)
 

@@ -17,6 +17,7 @@ from eth_account.messages import encode_defunct
 from eth_utils import keccak
 from PIL import Image
 
+from gateway_rules import gateway_accepts
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.proxy import discovery, grpc_unary
@@ -29,13 +30,12 @@ from kubepeer.proxy.credentials import (
 )
 from kubepeer.proxy.endpoints import EndpointTable
 from kubepeer.proxy.jobs import runner_error
+from kubepeer.proxy.main import ProxyArgs, orchestrator_address
 from kubepeer.proxy.results import gateway_fields, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router
 from kubepeer.proxy.units import UnitsError, billed_units
 
 N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-# gateway-wire 1.4: DefaultCapabilities() = 0-12, 14, 26; the AI gateway asks for them + cap.
-GATEWAY_DEFAULT_CAPS = [*range(13), 14, 26]
 SD = "kubepeer-tiny/stable-diffusion"
 
 
@@ -57,25 +57,6 @@ def discovery_request(account, caps: dict[int, str] | None = None):
     return request
 
 
-def gateway_accepts(info: net_pb2.OrchestratorInfo, cap: int, model: str, min_version=None):
-    """Capabilities.CompatibleWith plus discovery's filters (gateway-wire 1.4, 1.5)."""
-    if not info.transcoder:
-        return False
-    caps = info.capabilities
-    if min_version is not None:
-        if caps.version in ("", "undefined"):
-            return False
-        if tuple(map(int, caps.version.split("."))) < min_version:
-            return False
-    wanted = [*GATEWAY_DEFAULT_CAPS, cap]
-    for bit in wanted:
-        word, offset = divmod(bit, 64)
-        if word >= len(caps.bitstring) or not caps.bitstring[word] >> offset & 1:
-            return False
-    per = caps.constraints.per_capability
-    return cap in per and model in per[cap].models
-
-
 def model(aimodel="sd", pipeline=Pipeline.TEXT_TO_IMAGE, model_id=SD, capacity=2, price=None,
           on_demand=False, runner=None) -> ServedModel:  # fmt: skip
     return ServedModel(
@@ -91,12 +72,12 @@ def model(aimodel="sd", pipeline=Pipeline.TEXT_TO_IMAGE, model_id=SD, capacity=2
     )
 
 
-def info_for(catalogue, router, request, recipient=b"\x22" * 20):
+def info_for(catalogue, router, request, address=b"\x22" * 20):
     def state(m):
         return discovery.ModelState(router.ready(m), router.free_slots(m), router.utilization(m))
 
     return discovery.orchestrator_info(
-        request, catalogue, state, transcoder="https://o.example:8935", recipient=recipient,
+        request, catalogue, state, transcoder="https://o.example:8935", address=address,
         version="0.9.1",
     ).info  # fmt: skip
 
@@ -166,6 +147,47 @@ def test_a_served_model_passes_the_gateways_compatibility_rule():
     assert not gateway_accepts(info, 28, SD)
 
 
+@pytest.mark.parametrize(
+    ("payments", "offchain", "recipient", "address"),
+    [(True, False, "0x" + "ab" * 20, b"\xab" * 20),  # the ticket recipient
+     (False, False, None, bytes(20)),  # private: go-livepeer's offchain zero address
+     (False, True, None, bytes(20)),  # offchain gateways admitted
+     (False, True, "0x" + "CD" * 20, b"\xcd" * 20)],  # private, an address configured
+    ids=["payments", "private", "offchain-gateways", "private-with-address"],
+)  # fmt: skip
+def test_discovery_sends_a_20_byte_address_a_default_gateway_does_not_blocklist(
+    payments, offchain, recipient, address
+):
+    """gateway-wire 1.5: a default -orchBlocklist is [""], matched against hex(address), so an
+    empty address drops us from every go-livepeer gateway with default flags."""
+    args = ProxyArgs(bind="", public_url="https://o.example:8935", namespace="ns",
+                     redis_url="redis://127.0.0.1:1", payments=payments,
+                     offchain_gateways=offchain, recipient=recipient)  # fmt: skip
+    assert orchestrator_address(args) == address
+    request = discovery_request(Account.create(), {27: SD})
+    info = info_for(Catalogue("ns", (model(),)), Router(), request, address=address)
+    assert len(info.address) == 20
+    assert gateway_accepts(info, 27, SD)
+    assert not gateway_accepts(info, 27, SD, blocklist=("0x" + address.hex(),))
+
+
+def test_an_empty_address_is_what_a_default_gateway_blocklists():
+    """The rule itself, so the check above cannot pass for the wrong reason."""
+    info = info_for(Catalogue("ns", (model(),)), Router(),
+                    discovery_request(Account.create(), {27: SD}), address=b"")  # fmt: skip
+    assert not gateway_accepts(info, 27, SD)
+    assert gateway_accepts(info, 27, SD, blocklist=("0xdeadbeef",))
+
+
+@pytest.mark.parametrize("bad", ["0x1234", "0x" + "zz" * 20, "ab" * 21, "0x" + "ab" * 20 + " "])
+def test_a_bad_recipient_address_stops_the_proxy_naming_the_flag_and_value(bad):
+    args = ProxyArgs(bind="", public_url="https://o:1", namespace="ns", redis_url="redis://x",
+                     payments=False, recipient=bad)  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        orchestrator_address(args)
+    assert str(stopped.value).startswith(f"--recipient: {bad!r} is not an Ethereum address")
+
+
 def test_price_info_is_the_requested_models_reduced_price_and_capabilities_prices_absent():
     catalogue = Catalogue("ns", (model(price=ModelPrice(Fraction(6, 14))),))
     info = info_for(catalogue, Router(), discovery_request(Account.create(), {27: SD}))
@@ -215,7 +237,7 @@ def test_live_video_is_advertised_with_free_streams_and_streams_in_use():
 
     info = discovery.orchestrator_info(
         discovery_request(Account.create()), Catalogue("ns", (live,)), state,
-        transcoder="https://o.example:8935", recipient=b"\x22" * 20, version="0.9.1",
+        transcoder="https://o.example:8935", address=b"\x22" * 20, version="0.9.1",
     ).info  # fmt: skip
     assert info.capabilities.bitstring[0] >> 35 & 1
     constraint = info.capabilities.constraints.per_capability[35].models["noop"]

@@ -12,8 +12,9 @@ from fractions import Fraction
 import pytest
 from eth_account import Account
 from redis import Redis
-from test_proxy import SD, discovery_request, gateway_accepts, info_for, model
+from test_proxy import SD, discovery_request, info_for, model
 
+from gateway_rules import gateway_accepts
 from kubepeer.payments.recipient import REDEEM_GAS_L2, RecipientSecret, issue_ticket_params
 from kubepeer.payments.rounds import ChainView
 from kubepeer.proxy import discovery
@@ -94,7 +95,7 @@ def test_discovery_offers_the_group_warm_with_its_summed_capacity_and_highest_pr
 
     request = discovery_request(Account.create(), {27: SD})
     info = discovery.orchestrator_info(
-        request, catalogue, state, transcoder="https://o:8935", recipient=b"\x22" * 20,
+        request, catalogue, state, transcoder="https://o:8935", address=b"\x22" * 20,
         version="0.9.1",
     ).info  # fmt: skip
     assert gateway_accepts(info, 27, SD)
@@ -104,7 +105,7 @@ def test_discovery_offers_the_group_warm_with_its_summed_capacity_and_highest_pr
     assert (info.price_info.price_per_unit, info.price_info.pixels_per_unit) == (5, 1)
     bare = discovery.orchestrator_info(
         discovery_request(Account.create()), catalogue, state, transcoder="https://o:8935",
-        recipient=b"\x22" * 20, version="0.9.1",
+        address=b"\x22" * 20, version="0.9.1",
     ).info  # fmt: skip
     assert [(p.capability, p.constraint, p.price_per_unit) for p in bare.capabilities_prices] == [
         (27, SD, 5)
@@ -137,7 +138,7 @@ def test_discovery_quotes_the_adjusted_price_only_when_asked_to():
 
     def quoted(share):
         info = discovery.orchestrator_info(
-            request, catalogue, state, transcoder="https://o:8935", recipient=b"\x22" * 20,
+            request, catalogue, state, transcoder="https://o:8935", address=b"\x22" * 20,
             version="0.9.1", tx_cost_share=share,
         ).info  # fmt: skip
         return info.price_info.price_per_unit, info.price_info.pixels_per_unit

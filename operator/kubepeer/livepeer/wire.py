@@ -1,4 +1,4 @@
-"""The Livepeer-Payment and Livepeer-Segment headers: base64 of protobuf messages."""
+"""The Livepeer-Payment and Livepeer-Segment headers: base64 of protobuf messages; addresses."""
 
 from __future__ import annotations
 
@@ -12,6 +12,23 @@ from kubepeer.livepeer import net_pb2
 PAYMENT_HEADER = "Livepeer-Payment"
 SEGMENT_HEADER = "Livepeer-Segment"
 AI_WORKER_AUTHORIZATION = "Livepeer-AI-Worker-1.0"
+
+
+# go-livepeer's orchestrator always sends a 20-byte `OrchestratorInfo.address`
+# (server/rpc.go:getOrchestrator `orch.Address().Bytes()`): offchain, the zero address.
+ZERO_ADDRESS = bytes(20)
+
+
+def parse_address(text: str) -> bytes:
+    """'0x' and 40 hex digits -> 20 bytes; a ValueError that quotes the value otherwise."""
+    digits = text.removeprefix("0x").removeprefix("0X")
+    try:
+        raw = bytes.fromhex(digits)
+    except ValueError:
+        raw = b""
+    if len(raw) != 20 or len(digits) != 40:
+        raise ValueError(f"{text!r} is not an Ethereum address (0x and 40 hex digits)")
+    return raw
 
 
 class BadHeader(ValueError):

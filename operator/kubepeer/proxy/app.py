@@ -26,6 +26,7 @@ from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.wire import (
     PAYMENT_HEADER,
     SEGMENT_HEADER,
+    ZERO_ADDRESS,
     BadHeader,
     decode_payment,
     decode_segment,
@@ -108,7 +109,7 @@ class Proxy:
         auth_secret: AuthSecret,
         results: ResultStore,
         billing: Billing | None = None,
-        recipient: bytes = b"",
+        address: bytes = ZERO_ADDRESS,
         waker: Waker | None = None,
         demand: Demand | None = None,
         ready: Callable[[], bool] = lambda: True,
@@ -117,13 +118,15 @@ class Proxy:
     ) -> None:
         if config.payments and billing is None:
             raise ValueError("payments are on but no billing was given")
+        if len(address) != 20:
+            raise ValueError(f"the orchestrator address must be 20 bytes, not {address.hex()!r}")
         self.config = config
         self.catalogue = catalogue
         self.router = router
         self.auth_secret = auth_secret
         self.results = results
         self.billing = billing
-        self.recipient = recipient
+        self.address = address  # OrchestratorInfo.address: the ticket recipient, or zero
         self.waker = waker
         self.demand = demand or Demand()
         self.is_ready = ready
@@ -281,7 +284,7 @@ class Proxy:
             self.catalogue(),
             self.model_state,
             transcoder=self.config.public_url,
-            recipient=self.recipient,
+            address=self.address,
             version=self.config.version,
             tx_cost_share=tx_cost_share,
         )

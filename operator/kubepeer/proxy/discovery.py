@@ -159,16 +159,17 @@ def orchestrator_info(
     state: Callable[[ServedModel], ModelState],
     *,
     transcoder: str,
-    recipient: bytes,
+    address: bytes,
     version: str,
     tx_cost_share: Fraction | None = None,
 ) -> Reply:
-    """`tx_cost_share`: txCost / faceValue of this sender's tickets when AutoAdjustPrice is
+    """`address`: ours, 20 bytes (the ticket recipient, or the zero address offchain).
+    `tx_cost_share`: txCost / faceValue of this sender's tickets when AutoAdjustPrice is
     on (go-livepeer's default), None when it is off (prices quoted exactly)."""
     gateway = go_address(request.address)
     info = net_pb2.OrchestratorInfo(
         transcoder=transcoder,
-        address=recipient,
+        address=address,
         capabilities=capabilities(catalogue, state, version),
     )
     if request.HasField("capabilities"):

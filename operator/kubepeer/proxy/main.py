@@ -16,6 +16,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from kubepeer.controller.labels import TABLE, WOKEN_AT
+from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import JobLog, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
@@ -204,6 +205,18 @@ def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveSe
     )
 
 
+def orchestrator_address(args: ProxyArgs) -> bytes:
+    """OrchestratorInfo.address, always 20 bytes as go-livepeer sends it: the ticket
+    recipient; with payments off, --recipient if given, else the zero address (an empty
+    one matches a go-livepeer gateway's default blocklist, gateway-wire 1.5)."""
+    if not args.recipient:
+        return ZERO_ADDRESS
+    try:
+        return parse_address(args.recipient)
+    except ValueError as exc:
+        raise SystemExit(f"--recipient: {exc}") from None
+
+
 def build(
     args: ProxyArgs, api_client: Any | None = None, job_log: JobLog | None = None
 ) -> tuple[Proxy, Callable[[], Any]]:
@@ -219,11 +232,11 @@ def build(
     router = Router(max_queue=args.max_queue)
     auth_raw = _secret_bytes(args.auth_secret_file)
     billing = None
-    recipient = b""
+    address = orchestrator_address(args)
     if args.payments:
         if not (args.recipient and args.recipient_secret_file):
             raise SystemExit("payments on: --recipient and --recipient-secret-file are required")
-        recipient = bytes.fromhex(args.recipient.removeprefix("0x"))
+        recipient = address
         billing = Billing(
             redis,
             recipient,
@@ -257,7 +270,7 @@ def build(
         auth_secret=AuthSecret(auth_raw) if auth_raw else AuthSecret.generate(),
         results=ResultStore(redis),
         billing=billing,
-        recipient=recipient,
+        address=address,
         waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
         demand=demand,
         ready=lambda: current["endpoints"] and current["models"],
