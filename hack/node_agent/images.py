@@ -5,8 +5,8 @@ it does not know leaves the container waiting with reason ErrImagePull and a mes
 the image, as a kubelet does when a pull fails.
 
 The kubepeer images run what their Dockerfiles install: the package built as a wheel
-(`build_image`, what `uv pip install .` puts in the image) and its console scripts
-`kubepeer` and `kubepeer-runner`, never the source tree on PYTHONPATH. The locked
+(`build_wheel`, then what `uv pip install` of it puts in the image) and its console
+scripts `kubepeer` and `kubepeer-runner`, never the source tree on PYTHONPATH. The locked
 dependencies come from the checkout's .venv (uv.lock, all extras) through a .pth file
 naming the environment's real directory (hack/setup links .venv to a shared one in the
 cache), never a path through the checkout: checkouts come and go, the image stays.
@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +85,31 @@ def build_image(repo: Path, cache: Path, uv: Path) -> Path:
         subprocess.run([str(uv), "venv", "-q", "--python", str(venv_python), str(root)], **run)
         deps = Path(_site_packages(venv_python)).resolve()
         (_purelib(root) / DEPS_PTH).write_text(f"{deps}\n")
-        subprocess.run(
-            [str(uv), "pip", "install", "-q", "--offline", "--no-deps",
-             "--python", str(root / "bin" / "python"), str(repo)],
-            **run,
-        )  # fmt: skip
+        with tempfile.TemporaryDirectory(dir=root.parent) as dist:
+            wheel = build_wheel(repo, Path(dist), uv, cache / "uv-cache")
+            subprocess.run(
+                [str(uv), "pip", "install", "-q", "--offline", "--no-deps",
+                 "--python", str(root / "bin" / "python"), str(wheel)],
+                **run,
+            )  # fmt: skip
         (root / ".complete").touch()
     return root / "bin"
+
+
+def build_wheel(repo: Path, out_dir: Path, uv: Path, uv_cache: Path) -> Path:
+    """The checkout's wheel, built offline by the build backend in its .venv (hatchling is
+    locked in uv.lock, so `make setup` installs it): no build isolation, so nothing is
+    resolved from a package cache that a fresh machine's would lack."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"PATH": "/usr/bin:/bin", "UV_CACHE_DIR": str(uv_cache), "UV_PYTHON_DOWNLOADS": "never"}
+    subprocess.run(
+        [str(uv), "build", "-q", "--wheel", "--offline", "--no-build-isolation",
+         "--python", str(repo / ".venv" / "bin" / "python"), "--out-dir", str(out_dir),
+         str(repo)],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    (wheel,) = out_dir.glob("kubepeer-*.whl")
+    return wheel
 
 
 def _purelib(root: Path) -> Path:

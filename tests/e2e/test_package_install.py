@@ -1,7 +1,11 @@
 """The project installs as a package: `kubepeer` works from a clean environment with only
 the base dependencies, and the control extra gives every control-plane command. Built and
 installed with uv from uv.lock, offline (the uv cache `make setup` filled), outside the
-checkout: nothing on PYTHONPATH."""
+checkout: nothing on PYTHONPATH.
+
+And the guard for every offline step's inputs: a warm package cache on a CI machine once hid
+that `make setup` never fetched the build backend, and a fresh machine could not build the
+node agent's images (so neither `make demo` nor the agent's tests ran there)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CACHE, REPO, free_port
+from node_agent.images import build_image, build_wheel
 from support import wait_for
 
 # The interpreter the checkout's .venv was built on: uv.lock's markers resolve as for it.
@@ -27,8 +32,14 @@ def _uv() -> Path:
     return found[-1]
 
 
-def _install(venv: Path, *extras: str) -> Path:
-    """What the Dockerfiles do: uv.lock's dependencies, then the project as a wheel."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built offline as the node agent's images build it."""
+    return build_wheel(REPO, tmp_path_factory.mktemp("dist"), _uv(), CACHE / "uv-cache")
+
+
+def _install(venv: Path, wheel: Path, *extras: str) -> Path:
+    """What the Dockerfiles do: uv.lock's dependencies, then the project's wheel."""
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(Path.home()),
@@ -42,7 +53,7 @@ def _install(venv: Path, *extras: str) -> Path:
         [uv, "sync", "--offline", "--frozen", "--no-install-project", "-q",
          "--python", PYTHON, "--project", str(REPO), *extra_args],
         [uv, "pip", "install", "--offline", "--no-deps", "-q",
-         "--python", str(venv / "bin" / "python"), str(REPO)],
+         "--python", str(venv / "bin" / "python"), str(wheel)],
     ):  # fmt: skip
         result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
@@ -55,8 +66,8 @@ def _run(bin_dir: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[st
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_kubepeer_runs_with_only_the_base_dependencies(tmp_path):
-    bin_dir = _install(tmp_path / "venv")
+def test_kubepeer_runs_with_only_the_base_dependencies(tmp_path, wheel):
+    bin_dir = _install(tmp_path / "venv", wheel)
     python = bin_dir / "python"
     for heavy in ("redis", "kubernetes", "kopf", "web3", "fastapi", "torch"):
         found = _run(bin_dir, str(python), "-c", f"import {heavy}", cwd=tmp_path)
@@ -86,8 +97,8 @@ def _project_version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
-def test_the_control_extra_gives_every_control_plane_command(tmp_path):
-    bin_dir = _install(tmp_path / "venv", "control")
+def test_the_control_extra_gives_every_control_plane_command(tmp_path, wheel):
+    bin_dir = _install(tmp_path / "venv", wheel, "control")
     for command in ("operator", "proxy", "payments"):
         helped = _run(bin_dir, "kubepeer", command, "--help", cwd=tmp_path)
         assert helped.returncode == 0, helped.stderr
@@ -106,8 +117,8 @@ def test_the_control_extra_gives_every_control_plane_command(tmp_path):
     assert os.path.exists(bin_dir / "kubepeer-runner")  # the runner's entry point is declared
 
 
-def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, tiny_models):
-    bin_dir = _install(tmp_path / "venv", "runner")
+def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, wheel, tiny_models):
+    bin_dir = _install(tmp_path / "venv", wheel, "runner")
     port = free_port()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path),
            "PIPELINE": "text-to-image", "MODEL_ID": "kubepeer-tiny/stable-diffusion",
@@ -130,3 +141,18 @@ def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, tiny_models)
     finally:
         runner.terminate()
         runner.wait(timeout=30)
+
+
+def test_the_offline_builds_need_nothing_from_a_package_cache(tmp_path):
+    """The node agent's local image (and the wheel above) built offline with an EMPTY uv
+    cache: what they need must come from what `make setup` installed (the build backend is
+    locked into .venv), never from whatever an earlier run left in a shared cache. uv's
+    error names any package that is missing."""
+    (tmp_path / "uv-cache").mkdir()
+    try:
+        bin_dir = build_image(REPO, tmp_path, _uv())
+    except subprocess.CalledProcessError as failed:
+        pytest.fail(f"an offline build needs a package make setup did not install:\n"
+                    f"{failed.stderr.decode()}")  # fmt: skip
+    version = _run(bin_dir, "kubepeer", "version", cwd=tmp_path)
+    assert version.stdout.split() == ["kubepeer", _project_version()], version.stderr

@@ -184,11 +184,16 @@ def test_a_built_image_outlives_the_checkout_that_built_it(tmp_path):
     assert uvs, f"no uv under {cache}/tools: run `make setup`"
     work = tmp_path / "cache"
     work.mkdir()
-    (work / "uv-cache").symlink_to(cache / "uv-cache")  # offline: hatchling comes from here
+    (work / "uv-cache").symlink_to(cache / "uv-cache")
     shared = tmp_path / "shared-venv"  # what hack/setup keeps in the cache
     uv = str(uvs[-1])
     subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(shared)], check=True)
-    (next(shared.glob("lib/python*/site-packages")) / "locked_dep.py").write_text("OK = 1\n")
+    site = next(shared.glob("lib/python*/site-packages"))
+    (site / "locked_dep.py").write_text("OK = 1\n")
+    # The build backend, as hack/setup's environment has it (locked in uv.lock).
+    import hatchling
+
+    (site / "build-backend.pth").write_text(f"{Path(hatchling.__file__).parents[1]}\n")
 
     def checkout(name: str) -> Path:
         repo = tmp_path / name
