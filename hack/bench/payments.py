@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ def context(
 ) -> PaymentContext:
     view = ChainView(l1_block=l1_block, current_round=round_number, creation_round=round_number,
                      creation_round_block_hash=round_hash)  # fmt: skip
-    return PaymentContext(recipient, secret, view, issued_prices=lambda _: set())
+    return PaymentContext(recipient, secret, view, issued_prices=lambda _: {Fraction(*PRICE)})
 
 
 def validated(header: str, ctx: PaymentContext) -> ValidPayment:

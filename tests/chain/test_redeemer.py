@@ -302,7 +302,7 @@ def test_every_ticket_the_validator_accepts_the_contract_would_pay(
     )  # fmt: skip
     header = wire.encode(sign_payment(params, gateway.key, sender, [nonce]))
     context = PaymentContext(
-        orchestrator.address, orchestrator.secret, view, issued_prices=lambda _: set()
+        orchestrator.address, orchestrator.secret, view, issued_prices=lambda _: {Fraction(1000)}
     )
     valid = check_payment(header, context)
     assert isinstance(valid, ValidPayment), valid

@@ -172,7 +172,11 @@ def test_params_from_another_secret_are_rejected():
 
 
 def test_a_lie_about_the_price_is_caught():
-    assert rejected(payment(price=(1, 1))).reason == "wrong-recipient-rand"
+    assert rejected(payment(price=(1, 1))).reason == "unknown-price"
+    # Even a price we did offer this sender, claimed on params issued at another one:
+    # recipientRand binds the params to their own price.
+    lie = rejected(payment(price=(1, 1)), offered=(PRICE, Fraction(1)))
+    assert lie.reason == "wrong-recipient-rand"
 
 
 def test_a_price_is_compared_in_lowest_terms():
@@ -215,7 +219,8 @@ def test_shifting_bytes_between_adjacent_fields_is_rejected(left, right):
     )  # fmt: skip
     pay = sign_payment(moved, GATEWAY.key, SENDER, [1], (v["price_num"], v["price_den"]))
     chain = replace(CHAIN, current_round=max(CHAIN.current_round, moved.creation_round))
-    assert isinstance(check(pay, chain=chain), TicketRejected)
+    # The moved price offered too: only recipientRand's binding can refuse it.
+    assert isinstance(check(pay, chain=chain, offered=(PRICE, moved.price)), TicketRejected)
 
 
 def test_the_old_ambiguous_shift_of_expiration_and_price_is_rejected():
@@ -227,7 +232,8 @@ def test_the_old_ambiguous_shift_of_expiration_and_price_is_rejected():
         minimal_bytes(base.expiration_block) + minimal_bytes(4) + minimal_bytes(45057)
     )
     pay = sign_payment(base, GATEWAY.key, SENDER, [1], (4, 45057))
-    assert rejected(pay, chain=chain).reason == "wrong-recipient-rand"
+    offered = (Fraction(1200), Fraction(4, 45057))  # even were both offered to this sender
+    assert rejected(pay, chain=chain, offered=offered).reason == "wrong-recipient-rand"
 
 
 def test_seeds_and_values_with_leading_zeros_round_trip_like_a_go_gateway():
@@ -309,6 +315,18 @@ def test_a_payment_without_tickets_is_accepted_at_an_offered_price():
     assert valid.price == PRICE
     assert rejected(ticketless_payment(SENDER, (1, 1))).reason == "unknown-price"
     assert rejected(ticketless_payment(SENDER, PRICE), offered=()).reason == "unknown-price"
+
+
+def test_tickets_at_a_price_not_offered_for_the_job_credit_nothing():
+    """recipientRand binds the price to params we issued this sender, but not to what the
+    price was quoted for: params from a discovery for nothing (price 0) or for a cheaper
+    model must not pay for this job."""
+    zero = params(price=Fraction(0))
+    outcome = rejected(payment(p=zero, price=Fraction(0)))
+    assert outcome.reason == "unknown-price"
+    assert str(outcome) == "expected price 0 wei/unit was not offered to this sender for this job"
+    assert isinstance(check(payment(p=zero, price=Fraction(0)), offered=(Fraction(0),)),
+                      ValidPayment)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -22,13 +22,15 @@ touches together live in one slot):
                                                 numerator over maxWinProb (2^256 - 1)
     kubepeer:{pm}:nonces:<recipientRandHash>    set of sender nonces seen (at most 600)
     kubepeer:{pm}:tickets:winning               stream of winning tickets, field `ticket`
-    kubepeer:{pm}:prices:<sender>               prices offered to the sender: sorted set of
+    kubepeer:{pm}:prices:<sender>:<cap>_<model> prices offered to the sender for that
+                                                capability and model: sorted set of
                                                 "num/den", scored by when the offer lapses
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
@@ -120,8 +122,8 @@ def nonces_key(recipient_rand_hash: bytes) -> str:
     return f"{PREFIX}:nonces:0x{recipient_rand_hash.hex()}"
 
 
-def prices_key(sender: bytes) -> str:
-    return f"{PREFIX}:prices:0x{sender.hex()}"
+def prices_key(sender: bytes, priced_for: str) -> str:
+    return f"{PREFIX}:prices:0x{sender.hex()}:{priced_for}"
 
 
 def hash_tag(key: str) -> str:
@@ -215,18 +217,24 @@ class Ledger:
         )
         return int(whole or 0) + Fraction(int(fraction or b"0", 16), MAX_WIN_PROB)
 
-    def offer_price(self, sender: bytes, price: Fraction, now: float | None = None) -> None:
-        """Remember that `price` was offered to `sender` (with ticket params, or in
-        discovery), so a payment without tickets may claim it for a while."""
+    def offer_price(self, sender: bytes, price: Fraction, priced_for: Iterable[str],
+                    now: float | None = None) -> None:  # fmt: skip
+        """Remember that `price` was offered to `sender` for each "<cap>_<model>" in
+        `priced_for` (discovery's requested models), so a payment for a job on one of them
+        may claim it for a while. A price quoted for nothing (a discovery without
+        capabilities) is remembered for nothing: it admits no job."""
         now = time.time() if now is None else now
-        key = prices_key(sender)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(key, {f"{price.numerator}/{price.denominator}": now + PRICE_MEMORY_SECONDS})
-        pipe.zremrangebyscore(key, "-inf", now)
-        pipe.expire(key, PRICE_MEMORY_SECONDS)
-        pipe.execute()
+        for key in (prices_key(sender, what) for what in priced_for):
+            pipe.zadd(key, {f"{price.numerator}/{price.denominator}": now + PRICE_MEMORY_SECONDS})
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.expire(key, PRICE_MEMORY_SECONDS)
+        if len(pipe):
+            pipe.execute()
 
-    def offered_prices(self, sender: bytes, now: float | None = None) -> set[Fraction]:
+    def offered_prices(self, sender: bytes, priced_for: str,
+                       now: float | None = None) -> set[Fraction]:  # fmt: skip
+        """The prices offered to `sender` for the capability and model `priced_for`."""
         now = time.time() if now is None else now
-        members = self.redis.zrangebyscore(prices_key(sender), now, "+inf")
+        members = self.redis.zrangebyscore(prices_key(sender, priced_for), now, "+inf")
         return {Fraction(m.decode()) for m in members}

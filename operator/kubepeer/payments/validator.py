@@ -73,8 +73,11 @@ class PaymentContext:
     recipient: bytes  # our address, 20 bytes
     secret: RecipientSecret
     chain: ChainView
-    # Prices we issued to this sender recently, in lowest terms: a payment without tickets
-    # has no recipientRand to bind its claimed price, so the claim is checked against these.
+    # Prices we offered this sender recently for the job's own capability and model, in
+    # lowest terms. A payment's claimed price must be one of them: without tickets nothing
+    # else binds the claim, and with tickets recipientRand binds it to params we issued to
+    # this sender, but not to what they were quoted for (a discovery for no model, or for
+    # a cheaper one, would otherwise price this job).
     issued_prices: Callable[[bytes], Collection[Fraction]]
     # The TicketBroker's view of the sender (None: not known yet, skip the check).
     sender_info: Callable[[bytes], SenderInfo | None] = _no_sender_info
@@ -127,12 +130,13 @@ def validate_payment(payment: net_pb2.Payment, context: PaymentContext) -> Valid
             "bad-sender", f"sender must be a non-zero 20-byte address, got 0x{sender.hex()}"
         )
     price = _price(payment.expected_price)
+    if price not in context.issued_prices(sender):
+        raise TicketRejected(
+            "unknown-price",
+            f"expected price {price} wei/unit was not offered to this sender for this job",
+        )
     if not payment.ticket_sender_params:
         # What a gateway sends while its credit with us covers the fee (gateway-wire 2.1).
-        if price not in context.issued_prices(sender):
-            raise TicketRejected(
-                "unknown-price", f"expected price {price} wei/unit was not offered to this sender"
-            )
         return ValidPayment(sender=sender, price=price)
 
     chain = context.chain

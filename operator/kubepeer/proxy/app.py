@@ -289,7 +289,8 @@ class Proxy:
             tx_cost_share=tx_cost_share,
         )
         if self.billing is not None:
-            params = self.billing.ticket_params(go_address(request.address), reply.price)
+            params = self.billing.ticket_params(go_address(request.address), reply.price,
+                                                reply.priced_for)  # fmt: skip
             reply.info.ticket_params.CopyFrom(params)
         return reply
 

@@ -298,7 +298,9 @@ class BatchJob:
         if self.payment is not None and self.proxy.billing is not None:
             try:
                 manifest = manifest_id(model.capability, model.model_id)
-                self.paid = (self.proxy.billing.admit(self.payment, manifest), manifest)
+                priced = model.charges(self.payment.sender)
+                paid = self.proxy.billing.admit(self.payment, manifest, manifest, priced=priced)
+                self.paid = (paid, manifest)
             except PaymentRefused as exc:
                 raise JobRefused(exc.status, str(exc)) from None
         self.outcome.model_label = model.aimodel

@@ -10,12 +10,13 @@ chain watcher's view of the chain (`load_view`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fractions import Fraction
 
 from redis import Redis
 
 from kubepeer.livepeer import net_pb2
-from kubepeer.payments.ledger import Ledger
+from kubepeer.payments.ledger import Ledger, manifest_id
 from kubepeer.payments.recipient import (
     DEFAULT_TICKET_EV,
     EV_MULTIPLIER,
@@ -80,7 +81,10 @@ class Billing:
         return view
 
     # -- discovery -------------------------------------------------------------------
-    def ticket_params(self, sender: bytes, price: tuple[int, int]) -> net_pb2.TicketParams:
+    def ticket_params(
+        self, sender: bytes, price: tuple[int, int], priced_for: Iterable[tuple[int, str]]
+    ) -> net_pb2.TicketParams:
+        """Params at `price`, the price offered for each (capability, model) of `priced_for`."""
         try:
             params = issue_ticket_params(
                 self.secret, self.recipient, sender, self.chain(),
@@ -89,7 +93,8 @@ class Billing:
             )  # fmt: skip
         except InsufficientSenderReserve as exc:
             raise PaymentRefused(str(exc)) from None
-        self.ledger.offer_price(sender, as_price(price))
+        offered = [manifest_id(cap, model) for cap, model in priced_for]
+        self.ledger.offer_price(sender, as_price(price), offered)
         return ticket_params_message(params)
 
     def tx_cost_share(self) -> Fraction:
@@ -103,27 +108,35 @@ class Billing:
         return Fraction(REDEEM_GAS_L2 * self.gas_price, face)
 
     # -- a job -------------------------------------------------------------------------
-    def _context(self) -> PaymentContext:
+    def _context(self, priced_for: str) -> PaymentContext:
         return PaymentContext(
             recipient=self.recipient,
             secret=self.secret,
             chain=self.chain(),
-            issued_prices=self.ledger.offered_prices,
+            issued_prices=lambda sender: self.ledger.offered_prices(sender, priced_for),
         )
 
-    def admit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
-        """ProcessPayment and the balance check (gateway-wire 2.2 steps 5 and 6)."""
+    def admit(
+        self, payment: net_pb2.Payment, manifest: str, priced_for: str, *, priced: bool
+    ) -> ValidPayment:
+        """ProcessPayment and the balance check (gateway-wire 2.2 steps 5 and 6) for a job on
+        the capability and model `priced_for` ("<cap>_<model>"): the claimed price must be
+        one we offered this sender for it, and never zero while the model is `priced`."""
         try:
-            valid = validate_payment(payment, self._context())
+            valid = validate_payment(payment, self._context(priced_for))
+            if priced and valid.price == 0:
+                raise TicketRejected(
+                    "unknown-price", f"expected price 0 wei/unit is not the price of {priced_for}"
+                )
             self.ledger.admit(valid, manifest, self.ticket_ev)
         except TicketRejected as exc:
             raise PaymentRefused(str(exc), exc.status) from None
         return valid
 
-    def credit(self, payment: net_pb2.Payment, manifest: str) -> ValidPayment:
+    def credit(self, payment: net_pb2.Payment, manifest: str, priced_for: str) -> ValidPayment:
         """ProcessPayment alone: a live stream's interval payment (`POST /payment`)."""
         try:
-            valid = validate_payment(payment, self._context())
+            valid = validate_payment(payment, self._context(priced_for))
             self.ledger.credit(valid, manifest)
         except TicketRejected as exc:
             raise PaymentRefused(str(exc), exc.status) from None

@@ -63,6 +63,10 @@ class ServedModel:
     def capability(self) -> int:
         return self.pipeline.capability
 
+    def charges(self, gateway: bytes) -> bool:
+        """Whether this model's jobs cost `gateway` anything: then a zero price pays none."""
+        return self.price is not None and self.price.for_gateway(gateway) > 0
+
 
 @dataclass(frozen=True)
 class Catalogue:

@@ -151,6 +151,9 @@ class Reply:
 
     info: net_pb2.OrchestratorInfo
     price: tuple[int, int]  # the price quoted, for the ticket params and the issued record
+    # The served (capability, model id) pairs the price was quoted for: a payment at this
+    # price pays for a job on one of them, and on nothing else.
+    priced_for: tuple[tuple[int, str], ...] = ()
 
 
 def orchestrator_info(
@@ -172,11 +175,14 @@ def orchestrator_info(
         address=address,
         capabilities=capabilities(catalogue, state, version),
     )
+    priced_for: tuple[tuple[int, str], ...] = ()
     if request.HasField("capabilities"):
         wei = price_for(catalogue, gateway, request, state)
         if tx_cost_share is not None:
             wei = auto_adjusted(wei, tx_cost_share)
         price = price_message(wei)
+        offered = {(m.capability, m.model_id) for m in served(catalogue)}
+        priced_for = tuple(key for key in requested_models(request) if key in offered)
     else:
         price = price_message(Fraction(0))  # the transcoding base price: we transcode nothing
         info.capabilities_prices.extend(capabilities_prices(catalogue, gateway, state))
@@ -187,7 +193,8 @@ def orchestrator_info(
                 net_pb2.HardwareInformation(pipeline=pipeline.value, model_id=model_id)
             )
     info.price_info.CopyFrom(price)
-    return Reply(info=info, price=(price.price_per_unit, price.pixels_per_unit))
+    return Reply(info=info, price=(price.price_per_unit, price.pixels_per_unit),
+                 priced_for=priced_for)  # fmt: skip
 
 
 def compatible(requested: net_pb2.Capabilities, ours: net_pb2.Capabilities) -> bool:

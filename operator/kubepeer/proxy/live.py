@@ -42,6 +42,7 @@ from kubepeer.livepeer.wire import (
     decode_payment,
     decode_segment,
 )
+from kubepeer.payments.ledger import manifest_id
 from kubepeer.proxy import discovery, metrics
 from kubepeer.proxy.billing import PaymentRefused
 from kubepeer.proxy.catalogue import ServedModel
@@ -467,7 +468,10 @@ async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]
         sender, price = None, Fraction(0)
         if payment is not None and proxy.billing is not None:
             try:
-                valid = proxy.billing.admit(payment, mid)  # ProcessPayment, balance
+                valid = proxy.billing.admit(  # ProcessPayment, balance
+                    payment, mid, manifest_id(model.capability, model.model_id),
+                    priced=model.charges(payment.sender),
+                )  # fmt: skip
             except PaymentRefused as exc:
                 raise JobRefused(exc.status, str(exc)) from None
             sender, price = valid.sender, valid.price
@@ -533,8 +537,13 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
         return PlainTextResponse("Internal Server Error\n", 500)
     reply.info.auth_token.CopyFrom(seg.auth_token)
     if proxy.billing is not None:
+        # Priced for the stream's model, as the segment names it (the price only matters
+        # to a payment without tickets, which credits nothing here).
+        priced_for = next(iter(reply.priced_for), (LIVE.capability, ""))
         try:
-            proxy.billing.credit(payment, seg.manifest_id.decode(errors="replace"))
+            proxy.billing.credit(
+                payment, seg.manifest_id.decode(errors="replace"), manifest_id(*priced_for)
+            )
         except PaymentRefused as exc:
             return PlainTextResponse(f"{exc}\n", 400)
     return Response(payment_result(reply.info), media_type="application/octet-stream")

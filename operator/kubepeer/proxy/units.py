@@ -39,7 +39,8 @@ def image_pixels(data: Any) -> int:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        # A header claiming more pixels than PIL will ever decode is no image to bill.
         raise UnitsError(f"Unable to decode image: {exc}") from None
     return width * height
 
