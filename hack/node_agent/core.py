@@ -8,7 +8,7 @@ the API server) live in the other modules of this package.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,15 @@ def mount_table(container: Mapping[str, Any], volume_dirs: Mapping[str, str]) ->
             host = f"{host.rstrip('/')}/{sub}"
         table[mount["mountPath"].rstrip("/") or "/"] = host
     return table
+
+
+def container_argv(argv: Sequence[str], from_image: int, env: Mapping[str, str],
+                   mounts: Mapping[str, str]) -> list[str]:  # fmt: skip
+    """What runs: the first `from_image` words are the image's entrypoint, a path on this
+    host that stays as it is (a cache under /tmp is not the pod's /tmp); the pod spec's own
+    words get $(VAR) expansion, as a kubelet does, and then the mount rewriting."""
+    spec_words = [rewrite_path(expand(word, env), mounts) for word in argv[from_image:]]
+    return [*argv[:from_image], *spec_words]
 
 
 def rewrite_path(value: str, table: Mapping[str, str]) -> str:

@@ -32,14 +32,14 @@ from node_agent.core import (
     ProbeSpec,
     ProbeState,
     backoff_seconds,
-    expand,
+    container_argv,
     mount_table,
     pod_status,
     resolve_env,
     rewrite_path,
     should_restart,
 )
-from node_agent.images import LocalImage, command_for
+from node_agent.images import LocalImage, command_for, image_repository
 from node_agent.volumes import materialise
 
 log = logging.getLogger("node-agent")
@@ -288,8 +288,12 @@ class PodWorker(threading.Thread):
             "KUBEPEER_MOUNTS": json.dumps(mounts),
         }
         full_env.update({k: rewrite_path(v, mounts) for k, v in env.items()})
-        # As a kubelet does: $(VAR) in command and args from the container's env.
-        argv = [rewrite_path(expand(a, env), mounts) for a in argv]
+        from_image = (
+            0
+            if spec.get("command")
+            else len(self.settings.images[image_repository(spec["image"])].entrypoint)
+        )
+        argv = container_argv(argv, from_image, env, mounts)
         if SA_DIR in mounts and self.settings.cluster_dns:
             argv = self._in_cluster(argv, mounts[SA_DIR], full_env)
         workdir = rewrite_path(spec.get("workingDir", ""), mounts) or str(self.dir)

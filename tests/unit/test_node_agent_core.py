@@ -18,6 +18,7 @@ from node_agent.core import (
     ProbeSpec,
     ProbeState,
     backoff_seconds,
+    container_argv,
     expand,
     mount_table,
     pod_phase,
@@ -172,6 +173,19 @@ def test_images_map_by_repository_name_and_unmapped_is_none(tmp_path):
     argv, _ = command_for(table, "python:3.12", ["python", "-c", "print(1)"], None)
     assert argv == ["python", "-c", "print(1)"]
     assert command_for(table, "nginx:latest", None, None) is None
+
+
+def test_the_images_own_entrypoint_is_never_taken_for_a_container_path():
+    """A cache under /tmp (KUBEPEER_CACHE=/tmp/...) put the image's binary under a pod's
+    /tmp emptyDir mount, and the agent ran a path inside the volume: `not found`."""
+    mounts = {"/tmp": "/var/pods/p1/volumes/tmp", "/etc/cfg": "/var/pods/p1/volumes/cfg"}
+    argv = ["/tmp/cache/images/k/bin/kubepeer", "payments", "--config", "/etc/cfg/$(NAME)"]
+    assert container_argv(argv, 1, {"NAME": "a.yaml"}, mounts) == [
+        "/tmp/cache/images/k/bin/kubepeer", "payments",
+        "--config", "/var/pods/p1/volumes/cfg/a.yaml",
+    ]  # fmt: skip
+    # A pod's own command is the container's: rewritten like any other word.
+    assert container_argv(["/tmp/run.sh"], 0, {}, mounts) == ["/var/pods/p1/volumes/tmp/run.sh"]
 
 
 def test_a_built_image_outlives_the_checkout_that_built_it(tmp_path):
