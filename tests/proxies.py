@@ -25,6 +25,8 @@ import httpx
 from conftest import REPO, RedisServer, free_port
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.sender import SenderInfo
+from kubepeer.payments.senders import SenderWatch
 from kubepeer.payments.watcher import save_view
 from support import wait_for
 
@@ -220,16 +222,20 @@ def go_get_orchestrator(proxy: ProxyServer, request: net_pb2.OrchestratorRequest
 
 class FreshChainView:
     """A fixed chain view kept fresh in Redis, standing in for the payments process's chain
-    watcher (which needs the dev chain's contracts; not started by these tests)."""
+    watcher (which needs the dev chain's contracts; not started by these tests); and the
+    payments process's real sender watch, answering every sender as well funded in place of
+    the broker (tests/chain/test_sender_funds.py runs it against the dev chain)."""
 
     VIEW = ChainView(l1_block=5_000, current_round=10, creation_round=10,
                      creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
+    FUNDED = SenderInfo(deposit=10**21, withdraw_round=0, reserve=10**21, reserve_alloc=10**20)
 
     def __init__(self, redis) -> None:
         self.redis = redis
         self.stop = threading.Event()
         save_view(redis, self.VIEW)
         threading.Thread(target=self._keep, daemon=True).start()
+        SenderWatch(redis, lambda _: self.FUNDED, stop=self.stop).start()
 
     def _keep(self) -> None:
         while not self.stop.wait(5):

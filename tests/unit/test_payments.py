@@ -30,7 +30,7 @@ from kubepeer.payments.recipient import (
 )
 from kubepeer.payments.redeemer import Fees, bumped, fees_for, redemptions_in, revert_is_retryable
 from kubepeer.payments.rounds import ChainView
-from kubepeer.payments.sender import SenderInfo
+from kubepeer.payments.sender import SenderInfo, max_float
 from kubepeer.payments.ticket import (
     MAX_WIN_PROB,
     SECP256K1_N,
@@ -332,7 +332,11 @@ def test_tickets_at_a_price_not_offered_for_the_job_credit_nothing():
 @pytest.mark.parametrize(
     ("info", "why"),
     [
-        (SenderInfo(deposit=10**18, withdraw_round=9, reserve=10**18), "unlocking"),
+        # CHAIN's last initialized round is 7: an unlock ending by round 8 is "soon".
+        (
+            SenderInfo(deposit=10**18, withdraw_round=8, reserve=10**18),
+            f"deposit and reserve for sender {GATEWAY.address} is set to unlock soon",
+        ),
         (SenderInfo(deposit=10**18, withdraw_round=0, reserve=0), "no reserve"),
         (SenderInfo(deposit=0, withdraw_round=0, reserve=10**18), "no deposit"),
         (SenderInfo(deposit=1, withdraw_round=0, reserve=10**18), "exceeds"),
@@ -342,6 +346,27 @@ def test_a_sender_without_funds_is_rejected(info, why):
     outcome = rejected(payment(), info=info)
     assert outcome.reason == "sender-unfit"
     assert why in str(outcome)
+
+
+def test_a_sender_whose_unlock_ends_after_the_next_round_still_pays():
+    """go-livepeer's ValidateSender: only withdrawRound <= lastInitializedRound + 1 refuses."""
+    info = SenderInfo(deposit=10**18, withdraw_round=9, reserve=10**18)
+    assert isinstance(check(payment(), info=info), ValidPayment)
+
+
+@pytest.mark.parametrize(
+    ("alloc", "deposit", "pending", "expected"),
+    [(10**15, 10**18, 0, 10**15),  # the reserve allocation
+     (10**15, 10**18, 10**14, 10**15),  # the deposit covers pending winners 3x: ignored
+     (10**15, 2 * 10**14, 10**14, 9 * 10**14),  # it does not: subtracted
+     (0, 10**18, 0, 0),  # not active, or no reserve: nothing
+     (10**14, 10**14, 2 * 10**14, 0)],  # never below zero
+)  # fmt: skip
+def test_max_float_is_the_reserve_allocation_less_pending_as_go_livepeer(
+    alloc, deposit, pending, expected
+):
+    info = SenderInfo(deposit=deposit, withdraw_round=0, reserve=10**18, reserve_alloc=alloc)
+    assert max_float(info, pending) == expected
 
 
 def test_undecodable_headers_are_402():

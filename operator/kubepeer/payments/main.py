@@ -35,6 +35,7 @@ from kubepeer.payments.redeemer import (
     RedeemerSettings,
 )
 from kubepeer.payments.reward import RewardCaller
+from kubepeer.payments.senders import SenderWatch
 from kubepeer.payments.watcher import ChainWatcher, contract_address
 
 log = logging.getLogger("kubepeer.payments")
@@ -161,6 +162,12 @@ def _run(config: PaymentsConfig, rpc_url: str) -> int:
         keeper.start()
     may_send = keeper.held if keeper else (lambda: True)
     watcher = ChainWatcher(w3, controller, account.address, arbitrum=arbitrum)
+    if not config.once:  # senders' deposits and reserves for every proxy replica
+        SenderWatch(
+            Redis.from_url(config.redis_url, socket_timeout=30),
+            ChainWatcher(Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30})),
+                         controller, account.address, arbitrum=arbitrum).sender_info,
+        ).start()  # fmt: skip
     broker = contract_address(w3, controller, "TicketBroker")
     settings = RedeemerSettings(
         consumer=config.consumer,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from eth_utils import to_checksum_address
 from google.protobuf.message import DecodeError
 
 from kubepeer.livepeer import net_pb2, wire
@@ -79,7 +80,8 @@ class PaymentContext:
     # this sender, but not to what they were quoted for (a discovery for no model, or for
     # a cheaper one, would otherwise price this job).
     issued_prices: Callable[[bytes], Collection[Fraction]]
-    # The TicketBroker's view of the sender (None: not known yet, skip the check).
+    # The TicketBroker's view of the sender (None: skip the check; the proxy's Billing
+    # raises TicketRejected instead when the chain watcher has not read it).
     sender_info: Callable[[bytes], SenderInfo | None] = _no_sender_info
 
 
@@ -186,7 +188,7 @@ def validate_payment(payment: net_pb2.Payment, context: PaymentContext) -> Valid
     info = context.sender_info(sender)
     if info is not None:
         try:
-            check_sender(info, face_value)
+            check_sender(info, face_value, chain.creation_round, to_checksum_address(sender))
         except SenderUnfit as exc:
             raise TicketRejected("sender-unfit", str(exc)) from None
 

@@ -5,7 +5,8 @@ its blocks: `eth_blockNumber` there is the L2 block, which runs ~40x faster, whi
 expiration blocks and rounds count L1 blocks), the RoundsManager's current round, whether it
 is initialized, the last initialized round and its block hash, and whether our address is
 in the BondingManager's active set, and the gas price ticket face values must cover. It
-writes that `ChainView` to Redis, where the proxy replicas and the redeemer read it.
+writes that `ChainView` to Redis, where the proxy replicas and the redeemer read it. It also
+reads senders' deposits and reserves when asked (`sender_info`, served by senders.py).
 Contracts are found through the Controller, as Livepeer's own contracts find each other.
 """
 
@@ -20,9 +21,15 @@ from typing import TYPE_CHECKING
 from eth_utils import keccak
 from web3 import Web3
 
-from kubepeer.livepeer.broker import BONDING_MANAGER_ABI, CONTROLLER_ABI, ROUNDS_MANAGER_ABI
+from kubepeer.livepeer.broker import (
+    BONDING_MANAGER_ABI,
+    CONTROLLER_ABI,
+    ROUNDS_MANAGER_ABI,
+    TICKET_BROKER_ABI,
+)
 from kubepeer.payments.ledger import PREFIX
 from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.sender import SenderInfo
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -47,6 +54,9 @@ class ChainWatcher:
         )
         self.bonding = w3.eth.contract(
             address=contract_address(w3, controller, "BondingManager"), abi=BONDING_MANAGER_ABI
+        )
+        self.broker = w3.eth.contract(
+            address=contract_address(w3, controller, "TicketBroker"), abi=TICKET_BROKER_ABI
         )
 
     def l1_block(self) -> int:
@@ -76,6 +86,15 @@ class ChainWatcher:
             active=self.bonding.functions.isActiveTranscoder(self.recipient).call(),
             gas_price=self.w3.eth.gas_price,
         )
+
+    def sender_info(self, sender: bytes) -> SenderInfo:
+        """What the broker says of `sender`, and our allocation of its reserve."""
+        address = Web3.to_checksum_address(sender)
+        broker = self.broker.functions
+        (deposit, withdraw_round), (funds, _) = broker.getSenderInfo(address).call()
+        alloc = broker.claimableReserve(address, self.recipient).call()
+        return SenderInfo(deposit=deposit, withdraw_round=withdraw_round, reserve=funds,
+                          reserve_alloc=alloc)  # fmt: skip
 
     def publish(self, redis: Redis) -> ChainView:
         view = self.read()

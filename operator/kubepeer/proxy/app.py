@@ -264,6 +264,8 @@ class Proxy:
             metrics.DISCOVERY.labels("capped").inc()
             raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, discovery.ORCHESTRATOR_CAPPED)
         try:
+            if self.billing is not None:
+                await self.billing.know_sender(go_address(request.address))
             reply = self.offer(request)
         except PaymentRefused as exc:
             metrics.DISCOVERY.labels("no-ticket-params").inc()

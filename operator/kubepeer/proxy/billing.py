@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from fractions import Fraction
 
+from eth_utils import to_checksum_address
 from redis import Redis
 
 from kubepeer.livepeer import net_pb2
@@ -29,6 +30,9 @@ from kubepeer.payments.recipient import (
     ticket_params_message,
 )
 from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.sender import SenderInfo, max_float
+from kubepeer.payments.senders import await_facts, load_facts
+from kubepeer.payments.senders import request as request_facts
 from kubepeer.payments.validator import (
     PaymentContext,
     TicketRejected,
@@ -38,6 +42,12 @@ from kubepeer.payments.validator import (
 from kubepeer.payments.watcher import load_view
 
 ARBITRUM_GAS_PRICE = 10**7  # wei (0.01 gwei): what a winning ticket's redemption is sized for
+
+
+def _unknown_sender(sender: bytes) -> str:
+    """go-livepeer's words when it cannot read a sender (pm/sendermonitor.go)."""
+    return (f"could not get sender info for {to_checksum_address(sender)}: the payments "
+            "process has not read it from the TicketBroker")  # fmt: skip
 
 
 class PaymentRefused(ValueError):
@@ -64,6 +74,7 @@ class Billing:
         gas_price: int = ARBITRUM_GAS_PRICE,
         evs_per_win: int = EV_MULTIPLIER,
         chain_max_age: float = 60.0,
+        sender_wait: float = 3.0,
     ) -> None:
         self.redis = redis
         self.recipient = recipient
@@ -72,6 +83,7 @@ class Billing:
         self.gas_price = gas_price
         self.evs_per_win = evs_per_win
         self.chain_max_age = chain_max_age
+        self.sender_wait = sender_wait  # seconds discovery waits for a new sender's facts
         self.ledger = Ledger(redis)
 
     def chain(self) -> ChainView:
@@ -80,16 +92,37 @@ class Billing:
             raise PaymentRefused("no recent view of the chain: the chain watcher has stalled")
         return view
 
+    # -- senders -----------------------------------------------------------------------
+    async def know_sender(self, sender: bytes) -> None:
+        """Before discovery answers a sender: its deposit and reserve as the payments
+        process read them from the broker, asked for and awaited when not cached."""
+        if await await_facts(self.redis, sender, self.sender_wait) is None:
+            raise PaymentRefused(_unknown_sender(sender))
+
+    def sender_facts(self, sender: bytes) -> SenderInfo:
+        """The cached facts (never a chain read per job); refused when there are none."""
+        info = load_facts(self.redis, sender)
+        if info is None:
+            request_facts(self.redis, sender)
+            raise TicketRejected("sender-unknown", _unknown_sender(sender))
+        return info
+
     # -- discovery -------------------------------------------------------------------
     def ticket_params(
         self, sender: bytes, price: tuple[int, int], priced_for: Iterable[tuple[int, str]]
     ) -> net_pb2.TicketParams:
-        """Params at `price`, the price offered for each (capability, model) of `priced_for`."""
+        """Params at `price`, the price offered for each (capability, model) of `priced_for`,
+        their face value capped by the sender's max float as go-livepeer caps it (a sender
+        with no reserve for us gets "insufficient sender reserve")."""
+        try:
+            info = self.sender_facts(sender)
+        except TicketRejected as exc:
+            raise PaymentRefused(str(exc)) from None
         try:
             params = issue_ticket_params(
                 self.secret, self.recipient, sender, self.chain(),
                 gas_price=self.gas_price, price=price, ev=self.ticket_ev,
-                evs_per_win=self.evs_per_win,
+                evs_per_win=self.evs_per_win, max_float=max_float(info),
             )  # fmt: skip
         except InsufficientSenderReserve as exc:
             raise PaymentRefused(str(exc)) from None
@@ -99,8 +132,10 @@ class Billing:
 
     def tx_cost_share(self) -> Fraction:
         """1/txCostMultiplier for AutoAdjustPrice: what redeeming a winning ticket costs
-        (redeemGas x gas price) over the face value our params carry. Same for every
-        sender: we never lower the face value to a sender's max float."""
+        (redeemGas x gas price) over the face value our params carry when the sender's
+        max float does not lower it. The same for every sender: for one whose reserve
+        allocation lowers its face value the share is understated (go-livepeer's is per
+        sender), which only errs toward the configured price."""
         try:
             face = face_value_for(self.gas_price, self.ticket_ev, evs_per_win=self.evs_per_win)
         except InsufficientSenderReserve as exc:
@@ -114,6 +149,7 @@ class Billing:
             secret=self.secret,
             chain=self.chain(),
             issued_prices=lambda sender: self.ledger.offered_prices(sender, priced_for),
+            sender_info=self.sender_facts,
         )
 
     def admit(

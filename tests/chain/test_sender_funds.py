@@ -1,0 +1,106 @@
+"""Senders judged by what the TicketBroker holds for them, as go-livepeer's orchestrator judges
+them (pm/sendermonitor.go, pm/recipient.go), on real servers: the dev chain, the payments
+process (its sender watch reads the broker), real Redis and a real proxy process.
+
+- a sender with no reserve gets no ticket params: "insufficient sender reserve";
+- a sender's face value is capped by our allocation of its reserve (its max float);
+- a sender whose deposit and reserve unlock by the round after the last initialized one has
+  its tickets refused: "deposit and reserve for sender ... is set to unlock soon".
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from web3 import Web3
+
+from devchain import ETH
+from gateway_sim import Gateway
+from kubepeer.payments.ledger import balance_key
+from paying import payments_process
+from proxies import SD, models_json, start_proxy, stop_proxy
+from support import wait_for
+
+pytestmark = [pytest.mark.chain, pytest.mark.redis]
+pytest_plugins = ["paying"]
+
+T2I = {"prompt": "a cat", "height": 32, "width": 32, "model_id": SD}
+
+
+@pytest.fixture
+def stack(chain, orchestrator, redis_server, tmp_path) -> Iterator:
+    """The payments process (chain watcher, sender watch) and a proxy paid to our address,
+    its one runner endpoint a closed port: every case here ends before a runner call."""
+    chain.start_round(chain.current_round() or 1)
+    command, env = payments_process(chain, orchestrator)
+    log = (tmp_path / "payments.log").open("wb")
+    payments = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proxy = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
+                        endpoints={"runner-fleet": ["http://127.0.0.1:9"]},
+                        recipient=orchestrator.address)  # fmt: skip
+    try:
+        yield proxy
+    finally:
+        stop_proxy(proxy)
+        payments.terminate()
+        payments.wait(timeout=30)
+
+
+def discover(proxy, gateway: Gateway):
+    return gateway.discover(proxy, 27, SD)
+
+
+def refused_discovery(proxy, gateway: Gateway) -> str:
+    with pytest.raises(grpc.RpcError) as refused:
+        discover(proxy, gateway)
+    assert refused.value.code() == grpc.StatusCode.UNKNOWN
+    return refused.value.details()
+
+
+def test_a_sender_with_nothing_on_the_broker_gets_no_ticket_params(stack, chain, redis_server):
+    unfunded = Gateway()
+    assert refused_discovery(stack, unfunded).startswith("insufficient sender reserve")
+    no_reserve = Gateway(chain.new_account(2 * ETH))
+    chain.fund_sender(no_reserve.account, deposit=ETH, reserve=0)
+    assert refused_discovery(stack, no_reserve).startswith("insufficient sender reserve")
+    # Nothing was offered, so nothing can be paid or credited.
+    for gateway in (unfunded, no_reserve):
+        assert redis_server.client().get(balance_key(gateway.address, f"27_{SD}")) is None
+
+
+def test_the_face_value_is_capped_by_our_share_of_the_senders_reserve(stack, chain, orchestrator):
+    small = Gateway(chain.new_account(2 * ETH))
+    chain.fund_sender(small.account, deposit=ETH, reserve=ETH // 1000)
+    rich = Gateway(chain.new_account(20 * ETH))
+    chain.fund_sender(rich.account, deposit=5 * ETH, reserve=5 * ETH)
+    broker = chain.broker.functions
+    us = orchestrator.account.address
+    alloc = broker.claimableReserve(small.account.address, us).call()
+    default_face = int.from_bytes(discover(stack, rich).ticket_params.face_value, "big")
+    assert alloc < default_face, "the small reserve must be below the default face value"
+    face = int.from_bytes(discover(stack, small).ticket_params.face_value, "big")
+    assert face == alloc  # go-livepeer: faceValue = min(default, maxFloat)
+
+
+def test_tickets_from_a_sender_about_to_unlock_are_refused(stack, chain, redis_server):
+    leaving = Gateway(chain.new_account(20 * ETH))
+    chain.fund_sender(leaving.account, deposit=5 * ETH, reserve=5 * ETH)
+    chain.transact(leaving.account, chain.broker.functions.unlock())
+    # Its unlock ends two rounds on; one round later it ends by the round after this one.
+    now = chain.current_round()
+    chain.start_round(now + 1)
+    info = wait_for(
+        lambda: (i := discover(stack, leaving)).ticket_params.expiration_params.creation_round
+        == now + 1 and i, timeout=30, what="params from the next round",
+    )  # fmt: skip
+    with stack.http() as client:
+        response = client.post("/text-to-image", json=T2I,
+                               headers=leaving.headers(info, 27, SD, tickets=3))  # fmt: skip
+    checksummed = Web3.to_checksum_address(leaving.address)
+    assert (response.status_code, response.text) == (
+        400, f"deposit and reserve for sender {checksummed} is set to unlock soon\n"
+    )  # fmt: skip
+    assert redis_server.client().get(balance_key(leaving.address, f"27_{SD}")) is None
