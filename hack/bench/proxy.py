@@ -62,6 +62,8 @@ from redis import Redis  # noqa: E402
 
 from kubepeer.livepeer import net_pb2  # noqa: E402
 from kubepeer.payments.rounds import ChainView  # noqa: E402
+from kubepeer.payments.sender import SenderInfo  # noqa: E402
+from kubepeer.payments.senders import SenderWatch  # noqa: E402
 from kubepeer.payments.watcher import save_view  # noqa: E402
 from kubepeer.proxy.main import ProxyArgs, build  # noqa: E402
 from kubepeer.proxy.server import SERVERS, self_signed  # noqa: E402
@@ -197,6 +199,7 @@ http {{
 """
 CHAIN = ChainView(l1_block=5_000, current_round=10, creation_round=10,
                   creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
+FUNDED = SenderInfo(deposit=10**21, withdraw_round=0, reserve=10**21, reserve_alloc=10**20)
 
 
 def free_port() -> int:
@@ -603,6 +606,8 @@ def main() -> int:
         for (_, mode), port in [*ports.items(), (("paid", "tls"), paid_port)]:
             wait_up(f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/healthz")
         save_view(Redis.from_url(redis_url), CHAIN)
+        # The payments process's sender watch, answering every gateway as well funded.
+        SenderWatch(Redis.from_url(redis_url), lambda _: FUNDED).start()
         time.sleep(1.5)  # the endpoint file is read within a second of start
         auth = {"Authorization": "Bearer bench"}
         targets: dict[str, tuple[str, dict[str, str]]] = {
