@@ -184,6 +184,7 @@ def _proxy(args: argparse.Namespace) -> int:
             version=args.livepeer_version,
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
+            redis_timeout=args.redis_timeout,
             gas_price=args.gas_price,
             evs_per_win=args.evs_per_win,
             server=args.server,
@@ -374,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--demand-ttl", type=float, default=60.0,
         help="seconds a demand record outlives this proxy's last heartbeat",
+    )  # fmt: skip
+    px.add_argument(
+        "--redis-timeout", type=float, default=2.0,
+        help="seconds a Redis command may take before the job or discovery is refused "
+        "(503, gRPC UNAVAILABLE) rather than held",
     )  # fmt: skip
     px.add_argument(
         "--trickle-url-for-runner",

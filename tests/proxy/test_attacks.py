@@ -5,17 +5,23 @@ worked; keep them green.
 - free jobs: a price quoted for nothing (or for another model) paying for a priced job;
 - senders with no money on the TicketBroker;
 - a decompression bomb in the billing size check;
+- Redis stopped: discovery UNAVAILABLE, jobs 503, readiness down, health up.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 from PIL import Image
 
+from conftest import RedisServer, _pings, free_port
 from gateway_sim import Gateway
 from kubepeer.payments.ledger import balance_key
 from proxies import (
@@ -30,6 +36,7 @@ from proxies import (
     stop,
     stop_proxy,
 )
+from support import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -127,3 +134,68 @@ def test_an_image_claiming_ten_billion_pixels_is_a_400_not_a_500(proxy, route):
                                headers=headers)  # fmt: skip
     assert response.status_code == 400, response.text
     assert response.text.startswith("Unable to decode image"), response.text
+
+
+# -- 5 and 6. Redis hanging or down ----------------------------------------------------------
+@pytest.fixture
+def lone_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop and resume."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, process=process)
+    wait_for(lambda: _pings(server), timeout=20, what="redis-server to answer PING")
+    yield server
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def grpc_status(proxy: ProxyServer, gateway: Gateway) -> tuple[grpc.StatusCode, str]:
+    try:
+        gateway.discover(proxy, 27, SD)
+    except grpc.RpcError as refused:
+        return refused.code(), refused.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_a_stopped_redis_gives_unavailable_and_503s_and_health_keeps_answering(
+    lone_redis, runner, tmp_path
+):
+    view = FreshChainView(lone_redis.client())
+    proxy = start_proxy(tmp_path / "proxy", lone_redis, models=models_json(),
+                        endpoints={"runner-fleet": [runner.url]})  # fmt: skip
+    gateway = Gateway()
+    try:
+        info = gateway.discover(proxy, 27, SD)
+        headers = gateway.headers(info, 27, SD, tickets=50)
+        lone_redis.process.send_signal(signal.SIGSTOP)
+        with ThreadPoolExecutor(2) as pool:
+            # While a discovery waits on the stopped Redis, health still answers.
+            discovering = pool.submit(grpc_status, proxy, Gateway())
+            with proxy.http() as client:
+                assert client.get("/healthz", timeout=30).status_code == 200
+            assert discovering.result(timeout=60) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "insufficient capacity: the orchestrator's store is unavailable",
+            )
+        with proxy.http() as client:
+            job = client.post("/text-to-image", json=T2I, headers=headers, timeout=60)
+            ready = client.get("/readyz", timeout=30)
+        assert (job.status_code, job.text) == (
+            503, "insufficient capacity: the orchestrator's store is unavailable\n"
+        )  # fmt: skip
+        assert (ready.status_code, ready.text) == (503, "not ready: Redis is unavailable\n")
+
+        lone_redis.process.send_signal(signal.SIGCONT)
+        with proxy.http() as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, timeout=30,
+                     what="readiness back with Redis")  # fmt: skip
+            assert client.post("/text-to-image", json=T2I, headers=headers).status_code == 200
+    finally:
+        lone_redis.process.send_signal(signal.SIGCONT)
+        stop_proxy(proxy)
+        view.stop.set()

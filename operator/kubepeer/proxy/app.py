@@ -19,6 +19,7 @@ import aiohttp
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
@@ -44,7 +45,13 @@ from kubepeer.proxy.credentials import (
     go_address,
 )
 from kubepeer.proxy.http1 import Reply, Respond
-from kubepeer.proxy.jobs import BATCH_PIPELINES, INSUFFICIENT_CAPACITY, JobRefused, read_body
+from kubepeer.proxy.jobs import (
+    BATCH_PIPELINES,
+    INSUFFICIENT_CAPACITY,
+    STORE_UNAVAILABLE,
+    JobRefused,
+    read_body,
+)
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
@@ -100,6 +107,10 @@ class Demand:
     def end(self, model: ServedModel, job_id: str) -> None: ...
 
 
+async def _always() -> bool:
+    return True
+
+
 class Proxy:
     def __init__(
         self,
@@ -113,6 +124,7 @@ class Proxy:
         waker: Waker | None = None,
         demand: Demand | None = None,
         ready: Callable[[], bool] = lambda: True,
+        store_reachable: Callable[[], Awaitable[bool]] = _always,
         live_video: live.LiveService | None = None,
         job_log: JobLog | None = None,
     ) -> None:
@@ -130,6 +142,7 @@ class Proxy:
         self.waker = waker
         self.demand = demand or Demand()
         self.is_ready = ready
+        self.store_reachable = store_reachable  # Redis answers: readiness needs it
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
         self.job_log = job_log or _logged
         self.trickle = TrickleServer(live_video.store) if live_video else None
@@ -254,6 +267,14 @@ class Proxy:
             raise grpc_unary.GrpcError(
                 grpc_unary.INTERNAL, f"grpc: error unmarshalling request: {exc}"
             ) from None
+        try:
+            return await self._orchestrator_info(request)
+        except RedisError as exc:  # balances, prices and sender facts are out of reach
+            metrics.DISCOVERY.labels("store-unavailable").inc()
+            log.warning("discovery refused: Redis is unavailable (%s)", exc)
+            raise grpc_unary.GrpcError(grpc_unary.UNAVAILABLE, STORE_UNAVAILABLE) from None
+
+    async def _orchestrator_info(self, request: net_pb2.OrchestratorRequest) -> bytes:
         if self.config.payments and not discovery_signed(request):
             metrics.DISCOVERY.labels("bad-signature").inc()
             raise grpc_unary.GrpcError(
@@ -311,8 +332,11 @@ class Proxy:
         return PlainTextResponse("ok\n")
 
     async def readyz(self, _: Request) -> Response:
-        ok = self.is_ready()
-        return PlainTextResponse("ok\n" if ok else "not ready\n", 200 if ok else 503)
+        if not self.is_ready():
+            return PlainTextResponse("not ready\n", 503)
+        if not await self.store_reachable():
+            return PlainTextResponse("not ready: Redis is unavailable\n", 503)
+        return PlainTextResponse("ok\n")
 
     async def metrics(self, _: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
@@ -38,6 +39,7 @@ from kubepeer.proxy.http1 import Reply, Respond
 from kubepeer.proxy.jobs import (
     INSUFFICIENT_CAPACITY,
     JSON_PIPELINES,
+    STORE_UNAVAILABLE,
     JobRefused,
     JobRequest,
     decode_fields,
@@ -155,6 +157,8 @@ class BatchJob:
             reply = step(arg)
         except JobRefused as exc:
             reply = self._refusal(exc)
+        except RedisError as exc:
+            reply = self._store_unavailable(exc)
         except Exception:
             log.exception("job failed")
             self.fail()
@@ -179,10 +183,17 @@ class BatchJob:
             # jobs left): the gateway may try another orchestrator, as for a full one.
             self._answer(self._refusal(JobRefused(503, INSUFFICIENT_CAPACITY)))
             raise
+        except RedisError as exc:
+            reply = self._store_unavailable(exc)
         except Exception:
             log.exception("job failed")
             reply = Reply(500, _TEXT, SERVER_ERROR)
         self._answer(reply)
+
+    def _store_unavailable(self, exc: RedisError) -> Reply:
+        """Redis is out of reach: 503, which a gateway takes as full, not as broken."""
+        log.warning("job refused: Redis is unavailable (%s)", exc)
+        return self._refusal(JobRefused(503, STORE_UNAVAILABLE))
 
     async def _rest(self, body: bytes) -> Reply:
         """The steps `start` did not take, awaited, from the first of them."""

@@ -28,6 +28,10 @@ BATCH_PIPELINES = tuple(p for p in Pipeline if p is not Pipeline.LIVE_VIDEO_TO_V
 JSON_PIPELINES = {Pipeline.TEXT_TO_IMAGE, Pipeline.LLM, Pipeline.TEXT_TO_SPEECH,
                   Pipeline.LIVE_VIDEO_TO_VIDEO}  # fmt: skip
 INSUFFICIENT_CAPACITY = "insufficient capacity"  # 503: no slot, and none worth waiting for
+# 503 while Redis (balances, nonces, results) is out of reach. Gateways act on the text alone
+# (gateway-wire 2.4): with "insufficient capacity" in it they try another orchestrator and do
+# not suspend this one, which is right for an outage of seconds.
+STORE_UNAVAILABLE = f"{INSUFFICIENT_CAPACITY}: the orchestrator's store is unavailable"
 
 
 class JobRefused(Exception):

@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 from redis import Redis
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -47,7 +48,13 @@ from kubepeer.proxy import discovery, metrics
 from kubepeer.proxy.billing import PaymentRefused
 from kubepeer.proxy.catalogue import ServedModel
 from kubepeer.proxy.credentials import CredentialsRefused, check_segment
-from kubepeer.proxy.jobs import JobRefused, decode_fields, read_body, runner_error
+from kubepeer.proxy.jobs import (
+    STORE_UNAVAILABLE,
+    JobRefused,
+    decode_fields,
+    read_body,
+    runner_error,
+)
 from kubepeer.proxy.trickle import BASE_PATH, TrickleStore
 
 log = logging.getLogger("kubepeer.proxy.live")
@@ -441,7 +448,11 @@ async def start_stream(proxy: Any, request: Request) -> Response:
     """POST /live-video-to-video, as go-livepeer's StartLiveVideoToVideo answers it."""
     started = time.monotonic()
     try:
-        reply = await _start(proxy, request, started)
+        try:
+            reply = await _start(proxy, request, started)
+        except RedisError as exc:  # capacity, balances and channels are out of reach
+            log.warning("live start refused: Redis is unavailable (%s)", exc)
+            raise JobRefused(503, STORE_UNAVAILABLE) from None
     except JobRefused as exc:
         log.info("live start refused", extra={"status": exc.status, "reason": exc.text})
         metrics.REQUESTS.labels(LIVE.value, str(exc.status)).inc()

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 
 from kubepeer.controller.labels import TABLE, WOKEN_AT
 from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
@@ -67,6 +68,7 @@ class ProxyArgs:
     gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
     evs_per_win: int = 100  # a winning ticket's worth in ticket EVs: 1/win probability
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
+    redis_timeout: float = 2.0  # a Redis command slower than this fails (503 / UNAVAILABLE)
     server: str = SERVERS[0]
     auto_adjust_price: bool = True
     runner_trickle_url: str | None = None  # where runners reach our trickle channels
@@ -205,6 +207,19 @@ def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveSe
     )
 
 
+def redis_pinger(redis: AsyncRedis, timeout: float = 1.0) -> Callable[[], Awaitable[bool]]:
+    """Whether Redis answers PING within `timeout` s, asked off the event loop's way (a
+    stopped Redis must not hold the probe, nor anything else)."""
+
+    async def reachable() -> bool:
+        try:
+            return bool(await asyncio.wait_for(redis.ping(), timeout))
+        except (RedisError, TimeoutError, OSError):
+            return False
+
+    return reachable
+
+
 def orchestrator_address(args: ProxyArgs) -> bytes:
     """OrchestratorInfo.address, always 20 bytes as go-livepeer sends it: the ticket
     recipient; with payments off, --recipient if given, else the zero address (an empty
@@ -221,7 +236,8 @@ def build(
     args: ProxyArgs, api_client: Any | None = None, job_log: JobLog | None = None
 ) -> tuple[Proxy, Callable[[], Any]]:
     """The Proxy and the coroutine factory that keeps its inputs current."""
-    redis = Redis.from_url(args.redis_url)
+    redis = Redis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
+                           socket_connect_timeout=args.redis_timeout)  # fmt: skip
     current: dict[str, Any] = {"catalogue": Catalogue(args.namespace), "models": False,
                                "endpoints": False}  # fmt: skip
     models_file = None
@@ -274,6 +290,7 @@ def build(
         waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
         demand=demand,
         ready=lambda: current["endpoints"] and current["models"],
+        store_reachable=redis_pinger(AsyncRedis.from_url(args.redis_url), args.redis_timeout),
         live_video=live_video,
         job_log=job_log,
     )
