@@ -185,6 +185,7 @@ def _proxy(args: argparse.Namespace) -> int:
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
             redis_timeout=args.redis_timeout,
+            metrics_port=args.metrics_port,
             gas_price=args.gas_price,
             evs_per_win=args.evs_per_win,
             server=args.server,
@@ -375,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--demand-ttl", type=float, default=60.0,
         help="seconds a demand record outlives this proxy's last heartbeat",
+    )  # fmt: skip
+    px.add_argument(
+        "--metrics-port", type=int, default=0,
+        help="serve Prometheus metrics on this port, never the gateway-facing one (0: off)",
     )  # fmt: skip
     px.add_argument(
         "--redis-timeout", type=float, default=2.0,

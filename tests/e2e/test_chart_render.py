@@ -3,6 +3,7 @@ values.schema.json refuses bad values naming the field. No servers (helm only)."
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -230,3 +231,26 @@ def test_offchain_gateways_with_payments_on_is_refused_naming_the_value():
                   "--set", "proxy.live.offchainGateways=true", check=False)  # fmt: skip
     assert result.returncode != 0
     assert "proxy.live.offchainGateways" in result.stderr, result.stderr
+
+
+def test_the_proxys_metrics_are_kept_off_the_gateway_facing_port():
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objects = render(*REQUIRED, "--set", "serviceMonitor.enabled=true",
+                     "--set-json", f"networkPolicy.metricsFrom=[{json.dumps(peer)}]")  # fmt: skip
+    public = find(objects, "Service", "kubepeer-proxy")
+    assert [p["name"] for p in public["spec"]["ports"]] == ["orchestrator"]
+    metrics = find(objects, "Service", "kubepeer-proxy-metrics")
+    assert metrics["spec"]["clusterIP"] == "None"
+    assert [(p["name"], p["port"]) for p in metrics["spec"]["ports"]] == [("metrics", 9101)]
+    assert "--metrics-port=9101" in _proxy_args(objects)
+    monitor = find(objects, "ServiceMonitor", "kubepeer-proxy")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # Anyone reaches the orchestrator port; only the namespace and the listed peers the
+    # metrics port.
+    policy = find(objects, "NetworkPolicy", "kubepeer-proxy")
+    rules = {rule["ports"][0]["port"]: rule.get("from") for rule in policy["spec"]["ingress"]}
+    assert rules == {"orchestrator": None, "metrics": [{"podSelector": {}}, peer]}
+    from kubepeer.cli import build_parser
+
+    parsed = build_parser().parse_args([*_proxy_args(objects), "--redis-url", "redis://r:6379"])
+    assert parsed.metrics_port == 9101

@@ -5,7 +5,8 @@ worked; keep them green.
 - free jobs: a price quoted for nothing (or for another model) paying for a priced job;
 - senders with no money on the TicketBroker;
 - a decompression bomb in the billing size check;
-- Redis stopped: discovery UNAVAILABLE, jobs 503, readiness down, health up.
+- Redis stopped: discovery UNAVAILABLE, jobs 503, readiness down, health up;
+- revenue and ticket counts on the gateway-facing port; refusals counted by every reason.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RedisServer, _pings, free_port
 from gateway_sim import Gateway
@@ -61,11 +64,14 @@ def chain_facts(redis_server) -> Iterator[FreshChainView]:
     view.stop.set()
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory, redis_server, runner, chain_facts) -> Iterator[ProxyServer]:
     server = start_proxy(
         tmp_path_factory.mktemp("proxy"), redis_server, models=models_json(),
-        endpoints={"runner-fleet": [runner.url]},
+        endpoints={"runner-fleet": [runner.url]}, args=["--metrics-port", str(METRICS_PORT)],
     )  # fmt: skip
     yield server
     stop_proxy(server)
@@ -199,3 +205,44 @@ def test_a_stopped_redis_gives_unavailable_and_503s_and_health_keeps_answering(
         lone_redis.process.send_signal(signal.SIGCONT)
         stop_proxy(proxy)
         view.stop.set()
+
+
+# -- 8. metrics off the public port ------------------------------------------------------------
+def rejected_count(reason: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kubepeer_tickets_rejected_total" and sample.labels == {
+                "reason": reason
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_revenue_and_ticket_counts_are_not_on_the_gateway_facing_port(proxy):
+    with proxy.http() as client:
+        assert client.get("/metrics").status_code == 404
+    private = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10)
+    assert private.status_code == 200
+    assert "kubepeer_proxy_fees_wei_total" in private.text
+
+
+def replayed(proxy, gateway, info):
+    headers = gateway.headers(info, 27, SD, tickets=50)
+    assert post_t2i(proxy, headers).status_code == 200
+    return post_t2i(proxy, headers)  # the same tickets again
+
+
+@pytest.mark.parametrize(
+    ("reason", "attack"),
+    [("unknown-price",
+      lambda p, g, i: post_t2i(p, g.headers(i, 27, SD, tickets=1, price=(1, 1000)))),
+     ("insufficient-balance", lambda p, g, i: post_t2i(p, g.headers(i, 27, SD, tickets=0))),
+     ("replayed-nonce", replayed)],
+)  # fmt: skip
+def test_every_refused_payment_is_counted_by_its_reason(proxy, reason, attack):
+    before = rejected_count(reason)
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    assert attack(proxy, gateway, info).status_code == 400
+    assert rejected_count(reason) == before + 1

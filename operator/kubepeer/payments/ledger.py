@@ -44,6 +44,8 @@ from kubepeer.payments.validator import TicketRejected, ValidPayment
 
 TICKETS_RECEIVED = Counter("kubepeer_tickets_received_total", "Tickets credited to the ledger")
 TICKETS_WINNING = Counter("kubepeer_tickets_winning_total", "Winning tickets queued to redeem")
+# Every refusal, by TicketRejected's reason: counted where payments are judged (the proxy's
+# Billing), so each is counted once, whichever check refused it.
 TICKETS_REJECTED = Counter("kubepeer_tickets_rejected_total", "Payments refused", ["reason"])
 
 MAX_NONCES_PER_RAND = 600
@@ -177,7 +179,6 @@ class Ledger:
             balance = int(self._credit(keys=keys, args=args))
         except ResponseError as exc:
             reason, _, detail = str(exc).partition(" ")
-            TICKETS_REJECTED.labels(reason).inc()
             if reason == "replayed-nonce":
                 raise TicketRejected(
                     reason, f"invalid ticket senderNonce: {detail} was already used"
@@ -199,7 +200,6 @@ class Ledger:
         `ticket_ev` is whole wei, so comparing the balance rounded down is exact."""
         balance = self.credit(payment, manifest)
         if payment.price > 0 and balance < ticket_ev:
-            TICKETS_REJECTED.labels("insufficient-balance").inc()
             raise TicketRejected("insufficient-balance", "Insufficient balance")
         return balance
 

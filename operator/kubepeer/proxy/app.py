@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -227,7 +226,6 @@ class Proxy:
         app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.router.add_route("/healthz", self.healthz, methods=["GET"])
         app.router.add_route("/readyz", self.readyz, methods=["GET"])
-        app.router.add_route("/metrics", self.metrics, methods=["GET"])
         app.router.add_route("/stream/{request_id}/{name}", self.stream_result, methods=["GET"])
         if self.live:
             app.router.add_route(f"/{live.LIVE.value}", self.live_start, methods=["POST"])
@@ -337,9 +335,6 @@ class Proxy:
         if not await self.store_reachable():
             return PlainTextResponse("not ready: Redis is unavailable\n", 503)
         return PlainTextResponse("ok\n")
-
-    async def metrics(self, _: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def stream_result(self, request: Request) -> Response:
         found = self.results.get(request.path_params["request_id"], request.path_params["name"])

@@ -17,7 +17,7 @@ from eth_utils import to_checksum_address
 from redis import Redis
 
 from kubepeer.livepeer import net_pb2
-from kubepeer.payments.ledger import Ledger, manifest_id
+from kubepeer.payments.ledger import TICKETS_REJECTED, Ledger, manifest_id
 from kubepeer.payments.recipient import (
     DEFAULT_TICKET_EV,
     EV_MULTIPLIER,
@@ -58,6 +58,12 @@ class PaymentRefused(ValueError):
         self.status = status
 
 
+def _refused(rejected: TicketRejected) -> PaymentRefused:
+    """A payment refused, whatever refused it, counted by its reason."""
+    TICKETS_REJECTED.labels(rejected.reason).inc()
+    return PaymentRefused(str(rejected), rejected.status)
+
+
 def fee(units: int, price: Fraction) -> int:
     """DebitFees: units x price, in whole wei (rounded up: never less than owed)."""
     return -(-units * price.numerator // price.denominator)
@@ -89,7 +95,9 @@ class Billing:
     def chain(self) -> ChainView:
         view = load_view(self.redis, self.chain_max_age)
         if view is None:
-            raise PaymentRefused("no recent view of the chain: the chain watcher has stalled")
+            raise TicketRejected(
+                "no-chain-view", "no recent view of the chain: the chain watcher has stalled"
+            )
         return view
 
     # -- senders -----------------------------------------------------------------------
@@ -115,16 +123,12 @@ class Billing:
         their face value capped by the sender's max float as go-livepeer caps it (a sender
         with no reserve for us gets "insufficient sender reserve")."""
         try:
-            info = self.sender_facts(sender)
-        except TicketRejected as exc:
-            raise PaymentRefused(str(exc)) from None
-        try:
             params = issue_ticket_params(
                 self.secret, self.recipient, sender, self.chain(),
                 gas_price=self.gas_price, price=price, ev=self.ticket_ev,
-                evs_per_win=self.evs_per_win, max_float=max_float(info),
+                evs_per_win=self.evs_per_win, max_float=max_float(self.sender_facts(sender)),
             )  # fmt: skip
-        except InsufficientSenderReserve as exc:
+        except (TicketRejected, InsufficientSenderReserve) as exc:  # no params: no payment
             raise PaymentRefused(str(exc)) from None
         offered = [manifest_id(cap, model) for cap, model in priced_for]
         self.ledger.offer_price(sender, as_price(price), offered)
@@ -166,7 +170,7 @@ class Billing:
                 )
             self.ledger.admit(valid, manifest, self.ticket_ev)
         except TicketRejected as exc:
-            raise PaymentRefused(str(exc), exc.status) from None
+            raise _refused(exc) from None
         return valid
 
     def credit(self, payment: net_pb2.Payment, manifest: str, priced_for: str) -> ValidPayment:
@@ -175,7 +179,7 @@ class Billing:
             valid = validate_payment(payment, self._context(priced_for))
             self.ledger.credit(valid, manifest)
         except TicketRejected as exc:
-            raise PaymentRefused(str(exc), exc.status) from None
+            raise _refused(exc) from None
         return valid
 
     def debit(self, payment: ValidPayment, manifest: str, units: int) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import start_http_server
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
@@ -69,6 +70,7 @@ class ProxyArgs:
     evs_per_win: int = 100  # a winning ticket's worth in ticket EVs: 1/win probability
     demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
     redis_timeout: float = 2.0  # a Redis command slower than this fails (503 / UNAVAILABLE)
+    metrics_port: int = 0  # Prometheus metrics on their own port (0: not served)
     server: str = SERVERS[0]
     auto_adjust_price: bool = True
     runner_trickle_url: str | None = None  # where runners reach our trickle channels
@@ -368,6 +370,10 @@ def run_proxy(args: ProxyArgs) -> int:
             if args.endpoints_file is None or args.models_file is None:
                 raise SystemExit(f"no Kubernetes API to watch: {exc}") from None
             log.warning("no Kubernetes API: OnDemand models will not be woken (%s)", exc)
+    if args.metrics_port:
+        # Never on the gateway-facing port: revenue and ticket counts are nobody else's.
+        host = args.bind.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        start_http_server(args.metrics_port, addr=host)
     job_log = JobLines(handler, logging.getLogger("kubepeer.proxy"))
     proxy, keep_current = build(args, api_client, job_log)
     config = hypercorn_config(
