@@ -178,6 +178,7 @@ def _proxy(args: argparse.Namespace) -> int:
             bearer_token_file=args.bearer_token_file,
             runner_token_file=args.runner_token_file,
             max_body_bytes=args.max_body_bytes,
+            read_timeout=args.read_timeout,
             max_queue=args.max_queue,
             queue_timeout=args.queue_timeout,
             hold_timeout=args.hold_timeout,
@@ -355,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     px.add_argument("--runner-token-file", type=Path, help="the runners' AUTH_TOKEN (a Secret)")
     px.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    px.add_argument(
+        "--read-timeout", type=float, default=60.0,
+        help="seconds for a request's head and body to arrive whole, else 408 (Go's "
+        "ReadTimeout); bodies over 1 MiB are read only once their credentials pass",
+    )  # fmt: skip
     px.add_argument("--max-queue", type=int, default=8, help="jobs waiting per model")
     px.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a job waits")
     px.add_argument("--hold-timeout", type=float, default=900.0, help="seconds held while waking")

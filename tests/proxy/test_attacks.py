@@ -3,10 +3,12 @@
 worked; keep them green.
 
 - free jobs: a price quoted for nothing (or for another model) paying for a priced job;
-- senders with no money on the TicketBroker;
+- senders with no money on the TicketBroker: tests/chain/test_sender_funds.py (it needs the
+  dev chain and the payments process);
 - a decompression bomb in the billing size check;
 - Redis stopped: discovery UNAVAILABLE, jobs 503, readiness down, health up;
-- revenue and ticket counts on the gateway-facing port; refusals counted by every reason.
+- revenue and ticket counts on the gateway-facing port; refusals counted by every reason;
+- stalled large bodies without payment, and chunked bodies past the limit, held in memory.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -246,3 +251,86 @@ def test_every_refused_payment_is_counted_by_its_reason(proxy, reason, attack):
     info = gateway.discover(proxy, 27, SD)
     assert attack(proxy, gateway, info).status_code == 400
     assert rejected_count(reason) == before + 1
+
+
+# -- 3 and 4. bodies that stall, or never end --------------------------------------------------
+def rss(pid: int) -> int:
+    """Resident memory of a process, bytes, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def stalled_post(proxy: ProxyServer, declared: int, sent: int, headers: dict[str, str]):
+    """A TLS connection that declares `declared` body bytes and sends `sent` of them."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    sock = context.wrap_socket(raw)
+    lines = ["POST /text-to-image HTTP/1.1", "Host: proxy", "Content-Type: application/json",
+             f"Content-Length: {declared}", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    piece = b" " * 65536
+    try:
+        for _ in range(sent // len(piece)):
+            sock.sendall(piece)
+    except OSError:
+        pass  # the proxy refused and closed while we were still sending
+    return sock
+
+
+def test_stalled_unpaid_bodies_are_refused_before_they_are_buffered(proxy):
+    """32 POSTs declaring just under 64 MiB send 4 MiB each and stall: without payment,
+    nothing of a large body is read (it held 2.3 GB, 60 MiB each, for as long as the
+    attacker waited)."""
+    before = rss(proxy.process.pid)
+    stranger = Gateway()
+    info = stranger.discover(proxy, 27, SD)
+    forged = {**stranger.headers(info, 27, SD), "Livepeer-Payment": "%%%"}
+    sockets = [stalled_post(proxy, 64 * 2**20 - 1, 4 * 2**20, h)
+               for h in [{}] * 16 + [forged] * 16]  # fmt: skip
+    try:
+        answers = []
+        for sock in sockets:
+            sock.settimeout(30)
+            answers.append(sock.recv(4096).split(b"\r\n", 1)[0])
+        # No credentials: 403 (an empty Livepeer-Payment decodes); a forged payment: 402.
+        assert answers == [b"HTTP/1.1 403 Forbidden"] * 16 + [b"HTTP/1.1 402 Payment Required"] * 16
+        assert rss(proxy.process.pid) - before < 32 * 2**20  # they sent 128 MiB
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_refused_over_limit_bodies_do_not_pile_up_in_memory(redis_server, runner, chain_facts,
+                                                             tmp_path):  # fmt: skip
+    """Chunked bodies past the limit, from a gateway whose credentials pass: each is refused
+    with 413, and memory stays flat (it grew by the limit per refusal until a GC ran)."""
+    limit = 8 * 2**20
+    server = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
+                         endpoints={"runner-fleet": [runner.url]},
+                         args=["--max-body-bytes", str(limit)])  # fmt: skip
+    try:
+        gateway = Gateway()
+        info = gateway.discover(server, 27, SD)
+        headers = gateway.headers(info, 27, SD, tickets=0)
+
+        def endless():
+            piece = b" " * 2**20
+            for _ in range(limit // len(piece) + 2):
+                yield piece
+
+        with server.http() as client:
+            first = client.post("/text-to-image", content=endless(), headers=headers)
+            assert (first.status_code, first.text) == (
+                413, f"request body exceeds the limit of {limit} bytes\n"
+            )  # fmt: skip
+            before = rss(server.process.pid)
+            for _ in range(30):
+                refused = client.post("/text-to-image", content=endless(), headers=headers)
+                assert refused.status_code == 413
+        assert rss(server.process.pid) - before < 3 * limit  # 30 refusals of 8 MiB each
+    finally:
+        stop_proxy(server)

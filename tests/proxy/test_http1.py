@@ -115,7 +115,7 @@ def _text(value: str | bytes) -> str:
 
 
 class Listener:
-    def __init__(self, app: App, keep_alive: int = 5) -> None:
+    def __init__(self, app: App, keep_alive: int = 5, read_timeout: float = 30) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -123,7 +123,7 @@ class Listener:
                                   graceful_seconds=10)  # fmt: skip
         config.keep_alive_timeout = keep_alive
         paths = (JOB, "/later", "/llm", "/drip", "/broken", "/boom", "/twice", "/slow")
-        self.server = uvicorn_server(app, config, (paths, LIMIT, app.lean))
+        self.server = uvicorn_server(app, config, (paths, LIMIT, app.lean, read_timeout))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -442,6 +442,33 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(app: App):
         started = time.monotonic()
         assert client.closed()
         assert 0.5 < time.monotonic() - started < 4
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [job(body=b'{"prompt": "x"}')[:20],  # a head sent a byte at a time, then nothing
+     job(body=b'{"prompt": "x"}')[:-5]],  # a body that stops short of its length
+    ids=["head", "body"],
+)  # fmt: skip
+def test_a_request_not_whole_within_the_read_timeout_is_answered_408_and_closed(app, partial):
+    """Go's ReadTimeout: a slow or stalled request holds its connection and what it sent for
+    the read timeout at most (it was the keep-alive's 10 minutes, or for ever)."""
+    running = Listener(app, keep_alive=600, read_timeout=1)
+    try:
+        client = running.connect()
+        client.send(job(body=b"1"))  # a whole one first: the clock starts at each request
+        assert echoed(client.answer()[1])["body"] == "1"
+        for byte in partial[:5]:
+            client.send(bytes([byte]))
+            time.sleep(0.1)
+        client.send(partial[5:])
+        client.sock.settimeout(10)
+        answer = client.sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert answer.endswith(b"\r\n\r\nrequest not received in time\r\n")
+        assert client.closed()
     finally:
         running.stop()
 

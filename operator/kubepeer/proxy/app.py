@@ -47,8 +47,11 @@ from kubepeer.proxy.http1 import Reply, Respond
 from kubepeer.proxy.jobs import (
     BATCH_PIPELINES,
     INSUFFICIENT_CAPACITY,
+    LARGE_BODY,
+    READ_TIMEOUT,
     STORE_UNAVAILABLE,
     JobRefused,
+    declared_large,
     read_body,
 )
 from kubepeer.proxy.results import ResultStore
@@ -78,6 +81,7 @@ class ProxyConfig:
     offchain_gateways: bool = False
     runner_token: str | None = None  # the runners' AUTH_TOKEN
     max_body_bytes: int = 64 * 1024 * 1024
+    read_timeout: float = READ_TIMEOUT  # a request's head and body arrive within it, or 408
     max_queue: int = 8
     queue_timeout: float = 10.0
     hold_timeout: float = 900.0
@@ -152,8 +156,10 @@ class Proxy:
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
         # What http1.py serves itself on HTTP/1.1 (server.py): the job routes, whole bodies
-        # up to the limit (larger ones stream through uvicorn to their 413).
-        self.lean_jobs = (self._job_paths, config.max_body_bytes, self.lean_job)
+        # up to LARGE_BODY (larger ones go through uvicorn to `job`, which checks their
+        # credentials before reading them), each request whole within the read timeout.
+        self.lean_jobs = (self._job_paths, min(config.max_body_bytes, LARGE_BODY),
+                          self.lean_job, config.read_timeout)  # fmt: skip
 
     # -- ASGI ---------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -182,7 +188,7 @@ class Proxy:
         reply = await self.job(
             scope["path"],
             header_map(scope["headers"]),
-            lambda: read_body(request, self.config.max_body_bytes),
+            lambda: read_body(request, self.config.max_body_bytes, self.config.read_timeout),
         )
         headers = {name.decode(): value.decode("latin-1") for name, value in reply.headers}
         response = (
@@ -364,8 +370,10 @@ class Proxy:
 
         job = BatchJob(self, path, headers, respond)
         try:
+            if declared_large(headers):
+                self._check_credentials(headers)  # 402, 403 (401) before buffering it
             body = await read()
-        except JobRefused as exc:  # 413
+        except JobRefused as exc:  # 413, 408; 402, 403
             job.refuse(exc)
         except Exception:  # the client left mid-body, or worse
             log.exception("job failed")

@@ -104,16 +104,18 @@ def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
     return None if length is None else Head(target, headers, length, close)
 
 
-def listener(paths: Iterable[str], body_limit: int, handler: Handler) -> type[asyncio.Protocol]:
+def listener(paths: Iterable[str], body_limit: int, handler: Handler,
+             read_timeout: float) -> type[asyncio.Protocol]:  # fmt: skip
     """uvicorn's HTTP/1.1 + HTTP/2 dispatcher, with HTTP/1.1 connections starting on
-    LeanJobs for these paths, bodies up to `body_limit` bytes, served by `handler`. (uvicorn
-    is imported here, not by the module: app.py needs only `Reply`.)"""
+    LeanJobs for these paths, bodies up to `body_limit` bytes, served by `handler`, each
+    request's head and body whole within `read_timeout` seconds. (uvicorn is imported here,
+    not by the module: app.py needs only `Reply`.)"""
     from uvicorn.protocols.http.auto_zttp_impl import AutoZttpProtocol
     from uvicorn.protocols.http.zttp_impl import ZttpProtocol
 
     class Listener(AutoZttpProtocol):
-        lean: ClassVar[tuple[type[asyncio.Protocol], frozenset[str], int, Handler]] = (
-            ZttpProtocol, frozenset(paths), body_limit, handler)  # fmt: skip
+        lean: ClassVar[tuple[type[asyncio.Protocol], frozenset[str], int, Handler, float]] = (
+            ZttpProtocol, frozenset(paths), body_limit, handler, read_timeout)  # fmt: skip
 
         def _switch(self, http2: bool, initial_data: bytes = b"") -> None:
             if http2:
@@ -146,10 +148,14 @@ class LeanJobs(asyncio.Protocol):
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  uvicorn: type[asyncio.Protocol], paths: frozenset[str], body_limit: int,
-                 handler: Handler) -> None:  # fmt: skip
+                 handler: Handler, read_timeout: float) -> None:  # fmt: skip
         self.config, self.server_state, self.app_state = config, server_state, app_state
         self.uvicorn = uvicorn  # the protocol a connection moves to (zttp's HTTP/1.1)
         self.paths, self.body_limit, self.handler = paths, body_limit, handler
+        self.read_timeout = read_timeout
+        # From a request's first byte until it is whole: past it, 408 and the end (Go's
+        # ReadTimeout), so a head or body sent a byte at a time holds nothing for long.
+        self.reading: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buffer = bytearray()
@@ -175,6 +181,7 @@ class LeanJobs(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self._stop_idle()
+        self._stop_reading()
         self.gone = True
         self.writable.set()
 
@@ -224,6 +231,8 @@ class LeanJobs(asyncio.Protocol):
             if end < 0:
                 if not b"POST /".startswith(self.buffer[:6]) or len(self.buffer) > MAX_HEAD:
                     self._hand_off()
+                elif self.buffer:
+                    self._read_the_rest()
                 return False
             head = parse_head(bytes(self.buffer[:end]), self.paths)
             if head is None or head.length > self.body_limit:
@@ -232,8 +241,10 @@ class LeanJobs(asyncio.Protocol):
             self.head = head
             del self.buffer[: end + 4]
         if len(self.buffer) < self.head.length:
+            self._read_the_rest()
             return False
         head, self.head = self.head, None
+        self._stop_reading()  # whole: the next request's clock starts at its first byte
         body = bytes(self.buffer[: head.length])
         del self.buffer[: head.length]
         self.busy, self.responded, self.close_after = True, False, head.close
@@ -248,6 +259,7 @@ class LeanJobs(asyncio.Protocol):
 
     def _hand_off(self) -> None:
         self._stop_idle()
+        self._stop_reading()  # uvicorn's now (a body it reads for a job: read_body's timeout)
         self.server_state.connections.discard(self)
         if self.paused:
             self.transport.resume_reading()
@@ -360,6 +372,26 @@ class LeanJobs(asyncio.Protocol):
             self.transport.close()
         else:
             self.idle = self.loop.call_at(due, self._idle_check)
+
+    def _read_the_rest(self) -> None:
+        """A request has begun and is not whole: its clock runs (from its first byte)."""
+        if self.reading is None:
+            self.reading = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self.reading = None
+        if self.busy or self.transport.is_closing():
+            return
+        self.buffer.clear()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; "
+                             b"charset=utf-8\r\ncontent-length: 30\r\nconnection: close\r\n"
+                             b"\r\nrequest not received in time\r\n")  # fmt: skip
+        self.transport.close()
+
+    def _stop_reading(self) -> None:
+        if self.reading is not None:
+            self.reading.cancel()
+            self.reading = None
 
     def _stop_idle(self) -> None:
         if self.idle is not None:

@@ -32,6 +32,7 @@ from kubepeer.proxy.catalogue import (
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
+from kubepeer.proxy.jobs import READ_TIMEOUT
 from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
@@ -61,6 +62,7 @@ class ProxyArgs:
     bearer_token_file: Path | None = None
     runner_token_file: Path | None = None
     max_body_bytes: int = 64 * 1024 * 1024
+    read_timeout: float = READ_TIMEOUT  # a request's head and body arrive within it, or 408
     max_queue: int = 8
     queue_timeout: float = 10.0
     hold_timeout: float = 900.0
@@ -271,6 +273,7 @@ def build(
         bearer_token=bearer.decode() if bearer else None,
         runner_token=runner_token.decode() if runner_token else None,
         max_body_bytes=args.max_body_bytes,
+        read_timeout=args.read_timeout,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,

@@ -141,12 +141,13 @@ async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = 
 def uvicorn_server(
     app: Callable[..., Awaitable[None]],
     hypercorn: Any,
-    lean_jobs: tuple[Iterable[str], int, http1.Handler] | None = None,
+    lean_jobs: tuple[Iterable[str], int, http1.Handler, float] | None = None,
 ) -> Any:
     """The same listener on uvicorn with zttp (HTTP/1.1 and HTTP/2 with trailers, ALPN
     h2 + http/1.1 over TLS, h2c by preface sniffing in plaintext): the cert, bind and
     timeouts are taken from the hypercorn config so both servers serve the same thing.
-    `lean_jobs`: (paths, body limit, handler) of the POSTs http1.py serves on HTTP/1.1."""
+    `lean_jobs`: (paths, body limit, handler, read timeout) of the POSTs http1.py serves on
+    HTTP/1.1."""
     try:
         import uvicorn
         import zttp  # noqa: F401
