@@ -103,6 +103,17 @@ def fee(units: int, info: net_pb2.OrchestratorInfo) -> int:
     return -(-units * price.numerator // price.denominator)
 
 
+def get_orchestrator(orch, request: net_pb2.OrchestratorRequest) -> net_pb2.OrchestratorInfo:  # noqa: ANN001
+    """One GetOrchestrator call on a fresh connection to `orch` (anything with `channel()`)."""
+    with orch.channel() as channel:
+        call = channel.unary_unary(
+            "/net.Orchestrator/GetOrchestrator",
+            request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
+            response_deserializer=net_pb2.OrchestratorInfo.FromString,
+        )
+        return call(request, timeout=10)
+
+
 @dataclass
 class Gateway:
     account: object = field(default_factory=Account.create)
@@ -140,13 +151,7 @@ class Gateway:
 
     def discover(self, orch, cap: int | None, model: str | None) -> net_pb2.OrchestratorInfo:  # noqa: ANN001
         """GetOrchestrator on a fresh connection, as the gateway dials one per call."""
-        with orch.channel() as channel:
-            call = channel.unary_unary(
-                "/net.Orchestrator/GetOrchestrator",
-                request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
-                response_deserializer=net_pb2.OrchestratorInfo.FromString,
-            )
-            return call(self.request(cap, model), timeout=10)
+        return get_orchestrator(orch, self.request(cap, model))
 
     def headers(
         self, info: net_pb2.OrchestratorInfo, cap: int, model: str, tickets: int = 1,

@@ -26,7 +26,7 @@ from kubernetes import client, config
 from devchain import DevChain
 from support import wait_for
 
-pytest.register_assert_rewrite("paying")  # the chain tests' shared helpers assert too
+pytest.register_assert_rewrite("paying", "proxies")  # shared helpers (plugins) assert too
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))

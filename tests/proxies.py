@@ -16,11 +16,13 @@ import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
 from conftest import REPO, RedisServer, free_port
 from kubepeer.livepeer import net_pb2
@@ -240,3 +242,12 @@ class FreshChainView:
     def _keep(self) -> None:
         while not self.stop.wait(5):
             save_view(self.redis, self.VIEW)
+
+
+@pytest.fixture(scope="module")
+def chain_facts(redis_server) -> Iterator[FreshChainView]:
+    """The payments process's chain view and sender watch, stood in for: a module that
+    imports this fixture has them on the session's Redis."""
+    view = FreshChainView(redis_server.client())
+    yield view
+    view.stop.set()

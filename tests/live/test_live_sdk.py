@@ -19,8 +19,7 @@ import pytest
 
 from conftest import REPO
 from gateway_rules import gateway_accepts, selectable
-from gateway_sim import Gateway
-from kubepeer.livepeer import net_pb2
+from gateway_sim import Gateway, get_orchestrator
 from proxies import RUNNER_TOKEN, ProxyServer, models_json, start_proxy, stop_proxy
 from proxies import start_runner as runner_process
 from proxies import stop as stop_runner
@@ -118,12 +117,7 @@ def test_an_offchain_gateway_keeps_the_proxy_after_discovery(live_stack):
     proxy, _ = live_stack
     request = Gateway().request(35, MODEL)
     request.ignore_capacity_check = True  # the stream slot may still be taken: not tested here
-    with proxy.channel() as channel:
-        info = channel.unary_unary(
-            "/net.Orchestrator/GetOrchestrator",
-            request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
-            response_deserializer=net_pb2.OrchestratorInfo.FromString,
-        )(request, timeout=10)
+    info = get_orchestrator(proxy, request)
     assert info.address == bytes(20)
     assert gateway_accepts(info, 35, MODEL)
     assert selectable(info, has_sender=False) == ""

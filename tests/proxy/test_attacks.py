@@ -47,6 +47,7 @@ from proxies import (
 from support import wait_for
 
 pytestmark = pytest.mark.redis
+pytest_plugins = ["proxies"]  # its chain_facts fixture
 
 T2I = {"prompt": "a cat", "height": 32, "width": 48, "num_inference_steps": 1, "seed": 3,
        "model_id": SD}  # fmt: skip
@@ -60,13 +61,6 @@ def runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
     process = start_runner(env, tmp_path_factory.mktemp("runner") / "runner.log")
     yield process
     stop(process)
-
-
-@pytest.fixture(scope="module")
-def chain_facts(redis_server) -> Iterator[FreshChainView]:
-    view = FreshChainView(redis_server.client())
-    yield view
-    view.stop.set()
 
 
 METRICS_PORT = free_port()

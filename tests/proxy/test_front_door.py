@@ -31,7 +31,7 @@ from aiohttp import web
 from PIL import Image
 
 from gateway_rules import gateway_accepts, selectable
-from gateway_sim import Gateway, fee, ticket_ev
+from gateway_sim import Gateway, fee, get_orchestrator, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
 from kubepeer.proxy.server import SERVERS
@@ -41,7 +41,6 @@ from proxies import (
     RUNNER_TOKEN,
     SD,
     SVD,
-    FreshChainView,
     ProxyServer,
     RunnerProcess,
     go_get_orchestrator,
@@ -54,6 +53,7 @@ from proxies import (
 from support import wait_for
 
 pytestmark = pytest.mark.redis
+pytest_plugins = ["proxies"]  # its chain_facts fixture
 
 T2I = {"prompt": "a cat", "height": 32, "width": 48, "num_inference_steps": 1, "seed": 3,
        "model_id": SD}  # fmt: skip
@@ -70,13 +70,6 @@ def fleet(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
     runner = start_runner(env, tmp_path_factory.mktemp("fleet") / "runner.log")
     yield runner
     stop(runner)
-
-
-@pytest.fixture(scope="module")
-def chain_facts(redis_server) -> Iterator[FreshChainView]:
-    view = FreshChainView(redis_server.client())
-    yield view
-    view.stop.set()
 
 
 @pytest.fixture(scope="module")
@@ -773,12 +766,7 @@ def test_private_mode_takes_a_bearer_token_instead_of_payment(redis_server, flee
         # No signature check either: a payments-off orchestrator is offchain (1.2).
         request = Gateway().request(27, SD)
         request.sig = b""
-        with server.channel() as channel:
-            info = channel.unary_unary(
-                "/net.Orchestrator/GetOrchestrator",
-                request_serializer=net_pb2.OrchestratorRequest.SerializeToString,
-                response_deserializer=net_pb2.OrchestratorInfo.FromString,
-            )(request, timeout=10)
+        info = get_orchestrator(server, request)
         assert not info.HasField("ticket_params")
         # As go-livepeer offchain: the zero address, which a default gateway does not
         # blocklist (an empty one it does, gateway-wire 1.5).
