@@ -152,6 +152,8 @@ class Proxy:
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
         self._waking: set[str] = set()
+        self._endpoints_version = 0  # bumped by endpoints_changed
+        self._offered: tuple[Catalogue, int, discovery.Offered] | None = None
         self.jobs: set[asyncio.Task[None]] = set()  # jobs that went on in a task (batch.py)
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
@@ -260,8 +262,18 @@ class Proxy:
             utilization=self.router.group_utilization(group),
         )
 
-    def our_capabilities(self) -> net_pb2.Capabilities:
-        return discovery.capabilities(self.catalogue(), self.model_state, self.config.version)
+    def offered(self) -> discovery.Offered:
+        """What jobs' credentials are checked against, rebuilt only when the catalogue (a
+        new object on each change) or the endpoints have changed since the last build."""
+        catalogue = self.catalogue()
+        built_for = (catalogue, self._endpoints_version)
+        if (
+            self._offered is None
+            or self._offered[0] is not catalogue
+            or (self._offered[1] != self._endpoints_version)
+        ):
+            self._offered = (*built_for, discovery.offered(catalogue, self.router.ready))
+        return self._offered[2]
 
     async def get_orchestrator(self, raw: bytes) -> bytes:
         try:
@@ -410,7 +422,7 @@ class Proxy:
         except BadHeader:
             raise JobRefused(403, "ErrorSegEncoding") from None
         try:
-            compatible = discovery.compatible(seg.capabilities, self.our_capabilities())
+            compatible = discovery.compatible(seg.capabilities, self.offered())
             check_segment(seg, payment.sender, self.auth_secret, compatible)
         except CredentialsRefused as exc:
             raise JobRefused(403, str(exc)) from None
@@ -458,6 +470,7 @@ class Proxy:
 
     def endpoints_changed(self) -> None:
         """Called when runner endpoints change: a model that became ready is awake."""
+        self._endpoints_version += 1  # warm flags may have changed: `offered` is rebuilt
         for model in self.catalogue().models:
             if self.router.ready(model):
                 self._waking.discard(model.aimodel)

@@ -535,7 +535,7 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
     except BadHeader:
         return PlainTextResponse("ErrorSegEncoding\n", 403)
     try:
-        compatible = discovery.compatible(seg.capabilities, proxy.our_capabilities())
+        compatible = discovery.compatible(seg.capabilities, proxy.offered())
         check_segment(seg, payment.sender, proxy.auth_secret, compatible)
     except CredentialsRefused as exc:
         return PlainTextResponse(f"{exc}\n", 403)
