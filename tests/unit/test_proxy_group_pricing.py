@@ -16,13 +16,14 @@ from test_proxy import SD, discovery_request, info_for, model
 
 from gateway_rules import gateway_accepts
 from gateway_sim import Gateway
+from kubepeer.contracts.price_table import ModelPrice
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.recipient import REDEEM_GAS_L2, RecipientSecret, issue_ticket_params
 from kubepeer.payments.rounds import ChainView
 from kubepeer.proxy import discovery
 from kubepeer.proxy.app import Proxy, ProxyConfig
 from kubepeer.proxy.billing import Billing
-from kubepeer.proxy.catalogue import Catalogue, ModelPrice
+from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
+from kubepeer.contracts.price_table import ServedModel
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.wire import (
     PAYMENT_HEADER,
@@ -34,7 +35,7 @@ from kubepeer.livepeer.wire import (
 from kubepeer.proxy import discovery, grpc_unary, live, metrics
 from kubepeer.proxy.batch import BatchJob, JobLog
 from kubepeer.proxy.billing import Billing, PaymentRefused
-from kubepeer.proxy.catalogue import Catalogue, ServedModel
+from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import (
     AuthSecret,
     CredentialsRefused,

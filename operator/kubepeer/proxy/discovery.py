@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kubepeer.controller.prices import price_info
+from kubepeer.contracts.price_table import ServedModel, price_info
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
-from kubepeer.proxy.catalogue import Catalogue, ServedModel
+from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import go_address
 
 # go-livepeer's DefaultCapabilities(): H264, MPEGTS, MP4, FractionalFramerates, storage

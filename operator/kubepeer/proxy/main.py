@@ -17,18 +17,13 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
-from kubepeer.controller.labels import TABLE, WOKEN_AT
+from kubepeer.contracts.labels import TABLE, WOKEN_AT
+from kubepeer.contracts.price_table import CatalogueError, ServedModel
 from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import JobLog, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
-from kubepeer.proxy.catalogue import (
-    Catalogue,
-    CatalogueError,
-    ServedModel,
-    TableRows,
-    load_catalogue,
-)
+from kubepeer.proxy.catalogue import Catalogue, TableRows, load_catalogue
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
