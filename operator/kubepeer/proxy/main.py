@@ -347,9 +347,9 @@ def build(
 def run_proxy(args: ProxyArgs) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
-    # Our JSON lines carry none of a record's source, thread or process fields, so they are
-    # not gathered (the logging HOWTO's "Optimization"): a log line is written per job.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    # Our JSON lines carry none of a record's thread or process fields, so they are not
+    # gathered (the logging HOWTO's "Optimization"). The job's own line skips `logging`
+    # altogether (JobLines), so the caller's frame is still looked up for the rest.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     api_client = None
