@@ -58,7 +58,7 @@ from kubepeer.proxy.jobs import (
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
-from kubepeer.proxy.trickle import TrickleServer, sweep_forever
+from kubepeer.proxy.trickle import KEEPALIVE_SECONDS, TrickleServer, sweep_forever
 from kubepeer.proxy.upstream import RunnerClient
 
 log = logging.getLogger("kubepeer.proxy")
@@ -87,6 +87,7 @@ class ProxyConfig:
     queue_timeout: float = 10.0
     hold_timeout: float = 900.0
     auto_adjust_price: bool = True  # go-livepeer's -autoAdjustPrice (default on)
+    trickle_keepalive: float = KEEPALIVE_SECONDS  # `100 Continue` to a waiting publisher
 
 
 class Waker:
@@ -149,7 +150,8 @@ class Proxy:
         self.store_reachable = store_reachable  # Redis answers: readiness needs it
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
         self.job_log = job_log or _logged
-        self.trickle = TrickleServer(live_video.store) if live_video else None
+        self.trickle = (TrickleServer(live_video.store, config.trickle_keepalive)
+                        if live_video else None)  # fmt: skip
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
         self._waking: set[str] = set()

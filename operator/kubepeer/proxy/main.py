@@ -32,7 +32,7 @@ from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
 from kubepeer.proxy.server import SERVERS, hypercorn_config, serve
-from kubepeer.proxy.trickle import TrickleStore
+from kubepeer.proxy.trickle import KEEPALIVE_SECONDS, TrickleStore
 
 log = logging.getLogger("kubepeer.proxy")
 
@@ -74,6 +74,7 @@ class ProxyArgs:
     live_payment_interval: float = 5.0
     offchain_gateways: bool = False
     live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
+    trickle_keepalive: float = KEEPALIVE_SECONDS  # `100 Continue` to a waiting publisher
 
 
 _stdlib_line = json.JSONEncoder(default=str).encode
@@ -274,6 +275,7 @@ def build(
         hold_timeout=args.hold_timeout,
         auto_adjust_price=args.auto_adjust_price,
         offchain_gateways=args.offchain_gateways,
+        trickle_keepalive=args.trickle_keepalive,
     )
     demand = BatchedDemand(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
