@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "operator")]
 
 from kubepeer.api import AIModelSpec  # noqa: E402
+from kubepeer.contracts.labels import MANAGED_BY  # noqa: E402
 from kubepeer.controller.builders import (  # noqa: E402
     Member,
     RunnerPlan,
@@ -48,7 +49,6 @@ from kubepeer.controller.builders import (  # noqa: E402
     build_priority_classes,
     build_runner_deployment,
 )
-from kubepeer.controller.labels import MANAGED_BY  # noqa: E402
 from kubepeer.controller.rbac import operator_rbac  # noqa: E402
 from kubepeer.controller.settings import OperatorSettings  # noqa: E402
 

@@ -186,6 +186,7 @@ def _proxy(args: argparse.Namespace) -> int:
             wake=not args.no_wake,
             demand_ttl=args.demand_ttl,
             redis_timeout=args.redis_timeout,
+            trickle_keepalive=args.trickle_keepalive,
             metrics_port=args.metrics_port,
             gas_price=args.gas_price,
             evs_per_win=args.evs_per_win,
@@ -386,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument(
         "--metrics-port", type=int, default=0,
         help="serve Prometheus metrics on this port, never the gateway-facing one (0: off)",
+    )  # fmt: skip
+    px.add_argument(
+        "--trickle-keepalive", type=float, default=10.0,
+        help="seconds between the `100 Continue`s sent to a trickle publisher waiting to send "
+        "its first byte (go-livepeer's 10 s)",
     )  # fmt: skip
     px.add_argument(
         "--redis-timeout", type=float, default=2.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubepeer.demand import claim_idle, job_alive, job_finished, job_started, read_demand
+from kubepeer.contracts.demand import claim_idle, job_alive, job_finished, job_started, read_demand
 
 pytestmark = pytest.mark.redis
 

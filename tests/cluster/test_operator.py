@@ -15,8 +15,8 @@ from kubernetes import client
 
 from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
+from kubepeer.contracts.demand import job_alive, job_finished, job_started
 from kubepeer.controller.kube import Kube
-from kubepeer.demand import job_alive, job_finished, job_started
 from support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]

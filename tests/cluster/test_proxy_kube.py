@@ -21,8 +21,8 @@ from kubernetes import client
 
 from gateway_sim import Gateway
 from kubepeer.api import GROUP, VERSION
-from kubepeer.controller.labels import WOKEN_AT
-from kubepeer.demand import read_demand
+from kubepeer.contracts.demand import read_demand
+from kubepeer.contracts.labels import WOKEN_AT
 from kubepeer.proxy.endpoints import endpoint_slice_watch
 from proxies import (
     SD,

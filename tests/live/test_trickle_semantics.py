@@ -26,6 +26,9 @@ from proxies import ProxyServer, models_json, start_proxy, stop_proxy
 pytestmark = pytest.mark.redis
 
 
+KEEPALIVE = 2.0  # seconds: go-livepeer's 10 s, shortened so the tests wait less
+
+
 @pytest.fixture(scope="module")
 def replicas(redis_server, tmp_path_factory) -> Iterator[tuple[ProxyServer, ProxyServer]]:
     """Two proxy replicas (private mode, plaintext) over one Redis."""
@@ -34,7 +37,8 @@ def replicas(redis_server, tmp_path_factory) -> Iterator[tuple[ProxyServer, Prox
     proxies = [
         start_proxy(tmp_path_factory.mktemp(f"trickle-{i}"), redis_server, models=models_json(),
                     endpoints={}, plaintext=True, shared=shared if i else None,
-                    args=["--no-payments", "--bearer-token-file", str(shared / "bearer")])
+                    args=["--no-payments", "--bearer-token-file", str(shared / "bearer"),
+                          "--trickle-keepalive", str(KEEPALIVE)])
         for i in range(2)
     ]  # fmt: skip
     yield proxies[0], proxies[1]
@@ -243,12 +247,13 @@ def preconnect(proxy: ProxyServer, channel: str, seq: int, timeout: float) -> so
 
 def test_a_publisher_silent_before_its_first_byte_gets_100_continue(replicas, redis_server):
     """gateway-wire 5.2: while waiting for a POST's first byte the server sends `100
-    Continue` every 10 s, so the preconnected publisher's connection stays alive."""
+    Continue` every 10 s (KEEPALIVE here), so the preconnected publisher's connection stays
+    alive."""
     proxy, _ = replicas
     channel = make_channel(redis_server)
     sock = preconnect(proxy, channel, 0, timeout=25)
     try:
-        interim = _read_head(sock)  # nothing sent yet: the keepalive comes after 10 s
+        interim = _read_head(sock)  # nothing sent yet: the keepalive comes after KEEPALIVE
         assert interim.split(b"\r\n")[0] == b"HTTP/1.1 100 Continue"
         sock.sendall(b"5\r\nhello\r\n0\r\n\r\n")
         final = _read_head(sock)
@@ -275,7 +280,7 @@ def test_the_keepalive_reaches_an_http2_publisher_too(replicas, redis_server):
                               (":authority", "x"), ("content-type", "video/MP2T")])  # fmt: skip
         sock.sendall(conn.data_to_send())
         statuses: list[bytes] = []
-        while not statuses:  # nothing sent yet: the keepalive comes after 10 s
+        while not statuses:  # nothing sent yet: the keepalive comes after KEEPALIVE
             data = sock.recv(65536)
             assert data, "connection closed"
             for event in conn.receive_data(data):
@@ -351,7 +356,7 @@ def test_lp_trickle_reset_releases_a_publisher_preconnected_to_an_earlier_segmen
                 url(writer, channel, 1), content=b"fresh", headers={"Lp-Trickle-Reset": "1"}
             )
         assert restarted.status_code == 200
-        head = _read_head(waiting).lower()  # before the 10 s keepalive: released, not kept
+        head = _read_head(waiting).lower()  # before the keepalive: released, not kept
     finally:
         waiting.close()
     assert head.split(b"\r\n")[0] == b"http/1.1 200 ok"

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -797,3 +798,13 @@ def test_a_grpc_go_client_gets_orchestrator_info(redis_server, chain_facts, tmp_
         )
     finally:
         stop_proxy(server)
+
+
+def test_sigterm_ends_the_proxy_after_its_own_cleanup(redis_server, fleet, tmp_path):
+    """uvicorn raises the signal again after its graceful stop; the proxy's handler takes it,
+    so the process ends by returning from its cleanup (exit 0, the last demand records
+    written), not killed by the signal's default action (-15)."""
+    server = start_proxy(tmp_path, redis_server, models=models_json(),
+                         endpoints={"runner-fleet": [fleet.url]})  # fmt: skip
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0, server.log.read_text()[-2000:]

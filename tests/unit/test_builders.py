@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kubepeer.api import AIModelSpec
-from kubepeer.controller import labels as L
+from kubepeer.contracts import labels as L
 from kubepeer.controller.builders import (
     Member,
     RunnerPlan,

@@ -18,10 +18,11 @@ from eth_utils import keccak
 from PIL import Image
 
 from gateway_rules import gateway_accepts
+from kubepeer.contracts.price_table import ModelPrice, ServedModel, Surge
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.proxy import discovery, grpc_unary
-from kubepeer.proxy.catalogue import Catalogue, ModelPrice, ServedModel, Surge, parse_catalogue
+from kubepeer.proxy.catalogue import Catalogue, parse_catalogue
 from kubepeer.proxy.credentials import (
     AuthSecret,
     CredentialsRefused,

@@ -15,11 +15,17 @@ from redis import Redis
 from test_proxy import SD, discovery_request, info_for, model
 
 from gateway_rules import gateway_accepts
+from gateway_sim import Gateway
+from kubepeer.contracts.price_table import ModelPrice
+from kubepeer.livepeer import net_pb2
 from kubepeer.payments.recipient import REDEEM_GAS_L2, RecipientSecret, issue_ticket_params
 from kubepeer.payments.rounds import ChainView
 from kubepeer.proxy import discovery
+from kubepeer.proxy.app import Proxy, ProxyConfig
 from kubepeer.proxy.billing import Billing
-from kubepeer.proxy.catalogue import Catalogue, ModelPrice
+from kubepeer.proxy.catalogue import Catalogue
+from kubepeer.proxy.credentials import AuthSecret
+from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
 
 
@@ -160,3 +166,40 @@ def test_the_tx_cost_share_is_redemption_gas_over_the_face_value_gateways_get(ga
     )  # fmt: skip
     # txCostMultiplier = faceValue / (redeemGas x gasPrice) (go-livepeer's recipient.go)
     assert billing.tx_cost_share() == Fraction(REDEEM_GAS_L2 * gas_price, params.face_value)
+
+
+def test_a_jobs_credentials_check_does_no_work_per_served_model():
+    """Issue 24: the job's SegData capabilities are checked against what we offer, built
+    once per catalogue or endpoint change, not walked per job (1,000 models cost 6.4 ms a
+    job). Counted in readiness lookups, one per served model per build."""
+    models = tuple(model(aimodel=f"m{i}", model_id=f"org/model-{i}") for i in range(1000))
+    catalogue = Catalogue("ns", models)
+    router = Router()
+    router.set_endpoints({"runner-m7": ("http://10.0.0.7:8000",)}, models)
+    lookups = []
+    ready = router.ready
+    router.ready = lambda m: lookups.append(m) or ready(m)  # type: ignore[method-assign]
+    secret = RecipientSecret(b"\x01" * 32)
+    proxy = Proxy(
+        ProxyConfig(public_url="https://o:8935"), catalogue=lambda: catalogue, router=router,
+        auth_secret=AuthSecret.generate(), results=ResultStore(Redis(port=1)),
+        billing=Billing(Redis(port=1), b"\x22" * 20, secret),  # never dialled here
+    )  # fmt: skip
+    gateway = Gateway()
+    info = net_pb2.OrchestratorInfo()
+    info.auth_token.CopyFrom(proxy.auth_secret.issue())
+    jobs = [  # headers by lowercased name, as the server hands them over
+        {name.lower(): value for name, value in
+         gateway.headers(info, 27, f"org/model-{i}", tickets=0, price=(1, 1)).items()}
+        for i in range(0, 1000, 10)
+    ]  # fmt: skip
+    for headers in jobs:
+        assert proxy._check_credentials(headers).sender == gateway.address
+    assert len(lookups) == 1000  # one build for 100 jobs
+    assert proxy.offered().warm[27]["org/model-7"]
+    assert not proxy.offered().warm[27]["org/model-8"]
+    proxy.endpoints_changed()  # a replica came or went: warm flags are built again, once
+    lookups.clear()
+    for headers in jobs:
+        proxy._check_credentials(headers)
+    assert len(lookups) == 1000

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 
 from kubepeer.api import AIModelSpec, AIModelStatus, Phase, PricingSpec
+from kubepeer.contracts.demand import Demand, idle_for
+from kubepeer.contracts.price_table import price_info
 from kubepeer.controller.prices import (
     PricingProblem,
     TableRow,
     ai_models_json,
     models_table,
-    price_info,
     resolve_price,
 )
 from kubepeer.controller.status import Observed, compute_status
-from kubepeer.demand import Demand, idle_for
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubepeer.api import API_VERSION, AIModelSpec, WarmPolicy
-from kubepeer.controller import labels as L
+from kubepeer.contracts import labels as L
 from kubepeer.controller.settings import OperatorSettings
 
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubepeer.api import AIModel, AIModelSpec, AIModelStatus, PricingSpec
-from kubepeer.controller import labels as L
+from kubepeer.contracts import labels as L
 from kubepeer.controller.builders import (
     Member,
     RunnerPlan,

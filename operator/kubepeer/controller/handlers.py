@@ -24,7 +24,8 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, Phase, WarmPolicy
-from kubepeer.controller import labels as L
+from kubepeer.contracts import labels as L
+from kubepeer.contracts.demand import claim_idle, idle_for, read_demand
 from kubepeer.controller.builders import build_priority_classes
 from kubepeer.controller.fleet import (
     Key,
@@ -39,7 +40,6 @@ from kubepeer.controller.fleet import (
 )
 from kubepeer.controller.kube import Kube
 from kubepeer.controller.settings import OperatorSettings
-from kubepeer.demand import claim_idle, idle_for, read_demand
 
 log = logging.getLogger(__name__)
 AIMODELS = (GROUP, VERSION, "aimodels")

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from kubepeer.api import GROUP, VERSION
-from kubepeer.controller import labels as L
+from kubepeer.contracts import labels as L
 from kubepeer.controller.builders import build_auth_secret
 from kubepeer.controller.settings import FIELD_MANAGER, OperatorSettings
 

@@ -6,32 +6,35 @@ Livepeer wire wants two int64s (pricePerUnit / pixelsPerUnit).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 from kubepeer.api import AIModelSpec, Currency, Price, PriceEntry, PricingSpec, WarmPolicy
 from kubepeer.api.pricing import ANY
+from kubepeer.contracts.price_table import (
+    ModelPrice,
+    PricingProblem,
+    ServedModel,
+    Surge,
+    price_info,
+    row_json,
+)
 from kubepeer.livepeer.capabilities import BILLING_UNIT, PIXELS_PER_UNIT, Unit, unit_fits
 
 WEI_PER_ETH = 10**18
-INT64_MAX = 2**63 - 1
-
-
-class PricingProblem(ValueError):
-    """No price applies to a model, and why."""
 
 
 @dataclass(frozen=True)
-class ModelPrice:
-    """What one model costs: wei per billed unit, by default and per gateway."""
+class CompiledPrice:
+    """What one model costs as its Pricing says it: wei per billed unit (per second of live
+    video, say), by default and per gateway; `table_price` is what the proxy serves."""
 
     unit: Unit
     wei_per_unit: Fraction
     gateways: dict[str, Fraction] = field(default_factory=dict)
     source: Price | None = None  # the price as the user wrote it, for aiModels.json
-    surge: dict[str, float] | None = None
+    surge: Surge | None = None
 
     # What gateways see: a price per second of live video is per 1280x720x30 pixels.
     @property
@@ -50,6 +53,12 @@ class ModelPrice:
     def wire_gateways(self) -> dict[str, Fraction]:
         return {a: w / self.pixels_per_unit for a, w in self.gateways.items()}
 
+    def table_price(self) -> CompiledPrice:
+        """The price table's price: wei per wire unit, gateways by address bytes."""
+        gateways = {bytes.fromhex(a.removeprefix("0x")): w for a, w in self.wire_gateways.items()}
+        return ModelPrice(wei_per_unit=self.wire_wei, gateways=gateways, surge=self.surge,
+                          unit=self.wire_unit.value)  # fmt: skip
+
 
 def wei_per_unit(price: Price, usd_per_eth: Fraction | None) -> Fraction:
     amount = Fraction(price.price_per_unit)
@@ -64,18 +73,6 @@ def wei_per_unit(price: Price, usd_per_eth: Fraction | None) -> Fraction:
                 raise PricingProblem("a USD price needs a usdPerEth conversion rate above 0")
             wei = amount * WEI_PER_ETH / rate
     return wei / price.pixels_per_unit
-
-
-def price_info(wei: Fraction) -> tuple[int, int]:
-    """(pricePerUnit, pixelsPerUnit) as int64s, the closest the wire can say `wei`."""
-    if wei > INT64_MAX:
-        raise PricingProblem(f"{float(wei):.3g} wei per unit is more than the wire can carry")
-    max_denominator = INT64_MAX if wei < 1 else INT64_MAX // math.ceil(wei)
-    best = wei.limit_denominator(max_denominator)
-    while best.numerator > INT64_MAX:  # rounding up may overshoot by a hair
-        max_denominator //= 2
-        best = wei.limit_denominator(max_denominator)
-    return best.numerator, best.denominator
 
 
 def _matches(entry: PriceEntry, spec: AIModelSpec) -> int | None:
@@ -95,7 +92,7 @@ def _best(entries: list[PriceEntry], spec: AIModelSpec) -> PriceEntry | None:
     return min(scored, key=lambda t: (-t[0], t[1]))[2] if scored else None
 
 
-def price_from_pricing(spec: AIModelSpec, pricing_name: str, pricing: PricingSpec) -> ModelPrice:
+def price_from_pricing(spec: AIModelSpec, pricing_name: str, pricing: PricingSpec) -> CompiledPrice:
     rate = Fraction(pricing.usd_per_eth) if pricing.usd_per_eth is not None else None
     default = _best([e for e in pricing.prices if e.gateway is None], spec)
     if default is None:
@@ -107,18 +104,24 @@ def price_from_pricing(spec: AIModelSpec, pricing_name: str, pricing: PricingSpe
         entries = [e for e in pricing.prices if e.gateway and e.gateway.lower() == address]
         if best := _best(entries, spec):
             gateways[address] = wei_per_unit(best, rate)
-    return ModelPrice(
+    return CompiledPrice(
         unit=default.unit or BILLING_UNIT[spec.pipeline],
         wei_per_unit=wei_per_unit(default, rate),
         gateways=gateways,
         source=default.model_copy(
             update={"usd_per_eth": default.usd_per_eth or pricing.usd_per_eth}
         ),
-        surge=pricing.surge.model_dump() if pricing.surge else None,
+        surge=_surge(pricing),
     )
 
 
-def resolve_price(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelPrice:
+def _surge(pricing: PricingSpec) -> Surge | None:
+    if pricing.surge is None:
+        return None
+    return Surge(pricing.surge.utilization_threshold, pricing.surge.max_multiplier)
+
+
+def resolve_price(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> CompiledPrice:
     """The price of one AIModel: inline, from the Pricing it names, or from any in its namespace.
 
     Raises PricingProblem when none applies or it cannot be advertised on the wire."""
@@ -128,10 +131,10 @@ def resolve_price(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelP
     return price
 
 
-def _resolve(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> ModelPrice:
+def _resolve(spec: AIModelSpec, pricings: dict[str, PricingSpec]) -> CompiledPrice:
     choice = spec.pricing
     if choice and choice.price:
-        return ModelPrice(
+        return CompiledPrice(
             unit=choice.price.unit or BILLING_UNIT[spec.pipeline],
             wei_per_unit=wei_per_unit(choice.price, None),
             source=choice.price,
@@ -156,46 +159,30 @@ class TableRow:
     aimodel: str
     spec: AIModelSpec
     runner: str
-    price: ModelPrice | None
+    price: CompiledPrice | None
 
 
 def model_entry(row: TableRow, runner_port: int) -> dict[str, Any]:
     """One model's row of the proxy's table (see DESIGN.md, "The proxy's inputs")."""
-    entry: dict[str, Any] = {
-        "aimodel": row.aimodel,
-        "pipeline": row.spec.pipeline.value,
-        "modelId": row.spec.model_id,
-        "capability": row.spec.pipeline.capability,
-        "runner": row.runner,
-        "port": runner_port,
-        "capacity": row.spec.capacity,
-        "warm": row.spec.warm.policy.value,
-        "maxReplicas": row.spec.warm.max_replicas,
-        "price": None,
-    }
-    if row.price:
-        num, den = price_info(row.price.wire_wei)
-        entry["price"] = {
-            "unit": row.price.wire_unit.value,
-            "weiPerUnit": _fraction(row.price.wire_wei),
-            "pricePerUnit": num,
-            "pixelsPerUnit": den,
-            "gateways": {a: _fraction(w) for a, w in row.price.wire_gateways.items()},
-            "surge": row.price.surge,
-        }
-    return entry
+    return row_json(
+        ServedModel(
+            aimodel=row.aimodel,
+            pipeline=row.spec.pipeline,
+            model_id=row.spec.model_id,
+            runner=row.runner,
+            port=runner_port,
+            capacity=row.spec.capacity,
+            on_demand=row.spec.warm.policy is WarmPolicy.ON_DEMAND,
+            max_replicas=row.spec.warm.max_replicas,
+            price=row.price.table_price() if row.price else None,
+        )
+    )
 
 
 def models_table(rows: list[TableRow], runner_port: int) -> dict[str, Any]:
     """Every row together, as `kubepeer table` prints it."""
     ordered = sorted(rows, key=lambda r: r.aimodel)
     return {"version": 1, "models": [model_entry(r, runner_port) for r in ordered]}
-
-
-def _fraction(value: Fraction) -> str:
-    return (
-        str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-    )
 
 
 def ai_models_json(rows: list[TableRow], proxy_url: str) -> list[dict[str, Any]]:

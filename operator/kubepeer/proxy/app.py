@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
+from kubepeer.contracts.price_table import ServedModel
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.wire import (
     PAYMENT_HEADER,
@@ -34,7 +35,7 @@ from kubepeer.livepeer.wire import (
 from kubepeer.proxy import discovery, grpc_unary, live, metrics
 from kubepeer.proxy.batch import BatchJob, JobLog
 from kubepeer.proxy.billing import Billing, PaymentRefused
-from kubepeer.proxy.catalogue import Catalogue, ServedModel
+from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import (
     AuthSecret,
     CredentialsRefused,
@@ -57,7 +58,7 @@ from kubepeer.proxy.jobs import (
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
-from kubepeer.proxy.trickle import TrickleServer, sweep_forever
+from kubepeer.proxy.trickle import KEEPALIVE_SECONDS, TrickleServer, sweep_forever
 from kubepeer.proxy.upstream import RunnerClient
 
 log = logging.getLogger("kubepeer.proxy")
@@ -86,6 +87,7 @@ class ProxyConfig:
     queue_timeout: float = 10.0
     hold_timeout: float = 900.0
     auto_adjust_price: bool = True  # go-livepeer's -autoAdjustPrice (default on)
+    trickle_keepalive: float = KEEPALIVE_SECONDS  # `100 Continue` to a waiting publisher
 
 
 class Waker:
@@ -148,10 +150,13 @@ class Proxy:
         self.store_reachable = store_reachable  # Redis answers: readiness needs it
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
         self.job_log = job_log or _logged
-        self.trickle = TrickleServer(live_video.store) if live_video else None
+        self.trickle = (TrickleServer(live_video.store, config.trickle_keepalive)
+                        if live_video else None)  # fmt: skip
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
         self._waking: set[str] = set()
+        self._endpoints_version = 0  # bumped by endpoints_changed
+        self._offered: tuple[Catalogue, int, discovery.Offered] | None = None
         self.jobs: set[asyncio.Task[None]] = set()  # jobs that went on in a task (batch.py)
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
@@ -260,8 +265,18 @@ class Proxy:
             utilization=self.router.group_utilization(group),
         )
 
-    def our_capabilities(self) -> net_pb2.Capabilities:
-        return discovery.capabilities(self.catalogue(), self.model_state, self.config.version)
+    def offered(self) -> discovery.Offered:
+        """What jobs' credentials are checked against, rebuilt only when the catalogue (a
+        new object on each change) or the endpoints have changed since the last build."""
+        catalogue = self.catalogue()
+        built_for = (catalogue, self._endpoints_version)
+        if (
+            self._offered is None
+            or self._offered[0] is not catalogue
+            or (self._offered[1] != self._endpoints_version)
+        ):
+            self._offered = (*built_for, discovery.offered(catalogue, self.router.ready))
+        return self._offered[2]
 
     async def get_orchestrator(self, raw: bytes) -> bytes:
         try:
@@ -410,7 +425,7 @@ class Proxy:
         except BadHeader:
             raise JobRefused(403, "ErrorSegEncoding") from None
         try:
-            compatible = discovery.compatible(seg.capabilities, self.our_capabilities())
+            compatible = discovery.compatible(seg.capabilities, self.offered())
             check_segment(seg, payment.sender, self.auth_secret, compatible)
         except CredentialsRefused as exc:
             raise JobRefused(403, str(exc)) from None
@@ -458,6 +473,7 @@ class Proxy:
 
     def endpoints_changed(self) -> None:
         """Called when runner endpoints change: a model that became ready is awake."""
+        self._endpoints_version += 1  # warm flags may have changed: `offered` is rebuilt
         for model in self.catalogue().models:
             if self.router.ready(model):
                 self._waking.discard(model.aimodel)

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError
 
+from kubepeer.contracts.price_table import ServedModel
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.livepeer.wire import AI_WORKER_AUTHORIZATION
 from kubepeer.payments.ledger import manifest_id
 from kubepeer.proxy import metrics
 from kubepeer.proxy.billing import PaymentRefused
-from kubepeer.proxy.catalogue import ServedModel
 from kubepeer.proxy.http1 import Reply, Respond
 from kubepeer.proxy.jobs import (
     INSUFFICIENT_CAPACITY,

@@ -3,9 +3,12 @@
 Everything the proxy needs from `kubepeer.payments` goes through `Billing`, so a change in
 the payments code is a change here only. The payments code judges a payment
 (`validate_payment`), credits it and checks the balance (`Ledger.admit`), remembers the
-prices offered to each sender (`Ledger.offer_price`: a payment without tickets must claim
-one of them, beyond go-livepeer, which trusts the claim), and issues params against the
-chain watcher's view of the chain (`load_view`).
+prices offered to each sender for each capability and model (`Ledger.offer_price`: every
+payment must claim one offered for its job's own model, beyond go-livepeer, which trusts a
+ticketless claim), issues params against the chain watcher's view of the chain
+(`load_view`), and judges senders by what the TicketBroker holds for them, as the payments
+process's sender watch read it (`senders.py`: the face value capped by the sender's max
+float, an unlocking sender's tickets refused). Every refusal is counted by its reason.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""What the proxy serves and charges: the operator's `models.json` (DESIGN.md, "The proxy's
-inputs"), read into typed values. The one module that knows that file's shape. Pure.
+"""What the proxy serves and charges: the operator's table (DESIGN.md, "The proxy's inputs"),
+its rows read by the contract's reader (`contracts.price_table.parse_row`), gathered into
+the catalogue jobs and discovery look models up in. Pure.
 """
 
 from __future__ import annotations
@@ -7,65 +8,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubepeer.controller.prices import price_info
+from kubepeer.contracts.price_table import CatalogueError, ServedModel, parse_row
 from kubepeer.livepeer.capabilities import Pipeline
 
 SUPPORTED_VERSION = 1
 log = logging.getLogger("kubepeer.proxy.catalogue")
-
-
-class CatalogueError(ValueError):
-    """models.json does not say what the proxy needs; the message names the entry and field."""
-
-
-@dataclass(frozen=True)
-class Surge:
-    utilization_threshold: float
-    max_multiplier: float
-
-    def multiplier(self, utilization: float) -> Fraction:
-        """1 up to the threshold, then linear to max_multiplier at full use."""
-        if utilization <= self.utilization_threshold:
-            return Fraction(1)
-        rise = (utilization - self.utilization_threshold) / (1 - self.utilization_threshold)
-        return Fraction(1) + Fraction(self.max_multiplier - 1) * Fraction(min(rise, 1.0))
-
-
-@dataclass(frozen=True)
-class ModelPrice:
-    wei_per_unit: Fraction
-    gateways: dict[bytes, Fraction] = field(default_factory=dict)
-    surge: Surge | None = None
-
-    def for_gateway(self, gateway: bytes, utilization: float = 0.0) -> Fraction:
-        base = self.gateways.get(gateway, self.wei_per_unit)
-        return base * (self.surge.multiplier(utilization) if self.surge else 1)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    aimodel: str
-    pipeline: Pipeline
-    model_id: str
-    runner: str  # the runner Service's name
-    port: int
-    capacity: int  # concurrent jobs per replica
-    on_demand: bool
-    max_replicas: int
-    price: ModelPrice | None  # None: not offered to gateways
-
-    @property
-    def capability(self) -> int:
-        return self.pipeline.capability
-
-    def charges(self, gateway: bytes) -> bool:
-        """Whether this model's jobs cost `gateway` anything: then a zero price pays none."""
-        return self.price is not None and self.price.for_gateway(gateway) > 0
 
 
 @dataclass(frozen=True)
@@ -93,66 +44,13 @@ class Catalogue:
         return [m for m in self.models if m.price is not None]
 
 
-def _fraction(text: str, where: str) -> Fraction:
-    try:
-        value = Fraction(text)
-    except (ValueError, ZeroDivisionError, TypeError):
-        raise CatalogueError(
-            f"{where}: {text!r} is not an exact number like '3' or '1/4'"
-        ) from None
-    if value < 0:
-        raise CatalogueError(f"{where}: {text!r} is negative")
-    return value
-
-
-def _price(raw: dict[str, Any] | None, where: str) -> ModelPrice | None:
-    if raw is None:
-        return None
-    wei = _fraction(raw["weiPerUnit"], f"{where}.weiPerUnit")
-    price_info(wei)  # refuses what the wire cannot carry
-    gateways = {}
-    for address, text in (raw.get("gateways") or {}).items():
-        gateways[bytes.fromhex(address.removeprefix("0x"))] = _fraction(
-            text, f"{where}.gateways[{address}]"
-        )
-    surge = raw.get("surge")
-    return ModelPrice(
-        wei_per_unit=wei,
-        gateways=gateways,
-        surge=Surge(surge["utilization_threshold"], surge["max_multiplier"]) if surge else None,
-    )
-
-
-def parse_model(entry: dict[str, Any], where: str) -> ServedModel:
-    """One model's row (a `model.json` of the operator's table ConfigMaps)."""
-    where = f"{where} ({entry.get('aimodel', '?')})"
-    try:
-        return ServedModel(
-            aimodel=entry["aimodel"],
-            pipeline=Pipeline(entry["pipeline"]),
-            model_id=entry["modelId"],
-            runner=entry["runner"],
-            port=int(entry["port"]),
-            capacity=int(entry["capacity"]),
-            on_demand=entry["warm"] == "OnDemand",
-            max_replicas=int(entry["maxReplicas"]),
-            price=_price(entry.get("price"), f"{where}.price"),
-        )
-    except KeyError as exc:
-        raise CatalogueError(f"{where}: missing field {exc.args[0]}") from None
-    except CatalogueError:
-        raise
-    except ValueError as exc:
-        raise CatalogueError(f"{where}: {exc}") from None
-
-
 def parse_catalogue(document: dict[str, Any], namespace: str) -> Catalogue:
     """A whole table in one document (`--models-file`): {"version": 1, "models": [...]}."""
     if document.get("version") != SUPPORTED_VERSION:
         raise CatalogueError(
             f"models.json version {document.get('version')!r} is not {SUPPORTED_VERSION}"
         )
-    models = [parse_model(e, f"models[{i}]") for i, e in enumerate(document.get("models", []))]
+    models = [parse_row(e, f"models[{i}]") for i, e in enumerate(document.get("models", []))]
     return Catalogue(namespace=namespace, models=tuple(models))
 
 
@@ -173,7 +71,7 @@ class TableRows:
             self.rows.pop(name, None)
         else:
             try:
-                self.rows[name] = parse_model(json.loads(data.get("model.json", "{}")), name)
+                self.rows[name] = parse_row(json.loads(data.get("model.json", "{}")), name)
             except (CatalogueError, json.JSONDecodeError) as exc:
                 log.error("ignoring ConfigMap %s: %s", name, exc)
                 self.rows.pop(name, None)

@@ -1,4 +1,4 @@
-"""DESIGN.md's demand records (kubepeer/demand.py), written off the request path.
+"""DESIGN.md's demand records (kubepeer/contracts/demand.py), written off the request path.
 
 Each job writes two records (its start and its end) and every job in flight is refreshed
 every ttl/3. Written one round trip at a time on the event loop they cost more than the
@@ -20,9 +20,9 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kubepeer import demand as demand_records
+from kubepeer.contracts import demand as demand_records
+from kubepeer.contracts.price_table import ServedModel
 from kubepeer.proxy.app import Demand
-from kubepeer.proxy.catalogue import ServedModel
 
 log = logging.getLogger("kubepeer.proxy")
 

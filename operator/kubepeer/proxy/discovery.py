@@ -7,14 +7,14 @@ utilisation for surge) and the ticket params; this module decides what the reply
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kubepeer.controller.prices import price_info
+from kubepeer.contracts.price_table import ServedModel, price_info
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
-from kubepeer.proxy.catalogue import Catalogue, ServedModel
+from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import go_address
 
 # go-livepeer's DefaultCapabilities(): H264, MPEGTS, MP4, FractionalFramerates, storage
@@ -197,22 +197,40 @@ def orchestrator_info(
                  priced_for=priced_for)  # fmt: skip
 
 
-def compatible(requested: net_pb2.Capabilities, ours: net_pb2.Capabilities) -> bool:
-    """The gateway's CompatibleWith, applied to a job's SegData capabilities (gateway-wire 1.4)."""
+@dataclass(frozen=True)
+class Offered:
+    """What a job's SegData capabilities are checked against: the capability bits we set
+    and, per capability, each model we offer and whether it is warm. It changes only with
+    the catalogue or the runner endpoints, so the proxy builds it once per change, not per
+    job (`capabilities` walks every served model, and asks Redis of each live one)."""
+
+    bitstring: tuple[int, ...]
+    warm: Mapping[int, Mapping[str, bool]]  # capability -> model id -> a replica is ready
+
+
+def offered(catalogue: Catalogue, ready: Callable[[ServedModel], bool]) -> Offered:
+    """Several AIModels serving one (pipeline, model id) are one offer, warm if any is."""
+    models = served(catalogue)
+    warm: dict[int, dict[str, bool]] = {}
+    for model in models:
+        by_model = warm.setdefault(model.capability, {})
+        by_model[model.model_id] = by_model.get(model.model_id, False) or ready(model)
+    bits = bitstring(sorted({*DEFAULT_CAPABILITIES, *(m.capability for m in models)}))
+    return Offered(tuple(bits), warm)
+
+
+def compatible(requested: net_pb2.Capabilities, ours: Offered) -> bool:
+    """The gateway's CompatibleWith, applied to a job's SegData capabilities (gateway-wire
+    1.4). We set no mandatory capabilities, so the mandatories' check always passes."""
     for i, word in enumerate(requested.bitstring):
         have = ours.bitstring[i] if i < len(ours.bitstring) else 0
         if word & ~have:
             return False
-    mandatory_bits = list(requested.bitstring)
-    for i, word in enumerate(ours.mandatories):
-        have = mandatory_bits[i] if i < len(mandatory_bits) else 0
-        if word & ~have:
-            return False
     for cap, wanted in requested.constraints.per_capability.items():
-        offered = ours.constraints.per_capability.get(cap)
+        offered_models = ours.warm.get(cap)
         for model, constraint in wanted.models.items():
-            if offered is None or model not in offered.models:
+            if offered_models is None or model not in offered_models:
                 return False
-            if constraint.warm and not offered.models[model].warm:
+            if constraint.warm and not offered_models[model]:
                 return False
     return True

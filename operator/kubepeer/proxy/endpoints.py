@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kubepeer.controller.labels import RUNNER
+from kubepeer.contracts.labels import RUNNER
 
 log = logging.getLogger("kubepeer.proxy.endpoints")
 

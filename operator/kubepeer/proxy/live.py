@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from kubepeer.contracts.price_table import ServedModel
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import LIVE_PIXELS_PER_SECOND, Pipeline
 from kubepeer.livepeer.wire import (
@@ -46,7 +47,6 @@ from kubepeer.livepeer.wire import (
 from kubepeer.payments.ledger import manifest_id
 from kubepeer.proxy import discovery, metrics
 from kubepeer.proxy.billing import PaymentRefused
-from kubepeer.proxy.catalogue import ServedModel
 from kubepeer.proxy.credentials import CredentialsRefused, check_segment
 from kubepeer.proxy.jobs import (
     STORE_UNAVAILABLE,
@@ -535,7 +535,7 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
     except BadHeader:
         return PlainTextResponse("ErrorSegEncoding\n", 403)
     try:
-        compatible = discovery.compatible(seg.capabilities, proxy.our_capabilities())
+        compatible = discovery.compatible(seg.capabilities, proxy.offered())
         check_segment(seg, payment.sender, proxy.auth_secret, compatible)
     except CredentialsRefused as exc:
         return PlainTextResponse(f"{exc}\n", 403)

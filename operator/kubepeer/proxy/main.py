@@ -17,18 +17,13 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
-from kubepeer.controller.labels import TABLE, WOKEN_AT
+from kubepeer.contracts.labels import TABLE, WOKEN_AT
+from kubepeer.contracts.price_table import CatalogueError, ServedModel
 from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import JobLog, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
-from kubepeer.proxy.catalogue import (
-    Catalogue,
-    CatalogueError,
-    ServedModel,
-    TableRows,
-    load_catalogue,
-)
+from kubepeer.proxy.catalogue import Catalogue, TableRows, load_catalogue
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
@@ -37,7 +32,7 @@ from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
 from kubepeer.proxy.server import SERVERS, hypercorn_config, serve
-from kubepeer.proxy.trickle import TrickleStore
+from kubepeer.proxy.trickle import KEEPALIVE_SECONDS, TrickleStore
 
 log = logging.getLogger("kubepeer.proxy")
 
@@ -79,6 +74,7 @@ class ProxyArgs:
     live_payment_interval: float = 5.0
     offchain_gateways: bool = False
     live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
+    trickle_keepalive: float = KEEPALIVE_SECONDS  # `100 Continue` to a waiting publisher
 
 
 _stdlib_line = json.JSONEncoder(default=str).encode
@@ -279,6 +275,7 @@ def build(
         hold_timeout=args.hold_timeout,
         auto_adjust_price=args.auto_adjust_price,
         offchain_gateways=args.offchain_gateways,
+        trickle_keepalive=args.trickle_keepalive,
     )
     demand = BatchedDemand(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
@@ -352,9 +349,9 @@ def build(
 def run_proxy(args: ProxyArgs) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
-    # Our JSON lines carry none of a record's source, thread or process fields, so they are
-    # not gathered (the logging HOWTO's "Optimization"): a log line is written per job.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    # Our JSON lines carry none of a record's thread or process fields, so they are not
+    # gathered (the logging HOWTO's "Optimization"). The job's own line skips `logging`
+    # altogether (JobLines), so the caller's frame is still looked up for the rest.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     api_client = None

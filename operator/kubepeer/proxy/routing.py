@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kubepeer.proxy.catalogue import ServedModel
+from kubepeer.contracts.price_table import ServedModel
 
 
 class NoCapacity(Exception):

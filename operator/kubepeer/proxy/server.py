@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import signal
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ def hypercorn_config(
 async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = SERVERS[0]) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish."""
     if server == "uvicorn":
-        await uvicorn_server(app, config, getattr(app, "lean_jobs", None)).serve()
+        with stop_signals_handled():
+            await uvicorn_server(app, config, getattr(app, "lean_jobs", None)).serve()
         return
     from hypercorn.asyncio import serve as hypercorn_serve
 
@@ -179,15 +181,23 @@ def uvicorn_server(
         proxy_headers=False,  # nothing here reads the client's address: skip the rewrite
     )
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Generator[None, None, None]:
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    # uvicorn raises the signal again after a graceful stop, which would
-                    # kill the process before the proxy's own cleanup (demand records).
-                    self._captured_signals.clear()
+    return uvicorn.Server(config)
 
-    return Server(config)
+
+@contextlib.contextmanager
+def stop_signals_handled() -> Generator[None, None, None]:
+    """SIGTERM and SIGINT answered by a handler that does nothing while the server runs.
+
+    uvicorn stops gracefully on them, restores the handlers it found, then raises the signal
+    again: with the default handlers that would kill the process before the proxy's own
+    cleanup (the last demand records). With these, the signal is noted and ignored, and the
+    process ends once its cleanup has run. (Signals are the main thread's only.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -1,4 +1,5 @@
-"""Labels, annotations and names that tie runners to AIModels: the contract the proxy reads."""
+"""Labels, annotations and names that tie runners to AIModels: what the operator writes and the
+proxy reads."""
 
 from __future__ import annotations
 
