@@ -68,8 +68,9 @@ from kubepeer.payments.rounds import ChainView  # noqa: E402
 from kubepeer.payments.sender import SenderInfo  # noqa: E402
 from kubepeer.payments.senders import SenderWatch  # noqa: E402
 from kubepeer.payments.watcher import save_view  # noqa: E402
-from kubepeer.proxy.main import ProxyArgs, build  # noqa: E402
+from kubepeer.proxy.main import build  # noqa: E402
 from kubepeer.proxy.server import SERVERS, self_signed  # noqa: E402
+from kubepeer.proxy.settings import ProxySettings  # noqa: E402
 
 MODEL = "kubepeer-bench/fast"
 BODY = {"prompt": "x", "height": 8, "width": 8, "model_id": MODEL}
@@ -461,7 +462,7 @@ async def hold_overhead(work: Path, redis_url: str, runner: str, jobs: int) -> l
     }]}  # fmt: skip
     (work / "cold-models.json").write_text(json.dumps(models))
     (work / "cold-endpoints.json").write_text("{}")
-    args = ProxyArgs(
+    args = ProxySettings(
         bind="127.0.0.1:0", public_url="http://127.0.0.1:0", namespace="bench-hold",
         redis_url=redis_url, models_file=work / "cold-models.json",
         endpoints_file=work / "cold-endpoints.json", payments=False,
@@ -491,7 +492,7 @@ async def hold_overhead(work: Path, redis_url: str, runner: str, jobs: int) -> l
 
 async def discovery_server_time(work: Path, redis_url: str, calls: int) -> list[float]:
     """GetOrchestrator's handler, timed in-process with payments on (no TLS, no framing)."""
-    args = ProxyArgs(
+    args = ProxySettings(
         bind="127.0.0.1:0", public_url="https://127.0.0.1:0", namespace="bench",
         redis_url=redis_url, models_file=work / "models.json",
         endpoints_file=work / "endpoints.json", recipient="0x" + "5a" * 20,

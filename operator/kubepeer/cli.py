@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kubepeer import __version__
-from kubepeer.proxy.server import SERVERS  # the standard library only: --help stays light
 
 Command = Callable[[argparse.Namespace], int]
 CHART_HEADER = (
@@ -158,46 +157,31 @@ def _payments(args: argparse.Namespace) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from kubepeer.proxy.main import ProxyArgs, run_proxy
+    from kubepeer.proxy.main import run_proxy
 
-    return run_proxy(
-        ProxyArgs(
-            bind=args.bind,
-            public_url=args.public_url,
-            namespace=args.namespace,
-            models_file=args.models_file,
-            redis_url=args.redis_url,
-            endpoints_file=args.endpoints_file,
-            plaintext=args.plaintext,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            auth_secret_file=args.auth_secret_file,
-            recipient=args.recipient,
-            recipient_secret_file=args.recipient_secret_file,
-            payments=not args.no_payments,
-            bearer_token_file=args.bearer_token_file,
-            runner_token_file=args.runner_token_file,
-            max_body_bytes=args.max_body_bytes,
-            read_timeout=args.read_timeout,
-            max_queue=args.max_queue,
-            queue_timeout=args.queue_timeout,
-            hold_timeout=args.hold_timeout,
-            version=args.livepeer_version,
-            wake=not args.no_wake,
-            demand_ttl=args.demand_ttl,
-            redis_timeout=args.redis_timeout,
-            trickle_keepalive=args.trickle_keepalive,
-            metrics_port=args.metrics_port,
-            gas_price=args.gas_price,
-            evs_per_win=args.evs_per_win,
-            server=args.server,
-            auto_adjust_price=not args.no_auto_adjust_price,
-            runner_trickle_url=args.trickle_url_for_runner,
-            live_payment_interval=args.live_payment_interval,
-            offchain_gateways=args.offchain_gateways,
-            live_lease_seconds=args.live_lease_seconds,
-        )
-    )
+    return run_proxy(args.settings(args))
+
+
+def _settings_flags(parser: argparse.ArgumentParser, module: str, name: str) -> None:
+    """The command's flags from its settings model. Where its extra is not installed (the
+    base package alone), the command takes any arguments and says what is missing."""
+    import importlib
+
+    from kubepeer.flags import add_flags, settings_from
+
+    try:
+        model = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        missing = exc
+
+        def unavailable(_: argparse.Namespace) -> object:
+            raise missing
+
+        # Its flags cannot be known: main() lets them through, and running says why.
+        parser.set_defaults(settings=unavailable, lacks_extra=True)
+        return
+    add_flags(parser, model)
+    parser.set_defaults(settings=lambda args: settings_from(parser, args, model))
 
 
 def _redis_url() -> dict[str, object]:
@@ -316,102 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     pay.set_defaults(run=_payments)
 
     px = commands.add_parser(
-        "proxy", help="serve gateways: discovery (gRPC) and jobs (HTTP) on one TLS port"
-    )
-    px.add_argument("--bind", default="0.0.0.0:8935", help="host:port to listen on")
-    px.add_argument("--public-url", required=True, help="our service URI, as gateways dial it")
-    px.add_argument("--namespace", required=True, help="the namespace of the AIModels served")
-    px.add_argument(
-        "--models-file", type=Path,
-        help="one models.json ({version, models}) instead of watching the operator's table",
+        "proxy", help="serve gateways: discovery (gRPC) and jobs (HTTP) on one TLS port",
+        description="Settings come from these flags, else KUBEPEER_<FIELD> in the env (e.g. "
+        "KUBEPEER_REDIS_URL), else their defaults.",
     )  # fmt: skip
-    px.add_argument(
-        "--redis-url", **_redis_url(),
-        help="ledger, results, demand records (default: $KUBEPEER_REDIS_URL)",
-    )  # fmt: skip
-    px.add_argument(
-        "--endpoints-file", type=Path,
-        help="static ready URLs per runner Service (JSON) instead of watching EndpointSlices",
-    )  # fmt: skip
-    px.add_argument("--plaintext", action="store_true", help="h2c: TLS ends at the ingress")
-    px.add_argument(
-        "--server", choices=SERVERS, default=SERVERS[0],
-        help="the HTTP server under the one port (measured: hack/bench/proxy.py)",
-    )  # fmt: skip
-    px.add_argument("--tls-cert", type=Path, help="certificate (a Secret); default: self-signed")
-    px.add_argument("--tls-key", type=Path, help="its key (a Secret)")
-    px.add_argument("--auth-secret-file", type=Path, help="auth token HMAC key shared by replicas")
-    px.add_argument(
-        "--recipient",
-        help="our address (0x...): the ticket recipient; with --no-payments only advertised "
-        "in discovery (default there: the zero address, as an offchain go-livepeer sends)",
-    )  # fmt: skip
-    px.add_argument("--recipient-secret-file", type=Path, help="recipientRand secret (a Secret)")
-    px.add_argument("--no-payments", action="store_true", help="private mode: bearer token only")
-    px.add_argument("--bearer-token-file", type=Path, help="private mode's token (a Secret)")
-    px.add_argument(
-        "--offchain-gateways", action="store_true",
-        help="private mode: also admit jobs as an offchain go-livepeer does (an auth token from "
-        "our discovery, no signature; the gateway SDK's offchain mode). Only where the network "
-        "limits who reaches the proxy",
-    )  # fmt: skip
-    px.add_argument("--runner-token-file", type=Path, help="the runners' AUTH_TOKEN (a Secret)")
-    px.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
-    px.add_argument(
-        "--read-timeout", type=float, default=60.0,
-        help="seconds for a request's head and body to arrive whole, else 408 (Go's "
-        "ReadTimeout); bodies over 1 MiB are read only once their credentials pass",
-    )  # fmt: skip
-    px.add_argument("--max-queue", type=int, default=8, help="jobs waiting per model")
-    px.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a job waits")
-    px.add_argument("--hold-timeout", type=float, default=900.0, help="seconds held while waking")
-    px.add_argument("--livepeer-version", default="0.9.1", help="protocol version advertised")
-    px.add_argument("--no-wake", action="store_true", help="never scale OnDemand models up")
-    px.add_argument(
-        "--no-auto-adjust-price", action="store_true",
-        help="quote prices exactly, not raised by the ticket redemption cost as go-livepeer does",
-    )  # fmt: skip
-    px.add_argument(
-        "--gas-price", type=int, default=10**7,
-        help="wei per gas a winning ticket's redemption is sized for (Arbitrum: ~0.01 gwei)",
-    )  # fmt: skip
-    px.add_argument(
-        "--evs-per-win", type=int, default=100,
-        help="a winning ticket's face value in ticket EVs: tickets win with probability 1/N "
-        "(default 100; a dev chain's demo uses 2 to see winners after a few jobs)",
-    )  # fmt: skip
-    px.add_argument(
-        "--demand-ttl", type=float, default=60.0,
-        help="seconds a demand record outlives this proxy's last heartbeat",
-    )  # fmt: skip
-    px.add_argument(
-        "--metrics-port", type=int, default=0,
-        help="serve Prometheus metrics on this port, never the gateway-facing one (0: off)",
-    )  # fmt: skip
-    px.add_argument(
-        "--trickle-keepalive", type=float, default=10.0,
-        help="seconds between the `100 Continue`s sent to a trickle publisher waiting to send "
-        "its first byte (go-livepeer's 10 s)",
-    )  # fmt: skip
-    px.add_argument(
-        "--redis-timeout", type=float, default=2.0,
-        help="seconds a Redis command may take before the job or discovery is refused "
-        "(503, gRPC UNAVAILABLE) rather than held",
-    )  # fmt: skip
-    px.add_argument(
-        "--trickle-url-for-runner",
-        help="base URL runners reach our trickle channels at (default: --public-url), "
-        "as go-livepeer's -liveAITrickleHostForRunner",
-    )  # fmt: skip
-    px.add_argument(
-        "--live-payment-interval", type=float, default=5.0,
-        help="seconds between a live stream's debits (go-livepeer's LivePaymentInterval)",
-    )  # fmt: skip
-    px.add_argument(
-        "--live-lease-seconds", type=float, default=30.0,
-        help="a live stream's watcher renews its lease this often x3; another replica adopts "
-        "the stream once it lapses",
-    )  # fmt: skip
+    _settings_flags(px, "kubepeer.proxy.settings", "ProxySettings")
     px.set_defaults(run=_proxy)
 
     protos = commands.add_parser("protos", help="regenerate livepeer/net_pb2.py from net.proto")
@@ -421,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "lacks_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     run: Command = args.run
     return run(args)
 

@@ -254,3 +254,35 @@ def test_the_proxys_metrics_are_kept_off_the_gateway_facing_port():
 
     parsed = build_parser().parse_args([*_proxy_args(objects), "--redis-url", "redis://r:6379"])
     assert parsed.metrics_port == 9101
+
+
+# values.yaml key under `proxy` -> ProxySettings field, each a default written in both places
+# only because Helm needs its own: they must say the same.
+PROXY_DEFAULTS = {
+    "maxQueue": "max_queue", "queueTimeoutSeconds": "queue_timeout",
+    "holdTimeoutSeconds": "hold_timeout", "gasPrice": "gas_price", "payments": "payments",
+    "live.paymentIntervalSeconds": "live_payment_interval",
+    "live.leaseSeconds": "live_lease_seconds", "live.offchainGateways": "offchain_gateways",
+}  # fmt: skip
+
+
+def test_the_charts_proxy_defaults_are_the_proxys_own():
+    from kubepeer.proxy.settings import ProxySettings
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["proxy"]
+    for key, field in PROXY_DEFAULTS.items():
+        value = values
+        for part in key.split("."):
+            value = value[part]
+        assert value == ProxySettings.model_fields[field].default, (key, value)
+    # The one default the chart changes on purpose: metrics on, on their own port.
+    assert ProxySettings.model_fields["metrics_port"].default == 0
+    assert values["metricsPort"] == 9101
+    # And what the chart passes makes valid settings.
+    from kubepeer.cli import build_parser
+
+    args = build_parser().parse_args(
+        [*_proxy_args(render(*REQUIRED)), "--redis-url", "redis://r:6379"]
+    )
+    settings = args.settings(args)
+    assert (settings.max_queue, settings.metrics_port, settings.payments) == (8, 9101, True)

@@ -31,9 +31,10 @@ from kubepeer.proxy.credentials import (
 )
 from kubepeer.proxy.endpoints import EndpointTable
 from kubepeer.proxy.jobs import runner_error
-from kubepeer.proxy.main import ProxyArgs, orchestrator_address
+from kubepeer.proxy.main import orchestrator_address
 from kubepeer.proxy.results import gateway_fields, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router
+from kubepeer.proxy.settings import ProxySettings
 from kubepeer.proxy.units import UnitsError, billed_units
 
 N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -161,7 +162,7 @@ def test_discovery_sends_a_20_byte_address_a_default_gateway_does_not_blocklist(
 ):
     """gateway-wire 1.5: a default -orchBlocklist is [""], matched against hex(address), so an
     empty address drops us from every go-livepeer gateway with default flags."""
-    args = ProxyArgs(bind="", public_url="https://o.example:8935", namespace="ns",
+    args = ProxySettings(bind="", public_url="https://o.example:8935", namespace="ns",
                      redis_url="redis://127.0.0.1:1", payments=payments,
                      offchain_gateways=offchain, recipient=recipient)  # fmt: skip
     assert orchestrator_address(args) == address
@@ -182,7 +183,7 @@ def test_an_empty_address_is_what_a_default_gateway_blocklists():
 
 @pytest.mark.parametrize("bad", ["0x1234", "0x" + "zz" * 20, "ab" * 21, "0x" + "ab" * 20 + " "])
 def test_a_bad_recipient_address_stops_the_proxy_naming_the_flag_and_value(bad):
-    args = ProxyArgs(bind="", public_url="https://o:1", namespace="ns", redis_url="redis://x",
+    args = ProxySettings(bind="", public_url="https://o:1", namespace="ns", redis_url="redis://x",
                      payments=False, recipient=bad)  # fmt: skip
     with pytest.raises(SystemExit) as stopped:
         orchestrator_address(args)

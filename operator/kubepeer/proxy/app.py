@@ -49,7 +49,6 @@ from kubepeer.proxy.jobs import (
     BATCH_PIPELINES,
     INSUFFICIENT_CAPACITY,
     LARGE_BODY,
-    READ_TIMEOUT,
     STORE_UNAVAILABLE,
     JobRefused,
     declared_large,
@@ -57,8 +56,9 @@ from kubepeer.proxy.jobs import (
 )
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import NoCapacity, Router, Slot
+from kubepeer.proxy.settings import ProxySettings
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
-from kubepeer.proxy.trickle import KEEPALIVE_SECONDS, TrickleServer, sweep_forever
+from kubepeer.proxy.trickle import TrickleServer, sweep_forever
 from kubepeer.proxy.upstream import RunnerClient
 
 log = logging.getLogger("kubepeer.proxy")
@@ -71,23 +71,30 @@ def _logged(message: str, fields: dict[str, Any]) -> None:
     log.info(message, extra=fields)
 
 
+def _default(name: str) -> Any:
+    """A setting's default, written once, in ProxySettings."""
+    return ProxySettings.model_fields[name].get_default(call_default_factory=True)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
+    """What the app needs of the proxy's settings, with the secrets they name read."""
+
     public_url: str  # our service URI: `transcoder` in discovery, the host of result URLs
-    version: str = "0.9.1"  # the go-livepeer protocol version we speak (gateways compare it)
-    payments: bool = True
+    version: str = _default("livepeer_version")  # the go-livepeer version gateways compare
+    payments: bool = _default("payments")
     bearer_token: str | None = None  # payments off: what a private gateway presents
     # payments off: also admit gateways as an offchain go-livepeer does (a Livepeer-Segment
     # with an auth token from our discovery, no signature): the Livepeer gateway SDK's way
-    offchain_gateways: bool = False
+    offchain_gateways: bool = _default("offchain_gateways")
     runner_token: str | None = None  # the runners' AUTH_TOKEN
-    max_body_bytes: int = 64 * 1024 * 1024
-    read_timeout: float = READ_TIMEOUT  # a request's head and body arrive within it, or 408
-    max_queue: int = 8
-    queue_timeout: float = 10.0
-    hold_timeout: float = 900.0
-    auto_adjust_price: bool = True  # go-livepeer's -autoAdjustPrice (default on)
-    trickle_keepalive: float = KEEPALIVE_SECONDS  # `100 Continue` to a waiting publisher
+    max_body_bytes: int = _default("max_body_bytes")
+    read_timeout: float = _default("read_timeout")  # head and body arrive within it, or 408
+    max_queue: int = _default("max_queue")
+    queue_timeout: float = _default("queue_timeout")
+    hold_timeout: float = _default("hold_timeout")
+    auto_adjust_price: bool = _default("auto_adjust_price")  # go-livepeer's -autoAdjustPrice
+    trickle_keepalive: float = _default("trickle_keepalive")  # `100 Continue` to a publisher
 
 
 class Waker:

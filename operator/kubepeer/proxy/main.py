@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,54 +26,16 @@ from kubepeer.proxy.catalogue import Catalogue, TableRows, load_catalogue
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
-from kubepeer.proxy.jobs import READ_TIMEOUT
 from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
-from kubepeer.proxy.server import SERVERS, hypercorn_config, serve
-from kubepeer.proxy.trickle import KEEPALIVE_SECONDS, TrickleStore
+from kubepeer.proxy.server import hypercorn_config, serve
+from kubepeer.proxy.settings import ProxySettings
+from kubepeer.proxy.trickle import TrickleStore
 
 log = logging.getLogger("kubepeer.proxy")
 
 RELOAD_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class ProxyArgs:
-    bind: str
-    public_url: str
-    namespace: str
-    redis_url: str
-    models_file: Path | None = None  # one models.json instead of watching the table ConfigMaps
-    endpoints_file: Path | None = None  # a static endpoint table instead of the watch
-    plaintext: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    auth_secret_file: Path | None = None
-    recipient: str | None = None
-    recipient_secret_file: Path | None = None
-    payments: bool = True
-    bearer_token_file: Path | None = None
-    runner_token_file: Path | None = None
-    max_body_bytes: int = 64 * 1024 * 1024
-    read_timeout: float = READ_TIMEOUT  # a request's head and body arrive within it, or 408
-    max_queue: int = 8
-    queue_timeout: float = 10.0
-    hold_timeout: float = 900.0
-    version: str = "0.9.1"
-    wake: bool = True
-    gas_price: int = 10**7  # wei: what redeeming a winning ticket is sized for
-    evs_per_win: int = 100  # a winning ticket's worth in ticket EVs: 1/win probability
-    demand_ttl: float = 60.0  # a crashed proxy's demand record dies this long after its last beat
-    redis_timeout: float = 2.0  # a Redis command slower than this fails (503 / UNAVAILABLE)
-    metrics_port: int = 0  # Prometheus metrics on their own port (0: not served)
-    server: str = SERVERS[0]
-    auto_adjust_price: bool = True
-    runner_trickle_url: str | None = None  # where runners reach our trickle channels
-    live_payment_interval: float = 5.0
-    offchain_gateways: bool = False
-    live_lease_seconds: float = 30.0  # a dead replica's streams are adopted after this
-    trickle_keepalive: float = KEEPALIVE_SECONDS  # `100 Continue` to a waiting publisher
 
 
 _stdlib_line = json.JSONEncoder(default=str).encode
@@ -190,7 +151,7 @@ def _secret_bytes(path: Path | None) -> bytes | None:
     return path.read_bytes().strip() if path else None
 
 
-def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveService:
+def build_live(args: ProxySettings, redis: Redis, billing: Billing | None) -> LiveService:
     from redis.asyncio import Redis as AsyncRedis
 
     ledger = None
@@ -201,7 +162,7 @@ def build_live(args: ProxyArgs, redis: Redis, billing: Billing | None) -> LiveSe
         TrickleStore(AsyncRedis.from_url(args.redis_url)),
         LiveCapacity(redis, args.namespace, args.live_lease_seconds),
         public_url=args.public_url,
-        runner_base_url=args.runner_trickle_url,
+        runner_base_url=args.trickle_url_for_runner,
         ledger=ledger,
         interval=args.live_payment_interval,
     )
@@ -220,7 +181,7 @@ def redis_pinger(redis: AsyncRedis, timeout: float = 1.0) -> Callable[[], Awaita
     return reachable
 
 
-def orchestrator_address(args: ProxyArgs) -> bytes:
+def orchestrator_address(args: ProxySettings) -> bytes:
     """OrchestratorInfo.address, always 20 bytes as go-livepeer sends it: the ticket
     recipient; with payments off, --recipient if given, else the zero address (an empty
     one matches a go-livepeer gateway's default blocklist, gateway-wire 1.5)."""
@@ -233,7 +194,7 @@ def orchestrator_address(args: ProxyArgs) -> bytes:
 
 
 def build(
-    args: ProxyArgs, api_client: Any | None = None, job_log: JobLog | None = None
+    args: ProxySettings, api_client: Any | None = None, job_log: JobLog | None = None
 ) -> tuple[Proxy, Callable[[], Any]]:
     """The Proxy and the coroutine factory that keeps its inputs current."""
     redis = Redis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
@@ -264,7 +225,7 @@ def build(
     runner_token = _secret_bytes(args.runner_token_file)
     config = ProxyConfig(
         public_url=args.public_url.rstrip("/"),
-        version=args.version,
+        version=args.livepeer_version,
         payments=args.payments,
         bearer_token=bearer.decode() if bearer else None,
         runner_token=runner_token.decode() if runner_token else None,
@@ -346,7 +307,7 @@ def build(
     return proxy, keep_current
 
 
-def run_proxy(args: ProxyArgs) -> int:
+def run_proxy(args: ProxySettings) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
     # Our JSON lines carry none of a record's thread or process fields, so they are not
