@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,28 +131,9 @@ def _protos(args: argparse.Namespace) -> int:
 
 
 def _payments(args: argparse.Namespace) -> int:
-    from kubepeer.payments.ledger import WINNING_STREAM
-    from kubepeer.payments.main import PaymentsConfig, run_payments
+    from kubepeer.payments.main import run_payments
 
-    return run_payments(
-        PaymentsConfig(
-            redis_url=args.redis_url,
-            rpc_url_file=args.rpc_url_file,
-            keystore=args.keystore,
-            password_file=args.password_file,
-            network=args.network,
-            controller=args.controller,
-            consumer=args.consumer,
-            stream=args.stream or WINNING_STREAM,
-            max_fee_per_gas=args.max_fee_per_gas,
-            stuck_after=args.stuck_after,
-            confirmations=args.confirmations,
-            reward=args.reward,
-            once=args.once,
-            metrics_port=args.metrics_port,
-            lease_namespace=args.lease_namespace,
-        )
-    )
+    return run_payments(args.settings(args))
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -182,12 +162,6 @@ def _settings_flags(parser: argparse.ArgumentParser, module: str, name: str) -> 
         return
     add_flags(parser, model)
     parser.set_defaults(settings=lambda args: settings_from(parser, args, model))
-
-
-def _redis_url() -> dict[str, object]:
-    """A Redis URL may hold a password: from a Secret through the env, never a flag."""
-    url = os.environ.get("KUBEPEER_REDIS_URL")
-    return {"default": url} if url else {"required": True}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,38 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--namespace", "-n", required=True, help="the AIModels' namespace")
     table.set_defaults(run=_ai_models_json)
 
-    pay = commands.add_parser("payments", help="redeem winning tickets on the TicketBroker")
-    pay.add_argument(
-        "--redis-url", **_redis_url(), help="the ledger's Redis (default: $KUBEPEER_REDIS_URL)"
-    )
-    pay.add_argument(
-        "--rpc-url-file", type=Path,
-        help="file (a Secret) holding the JSON-RPC URL of Arbitrum or a dev chain; "
-        "default: $KUBEPEER_RPC_URL. Never a flag: providers put API keys in it",
+    pay = commands.add_parser(
+        "payments", help="redeem winning tickets on the TicketBroker",
+        allow_abbrev=False,  # a guessed --rpc-url would be --rpc-url-file, with the key in it
+        description="Settings come from these flags, else KUBEPEER_<FIELD> in the env (e.g. "
+        "KUBEPEER_REDIS_URL), else their defaults.",
     )  # fmt: skip
-    pay.add_argument("--keystore", type=Path, required=True, help="encrypted key (a Secret)")
-    pay.add_argument("--password-file", type=Path, required=True, help="its password (a Secret)")
-    pay.add_argument("--network", choices=["arbitrum-one", "dev"], default="arbitrum-one")
-    pay.add_argument("--controller", help="Livepeer Controller address (default: Arbitrum One's)")
-    pay.add_argument("--consumer", default="redeemer-0", help="stream consumer name")
-    pay.add_argument("--stream", help="Redis stream of winning tickets (default: the ledger's)")
-    pay.add_argument(
-        "--max-fee-per-gas", type=int, default=10**9,
-        help="wei per gas, the EIP-1559 ceiling (default 1 gwei, for Arbitrum One)",
-    )  # fmt: skip
-    pay.add_argument(
-        "--stuck-after", type=float, default=30.0,
-        help="seconds before an unmined transaction is replaced with higher fees",
-    )  # fmt: skip
-    pay.add_argument("--reward", action="store_true", help="call reward() once per round")
-    pay.add_argument("--confirmations", type=int, default=1, help="blocks before redeemed")
-    pay.add_argument("--once", action="store_true", help="handle what is queued, then exit")
-    pay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    pay.add_argument("--lease-namespace", help="hold a Lease here so one redeemer acts")
+    _settings_flags(pay, "kubepeer.payments.settings", "PaymentsSettings")
     pay.set_defaults(run=_payments)
 
     px = commands.add_parser(
         "proxy", help="serve gateways: discovery (gRPC) and jobs (HTTP) on one TLS port",
+        allow_abbrev=False,  # no flag guessed from a prefix
         description="Settings come from these flags, else KUBEPEER_<FIELD> in the env (e.g. "
         "KUBEPEER_REDIS_URL), else their defaults.",
     )  # fmt: skip

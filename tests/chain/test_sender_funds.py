@@ -20,6 +20,7 @@ from web3 import Web3
 from devchain import ETH
 from gateway_sim import Gateway
 from kubepeer.payments.ledger import balance_key
+from kubepeer.payments.watcher import load_view
 from paying import payments_process
 from proxies import SD, models_json, start_proxy, stop_proxy
 from support import wait_for
@@ -42,6 +43,12 @@ def stack(chain, orchestrator, redis_server, tmp_path) -> Iterator:
                         endpoints={"runner-fleet": ["http://127.0.0.1:9"]},
                         recipient=orchestrator.address)  # fmt: skip
     try:
+
+        def watched() -> bool:  # this chain's view (another test's stand-in may linger)
+            view = load_view(redis_server.client())
+            return view is not None and abs(view.l1_block - chain.w3.eth.block_number) <= 5
+
+        wait_for(watched, timeout=60, what="the payments process's view of the dev chain")
         yield proxy
     finally:
         stop_proxy(proxy)

@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,7 +26,6 @@ from web3 import Web3
 
 from kubepeer.livepeer.broker import ARBITRUM_CONTROLLER, ARBITRUM_ONE_CHAIN_ID
 from kubepeer.payments.lease import Lease, LeaseKeeper
-from kubepeer.payments.ledger import WINNING_STREAM
 from kubepeer.payments.redeemer import (
     TRANSPORT_ERRORS,
     LeaseLost,
@@ -36,30 +34,12 @@ from kubepeer.payments.redeemer import (
 )
 from kubepeer.payments.reward import RewardCaller
 from kubepeer.payments.senders import SenderWatch
+from kubepeer.payments.settings import PaymentsSettings
 from kubepeer.payments.watcher import ChainWatcher, contract_address
 
 log = logging.getLogger("kubepeer.payments")
 
 RPC_URL_ENV = "KUBEPEER_RPC_URL"
-
-
-@dataclass(frozen=True)
-class PaymentsConfig:
-    redis_url: str
-    keystore: Path
-    password_file: Path
-    rpc_url_file: Path | None = None  # else $KUBEPEER_RPC_URL
-    network: str = "arbitrum-one"  # or "dev": any chain id, controller given explicitly
-    controller: str | None = None
-    consumer: str = "redeemer-0"
-    stream: str = WINNING_STREAM
-    max_fee_per_gas: int = RedeemerSettings.max_fee_per_gas
-    stuck_after: float = RedeemerSettings.stuck_after
-    confirmations: int = 1
-    reward: bool = False
-    once: bool = False
-    metrics_port: int | None = None
-    lease_namespace: str | None = None  # set in a cluster: one redeemer per recipient acts
 
 
 def load_account(keystore: Path, password_file: Path):  # noqa: ANN201 - LocalAccount
@@ -118,7 +98,7 @@ def leader_api() -> kube_client.CoordinationV1Api:
     return kube_client.CoordinationV1Api()
 
 
-def run_payments(config: PaymentsConfig) -> int:
+def run_payments(config: PaymentsSettings) -> int:
     try:
         rpc_url = load_rpc_url(config.rpc_url_file)
     except (OSError, ValueError) as exc:
@@ -133,7 +113,7 @@ def run_payments(config: PaymentsConfig) -> int:
         return 1
 
 
-def _run(config: PaymentsConfig, rpc_url: str) -> int:
+def _run(config: PaymentsSettings, rpc_url: str) -> int:
     w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
     chain_id = w3.eth.chain_id
     arbitrum = config.network == "arbitrum-one"

@@ -50,3 +50,23 @@ def test_a_bad_or_missing_setting_stops_the_command_naming_the_flag(monkeypatch,
 
 def test_the_server_choices_are_the_servers_the_proxy_runs_on():
     assert typing.get_args(ProxySettings.model_fields["server"].annotation) == SERVERS
+
+
+def test_the_payments_settings_come_from_flags_and_env_and_never_take_the_rpc_url(
+    monkeypatch, capsys
+):
+    from kubepeer.payments.redeemer import RedeemerSettings
+
+    monkeypatch.setenv("KUBEPEER_REDIS_URL", "redis://from-env:6379")
+    args = build_parser().parse_args(
+        ["payments", "--keystore", "k.json", "--password-file", "p", "--network", "dev",
+         "--reward", "--metrics-port", "9102"]
+    )  # fmt: skip
+    got = args.settings(args)
+    assert (got.network, got.reward, got.metrics_port, got.redis_url) == (
+        "dev", True, 9102, "redis://from-env:6379"
+    )  # fmt: skip
+    assert got.max_fee_per_gas == RedeemerSettings.max_fee_per_gas  # one default, the redeemer's
+    with pytest.raises(SystemExit):  # an API key in a flag would show in `ps` and logs
+        build_parser().parse_args(["payments", "--rpc-url", "https://arb1.example/KEY"])
+    assert "unrecognized arguments: --rpc-url" in capsys.readouterr().err
