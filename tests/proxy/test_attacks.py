@@ -328,3 +328,29 @@ def test_refused_over_limit_bodies_do_not_pile_up_in_memory(redis_server, runner
         assert rss(server.process.pid) - before < 3 * limit  # 30 refusals of 8 MiB each
     finally:
         stop_proxy(server)
+
+
+def test_a_paid_large_body_that_stalls_is_ended_by_the_idle_timeout(
+    redis_server, runner, chain_facts, tmp_path
+):
+    """Credentials that pass let a large body be read; one that stops mid-way holds its
+    bytes for the read idle timeout at most (408 `request body stalled`), not until the
+    client gives up."""
+    server = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
+                         endpoints={"runner-fleet": [runner.url]},
+                         args=["--read-idle-timeout", "1"])  # fmt: skip
+    try:
+        gateway = Gateway()
+        info = gateway.discover(server, 27, SD)
+        sock = stalled_post(server, 8 * 2**20, 2 * 2**20, gateway.headers(info, 27, SD))
+        text, answer = b"request body stalled: nothing for 1 s\n", b""
+        try:
+            sock.settimeout(30)
+            while text not in answer and (piece := sock.recv(4096)):
+                answer += piece  # the head, then the text
+        finally:
+            sock.close()
+        assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 408 Request Timeout", answer
+        assert answer.endswith(text), answer
+    finally:
+        stop_proxy(server)

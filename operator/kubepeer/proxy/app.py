@@ -90,6 +90,7 @@ class ProxyConfig:
     runner_token: str | None = None  # the runners' AUTH_TOKEN
     max_body_bytes: int = _default("max_body_bytes")
     read_timeout: float = _default("read_timeout")  # head and body arrive within it, or 408
+    read_idle_timeout: float = _default("read_idle_timeout")  # a body's longest pause
     max_queue: int = _default("max_queue")
     queue_timeout: float = _default("queue_timeout")
     hold_timeout: float = _default("hold_timeout")
@@ -197,10 +198,13 @@ class Proxy:
             await PlainTextResponse("Method Not Allowed", 405)(scope, receive, send)
             return
         request = Request(scope, receive)
+        config = self.config
         reply = await self.job(
             scope["path"],
             header_map(scope["headers"]),
-            lambda: read_body(request, self.config.max_body_bytes, self.config.read_timeout),
+            lambda: read_body(
+                request, config.max_body_bytes, config.read_timeout, config.read_idle_timeout
+            ),
         )
         headers = {name.decode(): value.decode("latin-1") for name, value in reply.headers}
         response = (

@@ -35,6 +35,7 @@ JSON_PIPELINES = {Pipeline.TEXT_TO_IMAGE, Pipeline.LLM, Pipeline.TEXT_TO_SPEECH,
                   Pipeline.LIVE_VIDEO_TO_VIDEO}  # fmt: skip
 INSUFFICIENT_CAPACITY = "insufficient capacity"  # 503: no slot, and none worth waiting for
 READ_TIMEOUT = 60.0  # seconds for a request's head and body to arrive whole (Go: ReadTimeout)
+READ_IDLE_TIMEOUT = 15.0  # seconds a body being read may send nothing
 # Bodies up to this size are read before anything else, in go-livepeer's order (0 before 1
 # and 2); a larger one only once the credentials in the headers pass (steps 1 and 2 first).
 LARGE_BODY = 1024 * 1024
@@ -70,16 +71,25 @@ class JobRequest:
         return self.pipeline is Pipeline.LLM and bool(self.fields.get("stream"))
 
 
-async def read_body(request: Request, limit: int, timeout: float = READ_TIMEOUT) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float = READ_TIMEOUT,
+                    idle: float = READ_IDLE_TIMEOUT) -> bytes:  # fmt: skip
     """The body, refused with 413 as soon as it passes `limit` (never buffered beyond it),
-    and with 408 unless it is whole within `timeout` seconds (Go's ReadTimeout)."""
+    and with 408 unless it is whole within `timeout` seconds (Go's ReadTimeout) with no
+    pause longer than `idle` seconds between its pieces."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise JobRefused(413, f"request body exceeds the limit of {limit} bytes")
     body = bytearray()
+    pieces = request.stream()
     try:
         async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(pieces), idle)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise JobRefused(408, f"request body stalled: nothing for {idle:g} s") from None
                 body += chunk
                 if len(body) > limit:
                     raise JobRefused(413, f"request body exceeds the limit of {limit} bytes")

@@ -463,7 +463,9 @@ async def start_stream(proxy: Any, request: Request) -> Response:
 
 async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]:
     service: LiveService = proxy.live
-    body = await read_body(request, proxy.config.max_body_bytes, proxy.config.read_timeout)
+    config = proxy.config
+    body = await read_body(request, config.max_body_bytes, config.read_timeout,
+                           config.read_idle_timeout)  # fmt: skip
     fields = await decode_fields(LIVE, "application/json", body)
     stream_id = str(fields.get("stream_id") or request.headers.get("streamID") or "")
     request_id = str(fields.get("gateway_request_id") or request.headers.get("requestID") or "")

@@ -231,6 +231,7 @@ def build(
         runner_token=runner_token.decode() if runner_token else None,
         max_body_bytes=args.max_body_bytes,
         read_timeout=args.read_timeout,
+        read_idle_timeout=args.read_idle_timeout,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         hold_timeout=args.hold_timeout,

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubepeer.proxy.jobs import READ_TIMEOUT
+from kubepeer.proxy.jobs import READ_IDLE_TIMEOUT, READ_TIMEOUT
 from kubepeer.proxy.trickle import KEEPALIVE_SECONDS
 
 
@@ -104,6 +104,12 @@ class ProxySettings(BaseSettings):
         gt=0,
         description="seconds for a request's head and body to arrive whole, else 408 (Go's "
         "ReadTimeout); bodies over 1 MiB are read only once their credentials pass",
+    )
+    read_idle_timeout: float = Field(
+        default=READ_IDLE_TIMEOUT,
+        gt=0,
+        description="seconds a job's body read by the ASGI server (over 1 MiB, chunked, "
+        "HTTP/2) may send nothing, else 408",
     )
     max_queue: int = Field(default=8, ge=0, description="jobs waiting per model")
     queue_timeout: float = Field(
