@@ -43,6 +43,11 @@ def bitstring(capabilities: Iterable[int]) -> list[int]:
     return words
 
 
+def offered_bits(models: Iterable[ServedModel]) -> list[int]:
+    """The capability bitstring we advertise: DefaultCapabilities' bits and every model's."""
+    return bitstring(sorted({*DEFAULT_CAPABILITIES, *(m.capability for m in models)}))
+
+
 def served(catalogue: Catalogue) -> list[ServedModel]:
     return catalogue.offered
 
@@ -52,7 +57,7 @@ def capabilities(
 ) -> net_pb2.Capabilities:
     models = served(catalogue)
     caps = net_pb2.Capabilities(
-        bitstring=bitstring(sorted({*DEFAULT_CAPABILITIES, *(m.capability for m in models)})),
+        bitstring=offered_bits(models),
         version=version,
     )
     for cap in DEFAULT_CAPABILITIES:
@@ -215,8 +220,7 @@ def offered(catalogue: Catalogue, ready: Callable[[ServedModel], bool]) -> Offer
     for model in models:
         by_model = warm.setdefault(model.capability, {})
         by_model[model.model_id] = by_model.get(model.model_id, False) or ready(model)
-    bits = bitstring(sorted({*DEFAULT_CAPABILITIES, *(m.capability for m in models)}))
-    return Offered(tuple(bits), warm)
+    return Offered(tuple(offered_bits(models)), warm)
 
 
 def compatible(requested: net_pb2.Capabilities, ours: Offered) -> bool:
