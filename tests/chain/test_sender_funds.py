@@ -20,6 +20,15 @@ from web3 import Web3
 from devchain import ETH
 from gateway_sim import Gateway
 from kubepeer.payments.ledger import balance_key
+from kubepeer.payments.sender import SenderInfo
+from kubepeer.payments.senders import (
+    ASKED_FOR,
+    REFRESH_SECONDS,
+    SENDERS_ASKED,
+    SenderWatch,
+    save_facts,
+    sender_key,
+)
 from kubepeer.payments.watcher import load_view
 from paying import payments_process
 from proxies import SD, models_json, start_proxy, stop_proxy
@@ -111,3 +120,27 @@ def test_tickets_from_a_sender_about_to_unlock_are_refused(stack, chain, redis_s
         400, f"deposit and reserve for sender {checksummed} is set to unlock soon\n"
     )  # fmt: skip
     assert redis_server.client().get(balance_key(leaving.address, f"27_{SD}")) is None
+
+
+def test_the_sender_watch_rereads_stale_facts_and_forgets_senders_nobody_asks_about(
+    redis_server,
+):
+    """The cache policy alone (its chain read counted, not made): facts older than
+    REFRESH_SECONDS or gone are read again; a sender not asked about for ASKED_FOR is no
+    longer refreshed; fresh facts are left alone."""
+    redis = redis_server.client()
+    now = 1_000_000.0
+    fresh, stale, gone, forgotten = (bytes([n]) * 20 for n in (1, 2, 3, 4))
+    info = SenderInfo(deposit=1, withdraw_round=0, reserve=1, reserve_alloc=1)
+    redis.delete(SENDERS_ASKED)
+    redis.zadd(SENDERS_ASKED, {s.hex(): now for s in (fresh, stale, gone)})
+    redis.zadd(SENDERS_ASKED, {forgotten.hex(): now - ASKED_FOR - 1})
+    save_facts(redis, fresh, info, now=now - 1)
+    save_facts(redis, stale, info, now=now - REFRESH_SECONDS)
+    redis.delete(sender_key(gone))
+    read: list[bytes] = []
+    SenderWatch(redis, lambda s: read.append(s) or info).refresh_stale(now=now)
+    assert sorted(read) == sorted([stale, gone])
+    assert [m.decode() for m in redis.zrange(SENDERS_ASKED, 0, -1)] == sorted(
+        s.hex() for s in (fresh, stale, gone)
+    )

@@ -122,9 +122,11 @@ class SenderWatch:
         REFRESH_SECONDS (or gone); forget senders nobody asked about for ASKED_FOR."""
         now = time.time() if now is None else now
         self.redis.zremrangebyscore(SENDERS_ASKED, "-inf", now - ASKED_FOR)
-        for member in self.redis.zrange(SENDERS_ASKED, 0, -1):
-            sender = bytes.fromhex(member.decode())
-            raw = self.redis.get(sender_key(sender))
+        senders = [bytes.fromhex(m.decode()) for m in self.redis.zrange(SENDERS_ASKED, 0, -1)]
+        if not senders:
+            return
+        facts = self.redis.mget([sender_key(sender) for sender in senders])  # one round trip
+        for sender, raw in zip(senders, facts, strict=True):
             if raw is None or now - json.loads(raw)["seen_at"] >= REFRESH_SECONDS:
                 self._read(sender)
 
