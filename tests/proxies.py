@@ -55,6 +55,9 @@ LLAMA = "kubepeer-tiny/llama"
 SVD = "kubepeer-tiny/svd"
 RUNNER_TOKEN = "proxy-test-runner-token"
 CAPABILITY = {"text-to-image": 27, "image-to-video": 29, "llm": 33, "live-video-to-video": 35}
+# A text-to-image job the tiny model answers in one step.
+T2I = {"prompt": "a cat", "height": 32, "width": 48, "num_inference_steps": 1, "seed": 3,
+       "model_id": SD}  # fmt: skip
 
 
 def models_json(
@@ -242,6 +245,16 @@ class FreshChainView:
     def _keep(self) -> None:
         while not self.stop.wait(5):
             save_view(self.redis, self.VIEW)
+
+
+@pytest.fixture(scope="module")
+def sd_runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
+    """A runner process serving the tiny text-to-image model, for a module."""
+    models = [{"pipeline": "text-to-image", "model_id": SD}]
+    env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "AUTH_TOKEN": RUNNER_TOKEN}
+    process = start_runner(env, tmp_path_factory.mktemp("runner") / "runner.log")
+    yield process
+    stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ worked; keep them green.
 from __future__ import annotations
 
 import io
-import json
 import signal
 import socket
 import ssl
@@ -33,15 +32,12 @@ from conftest import RedisServer, _pings, free_port
 from gateway_sim import Gateway
 from kubepeer.payments.ledger import balance_key
 from proxies import (
-    RUNNER_TOKEN,
     SD,
+    T2I,
     FreshChainView,
     ProxyServer,
-    RunnerProcess,
     models_json,
     start_proxy,
-    start_runner,
-    stop,
     stop_proxy,
 )
 from support import wait_for
@@ -49,28 +45,17 @@ from support import wait_for
 pytestmark = pytest.mark.redis
 pytest_plugins = ["proxies"]  # its chain_facts fixture
 
-T2I = {"prompt": "a cat", "height": 32, "width": 48, "num_inference_steps": 1, "seed": 3,
-       "model_id": SD}  # fmt: skip
 BLIP = "kubepeer-tiny/blip"
-
-
-@pytest.fixture(scope="module")
-def runner(tiny_models, tmp_path_factory) -> Iterator[RunnerProcess]:
-    models = [{"pipeline": "text-to-image", "model_id": SD}]
-    env = {"MODELS": json.dumps(models), "MODEL_DIR": str(tiny_models), "AUTH_TOKEN": RUNNER_TOKEN}
-    process = start_runner(env, tmp_path_factory.mktemp("runner") / "runner.log")
-    yield process
-    stop(process)
 
 
 METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory, redis_server, runner, chain_facts) -> Iterator[ProxyServer]:
+def proxy(tmp_path_factory, redis_server, sd_runner, chain_facts) -> Iterator[ProxyServer]:
     server = start_proxy(
         tmp_path_factory.mktemp("proxy"), redis_server, models=models_json(),
-        endpoints={"runner-fleet": [runner.url]}, args=["--metrics-port", str(METRICS_PORT)],
+        endpoints={"runner-fleet": [sd_runner.url]}, args=["--metrics-port", str(METRICS_PORT)],
     )  # fmt: skip
     yield server
     stop_proxy(server)
@@ -168,11 +153,11 @@ def grpc_status(proxy: ProxyServer, gateway: Gateway) -> tuple[grpc.StatusCode, 
 
 
 def test_a_stopped_redis_gives_unavailable_and_503s_and_health_keeps_answering(
-    lone_redis, runner, tmp_path
+    lone_redis, sd_runner, tmp_path
 ):
     view = FreshChainView(lone_redis.client())
     proxy = start_proxy(tmp_path / "proxy", lone_redis, models=models_json(),
-                        endpoints={"runner-fleet": [runner.url]})  # fmt: skip
+                        endpoints={"runner-fleet": [sd_runner.url]})  # fmt: skip
     gateway = Gateway()
     try:
         info = gateway.discover(proxy, 27, SD)
@@ -298,13 +283,13 @@ def test_stalled_unpaid_bodies_are_refused_before_they_are_buffered(proxy):
             sock.close()
 
 
-def test_refused_over_limit_bodies_do_not_pile_up_in_memory(redis_server, runner, chain_facts,
+def test_refused_over_limit_bodies_do_not_pile_up_in_memory(redis_server, sd_runner, chain_facts,
                                                              tmp_path):  # fmt: skip
     """Chunked bodies past the limit, from a gateway whose credentials pass: each is refused
     with 413, and memory stays flat (it grew by the limit per refusal until a GC ran)."""
     limit = 8 * 2**20
     server = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
-                         endpoints={"runner-fleet": [runner.url]},
+                         endpoints={"runner-fleet": [sd_runner.url]},
                          args=["--max-body-bytes", str(limit)])  # fmt: skip
     try:
         gateway = Gateway()
@@ -331,13 +316,13 @@ def test_refused_over_limit_bodies_do_not_pile_up_in_memory(redis_server, runner
 
 
 def test_a_paid_large_body_that_stalls_is_ended_by_the_idle_timeout(
-    redis_server, runner, chain_facts, tmp_path
+    redis_server, sd_runner, chain_facts, tmp_path
 ):
     """Credentials that pass let a large body be read; one that stops mid-way holds its
     bytes for the read idle timeout at most (408 `request body stalled`), not until the
     client gives up."""
     server = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
-                         endpoints={"runner-fleet": [runner.url]},
+                         endpoints={"runner-fleet": [sd_runner.url]},
                          args=["--read-idle-timeout", "1"])  # fmt: skip
     try:
         gateway = Gateway()

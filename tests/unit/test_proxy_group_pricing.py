@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 from eth_account import Account
-from redis import Redis
+from redis.asyncio import Redis
 from test_proxy import SD, discovery_request, info_for, model
 
 from gateway_rules import gateway_accepts
@@ -194,12 +194,12 @@ def test_a_jobs_credentials_check_does_no_work_per_served_model():
         for i in range(0, 1000, 10)
     ]  # fmt: skip
     for headers in jobs:
-        assert proxy._check_credentials(headers).sender == gateway.address
+        assert proxy.check_credentials(headers).sender == gateway.address
     assert len(lookups) == 1000  # one build for 100 jobs
     assert proxy.offered().warm[27]["org/model-7"]
     assert not proxy.offered().warm[27]["org/model-8"]
     proxy.endpoints_changed()  # a replica came or went: warm flags are built again, once
     lookups.clear()
     for headers in jobs:
-        proxy._check_credentials(headers)
+        proxy.check_credentials(headers)
     assert len(lookups) == 1000

@@ -3,9 +3,9 @@ no private attribute of another module, no override of a library class's private
 introspection of bound methods (`__self__`). Read from the source (AST), so a new use fails
 here before it breaks on a library's next release.
 
-KNOWN lists what the proxy still does and issue 24 removes (the lean HTTP/1.1 path on
-uvicorn's dispatcher, and trickle's 100 Continue through uvicorn's request cycle): the test
-fails on anything else, and on a known use that is gone (take it off the list).
+KNOWN lists the one use left: trickle's repeated `100 Continue` through uvicorn's request
+cycle, which ASGI has no message for (server.py's `interim_sender`). The test fails on
+anything else, and on a known use that is gone (take it off the list).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from pathlib import Path
 
 PROXY = Path(__file__).resolve().parents[2] / "operator" / "kubepeer" / "proxy"
 KNOWN = {
-    ("http1.py", "overrides AutoZttpProtocol._switch"),  # HTTP/1.1 connections to LeanJobs
-    ("http1.py", "reads AutoZttpProtocol._switch"),  # (its super() call, for HTTP/2)
     ("server.py", "reads __self__"),  # trickle's 100 Continue: uvicorn's request cycle
 }
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from kubepeer.proxy.upstream import Answer, RunnerBroken, RunnerClient, RunnerUnreachable
+from kubepeer.proxy.upstream import RunnerBroken, RunnerClient, RunnerUnreachable
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -234,25 +234,13 @@ def closes_at_the_second_request(*, answered: int) -> Script:
     return script
 
 
-async def fetched(client: RunnerClient, url: str) -> Answer:
-    answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-    client.fetch(url, "/x", b"{}", {}, answered.set_result)
-    return await answered
-
-
-@pytest.mark.parametrize("way", ["post", "fetch"])
-def test_a_kept_alive_connection_closed_before_answering_is_tried_once_more_afresh(way: str):
+def test_a_kept_alive_connection_closed_before_answering_is_tried_once_more_afresh():
     async def test() -> None:
         server, url, connections = await serve(closes_at_the_second_request(answered=2))
         client = RunnerClient()
         for _ in range(2):
-            if way == "post":
-                answer = await client.post(url, "/x", b"{}", {})
-                body = await answer.read()
-            else:
-                answer = await fetched(client, url)
-                assert answer.error is None
-                body = answer.body()
+            answer = await client.post(url, "/x", b"{}", {})
+            body = await answer.read()
             assert (answer.status, body) == (200, b"ok")
         assert len(connections) == 2  # the second job: its kept-alive one, then a new one
         server.close()
@@ -260,18 +248,13 @@ def test_a_kept_alive_connection_closed_before_answering_is_tried_once_more_afre
     run(test)
 
 
-@pytest.mark.parametrize("way", ["post", "fetch"])
-def test_a_runner_that_drops_the_new_connection_too_is_unreachable(way: str):
+def test_a_runner_that_drops_the_new_connection_too_is_unreachable():
     async def test() -> None:
         server, url, connections = await serve(closes_at_the_second_request(answered=1))
         client = RunnerClient()
-        if way == "post":
-            assert await (await client.post(url, "/x", b"{}", {})).read() == b"ok"
-            with pytest.raises(RunnerUnreachable):
-                await client.post(url, "/x", b"{}", {})
-        else:
-            assert (await fetched(client, url)).body() == b"ok"
-            assert isinstance((await fetched(client, url)).error, RunnerUnreachable)
+        assert await (await client.post(url, "/x", b"{}", {})).read() == b"ok"
+        with pytest.raises(RunnerUnreachable):
+            await client.post(url, "/x", b"{}", {})
         assert len(connections) == 2  # once more afresh, not again and again
         server.close()
 

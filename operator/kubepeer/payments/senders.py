@@ -55,7 +55,11 @@ def save_facts(redis: Redis, sender: bytes, info: SenderInfo, now: float | None 
 
 def load_facts(redis: Redis, sender: bytes) -> SenderInfo | None:
     """The sender's facts as the watcher last read them, or None (never read, or expired)."""
-    raw = redis.get(sender_key(sender))
+    return parse_facts(redis.get(sender_key(sender)))
+
+
+def parse_facts(raw: bytes | None) -> SenderInfo | None:
+    """`load_facts` of the value read at `sender_key`."""
     if raw is None:
         return None
     fields = json.loads(raw)

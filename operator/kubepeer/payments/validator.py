@@ -78,8 +78,9 @@ class PaymentContext:
     # lowest terms. A payment's claimed price must be one of them: without tickets nothing
     # else binds the claim, and with tickets recipientRand binds it to params we issued to
     # this sender, but not to what they were quoted for (a discovery for no model, or for
-    # a cheaper one, would otherwise price this job).
-    issued_prices: Callable[[bytes], Collection[Fraction]]
+    # a cheaper one, would otherwise price this job). None: the caller has the ledger check
+    # it, in the same script as the credit (`Ledger.credit`'s `priced_for`: one round trip).
+    issued_prices: Callable[[bytes], Collection[Fraction]] | None
     # The TicketBroker's view of the sender (None: skip the check; the proxy's Billing
     # raises TicketRejected instead when the chain watcher has not read it).
     sender_info: Callable[[bytes], SenderInfo | None] = _no_sender_info
@@ -131,8 +132,8 @@ def validate_payment(payment: net_pb2.Payment, context: PaymentContext) -> Valid
         raise TicketRejected(
             "bad-sender", f"sender must be a non-zero 20-byte address, got 0x{sender.hex()}"
         )
-    price = _price(payment.expected_price)
-    if price not in context.issued_prices(sender):
+    price = claimed_price(payment.expected_price)
+    if context.issued_prices is not None and price not in context.issued_prices(sender):
         raise TicketRejected(
             "unknown-price",
             f"expected price {price} wei/unit was not offered to this sender for this job",
@@ -237,7 +238,8 @@ def validate_payment(payment: net_pb2.Payment, context: PaymentContext) -> Valid
     )
 
 
-def _price(info: net_pb2.PriceInfo) -> Fraction:
+def claimed_price(info: net_pb2.PriceInfo) -> Fraction:
+    """A payment's expected price, in lowest terms (bad-price unless num >= 0 < den)."""
     num, den = info.price_per_unit, info.pixels_per_unit
     if num < 0 or den <= 0:
         raise TicketRejected(

@@ -112,7 +112,12 @@ def save_view(redis: Redis, view: ChainView, now: float | None = None) -> None:
 def load_view(redis: Redis, max_age: float = 60.0, now: float | None = None) -> ChainView | None:
     """The watcher's last view, or None when there is none or it is older than `max_age`
     seconds (a stalled watcher must not let params be issued against an old block)."""
-    raw = redis.get(CHAIN_VIEW_KEY)
+    return parse_view(redis.get(CHAIN_VIEW_KEY), max_age, now)
+
+
+def parse_view(raw: bytes | None, max_age: float = 60.0,
+               now: float | None = None) -> ChainView | None:  # fmt: skip
+    """`load_view` of the value read at CHAIN_VIEW_KEY."""
     if raw is None:
         return None
     fields = json.loads(raw)

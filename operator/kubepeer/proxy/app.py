@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,38 +22,25 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from kubepeer.contracts.price_table import ServedModel
 from kubepeer.livepeer import net_pb2
-from kubepeer.livepeer.wire import (
-    PAYMENT_HEADER,
-    SEGMENT_HEADER,
-    ZERO_ADDRESS,
-    BadHeader,
-    decode_payment,
-    decode_segment,
-)
-from kubepeer.proxy import discovery, grpc_unary, live, metrics
-from kubepeer.proxy.batch import BatchJob, JobLog
+from kubepeer.livepeer.wire import ZERO_ADDRESS
+from kubepeer.proxy import discovery, grpc_unary, live, metrics, pipeline
+from kubepeer.proxy.activation import Activation, Demand, Waits, Waker
+from kubepeer.proxy.admission import Door, check_credentials
 from kubepeer.proxy.billing import Billing, PaymentRefused
 from kubepeer.proxy.catalogue import Catalogue
-from kubepeer.proxy.credentials import (
-    AuthSecret,
-    CredentialsRefused,
-    check_auth_token,
-    check_segment,
-    discovery_signed,
-    go_address,
-)
+from kubepeer.proxy.credentials import AuthSecret, discovery_signed, go_address
 from kubepeer.proxy.http1 import Reply, Respond
 from kubepeer.proxy.jobs import (
     BATCH_PIPELINES,
-    INSUFFICIENT_CAPACITY,
     LARGE_BODY,
     STORE_UNAVAILABLE,
     JobRefused,
     declared_large,
     read_body,
 )
+from kubepeer.proxy.pipeline import Job, JobContext, JobLog
 from kubepeer.proxy.results import ResultStore
-from kubepeer.proxy.routing import NoCapacity, Router, Slot
+from kubepeer.proxy.routing import Router
 from kubepeer.proxy.settings import ProxySettings
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
 from kubepeer.proxy.trickle import TrickleServer, sweep_forever
@@ -64,7 +49,7 @@ from kubepeer.proxy.upstream import RunnerClient
 log = logging.getLogger("kubepeer.proxy")
 
 GET_ORCHESTRATOR = "/net.Orchestrator/GetOrchestrator"
-_PAYMENT, _SEGMENT = PAYMENT_HEADER.lower(), SEGMENT_HEADER.lower()  # as header_map keys them
+__all__ = ["Demand", "JobLog", "Proxy", "ProxyConfig", "Waker", "header_map"]
 
 
 def _logged(message: str, fields: dict[str, Any]) -> None:
@@ -96,28 +81,7 @@ class ProxyConfig:
     hold_timeout: float = _default("hold_timeout")
     auto_adjust_price: bool = _default("auto_adjust_price")  # go-livepeer's -autoAdjustPrice
     trickle_keepalive: float = _default("trickle_keepalive")  # `100 Continue` to a publisher
-
-
-class Waker:
-    """Raises an OnDemand model's replicas from zero (the proxy's edge to the API server)."""
-
-    async def wake(self, model: ServedModel) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class Demand:
-    """Demand records the operator reads (no-op when the proxy has no Redis for them)."""
-
-    def start(self, model: ServedModel, job_id: str) -> Awaitable[bool] | None:
-        """Record a job. For an OnDemand model, resolves True when the operator had claimed
-        the model idle (wake it); None for any other (nothing to wait for)."""
-        if not model.on_demand:
-            return None
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        done.set_result(False)
-        return done
-
-    def end(self, model: ServedModel, job_id: str) -> None: ...
+    chain_refresh: float = _default("chain_refresh")  # seconds between ChainFacts refreshes
 
 
 async def _always() -> bool:
@@ -152,8 +116,9 @@ class Proxy:
         self.results = results
         self.billing = billing
         self.address = address  # OrchestratorInfo.address: the ticket recipient, or zero
-        self.waker = waker
-        self.demand = demand or Demand()
+        self.activation = Activation(router, Waits(config.queue_timeout, config.hold_timeout),
+                                     waker, demand)  # fmt: skip
+        self.demand = self.activation.demand
         self.is_ready = ready
         self.store_reachable = store_reachable  # Redis answers: readiness needs it
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
@@ -161,11 +126,17 @@ class Proxy:
         self.trickle = (TrickleServer(live_video.store, config.trickle_keepalive)
                         if live_video else None)  # fmt: skip
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
-        self.runners: RunnerClient | None = None  # batch jobs' client to runners (upstream.py)
-        self._waking: set[str] = set()
+        self.runners = RunnerClient()  # batch jobs' client to runners (upstream.py)
         self._endpoints_version = 0  # bumped by endpoints_changed
         self._offered: tuple[Catalogue, int, discovery.Offered] | None = None
-        self.jobs: set[asyncio.Task[None]] = set()  # jobs that went on in a task (batch.py)
+        self.door = Door(config.payments, auth_secret, config.bearer_token,
+                         config.offchain_gateways)  # fmt: skip
+        self.context = JobContext(
+            door=self.door, offered=self.offered, catalogue=catalogue,
+            activation=self.activation, billing=billing, runners=self.runners,
+            results=results, public_url=config.public_url, runner_token=config.runner_token,
+        )  # fmt: skip
+        self.jobs: set[asyncio.Task[None]] = set()  # jobs in flight (pipeline.run)
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
         # What http1.py serves itself on HTTP/1.1 (server.py): the job routes, whole bodies
@@ -224,12 +195,16 @@ class Proxy:
             self.http = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
             )
-            self.runners = RunnerClient()
             keepers = []
+            if self.billing is not None:  # the chain view and senders' facts, in memory
+                with contextlib.suppress(RedisError, OSError):
+                    await self.billing.facts.refresh()
+                refreshing = self.billing.facts.refresh_forever(self.config.chain_refresh)
+                keepers.append(asyncio.create_task(refreshing))
             if self.live:
                 adopting = live.adopt_forever(self.live, self._model, self)
-                keepers = [asyncio.create_task(sweep_forever(self.live.store)),
-                           asyncio.create_task(adopting)]  # fmt: skip
+                keepers += [asyncio.create_task(sweep_forever(self.live.store)),
+                            asyncio.create_task(adopting)]  # fmt: skip
             try:
                 yield
             finally:
@@ -238,9 +213,9 @@ class Proxy:
                 for job in list(self.jobs):
                     job.cancel()
                 await asyncio.gather(*self.jobs, return_exceptions=True)
+                for keeper in keepers:
+                    keeper.cancel()
                 if self.live:
-                    for keeper in keepers:
-                        keeper.cancel()
                     await self.live.stop_all()
                 await self.http.close()
                 self.runners.close()
@@ -317,7 +292,7 @@ class Proxy:
         try:
             if self.billing is not None:
                 await self.billing.know_sender(go_address(request.address))
-            reply = self.offer(request)
+            reply = await self.offer(request)
         except PaymentRefused as exc:
             metrics.DISCOVERY.labels("no-ticket-params").inc()
             raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
@@ -325,7 +300,7 @@ class Proxy:
         metrics.DISCOVERY.labels("ok").inc()
         return reply.info.SerializeToString()
 
-    def offer(self, request: net_pb2.OrchestratorRequest) -> discovery.Reply:
+    async def offer(self, request: net_pb2.OrchestratorRequest) -> discovery.Reply:
         """OrchestratorInfo for `request.address`, its ticket params issued at the price it
         carries (AutoAdjustPrice included): what GetOrchestrator and a live stream's
         PaymentResult both answer. Raises PaymentRefused when no params can be issued."""
@@ -342,8 +317,8 @@ class Proxy:
             tx_cost_share=tx_cost_share,
         )
         if self.billing is not None:
-            params = self.billing.ticket_params(go_address(request.address), reply.price,
-                                                reply.priced_for)  # fmt: skip
+            params = await self.billing.ticket_params(go_address(request.address), reply.price,
+                                                      reply.priced_for)  # fmt: skip
             reply.info.ticket_params.CopyFrom(params)
         return reply
 
@@ -369,16 +344,17 @@ class Proxy:
         return PlainTextResponse("ok\n")
 
     async def stream_result(self, request: Request) -> Response:
-        found = self.results.get(request.path_params["request_id"], request.path_params["name"])
+        found = await self.results.get(request.path_params["request_id"],
+                                       request.path_params["name"])  # fmt: skip
         if found is None:
             return PlainTextResponse("not found\n", 404)
         content_type, data = found
         return Response(data, media_type=content_type)
 
-    # -- jobs --------------------------------------------------------------------------
+    # -- jobs (pipeline.py) ---------------------------------------------------------------
     def lean_job(self, path: str, headers: dict[str, str], body: bytes, respond: Respond) -> None:
-        """A plain HTTP/1.1 job from http1.py, its body already whole (batch.py)."""
-        BatchJob(self, path, headers, respond).start(body)
+        """A plain HTTP/1.1 job from http1.py, its body already whole."""
+        self._start(Job(path, headers, self.activation, self.job_log), body, respond)
 
     async def job(
         self, path: str, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]]
@@ -394,18 +370,18 @@ class Proxy:
             else:
                 answered.set_result(reply)
 
-        job = BatchJob(self, path, headers, respond)
+        job = Job(path, headers, self.activation, self.job_log)
         try:
             if declared_large(headers):
-                self._check_credentials(headers)  # 402, 403 (401) before buffering it
+                self.check_credentials(headers)  # 402, 403 (401) before buffering it
             body = await read()
         except JobRefused as exc:  # 413, 408; 402, 403
-            job.refuse(exc)
+            pipeline.give(job, pipeline.refusal(job, exc), respond)
         except Exception:  # the client left mid-body, or worse
             log.exception("job failed")
-            job.fail()
+            pipeline.give(job, pipeline.failure(), respond)
         else:
-            job.start(body)
+            self._start(job, body, respond)
         try:
             return await answered
         except asyncio.CancelledError:
@@ -416,98 +392,25 @@ class Proxy:
                 answered.result().sent()  # answered, but this request is cancelled
             raise
 
-    def _check_credentials(self, headers: Mapping[str, str]) -> net_pb2.Payment | None:
-        """`headers` by lowercased name (starlette's Headers, or `header_map`'s dict)."""
-        if not self.config.payments:
-            presented = headers.get("authorization", "").removeprefix("Bearer ")
-            if self.config.bearer_token and hmac.compare_digest(
-                presented.encode(), self.config.bearer_token.encode()
-            ):
-                return None
-            if self.config.offchain_gateways and _offchain_ok(headers, self.auth_secret):
-                return None
-            raise JobRefused(401, "a valid bearer token is required")
-        try:
-            payment = decode_payment(headers.get(_PAYMENT, ""))
-        except BadHeader as exc:
-            raise JobRefused(402, str(exc)) from None
-        try:
-            seg = decode_segment(headers.get(_SEGMENT, ""))
-        except BadHeader:
-            raise JobRefused(403, "ErrorSegEncoding") from None
-        try:
-            compatible = discovery.compatible(seg.capabilities, self.offered())
-            check_segment(seg, payment.sender, self.auth_secret, compatible)
-        except CredentialsRefused as exc:
-            raise JobRefused(403, str(exc)) from None
-        return payment
+    def _start(self, job: Job, body: bytes, respond: Respond) -> None:
+        """Run the job in a task of its own, kept until it is done (the lifespan's end
+        cancels those left)."""
+        task = asyncio.get_running_loop().create_task(
+            pipeline.run(self.context, job, body, respond))  # fmt: skip
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
 
-    async def _admit(self, model: ServedModel) -> Slot:
-        slot = self.router.try_reserve(model)
-        if slot is not None:
-            return slot
-        hold = model.on_demand and not self.router.ready(model)
-        metrics.QUEUED.labels(model.aimodel).inc()
-        started = time.monotonic()
-        waiting = asyncio.ensure_future(
-            self.router.reserve(
-                model,
-                timeout=self.config.hold_timeout if hold else self.config.queue_timeout,
-                hold=hold,
-            )
-        )
-        try:
-            if hold:
-                await asyncio.sleep(0)  # take our place in line before the (slow) wake call
-                await self._wake(model)
-            return await waiting
-        except NoCapacity:
-            raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
-        finally:
-            if not waiting.done():
-                waiting.cancel()
-            metrics.QUEUED.labels(model.aimodel).dec()
-            metrics.HOLD.labels(model.aimodel).observe(time.monotonic() - started)
-
-    async def _wake(self, model: ServedModel, force: bool = False) -> None:
-        """Ask for a replica once per model, however many jobs arrive while it wakes
-        (`force`: again, because the operator has just claimed it idle)."""
-        if self.waker is None or (model.aimodel in self._waking and not force):
-            return
-        self._waking.add(model.aimodel)
-        try:
-            await self.waker.wake(model)
-        except Exception:
-            self._waking.discard(model.aimodel)
-            log.exception("could not wake %s", model.aimodel)
-            raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
+    def check_credentials(self, headers: Mapping[str, str]) -> net_pb2.Payment | None:
+        """Steps 1 and 2 (admission.py), against what discovery offers now."""
+        return check_credentials(headers, self.door, self.offered())
 
     def endpoints_changed(self) -> None:
         """Called when runner endpoints change: a model that became ready is awake."""
         self._endpoints_version += 1  # warm flags may have changed: `offered` is rebuilt
-        for model in self.catalogue().models:
-            if self.router.ready(model):
-                self._waking.discard(model.aimodel)
-
-    def _storer(self, request_id: str) -> Callable[[str, bytes], str]:
-        base = self.config.public_url.rstrip("/")
-
-        def store(content_type: str, data: bytes) -> str:
-            name = self.results.put(request_id, content_type, data)
-            return f"{base}/stream/{request_id}/{name}"
-
-        return store
+        self.activation.ready_again(self.catalogue().models)
 
 
 def header_map(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     """Headers with lowercased names (as ASGI and http1.py give them) by name; of a repeated
     one the first, as Go's Header.Get and starlette's Headers.get read it."""
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}
-
-
-def _offchain_ok(headers: Mapping[str, str], secret: AuthSecret) -> bool:
-    try:
-        check_auth_token(decode_segment(headers.get(_SEGMENT, "")), secret)
-    except (BadHeader, CredentialsRefused):
-        return False
-    return True

@@ -22,7 +22,7 @@ from typing import Any
 
 from kubepeer.contracts import demand as demand_records
 from kubepeer.contracts.price_table import ServedModel
-from kubepeer.proxy.app import Demand
+from kubepeer.proxy.activation import Demand
 
 log = logging.getLogger("kubepeer.proxy")
 

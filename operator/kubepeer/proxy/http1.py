@@ -104,25 +104,77 @@ def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
     return None if length is None else Head(target, headers, length, close)
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 def listener(paths: Iterable[str], body_limit: int, handler: Handler,
              read_timeout: float) -> type[asyncio.Protocol]:  # fmt: skip
-    """uvicorn's HTTP/1.1 + HTTP/2 dispatcher, with HTTP/1.1 connections starting on
-    LeanJobs for these paths, bodies up to `body_limit` bytes, served by `handler`, each
-    request's head and body whole within `read_timeout` seconds. (uvicorn is imported here,
-    not by the module: app.py needs only `Reply`.)"""
-    from uvicorn.protocols.http.auto_zttp_impl import AutoZttpProtocol
+    """The listener's protocol for uvicorn (`uvicorn.Config(http=...)`): each connection
+    goes to zttp's HTTP/2 protocol when it speaks HTTP/2 (ALPN h2 over TLS, the preface in
+    plaintext), else to LeanJobs for these paths, bodies up to `body_limit` bytes, served
+    by `handler`, each request's head and body whole within `read_timeout` seconds; LeanJobs
+    hands anything else to zttp's HTTP/1.1 protocol. (uvicorn is imported here, not by the
+    module: app.py needs only `Reply`.)"""
+    from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
     from uvicorn.protocols.http.zttp_impl import ZttpProtocol
 
-    class Listener(AutoZttpProtocol):
-        lean: ClassVar[tuple[type[asyncio.Protocol], frozenset[str], int, Handler, float]] = (
-            ZttpProtocol, frozenset(paths), body_limit, handler, read_timeout)  # fmt: skip
+    lean = (ZttpProtocol, frozenset(paths), body_limit, handler, read_timeout)
 
-        def _switch(self, http2: bool, initial_data: bytes = b"") -> None:
-            if http2:
-                super()._switch(http2, initial_data)
+    class Listener(asyncio.Protocol):
+        # What uvicorn.Config offers over TLS (it reads this attribute of its protocol).
+        alpn_protocols: ClassVar[list[str]] = ["h2", "http/1.1"]
+
+        # (uvicorn also passes its loop, `_loop`: ours is the running one)
+        def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                     _loop: Any = None) -> None:  # fmt: skip
+            self.config, self.server_state, self.app_state = config, server_state, app_state
+            self.transport: asyncio.Transport = None  # type: ignore[assignment]
+            self.buffer = b""
+            self.idle: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self._give(ssl_object.selected_alpn_protocol() == "h2")
                 return
-            protocol = LeanJobs(self.config, self.server_state, self.app_state, *self.lean)
-            _move(self.transport, protocol, initial_data)
+            self.server_state.connections.add(self)  # (shut down with the server)
+            self.idle = asyncio.get_running_loop().call_later(
+                self.config.timeout_keep_alive, self.transport.close)  # fmt: skip
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            if len(self.buffer) < len(HTTP2_PREFACE) and HTTP2_PREFACE.startswith(self.buffer):
+                return  # maybe the h2c preface: wait for the rest of it
+            self._give(self.buffer.startswith(HTTP2_PREFACE))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._forget()
+
+        def eof_received(self) -> None:
+            pass
+
+        def shutdown(self) -> None:
+            self.transport.close()
+
+        def _forget(self) -> None:
+            self.server_state.connections.discard(self)
+            if self.idle is not None:
+                self.idle.cancel()
+                self.idle = None
+
+        def _give(self, http2: bool) -> None:
+            self._forget()
+            state = (self.config, self.server_state, self.app_state)
+            protocol: asyncio.Protocol
+            if http2:
+                protocol = ZttpH2Protocol(
+                    config=state[0], server_state=state[1], app_state=state[2]
+                )
+            else:
+                protocol = LeanJobs(*state, *lean)
+            _move(self.transport, protocol, self.buffer)
+            self.buffer = b""
 
     return Listener
 
@@ -264,9 +316,8 @@ class LeanJobs(asyncio.Protocol):
         if self.paused:
             self.transport.resume_reading()
         protocol = self.uvicorn(  # type: ignore[call-arg]
-            config=self.config, server_state=self.server_state, app_state=self.app_state,
-            _loop=self.loop,
-        )  # fmt: skip
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
         _move(self.transport, protocol, bytes(self.buffer))
         self.buffer.clear()
 

@@ -477,11 +477,11 @@ async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]
     model, runner = reserved
     stream: LiveStream | None = None
     try:
-        payment = proxy._check_credentials(request.headers)  # 402, 403 (401 in private mode)
+        payment = proxy.check_credentials(request.headers)  # 402, 403 (401 in private mode)
         sender, price = None, Fraction(0)
         if payment is not None and proxy.billing is not None:
             try:
-                valid = proxy.billing.admit(  # ProcessPayment, balance
+                valid = await proxy.billing.admit(  # ProcessPayment, balance
                     payment, mid, manifest_id(model.capability, model.model_id),
                     priced=model.charges(payment.sender),
                 )  # fmt: skip
@@ -545,7 +545,7 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
     if seg.HasField("capabilities"):
         asked.capabilities.CopyFrom(seg.capabilities)
     try:
-        reply = proxy.offer(asked)  # the same price and params discovery would give
+        reply = await proxy.offer(asked)  # the same price and params discovery would give
     except PaymentRefused:
         return PlainTextResponse("Internal Server Error\n", 500)
     reply.info.auth_token.CopyFrom(seg.auth_token)
@@ -554,7 +554,7 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
         # to a payment without tickets, which credits nothing here).
         priced_for = next(iter(reply.priced_for), (LIVE.capability, ""))
         try:
-            proxy.billing.credit(
+            await proxy.billing.credit(
                 payment, seg.manifest_id.decode(errors="replace"), manifest_id(*priced_for)
             )
         except PaymentRefused as exc:

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from kubepeer.contracts.labels import TABLE, WOKEN_AT
 from kubepeer.contracts.price_table import CatalogueError, ServedModel
 from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
+from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import JobLog, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
@@ -155,8 +156,9 @@ def build_live(args: ProxySettings, redis: Redis, billing: Billing | None) -> Li
     from redis.asyncio import Redis as AsyncRedis
 
     ledger = None
-    if billing is not None:
-        ledger = LedgerDoor(balance=billing.ledger.balance, debit=billing.ledger.debit)
+    if billing is not None:  # (a stream's interval charges: on the blocking client, as live's)
+        book = Ledger(redis)
+        ledger = LedgerDoor(balance=book.balance, debit=book.debit)
     return LiveService(
         redis,
         TrickleStore(AsyncRedis.from_url(args.redis_url)),
@@ -199,6 +201,9 @@ def build(
     """The Proxy and the coroutine factory that keeps its inputs current."""
     redis = Redis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
                            socket_connect_timeout=args.redis_timeout)  # fmt: skip
+    # Jobs, discovery and results: redis.asyncio, never blocking the event loop.
+    store = AsyncRedis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
+                                socket_connect_timeout=args.redis_timeout)  # fmt: skip
     current: dict[str, Any] = {"catalogue": Catalogue(args.namespace), "models": False,
                                "endpoints": False}  # fmt: skip
     models_file = None
@@ -215,7 +220,7 @@ def build(
             raise SystemExit("payments on: --recipient and --recipient-secret-file are required")
         recipient = address
         billing = Billing(
-            redis,
+            store,
             recipient,
             RecipientSecret.from_file(args.recipient_secret_file),
             gas_price=args.gas_price,
@@ -238,6 +243,7 @@ def build(
         auto_adjust_price=args.auto_adjust_price,
         offchain_gateways=args.offchain_gateways,
         trickle_keepalive=args.trickle_keepalive,
+        chain_refresh=args.chain_refresh,
     )
     demand = BatchedDemand(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
@@ -248,7 +254,7 @@ def build(
         catalogue=lambda: current["catalogue"],
         router=router,
         auth_secret=AuthSecret(auth_raw) if auth_raw else AuthSecret.generate(),
-        results=ResultStore(redis),
+        results=ResultStore(store),
         billing=billing,
         address=address,
         waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,

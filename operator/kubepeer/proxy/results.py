@@ -15,7 +15,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 
 from kubepeer.livepeer.capabilities import Pipeline
 
@@ -65,21 +66,24 @@ EXTENSIONS = {"image/png": "png", "audio/wav": "wav", "video/mp4": "mp4", "image
 
 
 class ResultStore:
-    """Result files in Redis with an expiry: `kubepeer:result:{requestID}/{name}`."""
+    """Result files in Redis with an expiry: `kubepeer:result:{requestID}/{name}`. A job's
+    files are written on the pipeline that carries its fee (`stage`), sent before its reply
+    goes out, so a gateway never asks for a file not yet there."""
 
-    def __init__(self, redis: Redis, ttl: int = RESULT_SECONDS) -> None:
+    def __init__(self, redis: AsyncRedis, ttl: int = RESULT_SECONDS) -> None:
         self.redis = redis
         self.ttl = ttl
 
-    def put(self, request_id: str, content_type: str, data: bytes) -> str:
+    def stage(self, pipe: AsyncPipeline, request_id: str, content_type: str, data: bytes) -> str:
+        """Queue a file on `pipe`; returns its name."""
         name = f"{secrets.token_hex(8)}.{EXTENSIONS.get(content_type, 'bin')}"
         key = f"kubepeer:result:{request_id}/{name}"
-        self.redis.hset(key, mapping={"type": content_type, "data": data})
-        self.redis.expire(key, self.ttl)
+        pipe.hset(key, mapping={"type": content_type, "data": data})
+        pipe.expire(key, self.ttl)
         return name
 
-    def get(self, request_id: str, name: str) -> tuple[str, bytes] | None:
-        raw = self.redis.hgetall(f"kubepeer:result:{request_id}/{name}")
+    async def get(self, request_id: str, name: str) -> tuple[str, bytes] | None:
+        raw = await self.redis.hgetall(f"kubepeer:result:{request_id}/{name}")
         if not raw:
             return None
         return raw[b"type"].decode(), raw[b"data"]

@@ -156,19 +156,15 @@ def uvicorn_server(
     except ImportError as exc:
         raise SystemExit(f"--server uvicorn needs uvicorn and zttp installed: {exc}") from None
 
-    class Config(uvicorn.Config):
-        def load(self) -> None:
-            super().load()
-            if lean_jobs is not None:
-                self.http_protocol_class = http1.listener(*lean_jobs)
-
     host, _, port = hypercorn.bind[0].rpartition(":")
-    config = Config(
+    config = uvicorn.Config(
         app,
         host=host.strip("[]"),
         port=int(port),
-        http="zttp",
-        http2=True,
+        # Our listener (http1.py) gives HTTP/2 to zttp's protocol itself; without it, zttp's
+        # own dispatcher does (http2=True).
+        http=http1.listener(*lean_jobs) if lean_jobs is not None else "zttp",
+        http2=lean_jobs is None,
         loop="none",  # ours: uvloop when installed
         lifespan="on",
         log_config=None,

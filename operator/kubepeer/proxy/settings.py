@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kubepeer.proxy.chain_facts import REFRESH_SECONDS
 from kubepeer.proxy.jobs import READ_IDLE_TIMEOUT, READ_TIMEOUT
 from kubepeer.proxy.trickle import KEEPALIVE_SECONDS
 
@@ -126,6 +127,12 @@ class ProxySettings(BaseSettings):
         gt=0,
         description="seconds a Redis command may take before the job or discovery is refused "
         "(503, gRPC UNAVAILABLE) rather than held",
+    )
+    chain_refresh: float = Field(
+        default=REFRESH_SECONDS,
+        gt=0,
+        description="seconds between reads of the chain view and senders' facts the payments "
+        "process publishes (held in memory: jobs never read them)",
     )
     trickle_keepalive: float = Field(
         default=KEEPALIVE_SECONDS,

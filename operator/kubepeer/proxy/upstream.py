@@ -5,10 +5,8 @@ a third of the proxy's CPU per job (cookies, redirects, tracing, proxies: none o
 runner needs), so jobs take this lean one instead: one POST written as a single buffer,
 the answer parsed by httptools (llhttp, C), connections kept per runner and reused.
 
-Two ways to ask: `post` (awaited, the answer at its head: llm streams read it as it
-comes), and `fetch`, which calls back once the whole answer is in, from the connection's
-own `data_received`: on a kept-alive connection no task, future or loop turn stands between
-the runner's last byte and the job's next step (hack/bench/proxy.py).
+`post` answers at the answer's head: a whole body is then `read()`, an llm stream read as
+it comes (`lines()`).
 
 Failures are split as the router needs them: `RunnerUnreachable` when the runner refused
 or dropped the connection before a status line (nothing was answered: the job may go to
@@ -24,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
@@ -46,31 +44,21 @@ class RunnerBroken(Exception):
     """The runner answered, then broke the answer (closed mid-body, bad HTTP)."""
 
 
-# Called once with a fetched answer: complete (`body()`), or failed (`error`).
-Whole = Callable[["Answer"], None]
-
-
 class Answer:
     """A runner's answer: the status at once, the body as it arrives. (Its headers are read
     for the body's framing only: the proxy passes none of them on.)"""
 
-    def __init__(self, connection: _Connection | None, whole: Whole | None = None) -> None:
+    def __init__(self, connection: _Connection) -> None:
         self._connection = connection
         self.status = 0
         self._framed = False  # a Content-Length or Transfer-Encoding came
         self._chunks: deque[bytes] = deque()
         self._complete = False
         self._error: Exception | None = None
-        self._whole = whole  # fetch's callback; post's waiters are the futures below
         self._head: asyncio.Future[None] | None = None
         self._more: asyncio.Future[None] | None = None
 
-    @property
-    def error(self) -> Exception | None:
-        """Why the answer failed (RunnerUnreachable or RunnerBroken), or None."""
-        return self._error
-
-    def body(self) -> bytes:
+    def _body_whole(self) -> bytes:
         """The whole body of a complete answer, its connection released (reused or closed)."""
         data = b"".join(self._chunks)
         self._chunks.clear()
@@ -98,13 +86,6 @@ class Answer:
             self._head.set_exception(error)
         self._wake()
 
-    def _settled(self) -> None:
-        """After the connection's event: call fetch's callback once the answer is over."""
-        whole = self._whole
-        if whole is not None and (self._complete or self._error is not None):
-            self._whole = None
-            whole(self)
-
     def _wake(self) -> None:
         if self._more is not None and not self._more.done():
             self._more.set_result(None)
@@ -121,7 +102,7 @@ class Answer:
             if self._error is not None:
                 raise self._error
             await self._wait()
-        return self.body()
+        return self._body_whole()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body piece by piece, as the runner sends it (llm SSE)."""
@@ -180,7 +161,6 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._broken(RunnerBroken(f"bad HTTP from the runner: {exc}"))
-        answer._settled()  # after the parser is done with the bytes: it may be reused now
 
     def eof_received(self) -> bool | None:
         return None  # close
@@ -198,7 +178,6 @@ class _Connection(asyncio.Protocol):
         else:
             answer._fail(RunnerBroken(f"the runner closed the connection mid-answer ({exc})"))
         self._wake_writer()
-        answer._settled()
 
     def pause_writing(self) -> None:
         self._writable = self.loop.create_future()
@@ -247,15 +226,6 @@ class _Connection(asyncio.Protocol):
         answer._finish()
 
     # -- the client's side ---------------------------------------------------------------
-    def start(self, request: bytes, whole: Whole) -> None:
-        """Write `request`; `whole(answer)` once its answer is over (fetch)."""
-        assert self.transport is not None
-        if self.closed:  # closed between its connect and now: no answer will come
-            whole(_unanswered(RunnerUnreachable("the runner closed the connection first")))
-            return
-        self.answer = Answer(self, whole)
-        self.transport.write(request)
-
     async def send(self, request: bytes) -> Answer:
         assert self.transport is not None
         if self.closed:
@@ -302,13 +272,6 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _unanswered(error: RunnerUnreachable) -> Answer:
-    """The answer fetch gives when no connection could be made."""
-    answer = Answer(None)
-    answer._error = error
-    return answer
-
-
 class RunnerClient:
     """Keep-alive connections to runners, by (host, port); no limit on their number (the
     router bounds jobs in flight per runner)."""
@@ -317,7 +280,6 @@ class RunnerClient:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bytes]] = {}  # url -> host, port, Host header
-        self._connecting: set[asyncio.Task[None]] = set()  # fetch's connects, kept till done
 
     async def post(self, url: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         """POST `body` to `url` + `path`; the answer once its status line and headers are in."""
@@ -329,42 +291,6 @@ class RunnerClient:
             except RunnerUnreachable:  # closed as it sat idle: once more, on a new connection
                 pass
         return await (await self._connect(host, port)).send(request)
-
-    def fetch(
-        self, url: str, path: str, body: bytes, headers: dict[str, str], whole: Whole
-    ) -> None:
-        """POST as `post` does; `whole(answer)` once the answer is complete or has failed
-        (`answer.error`). On an idle kept-alive connection, no task or future on the way."""
-        host, port, request = self._request(url, path, body, headers)
-        connection = self._reuse((host, port))
-        if connection is None:
-            self._fetch_new(host, port, request, whole)
-            return
-
-        def answered(answer: Answer) -> None:
-            # Closed before an answer, as it sat idle: once more, on a new connection (as post).
-            if isinstance(answer.error, RunnerUnreachable):
-                self._fetch_new(host, port, request, whole)
-            else:
-                whole(answer)
-
-        connection.start(request, answered)
-
-    def _fetch_new(self, host: str, port: int, request: bytes, whole: Whole) -> None:
-        """fetch's request on a new connection, made in a task kept until it is done."""
-        connecting = asyncio.get_running_loop().create_task(
-            self._connect_and_start(host, port, request, whole)
-        )
-        self._connecting.add(connecting)
-        connecting.add_done_callback(self._connecting.discard)
-
-    async def _connect_and_start(self, host: str, port: int, request: bytes, whole: Whole) -> None:
-        try:
-            connection = await self._connect(host, port)
-        except RunnerUnreachable as exc:
-            whole(_unanswered(exc))
-            return
-        connection.start(request, whole)
 
     def _request(
         self, url: str, path: str, body: bytes, headers: dict[str, str]
