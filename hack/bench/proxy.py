@@ -26,8 +26,17 @@
    level, and the calls per second of the proxy's CPU (calls/s per core) at p50 <= 100 ms.
 4. Hold overhead: jobs held for an OnDemand model with no ready replica; the time from the
    replica turning ready (the endpoint watch's callback) to each job reaching the runner.
+5. A paid job's cost (payments on, plaintext, uvicorn; a gateway's Livepeer-Payment and
+   Livepeer-Segment on every job, results as URLs in Redis), as section 1 measures it, in
+   interleaved rounds against direct to the runner: with 1 served model and with 1,000;
+   with Redis further away (a relay that holds each of its answers 1 ms; the round trip it
+   adds is measured with PINGs); and, with --baseline REV, the same proxy at REV (a git
+   worktree, in the same run).
+   Printed as ratios: CPU per job and added p50 at 1,000 models over 1 model; CPU per job
+   over REV's; and what Redis further away adds to a job, here and at REV.
 
 Run: .venv/bin/python hack/bench/proxy.py [--rate 200] [--rounds 25] [--seconds 5] [--calls 100]
+     [--sections 1,1b,2,3,3b,4,5] [--baseline REV]
 "CPU us per request" (section 2) is the measure the machine's load disturbs least.
 """
 
@@ -46,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator")]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "hack")]
 
 import aiohttp  # noqa: E402
 import grpc  # noqa: E402
@@ -63,6 +73,7 @@ from eth_account.messages import encode_defunct  # noqa: E402
 from eth_utils import keccak  # noqa: E402
 from redis import Redis  # noqa: E402
 
+from gateway_sim import Gateway  # noqa: E402
 from kubepeer.livepeer import net_pb2  # noqa: E402
 from kubepeer.payments.rounds import ChainView  # noqa: E402
 from kubepeer.payments.sender import SenderInfo  # noqa: E402
@@ -172,6 +183,44 @@ async def main():
     await server.serve_forever()
 uvloop.run(main())
 """
+DELAY_RELAY = """
+# Redis further away: a relay that holds each piece of Redis's answers 1 ms (asyncio's own
+# loop: its timers are not rounded down to whole milliseconds, as libuv's are).
+import asyncio, sys
+HOLD = 0.001
+class Half(asyncio.Protocol):
+    def __init__(self, peer=None, hold=0.0):
+        self.peer, self.hold, self.held, self.transport = peer, hold, [], None
+    def connection_made(self, transport):
+        self.transport = transport
+        if self.peer is not None:
+            self.peer.peer = self
+            for data in self.peer.held:
+                transport.write(data)
+    def data_received(self, data):
+        if self.hold:
+            asyncio.get_running_loop().call_later(self.hold, self.forward, data)
+        else:
+            self.forward(data)
+    def forward(self, data):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+        else:
+            self.held.append(data)
+    def connection_lost(self, exc):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+class Client(Half):
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        redis = lambda: Half(self, HOLD)
+        loop.create_task(loop.create_connection(redis, "127.0.0.1", int(sys.argv[2])))
+async def main():
+    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+asyncio.run(main())
+"""
 NGINX = """
 worker_processes 1;
 daemon off;
@@ -204,6 +253,39 @@ http {{
 CHAIN = ChainView(l1_block=5_000, current_round=10, creation_round=10,
                   creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
 FUNDED = SenderInfo(deposit=10**21, withdraw_round=0, reserve=10**21, reserve_alloc=10**20)
+
+
+def keep_view_fresh(redis_url: str) -> None:
+    """The chain watcher's view, saved now and every 5 s (a thread, for the whole run)."""
+    redis = Redis.from_url(redis_url)
+
+    def keep() -> None:
+        while True:
+            save_view(redis, CHAIN)
+            time.sleep(5)
+
+    save_view(redis, CHAIN)
+    threading.Thread(target=keep, daemon=True).start()
+
+
+def ping_time(url: str, pings: int = 200) -> float:
+    client = Redis.from_url(url)
+    times = []
+    for _ in range(pings):
+        start = time.perf_counter()
+        client.ping()
+        times.append(time.perf_counter() - start)
+    client.close()
+    return statistics.median(times)
+
+
+def wait_up_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def free_port() -> int:
@@ -512,13 +594,17 @@ async def discovery_server_time(work: Path, redis_url: str, calls: int) -> list[
 
 
 def latency_section(
-    targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], args: Any
-) -> None:
+    targets: dict[str, tuple[str, dict[str, str]]],
+    pids: dict[str, int],
+    args: Any,
+    title: str = "1. latency",
+) -> dict[str, tuple[float, float]]:
     """Section 1: each hop at a fixed rate, in many short interleaved rounds. The machine's
     speed drifts over seconds, so a hop is compared with direct round by round: "added p50"
     is the median over rounds of (the hop's p50 - direct's p50) in each round. p50 and p99
-    are over all of a hop's requests; "added p99" is the hop's p99 - direct's."""
-    print(f"\n1. latency at {args.rate:.0f} requests/s, HTTP/1.1 keep-alive, {args.rounds} "
+    are over all of a hop's requests; "added p99" is the hop's p99 - direct's. Returns each
+    hop's (CPU us per request, added p50 ms)."""
+    print(f"\n{title} at {args.rate:.0f} requests/s, HTTP/1.1 keep-alive, {args.rounds} "
           f"interleaved rounds of {args.round_seconds:g} s (ms; CPU us per request of the "
           "hop's own process)")  # fmt: skip
     p50s: dict[str, list[float]] = {name: [] for name in targets}
@@ -537,6 +623,7 @@ def latency_section(
     direct = "direct to the runner"
     direct_p99 = percentile(everything[direct], 0.99) * 1e3
     added_nginx: dict[str, float] = {}
+    measured: dict[str, tuple[float, float]] = {}
     for name in targets:
         p50, p99 = (percentile(everything[name], q) * 1e3 for q in (0.5, 0.99))
         label = name + (f" [{failed[name]} failed]" if failed[name] else "")
@@ -556,6 +643,106 @@ def latency_section(
         quartiles = statistics.quantiles(by_round, n=4) if len(by_round) > 1 else [added] * 3
         print(f"{line}   added p50 {added:+.2f} (rounds' quartiles {quartiles[0]:+.2f}, "
               f"{quartiles[2]:+.2f}) p99 {p99 - direct_p99:+.2f}{versus}")  # fmt: skip
+        measured[name] = (cpu, added)
+    return measured
+
+
+class Plain:
+    """An orchestrator's gRPC in plaintext (h2c), for gateway_sim's `discover`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.port}")
+
+
+def many_models(runner_port: int, count: int) -> dict[str, Any]:
+    """The bench's model and `count` - 1 others, every one served by the same runner."""
+    models = [{
+        "aimodel": f"m{i}", "pipeline": "text-to-image",
+        "modelId": MODEL if i == 0 else f"kubepeer-bench/m{i}", "runner": "runner-fast",
+        "port": runner_port, "capacity": 1000, "warm": "Always", "maxReplicas": 1,
+        "price": {"weiPerUnit": "1", "gateways": {}, "surge": None},
+    } for i in range(count)]  # fmt: skip
+    return {"version": 1, "models": models}
+
+
+def paid_section(work: Path, spawn: Callable[..., int], redis_url: str, runner_port: int,
+                 runner_pid: int, args: Any) -> None:  # fmt: skip
+    """Section 5: a paid job's cost (see the module's docstring)."""
+    runner = f"http://127.0.0.1:{runner_port}"
+    relay_port = free_port()
+    spawn(sys.executable, "-c", DELAY_RELAY, str(relay_port), redis_url.split(":")[2].split("/")[0])
+    far_redis = f"redis://127.0.0.1:{relay_port}/0"
+    wait_up_port(relay_port)
+    rtt = {url: ping_time(url) for url in (redis_url, far_redis)}
+    print(f"\n   a Redis round trip (PING, p50): {rtt[redis_url] * 1e3:.2f} ms, through the relay "
+          f"{rtt[far_redis] * 1e3:.2f} ms")  # fmt: skip
+    (work / "models-1000.json").write_text(json.dumps(many_models(runner_port, 1000)))
+    builds: list[tuple[str, Path]] = [("this tree", REPO / "operator")]
+    if args.baseline:
+        base = work / "baseline"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base),
+                        args.baseline], check=True, capture_output=True)  # fmt: skip
+        builds.append((f"at {args.baseline}", base / "operator"))
+    variants = [("1 model", "models.json", redis_url), ("1,000 models", "models-1000.json",
+                redis_url), ("Redis further", "models.json", far_redis)]  # fmt: skip
+    targets: dict[str, tuple[str, dict[str, str]]] = {
+        "direct to the runner": (f"{runner}/text-to-image", {})
+    }
+    pids = {"direct to the runner": runner_pid}
+    try:
+        for build_name, operator in builds:
+            for variant, models, redis in variants:
+                if build_name != "this tree" and variant == "1,000 models":
+                    continue
+                port = free_port()
+                name = f"paid, {variant}, {build_name} (plain)"
+                pids[name] = spawn(
+                    sys.executable, "-m", "kubepeer.cli", "proxy", "--plaintext",
+                    "--bind", f"127.0.0.1:{port}", "--public-url", f"http://127.0.0.1:{port}",
+                    "--namespace", "bench", "--redis-url", redis, "--server", SERVERS[0],
+                    "--models-file", str(work / models),
+                    "--endpoints-file", str(work / "endpoints.json"), "--no-wake",
+                    "--recipient", "0x" + "5a" * 20,
+                    "--recipient-secret-file", str(work / "recipient-secret"),
+                    "--auth-secret-file", str(work / "auth-secret"),
+                    pythonpath=operator,
+                )  # fmt: skip
+                wait_up(f"http://127.0.0.1:{port}/healthz")
+                targets[name] = (f"http://127.0.0.1:{port}/text-to-image", {})
+        time.sleep(1.5)  # the endpoint files are read within a second of start
+        for name, (url, _) in list(targets.items())[1:]:
+            port = int(url.split(":")[2].split("/")[0])
+            gateway = Gateway()
+            info = gateway.discover(Plain(port), 27, MODEL)
+            with httpx.Client(timeout=30) as client:  # credit enough for every job to come
+                funded = client.post(url, json=BODY, headers=gateway.headers(info, 27, MODEL, 4))
+                assert funded.status_code == 200, (name, funded.text)
+            # Then, as a gateway whose credit covers its fees: a payment with no tickets.
+            targets[name] = (url, gateway.headers(info, 27, MODEL, tickets=0))
+        measured = latency_section(targets, pids, args, "5. a paid job")
+    finally:
+        if args.baseline:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                            str(work / "baseline")], check=False)  # fmt: skip
+    (cpu, added), (cpu_many, added_many), (_, added_far) = (
+        measured[f"paid, {variant}, this tree (plain)"] for variant, _, _ in variants)  # fmt: skip
+    print(f"   1,000 served models over 1: CPU per job {cpu_many / cpu:.2f}x, "
+          f"added p50 {added_many / added:.2f}x")  # fmt: skip
+    far = (f"   Redis {(rtt[far_redis] - rtt[redis_url]) * 1e3:.2f} ms further adds to a job's "
+           f"p50: {added_far - added:+.2f} ms (this tree)")  # fmt: skip
+    if not args.baseline:
+        print(far)
+        return
+    (base_cpu, base_added), (_, base_far) = (
+        measured[f"paid, {variant}, at {args.baseline} (plain)"]
+        for variant in ("1 model", "Redis further")
+    )
+    print(f"{far}, {base_far - base_added:+.2f} ms (at {args.baseline})")
+    print(f"   CPU per job over {args.baseline}'s: {cpu / base_cpu:.2f}x (added p50 "
+          f"{added:+.2f} ms against {base_added:+.2f} ms)")  # fmt: skip
 
 
 def main() -> int:
@@ -567,7 +754,8 @@ def main() -> int:
     parser.add_argument("--held", type=int, default=20, help="jobs held for a cold model")
     parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds of section 1")
     parser.add_argument("--round-seconds", type=float, default=1.0, help="each round's length")
-    parser.add_argument("--sections", default="1,1b,2,3,3b,4", help="which sections to run")
+    parser.add_argument("--sections", default="1,1b,2,3,3b,4,5", help="which sections to run")
+    parser.add_argument("--baseline", help="section 5: also the proxy at this git revision")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     servers = list(reversed(SERVERS))  # hypercorn, then uvicorn (the default)
@@ -578,15 +766,17 @@ def main() -> int:
         [str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     env.pop("KUBECONFIG", None)
 
-    def spawn(*command: str) -> int:
+    def spawn(*command: str, pythonpath: Path = REPO / "operator") -> int:
         log = (work / f"{len(processes)}.log").open("wb")
-        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        own = {**env, "PYTHONPATH": os.pathsep.join([str(pythonpath), env["PYTHONPATH"]])}
+        processes.append(subprocess.Popen(command, env=own, stdout=log, stderr=subprocess.STDOUT))
         return processes[-1].pid
 
     try:
         redis_port, runner_port = free_port(), free_port()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         spawn("redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "")
+        wait_up_port(redis_port)
         spawn(sys.executable, "-c", STAND_IN, str(runner_port))
         runner = f"http://127.0.0.1:{runner_port}"
         models = {"version": 1, "models": [{
@@ -648,7 +838,7 @@ def main() -> int:
         wait_up(f"http://127.0.0.1:{checked_port}/arrivals")
         for (_, mode), port in [*ports.items(), (("paid", "tls"), paid_port)]:
             wait_up(f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/healthz")
-        save_view(Redis.from_url(redis_url), CHAIN)
+        keep_view_fresh(redis_url)
         # The payments process's sender watch, answering every gateway as well funded.
         SenderWatch(Redis.from_url(redis_url), lambda _: FUNDED).start()
         time.sleep(1.5)  # the endpoint file is read within a second of start
@@ -742,6 +932,8 @@ def main() -> int:
                 f"   first job sent after {min(overheads) * 1e3:.1f}, p50 "
                 f"{statistics.median(overheads) * 1e3:.1f}, last {max(overheads) * 1e3:.1f}"
             )
+        if "5" in sections:
+            paid_section(work, spawn, redis_url, runner_port, processes[1].pid, args)
         print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     finally:
         for process in reversed(processes):
