@@ -328,6 +328,10 @@ class AsyncLedger:
     async def balance(self, sender: bytes, manifest: str) -> int:
         return int(await self.redis.get(balance_key(sender, manifest)) or 0)
 
+    async def charge(self, sender: bytes, manifest: str, fee: int) -> int:
+        """`Ledger.debit`, awaited: the balance left (negative means owed)."""
+        return int(await self.redis.decrby(balance_key(sender, manifest), fee))
+
     async def was_offered(self, sender: bytes, priced_for: str, price: Fraction,
                           now: float | None = None) -> bool:  # fmt: skip
         """Whether `price` was offered to `sender` for `priced_for` and has not lapsed."""

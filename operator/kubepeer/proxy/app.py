@@ -137,6 +137,16 @@ class Proxy:
             results=results, public_url=config.public_url, runner_token=config.runner_token,
         )  # fmt: skip
         self.jobs: set[asyncio.Task[None]] = set()  # jobs in flight (pipeline.run)
+        self.live_context = (
+            live.LiveContext(
+                service=live_video, door=self.door, offered=self.offered, offer=self.offer,
+                billing=billing, catalogue=catalogue, urls=router.urls, http=self._http,
+                max_body_bytes=config.max_body_bytes, read_timeout=config.read_timeout,
+                read_idle_timeout=config.read_idle_timeout, runner_token=config.runner_token,
+            )
+            if live_video
+            else None
+        )  # fmt: skip
         self.http_app = self._build_http_app()
         self._job_paths = frozenset(f"/{pipeline.value}" for pipeline in BATCH_PIPELINES)
         # What http1.py serves itself on HTTP/1.1 (server.py): the job routes, whole bodies
@@ -202,7 +212,7 @@ class Proxy:
                 refreshing = self.billing.facts.refresh_forever(self.config.chain_refresh)
                 keepers.append(asyncio.create_task(refreshing))
             if self.live:
-                adopting = live.adopt_forever(self.live, self._model, self)
+                adopting = live.adopt_forever(self.live_context, self._model)
                 keepers += [asyncio.create_task(sweep_forever(self.live.store)),
                             asyncio.create_task(adopting)]  # fmt: skip
             try:
@@ -230,26 +240,41 @@ class Proxy:
         return app
 
     # -- discovery ---------------------------------------------------------------------
-    def model_state(self, model: ServedModel) -> discovery.ModelState:
+    async def _live_counts(self) -> live.Counts:
+        """Streams per live runner, read once for a discovery (one round trip)."""
+        if not self.live:
+            return {}
+        models = [m for m in self.catalogue().models if m.pipeline is live.LIVE]
+        return await self.live.capacity.counts(models)
+
+    def states(self, live_counts: live.Counts) -> Callable[[ServedModel], discovery.ModelState]:
         """What gateways are told of a model: of all the AIModels serving its (pipeline,
-        model id) together, since a job or a stream for it may go to any of them."""
-        group = self.catalogue().serving(model.pipeline, model.model_id) or (model,)
-        if self.live and model.pipeline is live.LIVE:
-            free = in_use = total = 0
-            for member in group:  # stream slots are counted per AIModel, then summed
-                urls = self.router.urls(member)
-                member_free, member_in_use = self.live.capacity.state(member, urls)
-                free, in_use = free + member_free, in_use + member_in_use
-                total += member.capacity * len(urls)
+        model id) together, since a job or a stream for it may go to any of them. Live
+        models' streams are counted in Redis (`live_counts`, read before)."""
+
+        def state(model: ServedModel) -> discovery.ModelState:
+            group = self.catalogue().serving(model.pipeline, model.model_id) or (model,)
+            ready = any(self.router.ready(m) for m in group)
+            if self.live and model.pipeline is live.LIVE:
+                free = in_use = total = 0
+                for member in group:  # stream slots are counted per AIModel, then summed
+                    urls = self.router.urls(member)
+                    member_free, member_in_use = live.free_and_in_use(live_counts, member, urls)
+                    free, in_use = free + member_free, in_use + member_in_use
+                    total += member.capacity * len(urls)
+                return discovery.ModelState(
+                    ready=ready,
+                    free_slots=free,
+                    in_use=in_use,
+                    utilization=1.0 if not total else in_use / total,
+                )
             return discovery.ModelState(
-                ready=any(self.router.ready(m) for m in group), free_slots=free, in_use=in_use,
-                utilization=1.0 if not total else in_use / total,
-            )  # fmt: skip
-        return discovery.ModelState(
-            ready=any(self.router.ready(m) for m in group),
-            free_slots=sum(self.router.free_slots(m) for m in group),
-            utilization=self.router.group_utilization(group),
-        )
+                ready=ready,
+                free_slots=sum(self.router.free_slots(m) for m in group),
+                utilization=self.router.group_utilization(group),
+            )
+
+        return state
 
     def offered(self) -> discovery.Offered:
         """What jobs' credentials are checked against, rebuilt only when the catalogue (a
@@ -286,13 +311,14 @@ class Proxy:
                 grpc_unary.UNKNOWN,
                 "Invalid orchestrator request: orchestrator req sig check failed",
             )
-        if discovery.live_capped(request, self.catalogue(), self.model_state):
+        state = self.states(await self._live_counts())
+        if discovery.live_capped(request, self.catalogue(), state):
             metrics.DISCOVERY.labels("capped").inc()
             raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, discovery.ORCHESTRATOR_CAPPED)
         try:
             if self.billing is not None:
                 await self.billing.know_sender(go_address(request.address))
-            reply = await self.offer(request)
+            reply = await self.offer(request, state)
         except PaymentRefused as exc:
             metrics.DISCOVERY.labels("no-ticket-params").inc()
             raise grpc_unary.GrpcError(grpc_unary.UNKNOWN, str(exc)) from None
@@ -300,17 +326,22 @@ class Proxy:
         metrics.DISCOVERY.labels("ok").inc()
         return reply.info.SerializeToString()
 
-    async def offer(self, request: net_pb2.OrchestratorRequest) -> discovery.Reply:
+    async def offer(
+        self,
+        request: net_pb2.OrchestratorRequest,
+        state: Callable[[ServedModel], discovery.ModelState] | None = None,
+    ) -> discovery.Reply:
         """OrchestratorInfo for `request.address`, its ticket params issued at the price it
         carries (AutoAdjustPrice included): what GetOrchestrator and a live stream's
         PaymentResult both answer. Raises PaymentRefused when no params can be issued."""
+        state = state or self.states(await self._live_counts())
         tx_cost_share = None
         if self.billing is not None and self.config.auto_adjust_price:
             tx_cost_share = self.billing.tx_cost_share()
         reply = discovery.orchestrator_info(
             request,
             self.catalogue(),
-            self.model_state,
+            state,
             transcoder=self.config.public_url,
             address=self.address,
             version=self.config.version,
@@ -323,14 +354,18 @@ class Proxy:
         return reply
 
     # -- live video (live.py) ------------------------------------------------------------
+    def _http(self) -> aiohttp.ClientSession:
+        assert self.http is not None, "made in the lifespan"
+        return self.http
+
     def _model(self, aimodel: str) -> ServedModel | None:
         return next((m for m in self.catalogue().models if m.aimodel == aimodel), None)
 
     async def live_start(self, request: Request) -> Response:
-        return await live.start_stream(self, request)
+        return await live.start_stream(self.live_context, request)
 
     async def live_payment(self, request: Request) -> Response:
-        return await live.receive_payment(self, request)
+        return await live.receive_payment(self.live_context, request)
 
     # -- probes, metrics, results --------------------------------------------------------
     async def healthz(self, _: Request) -> Response:

@@ -23,13 +23,13 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import aiohttp
-from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -46,7 +46,9 @@ from kubepeer.livepeer.wire import (
 )
 from kubepeer.payments.ledger import manifest_id
 from kubepeer.proxy import discovery, metrics
-from kubepeer.proxy.billing import PaymentRefused
+from kubepeer.proxy.admission import Door, check_credentials
+from kubepeer.proxy.billing import Billing, PaymentRefused
+from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import CredentialsRefused, check_segment
 from kubepeer.proxy.jobs import (
     STORE_UNAVAILABLE,
@@ -109,7 +111,8 @@ def channel_urls(base: str, mid: str) -> dict[str, str]:
 class LiveCapacity:
     """Streams per runner replica, counted in Redis for every proxy replica."""
 
-    def __init__(self, redis: Redis, namespace: str, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(self, redis: AsyncRedis, namespace: str,
+                 lease_seconds: float = LEASE_SECONDS) -> None:  # fmt: skip
         self.redis = redis
         self.namespace = namespace
         self.lease_seconds = lease_seconds
@@ -119,51 +122,68 @@ class LiveCapacity:
     def key(self, model: ServedModel) -> str:
         return f"kubepeer:live:{self.namespace}:{model.aimodel}"
 
-    def reserve(self, model: ServedModel, urls: tuple[str, ...], mid: str) -> str | None:
-        """A runner with a free stream slot, its slot taken for `mid`; None when all are full."""
+    async def reserve(self, model: ServedModel, urls: tuple[str, ...], mid: str,
+                      counts: dict[str, int]) -> str | None:  # fmt: skip
+        """A runner with a free stream slot, its slot taken for `mid` (least used first, by
+        `counts`); None when all are full."""
         now = time.time()
-        counts = self.per_runner(model)
         for url in sorted(urls, key=lambda u: counts.get(u, 0)):
             args = [now, now + self.lease_seconds, f"{url} {mid}", f"{url} ", model.capacity]
-            if self._reserve(keys=[self.key(model)], args=args):
+            if await self._reserve(keys=[self.key(model)], args=args):
                 return url
         return None
 
-    def renew(self, model: ServedModel, url: str, mid: str) -> None:
-        self.redis.zadd(self.key(model), {f"{url} {mid}": time.time() + self.lease_seconds})
+    async def renew(self, model: ServedModel, url: str, mid: str) -> None:
+        await self.redis.zadd(self.key(model), {f"{url} {mid}": time.time() + self.lease_seconds})
 
-    def claim(self, model: ServedModel, url: str, mid: str) -> bool:
+    async def claim(self, model: ServedModel, url: str, mid: str) -> bool:
         now = time.time()
         args = [now, now + self.lease_seconds, f"{url} {mid}"]
-        return bool(self._claim(keys=[self.key(model)], args=args))
+        return bool(await self._claim(keys=[self.key(model)], args=args))
 
-    def release(self, model: ServedModel, url: str, mid: str) -> None:
-        self.redis.zrem(self.key(model), f"{url} {mid}")
+    async def release(self, model: ServedModel, url: str, mid: str) -> None:
+        await self.redis.zrem(self.key(model), f"{url} {mid}")
 
-    def per_runner(self, model: ServedModel) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for raw in self.redis.zrangebyscore(self.key(model), time.time(), "+inf"):
-            url = raw.decode().rsplit(" ", 1)[0]
-            counts[url] = counts.get(url, 0) + 1
-        return counts
+    async def counts(self, models: Iterable[ServedModel]) -> Counts:
+        """Streams per runner URL of each of `models`, by AIModel: one round trip."""
+        models = list(models)
+        if not models:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
+        for model in models:
+            pipe.zrangebyscore(self.key(model), now, "+inf")
+        counted: Counts = {}
+        for model, members in zip(models, await pipe.execute(), strict=True):
+            per_url = counted.setdefault(model.aimodel, {})
+            for raw in members:
+                url = raw.decode().rsplit(" ", 1)[0]
+                per_url[url] = per_url.get(url, 0) + 1
+        return counted
 
-    def reserve_in(
+    async def reserve_in(
         self, group: Sequence[tuple[ServedModel, tuple[str, ...]]], mid: str
     ) -> tuple[ServedModel, str] | None:
         """A stream slot on the AIModel of `group` (each with its ready runners) that has
         the most free slots, so streams spread over every AIModel serving a model id."""
-        by_free = sorted(group, key=lambda member: -self.state(*member)[0])
+        counts = await self.counts(model for model, _ in group)
+        by_free = sorted(group, key=lambda member: -free_and_in_use(counts, *member)[0])
         for model, urls in by_free:
-            runner = self.reserve(model, urls, mid)
+            runner = await self.reserve(model, urls, mid, counts.get(model.aimodel, {}))
             if runner is not None:
                 return model, runner
         return None
 
-    def state(self, model: ServedModel, urls: tuple[str, ...]) -> tuple[int, int]:
-        """(free stream slots, streams in use) over the ready runners."""
-        counts = self.per_runner(model)
-        in_use = sum(counts.get(u, 0) for u in urls)
-        return sum(max(0, model.capacity - counts.get(u, 0)) for u in urls), in_use
+
+# Streams per runner URL, by AIModel, as LiveCapacity.counts read them.
+Counts = dict[str, dict[str, int]]
+
+
+def free_and_in_use(counts: Counts, model: ServedModel, urls: tuple[str, ...]) -> tuple[int, int]:
+    """(free stream slots, streams in use) of `model` over its ready runners `urls`."""
+    per_url = counts.get(model.aimodel, {})
+    in_use = sum(per_url.get(u, 0) for u in urls)
+    return sum(max(0, model.capacity - per_url.get(u, 0)) for u in urls), in_use
 
 
 @dataclass
@@ -180,8 +200,8 @@ class LedgerDoor:
 
     def __init__(
         self,
-        balance: Callable[[bytes, str], int],
-        debit: Callable[[bytes, str, int], int],
+        balance: Callable[[bytes, str], Awaitable[int]],
+        debit: Callable[[bytes, str, int], Awaitable[int]],
     ) -> None:
         self.balance = balance
         self.debit = debit
@@ -219,7 +239,7 @@ class LiveService:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AsyncRedis,
         store: TrickleStore,
         capacity: LiveCapacity,
         *,
@@ -249,17 +269,20 @@ class LiveService:
         for suffix, _ in CHANNELS:
             await self.store.close(mid + suffix)
 
-    def watch(self, stream: LiveStream, http: aiohttp.ClientSession, token: str | None) -> None:
+    async def watch(self, stream: LiveStream, http: aiohttp.ClientSession,
+                    token: str | None) -> None:  # fmt: skip
         self.streams[stream.mid] = stream
-        self.redis.hset(
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
             record_key(stream.mid),
             mapping={"aimodel": stream.model.aimodel, "runner": stream.runner,
                      "started": stream.started, "price": str(stream.price),
                      "sender": (stream.sender or b"").hex(), "debits": "[]",
                      "last_charged": stream.last_charged},
         )  # fmt: skip
-        self.redis.expire(record_key(stream.mid), 24 * 3600)
-        self.redis.sadd(streams_key(self.capacity.namespace), stream.mid)
+        pipe.expire(record_key(stream.mid), 24 * 3600)
+        pipe.sadd(streams_key(self.capacity.namespace), stream.mid)
+        await pipe.execute()
         stream.task = asyncio.create_task(self._watch(stream, http, token))
 
     async def adopt_orphans(
@@ -271,22 +294,21 @@ class LiveService:
         """Watch the streams whose watcher died (lease lapsed): any replica may take them."""
         adopted = []
         key = streams_key(self.capacity.namespace)
-        for raw in self.redis.smembers(key):
+        for raw in await self.redis.smembers(key):
             mid = raw.decode()
             if mid in self.streams:
                 continue
-            record = {
-                k.decode(): v.decode() for k, v in self.redis.hgetall(record_key(mid)).items()
-            }
+            stored = await self.redis.hgetall(record_key(mid))
+            record = {k.decode(): v.decode() for k, v in stored.items()}
             if not record or "closed" in record:
-                self.redis.srem(key, mid)
+                await self.redis.srem(key, mid)
                 continue
             model = find_model(record["aimodel"])
             if model is None:  # the model is gone: so is the stream
                 await self.close_channels(mid)
-                self.redis.srem(key, mid)
+                await self.redis.srem(key, mid)
                 continue
-            if not self.capacity.claim(model, record["runner"], mid):
+            if not await self.capacity.claim(model, record["runner"], mid):
                 continue  # its watcher is alive (or another replica was quicker)
             stream = LiveStream(
                 mid, model, record["runner"],
@@ -307,11 +329,11 @@ class LiveService:
         stream.reason = reason
         log.info("live stream closed", extra={"manifest_id": stream.mid, "reason": reason})
         with contextlib.suppress(Exception):  # the why first: readers see the channels go
-            self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
-                                                              "reason": reason})  # fmt: skip
+            await self.redis.hset(record_key(stream.mid), mapping={"closed": time.time(),
+                                                                    "reason": reason})  # fmt: skip
         with contextlib.suppress(Exception):  # the slot is free before anyone sees the end
-            self.capacity.release(stream.model, stream.runner, stream.mid)
-            self.redis.srem(streams_key(self.capacity.namespace), stream.mid)
+            await self.capacity.release(stream.model, stream.runner, stream.mid)
+            await self.redis.srem(streams_key(self.capacity.namespace), stream.mid)
         with contextlib.suppress(Exception):
             await self.close_channels(stream.mid)
         self.streams.pop(stream.mid, None)
@@ -352,14 +374,14 @@ class LiveService:
             await asyncio.sleep(0.5)
             now_mono = time.monotonic()
             if now_mono - last_renew > self.capacity.lease_seconds / 3:
-                self.capacity.renew(stream.model, stream.runner, stream.mid)
+                await self.capacity.renew(stream.model, stream.runner, stream.mid)
                 last_renew = now_mono
             nxt = await self.store.next_seq(stream.mid)
             if nxt is None:
                 return "input channel closed"
             if nxt != seen_next:  # a new input segment: time to account, as go-livepeer does
                 seen_next = nxt
-                problem = self.account(stream, time.time())
+                problem = await self.account(stream, time.time())
                 if problem:
                     return problem
             if now_mono - last_health >= HEALTH_EVERY:
@@ -375,7 +397,7 @@ class LiveService:
                         return "runner idle"
         return stream.reason
 
-    def account(self, stream: LiveStream, now: float) -> str | None:
+    async def account(self, stream: LiveStream, now: float) -> str | None:
         """Charge the time since the last charge once `interval` has passed; a reason to
         close when the balance does not cover it."""
         if stream.sender is None or not stream.price or self.ledger is None:
@@ -385,25 +407,24 @@ class LiveService:
             return None
         pixels = stream_fee_pixels(elapsed)
         fee = interval_fee(pixels, stream.price)
-        balance = self.ledger.balance(stream.sender, stream.mid)
+        balance = await self.ledger.balance(stream.sender, stream.mid)
         if balance < fee:
             return f"insufficient balance, mid={stream.mid}, fee={fee}, balance={balance}"
-        self.ledger.debit(stream.sender, stream.mid, fee)
+        await self.ledger.debit(stream.sender, stream.mid, fee)
         stream.last_charged = now
         key = record_key(stream.mid)
-        debits = json.loads(self.redis.hget(key, "debits") or b"[]")
+        debits = json.loads(await self.redis.hget(key, "debits") or b"[]")
         debits.append({"seconds": elapsed, "pixels": pixels, "fee_wei": fee, "at": now})
-        self.redis.hset(key, mapping={"debits": json.dumps(debits), "last_charged": now})
+        await self.redis.hset(key, mapping={"debits": json.dumps(debits), "last_charged": now})
         return None
 
 
-async def adopt_forever(
-    service: LiveService, find_model: Callable[[str], ServedModel | None], proxy: Any
-) -> None:
+async def adopt_forever(ctx: LiveContext, find_model: Callable[[str], ServedModel | None]) -> None:
+    service = ctx.service
     while True:
         await asyncio.sleep(service.capacity.lease_seconds / 3)
         try:
-            await service.adopt_orphans(find_model, proxy.http, proxy.config.runner_token)
+            await service.adopt_orphans(find_model, ctx.http(), ctx.runner_token)
         except Exception:  # Redis away: the next pass tries again
             log.exception("adopting live streams failed")
 
@@ -443,13 +464,32 @@ def payment_result(info: net_pb2.OrchestratorInfo) -> bytes:
     return net_pb2.PaymentResult(info=info).SerializeToString()
 
 
-# -- the routes (the Proxy passes itself: its credentials check, billing, router, HTTP) ----
-async def start_stream(proxy: Any, request: Request) -> Response:
+# -- the routes --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LiveContext:
+    """What live video's routes need, each collaborator with one concern (as a batch job's
+    `pipeline.JobContext`)."""
+
+    service: LiveService
+    door: Door  # steps 1 and 2, as for a batch job
+    offered: Callable[[], discovery.Offered]  # what discovery offers now
+    offer: Callable[[net_pb2.OrchestratorRequest], Awaitable[discovery.Reply]]  # params
+    billing: Billing | None
+    catalogue: Callable[[], Catalogue]
+    urls: Callable[[ServedModel], tuple[str, ...]]  # a model's ready runners
+    http: Callable[[], aiohttp.ClientSession]  # to runners (made with the event loop)
+    max_body_bytes: int
+    read_timeout: float
+    read_idle_timeout: float
+    runner_token: str | None
+
+
+async def start_stream(ctx: LiveContext, request: Request) -> Response:
     """POST /live-video-to-video, as go-livepeer's StartLiveVideoToVideo answers it."""
     started = time.monotonic()
     try:
         try:
-            reply = await _start(proxy, request, started)
+            reply = await _start(ctx, request, started)
         except RedisError as exc:  # capacity, balances and channels are out of reach
             log.warning("live start refused: Redis is unavailable (%s)", exc)
             raise JobRefused(503, STORE_UNAVAILABLE) from None
@@ -461,27 +501,26 @@ async def start_stream(proxy: Any, request: Request) -> Response:
     return JSONResponse(reply)
 
 
-async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]:
-    service: LiveService = proxy.live
-    config = proxy.config
-    body = await read_body(request, config.max_body_bytes, config.read_timeout,
-                           config.read_idle_timeout)  # fmt: skip
+async def _start(ctx: LiveContext, request: Request, started: float) -> dict[str, Any]:
+    service = ctx.service
+    body = await read_body(request, ctx.max_body_bytes, ctx.read_timeout,
+                           ctx.read_idle_timeout)  # fmt: skip
     fields = await decode_fields(LIVE, "application/json", body)
     stream_id = str(fields.get("stream_id") or request.headers.get("streamID") or "")
     request_id = str(fields.get("gateway_request_id") or request.headers.get("requestID") or "")
-    group = proxy.catalogue().serving(LIVE, str(fields.get("model_id") or ""))
+    group = ctx.catalogue().serving(LIVE, str(fields.get("model_id") or ""))
     mid = service.new_manifest_id()
-    reserved = service.capacity.reserve_in([(m, proxy.router.urls(m)) for m in group], mid)
+    reserved = await service.capacity.reserve_in([(m, ctx.urls(m)) for m in group], mid)
     if reserved is None:
         raise JobRefused(503, INSUFFICIENT_CAPACITY)
     model, runner = reserved
     stream: LiveStream | None = None
     try:
-        payment = proxy.check_credentials(request.headers)  # 402, 403 (401 in private mode)
+        payment = check_credentials(request.headers, ctx.door, ctx.offered())  # 402, 403, 401
         sender, price = None, Fraction(0)
-        if payment is not None and proxy.billing is not None:
+        if payment is not None and ctx.billing is not None:
             try:
-                valid = await proxy.billing.admit(  # ProcessPayment, balance
+                valid = await ctx.billing.admit(  # ProcessPayment, balance
                     payment, mid, manifest_id(model.capability, model.model_id),
                     priced=model.charges(payment.sender),
                 )  # fmt: skip
@@ -491,18 +530,18 @@ async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]
         await service.open_channels(mid)
         now = time.time()
         stream = LiveStream(mid, model, runner, sender, price, started=now, last_charged=now)
-        service.watch(stream, proxy.http, proxy.config.runner_token)
+        await service.watch(stream, ctx.http(), ctx.runner_token)
         urls = channel_urls(service.public_url, mid)
         for_runner = channel_urls(service.runner_base_url, mid)
         await _start_runner(
-            proxy, runner, runner_request(fields, for_runner, mid, stream_id, request_id),
+            ctx, runner, runner_request(fields, for_runner, mid, stream_id, request_id),
             budget=START_BUDGET - (time.monotonic() - started),
         )  # fmt: skip
     except BaseException as exc:
         if stream is not None:
             await service.close(stream, f"start failed: {exc}")
         else:
-            service.capacity.release(model, runner, mid)
+            await service.capacity.release(model, runner, mid)
         raise
     log.info("live stream started",
              extra={"manifest_id": mid, "model": model.model_id, "runner": runner,
@@ -510,12 +549,13 @@ async def _start(proxy: Any, request: Request, started: float) -> dict[str, Any]
     return {**urls, "manifest_id": mid}
 
 
-async def _start_runner(proxy: Any, runner: str, params: dict[str, Any], budget: float) -> None:
+async def _start_runner(ctx: LiveContext, runner: str, params: dict[str, Any],
+                        budget: float) -> None:  # fmt: skip
     headers = {"content-type": "application/json"}
-    if proxy.config.runner_token:
-        headers["authorization"] = f"Bearer {proxy.config.runner_token}"
+    if ctx.runner_token:
+        headers["authorization"] = f"Bearer {ctx.runner_token}"
     try:
-        async with proxy.http.post(
+        async with ctx.http().post(
             f"{runner}/{LIVE.value}", data=json.dumps(params), headers=headers,
             timeout=aiohttp.ClientTimeout(total=max(budget, 0.5)),
         ) as reply:  # fmt: skip
@@ -525,7 +565,7 @@ async def _start_runner(proxy: Any, runner: str, params: dict[str, Any], budget:
         raise JobRefused(500, f"{LIVE.value} container failed: {exc or 'timed out'}") from None
 
 
-async def receive_payment(proxy: Any, request: Request) -> Response:
+async def receive_payment(ctx: LiveContext, request: Request) -> Response:
     """POST /payment (segment_rpc.go Payment): credit the manifest the segment names and
     answer a PaymentResult with fresh ticket params and the session's own auth token."""
     try:
@@ -537,24 +577,24 @@ async def receive_payment(proxy: Any, request: Request) -> Response:
     except BadHeader:
         return PlainTextResponse("ErrorSegEncoding\n", 403)
     try:
-        compatible = discovery.compatible(seg.capabilities, proxy.offered())
-        check_segment(seg, payment.sender, proxy.auth_secret, compatible)
+        compatible = discovery.compatible(seg.capabilities, ctx.offered())
+        check_segment(seg, payment.sender, ctx.door.auth_secret, compatible)
     except CredentialsRefused as exc:
         return PlainTextResponse(f"{exc}\n", 403)
     asked = net_pb2.OrchestratorRequest(address=payment.sender)
     if seg.HasField("capabilities"):
         asked.capabilities.CopyFrom(seg.capabilities)
     try:
-        reply = await proxy.offer(asked)  # the same price and params discovery would give
+        reply = await ctx.offer(asked)  # the same price and params discovery would give
     except PaymentRefused:
         return PlainTextResponse("Internal Server Error\n", 500)
     reply.info.auth_token.CopyFrom(seg.auth_token)
-    if proxy.billing is not None:
+    if ctx.billing is not None:
         # Priced for the stream's model, as the segment names it (the price only matters
         # to a payment without tickets, which credits nothing here).
         priced_for = next(iter(reply.priced_for), (LIVE.capability, ""))
         try:
-            await proxy.billing.credit(
+            await ctx.billing.credit(
                 payment, seg.manifest_id.decode(errors="replace"), manifest_id(*priced_for)
             )
         except PaymentRefused as exc:

@@ -12,14 +12,12 @@ from typing import Any
 
 import orjson
 from prometheus_client import start_http_server
-from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
 from kubepeer.contracts.labels import TABLE, WOKEN_AT
 from kubepeer.contracts.price_table import CatalogueError, ServedModel
 from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
-from kubepeer.payments.ledger import Ledger
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import JobLog, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
@@ -152,17 +150,14 @@ def _secret_bytes(path: Path | None) -> bytes | None:
     return path.read_bytes().strip() if path else None
 
 
-def build_live(args: ProxySettings, redis: Redis, billing: Billing | None) -> LiveService:
-    from redis.asyncio import Redis as AsyncRedis
-
+def build_live(args: ProxySettings, store: AsyncRedis, billing: Billing | None) -> LiveService:
     ledger = None
-    if billing is not None:  # (a stream's interval charges: on the blocking client, as live's)
-        book = Ledger(redis)
-        ledger = LedgerDoor(balance=book.balance, debit=book.debit)
+    if billing is not None:  # a stream's interval charges
+        ledger = LedgerDoor(balance=billing.ledger.balance, debit=billing.ledger.charge)
     return LiveService(
-        redis,
+        store,
         TrickleStore(AsyncRedis.from_url(args.redis_url)),
-        LiveCapacity(redis, args.namespace, args.live_lease_seconds),
+        LiveCapacity(store, args.namespace, args.live_lease_seconds),
         public_url=args.public_url,
         runner_base_url=args.trickle_url_for_runner,
         ledger=ledger,
@@ -199,9 +194,7 @@ def build(
     args: ProxySettings, api_client: Any | None = None, job_log: JobLog | None = None
 ) -> tuple[Proxy, Callable[[], Any]]:
     """The Proxy and the coroutine factory that keeps its inputs current."""
-    redis = Redis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
-                           socket_connect_timeout=args.redis_timeout)  # fmt: skip
-    # Jobs, discovery and results: redis.asyncio, never blocking the event loop.
+    # Everything on the event loop reads and writes Redis through redis.asyncio.
     store = AsyncRedis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
                                 socket_connect_timeout=args.redis_timeout)  # fmt: skip
     current: dict[str, Any] = {"catalogue": Catalogue(args.namespace), "models": False,
@@ -248,7 +241,7 @@ def build(
     demand = BatchedDemand(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
     )
-    live_video = build_live(args, redis, billing)
+    live_video = build_live(args, store, billing)
     proxy = Proxy(
         config,
         catalogue=lambda: current["catalogue"],
