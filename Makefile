@@ -4,11 +4,12 @@ SHELL := /bin/bash
 VENV := .venv
 ARGS ?=
 
-.PHONY: help setup test lint format cluster-up cluster-down demo demo-down
+.PHONY: help setup test test-fast lint format cluster-up cluster-down demo demo-down
 
 help:
 	@echo "make setup      install everything (Debian packages, Python env, control plane binaries)"
 	@echo "make test       run every test that does not need a GPU   (make test ARGS='-k crd -x')"
+	@echo "make test-fast  the unit and integration tiers only (no control plane, no chart)"
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and autofix"
 	@echo "make cluster-up / cluster-down   a local cluster with GPU nodes (hack/cluster)"
@@ -23,6 +24,9 @@ $(VENV)/bin/python:
 
 test: $(VENV)/bin/python
 	$(VENV)/bin/pytest $(ARGS)
+
+test-fast: $(VENV)/bin/python
+	$(VENV)/bin/pytest -m "unit or integration" $(ARGS)
 
 lint: $(VENV)/bin/python
 	$(VENV)/bin/ruff check .

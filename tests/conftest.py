@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +44,51 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# Each test's tier, by the folder it is filed in (README: `make test-fast` runs the first two).
+TIERS = {"unit": "unit", "cluster": "cluster", "agent": "cluster", "e2e": "e2e"}
+TIER_NAMES = ("unit", "integration", "cluster", "e2e")
+
+
+def tier(item: pytest.Item) -> str:
+    folder = Path(str(item.path)).relative_to(REPO / "tests").parts[0]
+    return TIERS.get(folder, "integration")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(tier(item))
     if any(item.get_closest_marker("gpu") for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+class SocketOpened(AssertionError):
+    """A unit test reached for the network: it belongs in the integration tier."""
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_open_no_sockets(request: pytest.FixtureRequest,
+                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A unit test runs no process and opens no socket: connecting or binding one fails it
+    (an event loop's own socketpair is not a network socket, and is allowed)."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    original: dict[str, Callable[..., object]] = {}
+    for name in ("connect", "connect_ex", "bind"):
+        original[name] = getattr(socket.socket, name)
+
+        def guard(sock: socket.socket, address: object, *rest: object, _name: str = name) -> object:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                raise SocketOpened(
+                    f"a unit test called socket.{_name}({address!r}): file it under the tier "
+                    "it needs (tests/<folder>: integration runs processes on loopback)"
+                )
+            return original[_name](sock, address, *rest)
+
+        monkeypatch.setattr(socket.socket, name, guard)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,29 @@
+"""The tiers are enforced: a unit test that reaches for the network fails (conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from conftest import SocketOpened
+
+
+@pytest.mark.parametrize("call", ["connect", "bind"])
+def test_a_unit_test_that_opens_a_socket_fails(call):
+    with socket.socket() as sock, pytest.raises(SocketOpened, match=f"socket.{call}"):
+        getattr(sock, call)(("127.0.0.1", 9))
+
+
+def test_a_unit_test_may_still_make_an_event_loop():
+    import asyncio
+
+    async def nothing() -> int:
+        return 1
+
+    assert asyncio.run(nothing()) == 1  # (its self-pipe is a socketpair, not the network)
+
+
+def test_this_module_is_a_unit_test(request):
+    assert request.node.get_closest_marker("unit") is not None
+    assert request.node.get_closest_marker("integration") is None
