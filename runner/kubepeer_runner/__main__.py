@@ -26,11 +26,10 @@ def main() -> int:
 
     from kubepeer_runner.app import create_app
 
-    host = os.environ.get("HOST", "0.0.0.0")
     uvicorn.run(
         create_app(config),
-        host=host,
-        port=int(os.environ.get("PORT", "8000")),
+        host=config.host,
+        port=config.port,
         log_config=None,  # keep the logging set up above, so load errors reach the log
     )
     return 0

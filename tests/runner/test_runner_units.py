@@ -58,6 +58,27 @@ def test_limits_come_from_env_by_name_and_refuse_nonsense():
         Limits.from_env({"MAX_JSON_BYTES": "-1"})
 
 
+def test_the_process_environment_is_read_by_one_settings_object(monkeypatch):
+    """RunnerSettings reads the real environment (any case, empty means unset): what it
+    serves, where it listens, its flags and limits; a bad value names the variable."""
+    for name, value in {"PIPELINE": "llm", "model_id": "a/b", "PORT": "9001", "HOST": "127.0.0.1",
+                        "BFLOAT16": "yes", "SFAST": "", "Capacity": "7"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    config = RunnerConfig.from_env()
+    assert [(m.pipeline, m.model_id, m.optimizations) for m in config.models] == [
+        ("llm", "a/b", frozenset({"BFLOAT16"}))
+    ]
+    assert (config.host, config.port, config.limits.capacity) == ("127.0.0.1", 9001, 7)
+    assert config.limits.max_json_bytes == Limits().max_json_bytes  # the default, written once
+    monkeypatch.setenv("TORCH_COMPILE", "perhaps")
+    with pytest.raises(ConfigError, match="TORCH_COMPILE 'perhaps' is not a boolean"):
+        RunnerConfig.from_env()
+    monkeypatch.setenv("TORCH_COMPILE", "0")
+    monkeypatch.setenv("PORT", "70000")
+    with pytest.raises(ConfigError, match="PORT '70000'"):
+        RunnerConfig.from_env()
+
+
 def test_per_model_capacity_overrides_the_runner_wide_one():
     models = json.dumps([{"pipeline": "llm", "model_id": "a/b", "capacity": 3},
                          {"pipeline": "text-to-image", "model_id": "c/d"}])  # fmt: skip
