@@ -73,6 +73,11 @@ def fee(units: int, price: Fraction) -> int:
     return -(-units * price.numerator // price.denominator)
 
 
+# Refusals that come before the check that the price was offered, in go-livepeer's order and
+# ours: no chain view (no params at all), the sender's address, the price's own form.
+_BEFORE_THE_PRICE = frozenset({"no-chain-view", "bad-sender", "bad-price"})
+
+
 class _NotCached(Exception):
     """A payment's sender has no facts in memory: read them, then judge it again."""
 
@@ -172,7 +177,7 @@ class Billing:
         try:
             return await self._validated(payment)
         except TicketRejected as exc:
-            if exc.reason not in ("bad-sender", "bad-price"):  # (checked before the price)
+            if exc.reason not in _BEFORE_THE_PRICE:
                 await self._offered(payment, priced_for)
             raise
 

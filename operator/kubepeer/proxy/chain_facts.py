@@ -112,9 +112,13 @@ class ChainFacts:
             pipe.zadd(SENDERS_ASKED, {s.hex(): at for s, at in self._met.items()})
         view, *rest = await pipe.execute()
         self._view = view
-        facts = rest[0] if rest else []
-        self._facts = {s: info for s, raw in zip(senders, facts, strict=True)
-                       if (info := parse_facts(raw)) is not None}  # fmt: skip
+        read = dict(zip(senders, rest[0] if rest else [], strict=True))
+        # Senders read now are replaced (or dropped, gone from Redis); one met while this
+        # read was on the wire keeps what its job read; one not met for ASKED_FOR goes.
+        self._facts = {s: info for s, info in self._facts.items()
+                       if s not in read and s in self._met}  # fmt: skip
+        self._facts.update((s, info) for s, raw in read.items()
+                           if (info := parse_facts(raw)) is not None)  # fmt: skip
         self.refreshed += 1
 
     async def refresh_forever(self, every: float = REFRESH_SECONDS) -> None:
