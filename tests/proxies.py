@@ -8,7 +8,6 @@ loopback addresses in EndpointSlices, and kwok pod IPs must never be dialled).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -30,24 +29,8 @@ from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.sender import SenderInfo
 from kubepeer.payments.senders import SenderWatch
 from kubepeer.payments.watcher import save_view
+from runners import RunnerProcess, start_runner, stop
 from support import wait_for
-
-
-def _runner_helpers():
-    """tests/runner/runners.py (runner processes), importable from any test directory."""
-    if "runners" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "runners", Path(__file__).resolve().parent / "runner" / "runners.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["runners"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["runners"]
-
-
-RunnerProcess = _runner_helpers().RunnerProcess
-start_runner = _runner_helpers().start_runner
-stop = _runner_helpers().stop
 
 RECIPIENT = bytes.fromhex("5a" * 20)
 SD = "kubepeer-tiny/stable-diffusion"
