@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from live_clips import clip_segments, codec_of, decode_audio, decode_frames, pattern, video_start
 from PIL import Image
-from runners import RunnerProcess, start_runner, stop
 from trickle_oracle import OracleServer
 
+from runners import RunnerProcess, start_runner, stop
 from support import wait_for
 
 TINY = "kubepeer-tiny/sd-turbo"

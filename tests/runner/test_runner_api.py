@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from conftest import REPO
 from runners import (
     TOKEN,
     RunnerProcess,
@@ -27,8 +29,6 @@ from runners import (
     stop,
     wav,
 )
-
-from conftest import REPO
 
 MODELS = [
     {"pipeline": "text-to-image", "model_id": "kubepeer-tiny/stable-diffusion", "capacity": 16},
