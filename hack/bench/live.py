@@ -41,7 +41,7 @@ from live_clips import clip_segments, decode_frames  # noqa: E402
 from trickle_oracle import OracleServer  # noqa: E402
 
 import tiny_models  # noqa: E402
-from kubepeer_runner.config import flags_from_env  # noqa: E402
+from kubepeer_runner.config import RunnerSettings  # noqa: E402
 from kubepeer_runner.live.media import SegmentDecoder, SegmentEncoder  # noqa: E402
 from kubepeer_runner.live.models import LiveParams, load_model  # noqa: E402
 from kubepeer_runner.serving import Device  # noqa: E402
@@ -150,7 +150,7 @@ def bench(model_id: str, model_dir: Path, args: argparse.Namespace, trickle: Ora
     # Throughput: the whole clip in 1 s segments, as a gateway cuts it.
     large = clip_segments(args.frames, fps, args.size, args.size, 1.0)
 
-    model = load_model(model_id, model_dir, Device.pick(), flags_from_env(os.environ))
+    model = load_model(model_id, model_dir, Device.pick(), RunnerSettings.read().flags)
     in_process(model, small[:WARMUP_SEGMENTS], params)
     local = in_process(model, small, params)[WARMUP_SEGMENTS:]
     local_fps = args.frames / sum(in_process(model, large, params))
@@ -213,7 +213,7 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     models += [tiny_models.LIVE_FULL_MODEL] if args.full_size else []
     device = Device.pick()
-    flags = ",".join(sorted(flags_from_env(os.environ))) or "none"
+    flags = ",".join(sorted(RunnerSettings.read().flags)) or "none"
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"device {device.name} ({device.dtype}); torch threads from OMP_NUM_THREADS="
           f"{threads}; flags {flags} (runner and in-process)")  # fmt: skip
