@@ -20,7 +20,14 @@ from kubepeer.controller.kube import Kube
 from support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
-LOAD_DELAY = "pod-ready.stage.kwok.x-k8s.io/delay"  # kwok holds the pod un-ready this long
+
+
+def load_delay(delay: str) -> dict[str, str]:
+    """Pod annotations that make kwok hold a runner pod un-ready for `delay`, as a model
+    load would. kwok's delay is min(delay, jitter-delay) when jitter-delay is not longer
+    (lifecycle.Stage.Delay), and the stage's default jitter is 5 s: both are set."""
+    stage = "pod-ready.stage.kwok.x-k8s.io"
+    return {f"{stage}/delay": delay, f"{stage}/jitter-delay": delay}
 
 
 @pytest.fixture
@@ -233,7 +240,7 @@ def test_ready_waits_for_the_new_version_while_the_old_one_serves(fleet):
     fleet.apply("upgrade", image="example.invalid/runner:v1")
     fleet.wait_phase("upgrade", "Ready")
     # From now on a new runner pod takes an hour to load (kwok holds it un-ready).
-    fleet.patch_template("runner-upgrade", {LOAD_DELAY: "1h"})
+    fleet.patch_template("runner-upgrade", load_delay("1h"))
     fleet.apply("upgrade", image="example.invalid/runner:v2")
 
     def new_generation_seen() -> dict[str, Any] | None:
@@ -276,7 +283,7 @@ def test_on_demand_model_wakes_on_scale_and_sleeps_when_idle(fleet, redis_server
     assert fleet.deployment("runner-cold").spec.template.spec.priority_class_name == "kubepeer-cold"
 
     # kwok makes the woken runner take 2 s to turn ready, as a model load would.
-    fleet.patch_template("runner-cold", {LOAD_DELAY: "2s"})
+    fleet.patch_template("runner-cold", load_delay("2s"))
 
     # A job in flight keeps it awake past its idle timeout...
     redis = redis_server.client()
@@ -303,7 +310,7 @@ def test_on_demand_model_wakes_on_scale_and_sleeps_when_idle(fleet, redis_server
 def test_a_model_still_loading_is_not_idle(fleet):
     fleet.apply("slow", warm={"policy": "OnDemand", "idleTimeout": "2s"})
     fleet.wait_phase("slow", "Idle")
-    fleet.patch_template("runner-slow", {LOAD_DELAY: "6s"})  # loads for longer than idleTimeout
+    fleet.patch_template("runner-slow", load_delay("6s"))  # loads for longer than idleTimeout
     fleet.kubectl("scale", "aimodel", "slow", "--replicas", "1")
     fleet.wait_phase("slow", "Ready", timeout=30)  # not scaled away while it loaded
     fleet.wait_phase("slow", "Idle", timeout=30)  # then idle from the moment it was Ready

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from kubepeer.proxy.trickle import TrickleStore
+from kubepeer.proxy.trickle import CLOSED, DONE, TrickleStore
 from proxies import ProxyServer, models_json, start_proxy, stop_proxy
 
 pytestmark = pytest.mark.redis
@@ -223,6 +223,28 @@ def test_idle_channels_are_swept(redis_server):
     swept, exists = asyncio.run(scenario())
     assert channel in swept
     assert not exists
+
+
+def test_a_segment_records_why_it_ended(redis_server):
+    """A preconnected publisher answers from the end entry: a close that lands between its
+    ring check and its end check must still read as `closed` (Lp-Trickle-Closed), never as
+    a plain finish."""
+    finished, closed = make_channel(redis_server), make_channel(redis_server)
+
+    async def scenario() -> list[bytes | None]:
+        store = TrickleStore(AsyncRedis.from_url(redis_server.url))
+        try:
+            for channel in (finished, closed):
+                assert await store.open_write(channel, 0) == 0
+            still_open = await store.end_reason(finished, 0)
+            await store.end_segment(finished, 0, DONE)
+            await store.close(closed)
+            return [still_open, await store.end_reason(finished, 0),
+                    await store.end_reason(closed, 0)]  # fmt: skip
+        finally:
+            await store.redis.aclose()
+
+    assert asyncio.run(scenario()) == [None, DONE, CLOSED]
 
 
 def _read_head(sock: socket.socket) -> bytes:

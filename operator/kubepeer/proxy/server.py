@@ -9,10 +9,12 @@ parsed and answered by http1.py, which leaves every other request to uvicorn.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import datetime
 import ipaddress
 import logging
+import shutil
 import signal
 import tempfile
 import threading
@@ -117,6 +119,7 @@ def hypercorn_config(
         host = urlsplit(public_url).hostname or "localhost"
         cert_pem, key_pem = self_signed(host)
         folder = Path(tempfile.mkdtemp(prefix="kubepeer-proxy-tls-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the key dies with us
         cert, key = folder / "cert.pem", folder / "key.pem"
         cert.write_bytes(cert_pem)
         key.touch(mode=0o600)

@@ -279,10 +279,10 @@ class TrickleStore:
             pipe.expire(key, self.key_ttl)
             await pipe.execute()
 
-    async def ended(self, channel: str, seq: int) -> bool:
-        """Whether segment seq has its end entry (finished, closed, evicted)."""
+    async def end_reason(self, channel: str, seq: int) -> bytes | None:
+        """How segment seq ended (`done`, `closed`, `evicted`); None while it is open."""
         last = await self.redis.xrevrange(segment_key(channel, seq), count=1)
-        return bool(last) and b"e" in last[0][1]
+        return last[0][1].get(b"e") if last else None
 
     async def in_ring(self, channel: str, seq: int) -> bool | None:
         """Whether segment seq is in its channel's ring; None when there is no channel."""
@@ -492,8 +492,11 @@ class TrickleServer:
                 return CLOSED
             if not held:
                 return EVICTED
-            if await self.store.ended(channel, idx):  # Lp-Trickle-Reset or DELETE /{ch}/{seq}
-                return DONE
+            # Ended by Lp-Trickle-Reset, DELETE /{ch}/{seq} or the channel's close; the end
+            # entry says which, also when the channel closed between the two reads above.
+            reason = await self.store.end_reason(channel, idx)
+            if reason is not None:
+                return reason
             await asyncio.sleep(PRECONNECT_POLL_SECONDS)
 
     # -- GET: subscribe to one segment --------------------------------------------------
