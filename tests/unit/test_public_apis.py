@@ -2,10 +2,6 @@
 no private attribute of another module, no override of a library class's private method, no
 introspection of bound methods (`__self__`). Read from the source (AST), so a new use fails
 here before it breaks on a library's next release.
-
-KNOWN lists the one use left: trickle's repeated `100 Continue` through uvicorn's request
-cycle, which ASGI has no message for (server.py's `interim_sender`). The test fails on
-anything else, and on a known use that is gone (take it off the list).
 """
 
 from __future__ import annotations
@@ -15,9 +11,6 @@ import importlib
 from pathlib import Path
 
 PROXY = Path(__file__).resolve().parents[2] / "operator" / "kubepeer" / "proxy"
-KNOWN = {
-    ("server.py", "reads __self__"),  # trickle's 100 Continue: uvicorn's request cycle
-}
 
 
 def _private(name: str) -> bool:
@@ -94,8 +87,7 @@ def uses(path: Path) -> set[tuple[str, str]]:
 
 def test_the_proxy_touches_no_private_attribute_of_another_library():
     found = set().union(*(uses(path) for path in sorted(PROXY.rglob("*.py"))))
-    assert found - KNOWN == set(), f"private APIs used: {sorted(found - KNOWN)}"
-    assert KNOWN - found == set(), f"gone, take off KNOWN: {sorted(KNOWN - found)}"
+    assert found == set(), f"private APIs used: {sorted(found)}"
 
 
 def test_the_guard_sees_each_kind_of_use(tmp_path):

@@ -80,7 +80,6 @@ class ProxyConfig:
     queue_timeout: float = _default("queue_timeout")
     hold_timeout: float = _default("hold_timeout")
     auto_adjust_price: bool = _default("auto_adjust_price")  # go-livepeer's -autoAdjustPrice
-    trickle_keepalive: float = _default("trickle_keepalive")  # `100 Continue` to a publisher
     chain_refresh: float = _default("chain_refresh")  # seconds between ChainFacts refreshes
 
 
@@ -123,8 +122,7 @@ class Proxy:
         self.store_reachable = store_reachable  # Redis answers: readiness needs it
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
         self.job_log = job_log or _logged
-        self.trickle = (TrickleServer(live_video.store, config.trickle_keepalive)
-                        if live_video else None)  # fmt: skip
+        self.trickle = TrickleServer(live_video.store) if live_video else None
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners = RunnerClient()  # batch jobs' client to runners (upstream.py)
         self._endpoints_version = 0  # bumped by endpoints_changed

@@ -10,8 +10,8 @@ callback, and writes the `Reply` it is given in one piece (chunked when streamed
 handler answers when it can: at once, from a callback, or from a task of its own; nothing
 here needs a task or a future per job. At the first request that is anything
 else, the connection moves to uvicorn's own HTTP/1.1 protocol for good, with every byte it has
-not used, so each other route keeps uvicorn's full HTTP handling (trickle's 100 Continue,
-disconnects, its 4xx for malformed requests) and the ASGI app. HTTP/2 never comes here.
+not used, so each other route keeps uvicorn's full HTTP handling (trickle's streamed
+bodies, disconnects, its 4xx for malformed requests) and the ASGI app. HTTP/2 never comes here.
 """
 
 from __future__ import annotations

@@ -235,7 +235,6 @@ def build(
         hold_timeout=args.hold_timeout,
         auto_adjust_price=args.auto_adjust_price,
         offchain_gateways=args.offchain_gateways,
-        trickle_keepalive=args.trickle_keepalive,
         chain_refresh=args.chain_refresh,
     )
     demand = BatchedDemand(

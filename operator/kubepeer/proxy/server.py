@@ -66,31 +66,6 @@ def self_signed(host: str) -> tuple[bytes, bytes]:
     )
 
 
-def interim_sender(receive: Callable[..., Any]) -> Callable[[int], bool] | None:
-    """A way to send a 1xx interim response before the final one, or None.
-
-    ASGI has no message for it (only 103 early hints), yet a trickle publisher that has not
-    sent its first byte gets `100 Continue` every 10 s from go-livepeer (gateway-wire 5.2).
-    uvicorn with zttp keeps its request cycle behind `receive` (the bound method); its
-    HTTP/1.1 connection and HTTP/2 stream both send interim responses. hypercorn hides its
-    protocol behind a queue: None there, and trickle publishers go without the keepalive.
-    """
-    cycle = getattr(receive, "__self__", None)
-    target = getattr(cycle, "stream", None) or getattr(cycle, "conn", None)
-    transport = getattr(cycle, "transport", None)
-    if not hasattr(target, "send_informational") or transport is None:
-        return None
-
-    def send(status: int) -> bool:
-        if cycle.response_started or cycle.disconnected or transport.is_closing():
-            return False
-        target.send_informational(status)
-        transport.write(cycle.conn.data_to_send())
-        return True
-
-    return send
-
-
 def hypercorn_config(
     bind: str,
     public_url: str,

@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubepeer.proxy.chain_facts import REFRESH_SECONDS
 from kubepeer.proxy.jobs import READ_IDLE_TIMEOUT, READ_TIMEOUT
-from kubepeer.proxy.trickle import KEEPALIVE_SECONDS
 
 
 class ProxySettings(BaseSettings):
@@ -133,12 +132,6 @@ class ProxySettings(BaseSettings):
         gt=0,
         description="seconds between reads of the chain view and senders' facts the payments "
         "process publishes (held in memory: jobs never read them)",
-    )
-    trickle_keepalive: float = Field(
-        default=KEEPALIVE_SECONDS,
-        gt=0,
-        description="seconds between the `100 Continue`s sent to a trickle publisher waiting "
-        "to send its first byte (go-livepeer's 10 s)",
     )
     # -- live video ----------------------------------------------------------------------
     trickle_url_for_runner: str | None = Field(

@@ -32,8 +32,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from kubepeer.proxy.server import interim_sender
-
 log = logging.getLogger("kubepeer.proxy.trickle")
 
 BASE_PATH = "/ai/trickle/"
@@ -43,7 +41,6 @@ SWEEP_SECONDS = 60.0
 KEEP_AFTER_END = 60  # seconds a closed or evicted segment stays readable by readers on it
 POLL_MS = 1000  # a reader re-checks its channel this often while nothing arrives
 PRECONNECT_POLL_SECONDS = 0.25  # a publisher waiting for its first byte checks its channel
-KEEPALIVE_SECONDS = 10.0  # `100 Continue` to a publisher that has not sent its first byte
 RESET_HEADER = b"lp-trickle-reset"  # a restarted publisher: end the segments before its own
 ACTIVE = "kubepeer:trickle:active"
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
@@ -352,9 +349,8 @@ async def _drain(receive: Any) -> None:
 class TrickleServer:
     """ASGI app for every path under BASE_PATH."""
 
-    def __init__(self, store: TrickleStore, keepalive_seconds: float = KEEPALIVE_SECONDS) -> None:
+    def __init__(self, store: TrickleStore) -> None:
         self.store = store
-        self.keepalive_seconds = keepalive_seconds
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         parts = scope["path"][len(BASE_PATH) :].split("/")
@@ -427,15 +423,9 @@ class TrickleServer:
             await self.store.reset_before(channel, idx)
         first = asyncio.ensure_future(self._first_chunk(receive))
         ended = asyncio.ensure_future(self._segment_ended(channel, idx))
-        interim = interim_sender(receive)
-        while True:  # go-livepeer keeps a silent publisher's connection alive with 1xx
-            done, _ = await asyncio.wait(
-                {first, ended}, timeout=self.keepalive_seconds, return_when=asyncio.FIRST_COMPLETED
-            )
-            if done:
-                break
-            if interim is not None:
-                interim(100)
+        # A preconnected publisher is held, unanswered, until its first byte or its segment's
+        # end. go-livepeer also sends it `100 Continue` every 10 s; ASGI cannot (DESIGN.md).
+        done, _ = await asyncio.wait({first, ended}, return_when=asyncio.FIRST_COMPLETED)
         if first not in done:
             # A preconnected publisher whose segment or channel closed before it sent a byte.
             first.cancel()
