@@ -266,7 +266,12 @@ def api(cluster: Cluster) -> Iterator[client.ApiClient]:
 def crds(cluster: Cluster) -> Cluster:
     """The cluster with Kubepeer's CRDs installed from crds/."""
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    for name in ("aimodels.kubepeer.io", "pricings.kubepeer.io", "clusterkopfpeerings.kopf.dev"):
+    for name in (
+        "aimodels.kubepeer.io",
+        "liverunners.kubepeer.io",
+        "pricings.kubepeer.io",
+        "clusterkopfpeerings.kopf.dev",
+    ):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     # Discovery (used by kubectl) catches up a moment after Established.
     wait_for(

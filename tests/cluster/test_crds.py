@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from conftest import REPO
-from kubepeer.api import GROUP, VERSION, AIModelSpec, Pipeline, PricingSpec
+from kubepeer.api import GROUP, VERSION, AIModelSpec, LiveRunnerSpec, Pipeline, PricingSpec
 
 pytestmark = pytest.mark.cluster
 
@@ -37,16 +37,15 @@ def test_server_fills_in_the_policy_defaults(crds, namespace):
     assert stored["spec"]["capacity"] == 1
 
 
-def aimodel_yaml(name: str, spec: dict[str, Any]) -> str:
-    full = {"pipeline": "text-to-image", "modelId": "org/model", **spec}
+def resource_yaml(kind: str, name: str, spec: dict[str, Any]) -> str:
     return yaml.safe_dump(
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "AIModel",
-            "metadata": {"name": name},
-            "spec": full,
-        }
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
     )
+
+
+def aimodel_yaml(name: str, spec: dict[str, Any]) -> str:
+    return resource_yaml("AIModel", name, {"pipeline": "text-to-image", "modelId": "org/model",
+                                           **spec})  # fmt: skip
 
 
 INVALID = [
@@ -94,6 +93,70 @@ def test_invalid_aimodel_is_rejected_naming_the_field(crds, namespace, name, spe
     # The pydantic model refuses the same object: one source of truth, two enforcers.
     with pytest.raises(ValidationError):
         AIModelSpec.model_validate(yaml.safe_load(aimodel_yaml(name, spec))["spec"])
+
+
+def live_runner_yaml(name: str, spec: dict[str, Any]) -> str:
+    full = {"app": "examples/echo", "image": "example.invalid/app:v1", **spec}
+    return resource_yaml("LiveRunner", name, full)
+
+
+INVALID_LIVE = [
+    ("no-image", {"image": ""}, "spec.image"),
+    ("app-with-spaces", {"app": " echo "}, "spec.app"),
+    ("bad-mode", {"mode": "forever"}, "spec.mode"),
+    ("no-capacity", {"capacity": 0}, "spec.capacity"),
+    ("port-out-of-range", {"port": 70000}, "spec.port"),
+    ("relative-health-path", {"healthPath": "health"}, "spec.healthPath"),
+    ("unhealthy-status", {"healthyStatusCode": 500}, "spec.healthyStatusCode"),
+    ("metadata-too-long", {"metadata": "x" * 1025}, "spec.metadata"),
+    ("share-group", {"gpu": {"shareGroup": "small"}}, "spec.gpu.shareGroup"),
+    ("replicas-over-max", {"replicas": 3, "warm": {"maxReplicas": 2}}, "spec.replicas"),
+    ("free", {"pricing": {"price": {"amount": "0.0"}}}, "spec.pricing.price.amount"),
+    ("per-minute", {"pricing": {"price": {"amount": "1", "unit": "minute"}}}, "unit"),
+    ("ref-and-price", {"pricing": {"ref": "default", "price": {"amount": "1"}}}, "spec.pricing"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "field"), INVALID_LIVE, ids=[n for n, _, _ in INVALID_LIVE]
+)
+def test_invalid_live_runner_is_rejected_naming_the_field(crds, namespace, name, spec, field):
+    result = crds.kubectl(
+        "-n", namespace, "apply", "-f", "-", stdin=live_runner_yaml(name, spec), check=False
+    )
+    assert result.returncode != 0
+    assert "is invalid" in result.stderr
+    assert field in result.stderr, result.stderr
+    assert crds.kubectl("-n", namespace, "get", "liverunner", name, check=False).returncode != 0
+    with pytest.raises(ValidationError):  # and the model the operator reads refuses it too
+        LiveRunnerSpec.model_validate(yaml.safe_load(live_runner_yaml(name, spec))["spec"])
+
+
+def test_server_fills_in_a_live_runners_defaults_and_scales_it(crds, namespace):
+    spec = {"warm": {"policy": "OnDemand", "maxReplicas": 2}}
+    crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=live_runner_yaml("plain", spec))
+    crds.kubectl("-n", namespace, "scale", "liverunner", "plain", "--replicas", "2")
+    stored = json.loads(crds.kubectl("-n", namespace, "get", "lr", "plain", "-o", "json").stdout)[
+        "spec"
+    ]
+    assert (stored["mode"], stored["capacity"], stored["port"]) == ("persistent", 1, 8080)
+    assert (stored["healthPath"], stored["healthyStatusCode"]) == ("/health", 200)
+    assert stored["gpu"] == {"count": 1}
+    assert stored["warm"] == {"policy": "OnDemand", "maxReplicas": 2, "idleTimeout": "10m"}
+    assert stored["replicas"] == 2
+    refused = crds.kubectl(
+        "-n", namespace, "scale", "liverunner", "plain", "--replicas", "3", check=False
+    )
+    assert refused.returncode != 0
+
+
+def test_a_pricing_needs_a_job_price_or_an_app_price(crds, namespace):
+    apps = resource_yaml("Pricing", "apps-only", {"apps": [{"app": "*", "amount": "1000000"}]})
+    crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=apps)
+    empty = resource_yaml("Pricing", "empty", {})
+    refused = crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=empty, check=False)
+    assert refused.returncode != 0
+    assert "spec.prices or spec.apps" in refused.stderr
 
 
 def test_unknown_field_is_rejected_by_strict_field_validation(crds, namespace):

@@ -62,34 +62,46 @@ class Fleet:
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True):
         return self.cluster.kubectl("-n", self.namespace, *args, stdin=stdin, check=check)
 
-    def aimodel(self, name: str) -> dict[str, Any]:
+    def apply_live(self, name: str, **spec: Any) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LiveRunner",
+            "metadata": {"name": name},
+            "spec": {"app": f"examples/{name}", "image": "example.invalid/app:v1", **spec},
+        }
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(body))
+
+    def aimodel(self, name: str, plural: str = "aimodels") -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, "aimodels", name
+            GROUP, VERSION, self.namespace, plural, name
         )
 
-    def status(self, name: str) -> dict[str, Any]:
-        return self.aimodel(name).get("status") or {}
+    def status(self, name: str, plural: str = "aimodels") -> dict[str, Any]:
+        return self.aimodel(name, plural).get("status") or {}
 
-    def condition(self, name: str, type_: str) -> dict[str, Any]:
-        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+    def condition(self, name: str, type_: str, plural: str = "aimodels") -> dict[str, Any]:
+        conditions = self.status(name, plural).get("conditions", [])
+        return next((c for c in conditions if c["type"] == type_), {})
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def wait_phase(
+        self, name: str, phase: str, timeout: float = 60, plural: str = "aimodels"
+    ) -> dict[str, Any]:
         seen: list[dict[str, Any]] = [{}]
 
         def reached() -> dict[str, Any] | None:
-            seen[0] = self.status(name)
+            seen[0] = self.status(name, plural)
             return seen[0] if seen[0].get("phase") == phase else None
 
         try:
-            return wait_for(reached, timeout=timeout, what=f"AIModel {name} to be {phase}")
+            return wait_for(reached, timeout=timeout, what=f"{plural} {name} to be {phase}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last status: {json.dumps(seen[0], indent=1)}") from None
 
     def deployment(self, name: str) -> client.V1Deployment:
         return self.apps.read_namespaced_deployment(name, self.namespace)
 
-    def pods(self, runner: str) -> list[client.V1Pod]:
-        selector = f"kubepeer.io/runner={runner}"
+    def pods(self, runner: str, label: str = "kubepeer.io/runner") -> list[client.V1Pod]:
+        selector = f"{label}={runner}"
         return self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
 
     def replica_sets(self, runner: str) -> list[client.V1ReplicaSet]:
@@ -508,6 +520,82 @@ def test_deleting_an_aimodel_garbage_collects_its_runner(fleet):
         lambda: not fleet.apps.list_namespaced_deployment(fleet.namespace).items,
         timeout=30,
         what="the runner Deployment to be garbage-collected",
+    )
+
+
+# --- LiveRunner apps (issue 26: the CRD and the operator) ---
+
+LIVE, APP_LABEL = "liverunners", "kubepeer.io/live-runner"
+HOURLY = {"price": {"amount": "3.50", "currency": "USD", "unit": "hour"}}
+
+
+def test_a_live_runner_app_runs_ready_beside_a_model_and_is_never_taken_for_a_runner(fleet):
+    fleet.apply("beside")  # an AIModel in the same namespace: its watches see the app too
+    fleet.apply_live("echo", port=9000, capacity=4, pricing=HOURLY)
+    status = fleet.wait_phase("echo", "Ready", plural=LIVE)
+    assert status["readyReplicas"] == 1
+    assert status["selector"] == f"{APP_LABEL}=live-echo"
+    assert fleet.condition("echo", "Priced", LIVE)["status"] == "True"
+    deployment = fleet.deployment("live-echo")
+    [app] = deployment.spec.template.spec.containers
+    assert (app.image, app.ports[0].container_port) == ("example.invalid/app:v1", 9000)
+    assert app.readiness_probe.http_get.path == "/health"
+    assert app.resources.limits == {"nvidia.com/gpu": "1"}
+    [pod] = fleet.pods("live-echo", APP_LABEL)
+    assert "nvidia.com/gpu" in fleet.core.read_node(pod.spec.node_name).status.allocatable
+    fleet.wait_phase("beside", "Ready")
+
+    # The app's Deployment changes (scaled through the LiveRunner's scale subresource) and
+    # the AIModel machinery, which deletes runner Deployments no AIModel wants, leaves it be.
+    fleet.kubectl("patch", LIVE, "echo", "--type=merge", "-p",
+                  json.dumps({"spec": {"warm": {"maxReplicas": 2}}}))  # fmt: skip
+    fleet.kubectl("scale", "liverunner", "echo", "--replicas", "2")
+    status = fleet.wait_phase("echo", "Ready", plural=LIVE)
+    wait_for(lambda: fleet.status("echo", LIVE).get("readyReplicas") == 2, timeout=30,
+             what="two ready replicas of the app")  # fmt: skip
+    assert fleet.deployment("live-echo").metadata.uid == deployment.metadata.uid
+    assert fleet.aimodel("echo", LIVE)["status"]["observedGeneration"] == 3
+
+
+def test_an_on_demand_live_runner_idles_at_zero_and_wakes_when_scaled(fleet):
+    fleet.apply_live("hello", mode="single-shot", warm={"policy": "OnDemand", "maxReplicas": 2},
+                     pricing={"price": {"amount": "0.01", "unit": "fixed"}})  # fmt: skip
+    fleet.wait_phase("hello", "Idle", plural=LIVE)
+    deployment = fleet.deployment("live-hello")
+    assert deployment.spec.replicas == 0
+    assert deployment.spec.template.spec.priority_class_name == "kubepeer-cold"
+    fleet.kubectl("scale", "liverunner", "hello", "--replicas", "1")
+    status = fleet.wait_phase("hello", "Ready", plural=LIVE)
+    assert status["readyReplicas"] == 1
+    assert status["lastColdStartSeconds"] >= 0
+
+
+def test_a_live_runner_with_no_price_says_so_until_a_pricing_gives_one(fleet):
+    fleet.apply_live("unpriced")
+    wait_for(lambda: fleet.condition("unpriced", "Priced", LIVE).get("status") == "False",
+             timeout=30, what="Priced=False")  # fmt: skip
+    priced = fleet.condition("unpriced", "Priced", LIVE)
+    assert priced["reason"] == "PricingNotFound"
+    assert "examples/unpriced" in priced["message"]
+    fleet.kubectl("apply", "-f", "-", stdin=yaml.safe_dump({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Pricing", "metadata": {"name": "apps"},
+        "spec": {"apps": [{"app": "*", "amount": "1000000", "currency": "wei"}]},
+    }))  # fmt: skip
+    wait_for(lambda: fleet.condition("unpriced", "Priced", LIVE).get("status") == "True",
+             timeout=30, what="Priced=True once a Pricing prices every app")  # fmt: skip
+
+
+def test_deleting_a_live_runner_collects_its_app(fleet):
+    fleet.apply_live("brief", pricing=HOURLY)
+    fleet.wait_phase("brief", "Ready", plural=LIVE)
+    fleet.kubectl("delete", "liverunner", "brief")
+    wait_for(
+        lambda: (
+            not fleet.apps.list_namespaced_deployment(fleet.namespace).items
+            and not fleet.core.list_namespaced_service(fleet.namespace).items
+        ),
+        timeout=30,
+        what="the app's Deployment and Service to be garbage-collected",
     )
 
 

@@ -1,4 +1,4 @@
-"""The AIModel and Pricing models: samples round-trip, nonsense is refused with the field named."""
+"""The custom resources' models: samples round-trip, nonsense is refused with the field named."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import yaml
 from pydantic import ValidationError
 
 from conftest import REPO
-from kubepeer.api import AIModel, Pipeline, Pricing, WarmPolicy
+from kubepeer.api import AIModel, LiveRunner, Pipeline, Pricing, WarmPolicy
 from kubepeer.api.common import duration_seconds, quantity_bytes
 from kubepeer.api.crd import crd_files, stale_crds, structural_schema
 
 MANIFESTS = REPO / "manifests"
-KINDS = {"AIModel": AIModel, "Pricing": Pricing}
+KINDS = {"AIModel": AIModel, "LiveRunner": LiveRunner, "Pricing": Pricing}
 
 
 def sample_documents() -> list[tuple[str, dict[str, Any]]]:

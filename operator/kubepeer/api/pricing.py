@@ -5,13 +5,16 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import ClassVar, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kubepeer.api.common import Condition, DecimalString, KubeModel, KubeResource, cel
+from kubepeer.api.common import Condition, DecimalString, DnsLabel, KubeModel, KubeResource, cel
 from kubepeer.livepeer.capabilities import BILLING_UNIT, Pipeline, Unit, unit_fits
 
 ETH_ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 ANY = "*"
+ANY_APP = "*"
+APP_NAME_PATTERN = r"^\S(.*\S)?$"  # go-livepeer: required, no surrounding spaces
+_ZERO = r"^0+(\.0+)?([eE][-+]?[0-9]+)?$"
 
 
 class Currency(StrEnum):
@@ -49,6 +52,7 @@ def _unit_table() -> str:
 
 UNIT_MUST_FIT = f"unit must be the pipeline's Livepeer billing unit ({_unit_table()}) or request"
 USD_NEEDS_RATE = "a price in USD needs usdPerEth, the conversion rate to ETH"
+NEEDS_A_PRICE = "a Pricing needs at least one entry in spec.prices or spec.apps"
 
 
 class Price(KubeModel):
@@ -120,6 +124,93 @@ class PriceEntry(Price):
         return self
 
 
+class AppUnit(StrEnum):
+    """What an app's price is per, as runners.json's `price_info.unit` has it."""
+
+    HOUR = "hour"  # per hour of a session; advertised per second
+    P720 = "720p"  # per hour of nominal 720p30 video; advertised per pixel
+    FIXED = "fixed"  # per session or call
+
+
+class AppCurrency(StrEnum):
+    USD = "USD"  # converted to wei at the Chainlink ETH/USD rate
+    WEI = "wei"
+
+
+class AppPrice(KubeModel):
+    """A Live Runner app's price: `amount` of `currency` per `unit`."""
+
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(f"!self.amount.matches(r'{_ZERO}')", "amount must be above zero", ".amount"),
+            ]
+        }
+    }
+
+    amount: DecimalString = Field(description="The price of one unit, as a decimal string.")
+    currency: AppCurrency = Field(
+        default=AppCurrency.USD,
+        description="USD (converted to wei from the Chainlink ETH/USD feed) or wei.",
+    )
+    unit: AppUnit = Field(
+        default=AppUnit.HOUR,
+        description=(
+            "hour: per hour of a session, billed per second. 720p: per hour of 720p30 video, "
+            "billed per pixel. fixed: per session or single-shot call."
+        ),
+    )
+
+    @field_validator("amount")
+    @classmethod
+    def _above_zero(cls, amount: object) -> object:
+        if amount == 0:
+            raise ValueError("amount must be above zero")
+        return amount
+
+
+class AppPriceEntry(AppPrice):
+    """A Pricing's price for one Live Runner app, or for every app."""
+
+    app: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=APP_NAME_PATTERN,
+        description="The app this price applies to (as LiveRunner spec.app), or '*' for every app.",
+    )
+
+
+def match_app_price(entries: list[AppPriceEntry], app: str) -> AppPrice | None:
+    """The price a Pricing's `apps` give an app: its own entry, else the '*' entry."""
+    for wanted in (app, ANY_APP):
+        for entry in entries:
+            if entry.app == wanted:
+                return AppPrice(amount=entry.amount, currency=entry.currency, unit=entry.unit)
+    return None
+
+
+EXACTLY_ONE_PRICING = (
+    "set exactly one of pricing.ref (a Pricing in this namespace) "
+    "and pricing.price (an inline price)"
+)
+REF_OR_PRICE = cel("has(self.ref) != has(self.price)", EXACTLY_ONE_PRICING)
+
+
+class RefOrPrice(KubeModel):
+    """A workload's `pricing`: a Pricing by name, or a price of its own (a subclass
+    declares `price` and lists REF_OR_PRICE among its CEL rules)."""
+
+    ref: DnsLabel | None = Field(
+        default=None, description="Name of a Pricing in this namespace whose prices apply."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.ref is None) == (getattr(self, "price", None) is None):
+            raise ValueError(EXACTLY_ONE_PRICING)
+        return self
+
+
 class Surge(KubeModel):
     """Raise prices as free capacity falls, up to a cap."""
 
@@ -142,22 +233,32 @@ class PricingSpec(KubeModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
-                    "self.prices.all(p, p.currency != 'USD' || has(p.usdPerEth)"
-                    " || has(self.usdPerEth))",
+                    "!has(self.prices) || self.prices.all(p, p.currency != 'USD' "
+                    "|| has(p.usdPerEth) || has(self.usdPerEth))",
                     USD_NEEDS_RATE + " (set spec.usdPerEth or the entry's usdPerEth)",
                     ".prices",
+                ),
+                cel(
+                    "(has(self.prices) && size(self.prices) > 0) "
+                    "|| (has(self.apps) && size(self.apps) > 0)",
+                    NEEDS_A_PRICE,
                 ),
             ]
         }
     }
 
     prices: list[PriceEntry] = Field(
-        min_length=1,
+        default_factory=list,
         max_length=256,
         description=(
-            "Prices by pipeline, model and gateway. The most specific entry wins: a model "
-            "beats '*', a gateway's price beats the default."
+            "Prices of AI jobs by pipeline, model and gateway. The most specific entry wins: "
+            "a model beats '*', a gateway's price beats the default."
         ),
+    )
+    apps: list[AppPriceEntry] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Prices of Live Runner apps by app name; an app's own entry beats '*'.",
     )
     usd_per_eth: DecimalString | None = Field(
         default=None, description="USD per ETH for every USD entry that does not set its own."
@@ -166,6 +267,8 @@ class PricingSpec(KubeModel):
 
     @model_validator(mode="after")
     def _usd_entries_have_a_rate(self) -> Self:
+        if not self.prices and not self.apps:
+            raise ValueError(NEEDS_A_PRICE)
         for index, entry in enumerate(self.prices):
             if (
                 entry.currency is Currency.USD

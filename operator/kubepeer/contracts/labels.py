@@ -23,9 +23,13 @@ MODELS_ANNOTATION = (
 AIMODEL_ANNOTATION = "kubepeer.io/aimodel"  # the exact AIModel name, on its table ConfigMap
 CONTENT_HASH = "kubepeer.io/content-hash"  # what the operator last wrote, to skip no-op writes
 WOKEN_AT = "kubepeer.io/woken-at"  # written by the proxy with a wake-up: see demand.py
+LIVE_RUNNER = "kubepeer.io/live-runner"  # a LiveRunner's Deployment name, on it and its pods
+LIVE_RUNNER_ANNOTATION = "kubepeer.io/live-runner"  # the exact LiveRunner name, on its Deployment
+RUNNER_COMPONENT, LIVE_RUNNER_COMPONENT = "runner", "live-runner"  # app.kubernetes.io/component
 
 DEDICATED_PREFIX = "runner-"
 GROUP_PREFIX = "group-"
+LIVE_PREFIX = "live-"
 TABLE_PREFIX = "kubepeer-model-"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -55,6 +59,11 @@ def runner_name(aimodel: str | None = None, share_group: str | None = None) -> s
     return bounded_name(DEDICATED_PREFIX, aimodel)
 
 
+def live_runner_name(live_runner: str) -> str:
+    """The Deployment and Service name of a LiveRunner's app (`live-`: never a runner's)."""
+    return bounded_name(LIVE_PREFIX, live_runner)
+
+
 def table_name(aimodel: str) -> str:
     """The ConfigMap holding one AIModel's row of the price table."""
     return bounded_name(TABLE_PREFIX, aimodel, limit=253)
@@ -72,7 +81,17 @@ def common_labels(runner: str) -> dict[str, str]:
     return {
         PART_OF: "kubepeer",
         NAME: "kubepeer-runner",
-        COMPONENT: "runner",
+        COMPONENT: RUNNER_COMPONENT,
         MANAGED_BY: MANAGER,
         RUNNER: runner,
+    }
+
+
+def live_runner_labels(deployment: str) -> dict[str, str]:
+    return {
+        PART_OF: "kubepeer",
+        NAME: "kubepeer-live-runner",
+        COMPONENT: LIVE_RUNNER_COMPONENT,
+        MANAGED_BY: MANAGER,
+        LIVE_RUNNER: deployment,
     }

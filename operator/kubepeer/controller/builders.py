@@ -209,19 +209,18 @@ def runner_env(
 
 
 def node_affinity(plan: RunnerPlan) -> dict[str, Any] | None:
+    return gpu_node_affinity(plan.gpu_products, plan.min_gpu_memory_mib)
+
+
+def gpu_node_affinity(products: list[str], min_memory_mib: int | None) -> dict[str, Any] | None:
+    """Required node affinity for GPU products and a least GPU memory (NVIDIA GFD labels)."""
     expressions: list[dict[str, Any]] = []
-    if plan.gpu_products:
-        expressions.append(
-            {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": plan.gpu_products}
-        )
-    if plan.min_gpu_memory_mib:
+    if products:
+        expressions.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products})
+    if min_memory_mib:
         # `Gt` compares the label as an integer: more than (need - 1) MiB means at least need.
         expressions.append(
-            {
-                "key": GPU_MEMORY_LABEL,
-                "operator": "Gt",
-                "values": [str(plan.min_gpu_memory_mib - 1)],
-            }
+            {"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(min_memory_mib - 1)]}
         )
     if not expressions:
         return None
@@ -232,6 +231,24 @@ def node_affinity(plan: RunnerPlan) -> dict[str, Any] | None:
             }
         }
     }
+
+
+def restricted_container() -> dict[str, Any]:
+    """What Pod Security "restricted" asks of a container, so pods start in such namespaces."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def gpu_tolerations(tolerations: list[dict[str, Any]], gpus: int) -> list[dict[str, Any]]:
+    """The tolerations asked for, plus the GPU nodes' taint when GPUs are, without repeats."""
+    if gpus:
+        tolerations = [*tolerations, {"key": GPU_RESOURCE, "operator": "Exists",
+                                      "effect": "NoSchedule"}]  # fmt: skip
+    return [dict(t) for t in {json.dumps(t, sort_keys=True): t for t in tolerations}.values()]
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -280,21 +297,12 @@ def build_runner_deployment(plan: RunnerPlan, settings: OperatorSettings) -> dic
         ),
         "readinessProbe": _probe("/readyz", period, 1),
         "livenessProbe": _probe("/livez", period, settings.liveness_failure_threshold),
-        # What Pod Security "restricted" requires, so runners start in such namespaces.
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container(),
     }
 
-    tolerations = [t.to_wire() for m in plan.members for t in m.spec.tolerations]
-    if plan.gpus:
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    tolerations = [
-        dict(t) for t in {json.dumps(t, sort_keys=True): t for t in tolerations}.values()
-    ]
+    tolerations = gpu_tolerations(
+        [t.to_wire() for m in plan.members for t in m.spec.tolerations], plan.gpus
+    )
     node_selector: dict[str, str] = {}
     for m in reversed(plan.members):
         node_selector.update(m.spec.node_selector)

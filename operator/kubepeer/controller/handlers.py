@@ -39,16 +39,20 @@ from kubepeer.controller.fleet import (
     target_runner,
 )
 from kubepeer.controller.kube import Kube
+from kubepeer.controller.live_runners import LiveRunners
 from kubepeer.controller.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 AIMODELS = (GROUP, VERSION, "aimodels")
+LIVE_RUNNERS = (GROUP, VERSION, "liverunners")
 PRICINGS = (GROUP, VERSION, "pricings")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 PODS = ("", "v1", "pods")
 CONFIGMAPS = ("", "v1", "configmaps")
-OURS = {L.MANAGED_BY: L.MANAGER}
-INDICES = ("aimodels", "members", "runners", "listed_in", "pods", "pricings", "tables")
+OURS = {L.MANAGED_BY: L.MANAGER, L.COMPONENT: L.RUNNER_COMPONENT}  # AIModel runners
+LIVE_OURS = {L.MANAGED_BY: L.MANAGER, L.COMPONENT: L.LIVE_RUNNER_COMPONENT}  # LiveRunner apps
+INDICES = ("aimodels", "members", "runners", "listed_in", "pods", "pricings", "tables",
+           "live_runners", "live_deployments", "live_pods")  # fmt: skip
 
 
 class Fleet:
@@ -57,6 +61,7 @@ class Fleet:
     def __init__(self, settings: OperatorSettings, kube: Kube, redis: Any | None) -> None:
         self.settings, self.kube, self.redis = settings, kube, redis
         self.view = View()
+        self.live = LiveRunners(settings, kube, self.view)
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
         self.retry: set[Key] = set()  # AIModels whose last reconcile failed
         self._locks: dict[Key, threading.Lock] = {}
@@ -67,6 +72,7 @@ class Fleet:
         if not isinstance(self.view.aimodels, dict):
             return  # bound already
         self.view = View(**{name: indices[name] for name in INDICES}, applied=self.view.applied)
+        self.live.view = self.view
 
     def lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -132,6 +138,7 @@ class Fleet:
     def sweep(self, now: float | None = None) -> None:
         for key in sorted(self.retry):
             self.model_changed(*key)
+        self.live.sweep()
         if self.redis is None:
             return
         now = time.time() if now is None else now
@@ -297,6 +304,18 @@ def build_registry(
     def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, Any]:
         return {(namespace, labels[L.RUNNER]): _pod_summary(body)}
 
+    @kopf.index(*LIVE_RUNNERS, registry=registry, id="live_runners")
+    def live_runners(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, L.live_runner_name(name)): _slim(body)}
+
+    @kopf.index(*DEPLOYMENTS, labels=LIVE_OURS, registry=registry, id="live_deployments")
+    def live_deployments(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, name): _deployment_summary(body)}
+
+    @kopf.index(*PODS, labels={L.LIVE_RUNNER: kopf.PRESENT}, registry=registry, id="live_pods")
+    def live_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, labels[L.LIVE_RUNNER]): _pod_summary(body)}
+
     @kopf.index(*CONFIGMAPS, labels={L.TABLE: "model"}, registry=registry, id="tables")
     def tables(namespace: str, annotations: kopf.Annotations, **_: Any) -> dict[Key, Any]:
         return {
@@ -334,6 +353,28 @@ def build_registry(
         for ns, name in snapshot(fleet.view.aimodels):
             if ns == namespace:
                 fleet.model_changed(ns, name)
+        for ns, deployment in snapshot(fleet.view.live_runners):
+            if ns == namespace:
+                fleet.live.refresh_status(ns, deployment)  # its Priced condition
+
+    @kopf.on.event(*LIVE_RUNNERS, registry=registry)
+    @on
+    def live_runner_event(namespace: str, name: str, **_: Any) -> None:
+        fleet.live.changed(namespace, L.live_runner_name(name))
+
+    @kopf.on.event(*DEPLOYMENTS, labels=LIVE_OURS, registry=registry)
+    @on
+    def live_deployment_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+        if type == "DELETED":  # by hand, or with its LiveRunner: restored if still wanted
+            fleet.view.applied.pop((namespace, name), None)
+            fleet.live.changed(namespace, name)
+        else:
+            fleet.live.refresh_status(namespace, name)
+
+    @kopf.on.event(*PODS, labels={L.LIVE_RUNNER: kopf.PRESENT}, registry=registry)
+    @on
+    def live_pod_event(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        fleet.live.refresh_status(namespace, labels[L.LIVE_RUNNER])
 
     @kopf.on.event(*CONFIGMAPS, labels={L.TABLE: "model"}, registry=registry)
     @on

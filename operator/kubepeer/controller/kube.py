@@ -70,9 +70,11 @@ class Kube:
                 if exc.status != 404:
                     raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], plural: str = "aimodels"
+    ) -> None:
         self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, "aimodels", name, {"status": status}
+            GROUP, VERSION, namespace, plural, name, {"status": status}
         )
 
     def scale_aimodel(

@@ -23,12 +23,24 @@ def namespaced_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
     """What the operator does inside a namespace it manages."""
     return [
         # The resources it serves: it reads them, writes status, and scales idle models.
-        {"apiGroups": [GROUP], "resources": ["aimodels", "pricings"], "verbs": READ},
+        {
+            "apiGroups": [GROUP],
+            "resources": ["aimodels", "liverunners", "pricings"],
+            "verbs": READ,
+        },
         {"apiGroups": [GROUP], "resources": ["aimodels"], "verbs": ["patch"]},
-        {"apiGroups": [GROUP], "resources": ["aimodels/status"], "verbs": ["get", "patch"]},
+        {
+            "apiGroups": [GROUP],
+            "resources": ["aimodels/status", "liverunners/status"],
+            "verbs": ["get", "patch"],
+        },
         # Owner references with blockOwnerDeletion need this where
         # OwnerReferencesPermissionEnforcement is on.
-        {"apiGroups": [GROUP], "resources": ["aimodels/finalizers"], "verbs": ["update"]},
+        {
+            "apiGroups": [GROUP],
+            "resources": ["aimodels/finalizers", "liverunners/finalizers"],
+            "verbs": ["update"],
+        },
         {
             "apiGroups": ["kopf.dev"],
             "resources": ["kopfpeerings"],

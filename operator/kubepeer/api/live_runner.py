@@ -1,0 +1,135 @@
+"""LiveRunner: any container as a paid Livepeer Live Runner app, kept warm by a policy.
+
+The fields mirror a go-livepeer runners.json entry (live-runner-wire.md 2.1: `app`, `mode`,
+`capacity`, `metadata`, `version`, `proxy`, `price_info`) and take their placement and
+warm policy from the same parts an AIModel uses (`workload.py`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar, Self
+
+from pydantic import Field, field_validator, model_validator
+
+from kubepeer.api.aimodel import MAX_CAPACITY, AIModelStatus
+from kubepeer.api.common import KubeResource, cel
+from kubepeer.api.pricing import APP_NAME_PATTERN, REF_OR_PRICE, AppPrice, RefOrPrice
+from kubepeer.api.workload import REPLICAS_WITHIN_MAX, WorkloadSpec
+
+METADATA_BYTES = 1024  # go-livepeer's limit on a runner's public metadata (LR)
+
+
+class AppMode(StrEnum):
+    """How clients use the app (live-runner-wire.md 3, 4)."""
+
+    PERSISTENT = "persistent"  # a session is reserved, used for a while, then stopped
+    SINGLE_SHOT = "single-shot"  # each call is its own reservation
+
+
+class AppPricingChoice(RefOrPrice):
+    model_config = RefOrPrice.model_config | {
+        "json_schema_extra": {"x-kubernetes-validations": [REF_OR_PRICE]}
+    }
+
+    price: AppPrice | None = Field(default=None, description="A price for this app alone.")
+
+
+class LiveRunnerSpec(WorkloadSpec):
+    model_config = WorkloadSpec.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                REPLICAS_WITHIN_MAX,
+                cel(
+                    "!has(self.gpu.shareGroup)",
+                    "a LiveRunner app runs in its own pods: gpu.shareGroup is for AIModels",
+                    ".gpu.shareGroup",
+                ),
+            ]
+        }
+    }
+
+    app: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=APP_NAME_PATTERN,
+        description="The app's name as clients discover it, e.g. streamdiffusion/sdxl-turbo.",
+    )
+    image: str = Field(min_length=1, max_length=512, description="The app's container image.")
+    command: list[str] = Field(
+        default_factory=list, max_length=64, description="The entrypoint, if not the image's."
+    )
+    args: list[str] = Field(
+        default_factory=list, max_length=256, description="Arguments to the entrypoint."
+    )
+    port: int = Field(default=8080, ge=1, le=65535, description="The port the app listens on.")
+    health_path: str = Field(
+        default="/health",
+        pattern=r"^/.*",
+        max_length=256,
+        description="The path that answers healthyStatusCode once the app can take sessions.",
+    )
+    healthy_status_code: int = Field(
+        default=200,
+        ge=200,
+        le=399,
+        description=(
+            "The status the health path answers when healthy (go-livepeer's "
+            "healthy_status_code). The kubelet's probe accepts any 2xx or 3xx."
+        ),
+    )
+    mode: AppMode = Field(
+        default=AppMode.PERSISTENT,
+        description="persistent: sessions reserved and stopped. single-shot: one call each.",
+    )
+    capacity: int = Field(
+        default=1, ge=1, le=MAX_CAPACITY, description="Sessions or calls one replica takes at once."
+    )
+    metadata: str | None = Field(
+        default=None,
+        max_length=METADATA_BYTES,
+        description="Public text clients see in discovery (at most 1024 bytes of UTF-8).",
+    )
+    version: str | None = Field(
+        default=None, max_length=128, description="The app's version, shown in discovery."
+    )
+    proxy: bool = Field(
+        default=False,
+        description="The app asks the orchestrator for proxy URLs (go-livepeer's `proxy`).",
+    )
+    pricing: AppPricingChoice | None = Field(
+        default=None,
+        description="What a session costs. Omitted: the Pricing objects in this namespace decide.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_fits(cls, text: str | None) -> str | None:
+        if text is not None and len(text.encode()) > METADATA_BYTES:
+            raise ValueError(
+                f"metadata is {len(text.encode())} bytes of UTF-8; at most {METADATA_BYTES}"
+            )
+        if text is not None and "\ufffd" in text:
+            raise ValueError("metadata holds U+FFFD, the mark of text that was not valid UTF-8")
+        return text
+
+    @model_validator(mode="after")
+    def _own_pods(self) -> Self:
+        if self.gpu.share_group is not None:
+            raise ValueError(
+                "a LiveRunner app runs in its own pods: gpu.shareGroup is for AIModels"
+            )
+        return self
+
+
+class LiveRunner(KubeResource):
+    """A container served as a paid Livepeer Live Runner app, kept warm on GPUs by a policy."""
+
+    KIND: ClassVar[str] = "LiveRunner"
+    PLURAL: ClassVar[str] = "liverunners"
+
+    kind: str = Field(default="LiveRunner", description="LiveRunner.")
+    spec: LiveRunnerSpec = Field(description="The app, its price and how to keep it warm.")
+    status: AIModelStatus | None = Field(
+        default=None, description="What the operator observed (as an AIModel's status)."
+    )

@@ -1,0 +1,271 @@
+"""LiveRunners: each app one Deployment and one headless Service, kept as AIModel runners are.
+
+The builders here are pure (a LiveRunner in, manifests out); `LiveRunners` is the small
+stateful part between kopf's events and the API server, reading only kopf indices (the
+`View`), writing only when what it would write differs from what is there. The status is
+`status.compute_status`, the same truth an AIModel's status tells.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from kubepeer.api import API_VERSION, AIModelStatus, LiveRunner, LiveRunnerSpec, WarmPolicy
+from kubepeer.api.pricing import PricingSpec, match_app_price
+from kubepeer.contracts import labels as L
+from kubepeer.controller.builders import (
+    GPU_RESOURCE,
+    content_hash,
+    gpu_node_affinity,
+    gpu_tolerations,
+    restricted_container,
+)
+from kubepeer.controller.fleet import validation_message
+from kubepeer.controller.settings import OperatorSettings
+from kubepeer.controller.status import Observed, compute_status
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, Deployment name)
+
+
+def app_pricing_problem(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec]) -> str | None:
+    """Why no price applies to the app, or None when one does (inline, referenced, or from
+    a Pricing in the namespace with an entry for the app or '*')."""
+    choice = spec.pricing
+    if choice is not None and choice.price is not None:
+        return None
+    if choice is not None and choice.ref is not None:
+        pricing = pricings.get(choice.ref)
+        if pricing is None:
+            return f"pricing.ref names Pricing '{choice.ref}', which is not in this namespace"
+        if match_app_price(pricing.apps, spec.app) is None:
+            return f"Pricing '{choice.ref}' has no spec.apps entry for app '{spec.app}' or '*'"
+        return None
+    if any(match_app_price(p.apps, spec.app) for p in pricings.values()):
+        return None
+    return f"no Pricing in this namespace has a spec.apps entry for app '{spec.app}' or '*'"
+
+
+def build_live_runner(
+    namespace: str, name: str, uid: str, spec: LiveRunnerSpec, settings: OperatorSettings
+) -> list[dict[str, Any]]:
+    """The app's Service and Deployment, the Deployment stamped with the hash of both."""
+    deployment_name = L.live_runner_name(name)
+    labels = L.live_runner_labels(deployment_name)
+    owner = [{"apiVersion": API_VERSION, "kind": "LiveRunner", "name": name, "uid": uid,
+              "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": deployment_name,
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": owner,
+        },
+        "spec": {
+            "clusterIP": "None",  # headless: the proxy picks the app's endpoints itself
+            "selector": {L.LIVE_RUNNER: deployment_name},
+            "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {L.LIVE_RUNNER_ANNOTATION: name},
+            "ownerReferences": owner,
+        },
+        "spec": {
+            "replicas": spec.desired_replicas,
+            "progressDeadlineSeconds": settings.startup_timeout_seconds + 60,
+            "selector": {"matchLabels": {L.LIVE_RUNNER: deployment_name}},
+            # Sessions keep being served while rolling: the new replica comes up first.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(spec, settings)},
+        },
+    }
+    deployment["metadata"]["annotations"][L.CONTENT_HASH] = content_hash(service, deployment)
+    return [service, deployment]
+
+
+def _pod_spec(spec: LiveRunnerSpec, settings: OperatorSettings) -> dict[str, Any]:
+    limits, requests = dict(spec.resources.limits), dict(spec.resources.requests)
+    if spec.gpu.count:
+        limits[GPU_RESOURCE] = str(spec.gpu.count)
+    container: dict[str, Any] = {
+        "name": "app",
+        "image": spec.image,
+        "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+        "env": [var.to_wire() for var in spec.env],
+        "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
+        # Ready while the health path answers: go-livepeer hides an unhealthy runner and
+        # restarts nothing, so there is no liveness probe either (a crash still restarts).
+        "readinessProbe": {
+            "httpGet": {"path": spec.health_path, "port": "http"},
+            "periodSeconds": settings.probe_period_seconds,
+            "timeoutSeconds": min(settings.probe_period_seconds, 3),  # go-livepeer's 3 s
+            "failureThreshold": 1,
+        },
+        # The image's own non-root user: an app image is anyone's, so no UID is imposed.
+        "securityContext": restricted_container(),
+    }
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    pod: dict[str, Any] = {
+        "priorityClassName": (
+            settings.warm_priority_class
+            if spec.warm.policy is WarmPolicy.ALWAYS
+            else settings.cold_priority_class
+        ),
+        "containers": [container],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # apps never call the API server
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "terminationGracePeriodSeconds": 30,
+    }
+    affinity = gpu_node_affinity(sorted(spec.gpu.products), spec.gpu.min_memory_mib)
+    if affinity:
+        pod["affinity"] = affinity
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    tolerations = gpu_tolerations([t.to_wire() for t in spec.tolerations], spec.gpu.count)
+    if tolerations:
+        pod["tolerations"] = tolerations
+    return pod
+
+
+def live_runner_status(
+    settings: OperatorSettings,
+    body: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    pods: list[dict[str, Any]],
+    pricings: Mapping[str, PricingSpec],
+    now: datetime | None = None,
+) -> AIModelStatus:
+    """A LiveRunner's status from its Deployment's summary and pods, as the index keeps
+    them (`deployment["hash"]` is the content hash the operator stamped on it)."""
+    meta = body["metadata"]
+    previous = AIModelStatus.model_validate(body.get("status") or {})
+    invalid = pricing_problem = None
+    desired, current = 0, False
+    try:
+        model = LiveRunner.model_validate(body)
+    except ValidationError as exc:
+        invalid = validation_message(exc)
+    else:
+        desired = model.spec.desired_replicas
+        pricing_problem = app_pricing_problem(model.spec, pricings)
+        wanted = build_live_runner(meta["namespace"], meta["name"], meta.get("uid", ""),
+                                   model.spec, settings)[1]  # fmt: skip
+        current = bool(deployment) and deployment["hash"] == _hash_of(wanted)
+    deployment_name = L.live_runner_name(meta["name"])
+    observed = Observed(
+        desired=desired,
+        generation=meta.get("generation", 0),
+        deployment=dict(deployment) if deployment and not invalid else None,
+        pods=pods if not invalid else [],
+        selector=f"{L.LIVE_RUNNER}={deployment_name}" if not invalid else "",
+        invalid=invalid,
+        pricing_problem=pricing_problem,
+        current=current,
+        nodes_fixed=settings.nodes_fixed,
+    )
+    return compute_status(observed, previous, now or datetime.now(UTC))
+
+
+def _hash_of(deployment: Mapping[str, Any]) -> str:
+    return str(deployment["metadata"]["annotations"][L.CONTENT_HASH])
+
+
+class LiveRunners:
+    """Makes each LiveRunner's app match its spec and writes its status.
+
+    `view` holds kopf's indices: `live_runners` ((ns, Deployment name) -> LiveRunner body),
+    `live_deployments` ((ns, name) -> Deployment summary with its `hash`), `live_pods`
+    ((ns, Deployment name) -> pod summaries) and `pricings` (ns -> (name, spec))."""
+
+    def __init__(self, settings: OperatorSettings, kube: Any, view: Any) -> None:
+        self.settings, self.kube, self.view = settings, kube, view
+        self.retry: set[Key] = set()  # apps whose last reconcile failed: the sweep retries
+        self.written: dict[Key, dict[str, Any]] = {}  # status last written, until seen
+        self._lock = threading.Lock()
+
+    def changed(self, namespace: str, deployment: str) -> None:
+        """Apply the app's manifests when they differ from what is there; then its status."""
+        key = (namespace, deployment)
+        body = self.view.one(self.view.live_runners, key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.retry.discard(key)
+            self.written.pop(key, None)
+            return  # its Deployment and Service are owned by it: garbage-collected with it
+        try:
+            spec = LiveRunner.model_validate(body).spec
+        except ValidationError:
+            self.refresh_status(namespace, deployment)  # says why, in its conditions
+            return
+        meta = body["metadata"]
+        manifests = build_live_runner(namespace, meta["name"], meta["uid"], spec, self.settings)
+        wanted = _hash_of(manifests[1])
+        existing = self.view.one(self.view.live_deployments, key)
+        try:
+            if not self.view.shows(key, existing["hash"] if existing else None, wanted):
+                for manifest in manifests:
+                    self.kube.apply(manifest)
+                self.view.wrote(key, wanted)
+                log.info("%s app %s/%s for LiveRunner %s", "updated" if existing else "created",
+                         namespace, deployment, meta["name"])  # fmt: skip
+        except Exception as exc:  # an API error, or the network: retried by the sweep
+            self.retry.add(key)
+            log.warning("LiveRunner %s/%s: reconcile failed, will retry: %s",
+                        namespace, meta["name"], exc)  # fmt: skip
+            return
+        self.retry.discard(key)
+        self.refresh_status(namespace, deployment)
+
+    def refresh_status(self, namespace: str, deployment: str) -> None:
+        key = (namespace, deployment)
+        with self._lock:
+            body = self.view.one(self.view.live_runners, key)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            known = {**body, "status": self.written.get(key) or body.get("status")}
+            status = live_runner_status(
+                self.settings, known, self.view.one(self.view.live_deployments, key),
+                self.view.many(self.view.live_pods, key), self.view.pricings_in(namespace),
+            )  # fmt: skip
+            wire = status.to_wire()
+            have = known.get("status") or {}
+            if all(have.get(k) == v for k, v in wire.items()):
+                return
+            try:
+                self.kube.patch_status(namespace, body["metadata"]["name"], wire, "liverunners")
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("LiveRunner %s/%s: status not written: %s",
+                                namespace, body["metadata"]["name"], exc)  # fmt: skip
+                    self.retry.add(key)
+                return
+            self.written[key] = wire
+
+    def sweep(self) -> None:
+        for key in sorted(self.retry):
+            self.changed(*key)
+
+    def in_namespace(self, namespace: str) -> list[Key]:
+        return [key for key in list(self.view.live_runners) if key[0] == namespace]

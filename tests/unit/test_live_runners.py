@@ -1,0 +1,264 @@
+"""LiveRunner: the model refuses what go-livepeer refuses, and the operator's pure builders
+turn one into an app Deployment that no AIModel machinery mistakes for its own."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from kubepeer.api import AIModelSpec, LiveRunner, LiveRunnerSpec, Phase, PricingSpec
+from kubepeer.api.pricing import AppUnit, match_app_price
+from kubepeer.contracts import labels as L
+from kubepeer.controller.builders import Member as AIModelMember
+from kubepeer.controller.builders import RunnerPlan, build_runner_deployment
+from kubepeer.controller.handlers import LIVE_OURS, OURS
+from kubepeer.controller.live_runners import (
+    app_pricing_problem,
+    build_live_runner,
+    live_runner_status,
+)
+from kubepeer.controller.settings import OperatorSettings
+
+SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
+PRICE = {"price": {"amount": "3.50", "currency": "USD", "unit": "hour"}}
+
+
+def spec(**fields: Any) -> LiveRunnerSpec:
+    return LiveRunnerSpec.model_validate({"app": "examples/echo", "image": "apps:1", **fields})
+
+
+def body(name: str = "echo", generation: int = 1, **fields: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubepeer.io/v1alpha1",
+        "kind": "LiveRunner",
+        "metadata": {"name": name, "namespace": "ns", "uid": "uid-1", "generation": generation},
+        "spec": {"app": "examples/echo", "image": "apps:1", "pricing": PRICE, **fields},
+    }
+
+
+# --- the resource ---
+
+
+def test_defaults_are_go_livepeers():
+    s = spec()
+    assert (s.mode.value, s.capacity, s.port, s.health_path) == ("persistent", 1, 8080, "/health")
+    assert s.healthy_status_code == 200
+    assert s.desired_replicas == 1  # Always keeps one warm
+    assert spec(warm={"policy": "OnDemand"}).desired_replicas == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"app": " echo"}, "app"),  # go-livepeer: no surrounding spaces
+        ({"app": ""}, "app"),
+        ({"mode": "forever"}, "mode"),
+        ({"capacity": 0}, "capacity"),
+        ({"metadata": "é" * 513}, "metadata"),  # 1,026 bytes of UTF-8 in 513 characters
+        ({"metadata": "bad \ufffd byte"}, "metadata"),
+        ({"healthyStatusCode": 500}, "healthyStatusCode"),
+        ({"healthPath": "health"}, "healthPath"),
+        ({"gpu": {"shareGroup": "small"}}, "shareGroup"),
+        ({"replicas": 3, "warm": {"maxReplicas": 2}}, "replicas"),
+        ({"pricing": {"price": {"amount": "0"}}}, "amount"),
+        ({"pricing": {"price": {"amount": "1", "unit": "minute"}}}, "unit"),
+        ({"pricing": {"ref": "default", "price": {"amount": "1"}}}, "pricing"),
+        ({"pricing": {}}, "pricing"),
+        ({"imagePullPolicy": "Always"}, "imagePullPolicy"),  # unknown fields are refused
+    ],
+)
+def test_invalid_live_runner_is_refused_naming_the_field(fields, field):
+    with pytest.raises(ValidationError) as refused:
+        spec(**fields)
+    assert field in str(refused.value)
+
+
+def test_metadata_is_measured_in_bytes_not_characters():
+    assert spec(metadata="é" * 512).metadata == "é" * 512  # 1,024 bytes: the limit
+
+
+def test_a_pricing_may_hold_only_app_prices_but_not_nothing():
+    apps_only = PricingSpec.model_validate({"apps": [{"app": "*", "amount": "1"}]})
+    assert apps_only.prices == []
+    with pytest.raises(ValidationError, match=r"spec\.prices or spec\.apps"):
+        PricingSpec.model_validate({})
+
+
+def test_an_apps_own_price_beats_the_wildcard():
+    entries = PricingSpec.model_validate(
+        {
+            "apps": [
+                {"app": "*", "amount": "1", "currency": "wei"},
+                {"app": "examples/echo", "amount": "2", "unit": "fixed"},
+            ]
+        }
+    ).apps
+    own = match_app_price(entries, "examples/echo")
+    assert own is not None
+    assert (str(own.amount), own.unit) == ("2", AppUnit.FIXED)
+    other = match_app_price(entries, "examples/other")
+    assert other is not None
+    assert (str(other.amount), other.currency.value) == ("1", "wei")
+    assert match_app_price(entries[1:], "examples/other") is None
+
+
+def test_pricing_problems_name_what_is_missing():
+    with_echo = {
+        "default": PricingSpec.model_validate({"apps": [{"app": "examples/echo", "amount": "1"}]})
+    }
+    assert app_pricing_problem(spec(pricing=PRICE), {}) is None
+    assert app_pricing_problem(spec(pricing={"ref": "default"}), with_echo) is None
+    assert app_pricing_problem(spec(), with_echo) is None  # the namespace's Pricing decides
+    missing = app_pricing_problem(spec(pricing={"ref": "gone"}), with_echo)
+    assert missing is not None
+    assert "'gone'" in missing
+    other = app_pricing_problem(spec(app="examples/other", pricing={"ref": "default"}), with_echo)
+    assert other is not None
+    assert "examples/other" in other
+    assert app_pricing_problem(spec(), {}) is not None
+
+
+# --- the app's manifests ---
+
+
+def test_the_app_runs_its_image_on_its_port_probed_at_its_health_path():
+    service, deployment = build_live_runner(
+        "ns",
+        "echo",
+        "uid-1",
+        spec(
+            command=["/app"],
+            args=["echo"],
+            port=9000,
+            healthPath="/ready",
+            capacity=4,
+            gpu={"count": 1, "products": ["NVIDIA-L4"], "minMemory": "24Gi"},
+            env=[{"name": "MODE", "value": "fast"}],
+        ),
+        SETTINGS,
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    [app] = pod["containers"]
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "live-echo"
+    assert (app["image"], app["command"], app["args"]) == ("apps:1", ["/app"], ["echo"])
+    assert app["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
+    assert app["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert "livenessProbe" not in app  # go-livepeer hides an unhealthy runner, restarts none
+    assert app["env"] == [{"name": "MODE", "value": "fast"}]
+    assert app["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    expressions = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4"]} in (
+        expressions
+    )
+    assert {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["24575"]} in expressions
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
+        pod["tolerations"]
+    )
+    assert app["securityContext"]["runAsNonRoot"]
+    assert not pod["automountServiceAccountToken"]
+    assert service["spec"]["ports"][0]["port"] == 9000
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    [owner] = deployment["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("LiveRunner", "echo", "uid-1")
+    assert deployment["metadata"]["annotations"][L.LIVE_RUNNER_ANNOTATION] == "echo"
+
+
+def test_warm_policy_sets_replicas_and_priority():
+    warm = build_live_runner("ns", "a", "u", spec(), SETTINGS)[1]
+    cold = build_live_runner("ns", "a", "u", spec(warm={"policy": "OnDemand"}), SETTINGS)[1]
+    woken = build_live_runner(
+        "ns", "a", "u", spec(warm={"policy": "OnDemand", "maxReplicas": 3}, replicas=2), SETTINGS
+    )[1]
+    assert warm["spec"]["replicas"] == 1
+    assert warm["spec"]["template"]["spec"]["priorityClassName"] == SETTINGS.warm_priority_class
+    assert cold["spec"]["replicas"] == 0
+    assert cold["spec"]["template"]["spec"]["priorityClassName"] == SETTINGS.cold_priority_class
+    assert woken["spec"]["replicas"] == 2
+
+
+def test_a_changed_spec_changes_the_content_hash_and_an_equal_one_does_not():
+    def stamp(s: LiveRunnerSpec) -> str:
+        return build_live_runner("ns", "a", "u", s, SETTINGS)[1]["metadata"]["annotations"][
+            L.CONTENT_HASH
+        ]
+
+    assert stamp(spec()) == stamp(spec())
+    assert stamp(spec()) != stamp(spec(image="apps:2"))
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_the_operators_watches_keep_apps_and_model_runners_apart():
+    """An app's Deployment must never be taken for an orphaned AIModel runner (which the
+    operator would delete), nor a runner for an app."""
+    app = build_live_runner("ns", "runner-x", "u", spec(), SETTINGS)[1]
+    member = AIModelMember(
+        name="x", uid="u", spec=AIModelSpec.model_validate({"pipeline": "llm", "modelId": "org/m"})
+    )
+    runner = build_runner_deployment(RunnerPlan.dedicated("ns", member), SETTINGS)
+    assert app["metadata"]["name"] != runner["metadata"]["name"]  # live-runner-x, runner-x
+    assert _matches(LIVE_OURS, app["metadata"]["labels"])
+    assert not _matches(OURS, app["metadata"]["labels"])
+    assert _matches(OURS, runner["metadata"]["labels"])
+    assert not _matches(LIVE_OURS, runner["metadata"]["labels"])
+    assert L.RUNNER not in app["spec"]["template"]["metadata"]["labels"]  # the runner pod watch
+    assert L.LIVE_RUNNER not in runner["spec"]["template"]["metadata"]["labels"]
+
+
+# --- status ---
+
+NOW = datetime(2026, 12, 7, tzinfo=UTC)
+
+
+def summary(built: dict[str, Any], ready: int, replicas: int | None = None) -> dict[str, Any]:
+    """The operator's index entry for a Deployment the controller has rolled out."""
+    replicas = ready if replicas is None else replicas
+    return {
+        "hash": built["metadata"]["annotations"][L.CONTENT_HASH],
+        "metadata": {"name": built["metadata"]["name"], "generation": 1},
+        "spec": {"replicas": built["spec"]["replicas"]},
+        "status": {
+            "observedGeneration": 1,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": replicas,
+            "availableReplicas": ready,
+        },
+    }
+
+
+def test_status_is_ready_when_the_rolled_out_app_is():
+    b = body()
+    built = build_live_runner("ns", "echo", "uid-1", LiveRunner.model_validate(b).spec, SETTINGS)
+    status = live_runner_status(SETTINGS, b, summary(built[1], 1), [], {}, NOW)
+    assert status.phase is Phase.READY
+    assert status.selector == f"{L.LIVE_RUNNER}=live-echo"
+    assert {c.type: c.status.value for c in status.conditions}["Priced"] == "True"
+
+
+def test_status_waits_for_the_current_spec_and_says_when_no_price_applies():
+    b = body(image="apps:2")
+    stale = build_live_runner("ns", "echo", "uid-1", spec(), SETTINGS)[1]  # apps:1 serves
+    b["spec"].pop("pricing")
+    status = live_runner_status(SETTINGS, b, summary(stale, 1), [], {}, NOW)
+    assert status.phase is Phase.LOADING  # the old version serves while the new one rolls
+    priced = next(c for c in status.conditions if c.type == "Priced")
+    assert (priced.status.value, priced.reason) == ("False", "PricingNotFound")
+
+
+def test_status_of_an_idle_and_of_an_invalid_app():
+    idle = body(warm={"policy": "OnDemand"})
+    built = build_live_runner("ns", "echo", "u", LiveRunner.model_validate(idle).spec, SETTINGS)
+    assert live_runner_status(SETTINGS, idle, summary(built[1], 0), [], {}, NOW).phase is (
+        Phase.IDLE
+    )
+    broken = body(capacity=0)  # the API server refuses it; an older CRD might not have
+    status = live_runner_status(SETTINGS, broken, None, [], {}, NOW)
+    assert status.phase is Phase.FAILED
+    assert "capacity" in next(c for c in status.conditions if c.type == "Ready").message
