@@ -15,7 +15,7 @@ from kubernetes import client
 
 from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
-from kubepeer.contracts.demand import job_alive, job_finished, job_started
+from kubepeer.contracts.demand import job_alive, job_finished, job_started, live_runner_subject
 from kubepeer.controller.kube import Kube
 from support import wait_for
 
@@ -557,17 +557,32 @@ def test_a_live_runner_app_runs_ready_beside_a_model_and_is_never_taken_for_a_ru
     assert fleet.aimodel("echo", LIVE)["status"]["observedGeneration"] == 3
 
 
-def test_an_on_demand_live_runner_idles_at_zero_and_wakes_when_scaled(fleet):
-    fleet.apply_live("hello", mode="single-shot", warm={"policy": "OnDemand", "maxReplicas": 2},
-                     pricing={"price": {"amount": "0.01", "unit": "fixed"}})  # fmt: skip
+def test_an_on_demand_live_runner_wakes_when_scaled_and_sleeps_when_idle(fleet, redis_server):
+    fleet.apply_live(
+        "hello", mode="single-shot", pricing={"price": {"amount": "0.01", "unit": "fixed"}},
+        warm={"policy": "OnDemand", "maxReplicas": 2, "idleTimeout": "3s"},
+    )  # fmt: skip
     fleet.wait_phase("hello", "Idle", plural=LIVE)
     deployment = fleet.deployment("live-hello")
     assert deployment.spec.replicas == 0
     assert deployment.spec.template.spec.priority_class_name == "kubepeer-cold"
+
+    # A session in flight (the proxy records one as a job) keeps it awake past idleTimeout...
+    redis = redis_server.client()
+    subject = live_runner_subject("hello")
+    job_started(redis, fleet.namespace, subject, "session-1")
     fleet.kubectl("scale", "liverunner", "hello", "--replicas", "1")
     status = fleet.wait_phase("hello", "Ready", plural=LIVE)
     assert status["readyReplicas"] == 1
     assert status["lastColdStartSeconds"] >= 0
+    time.sleep(4)
+    assert fleet.aimodel("hello", LIVE)["spec"]["replicas"] == 1
+
+    # ...and once it ends, idleTimeout later the app scales to zero.
+    job_finished(redis, fleet.namespace, subject, "session-1")
+    fleet.wait_phase("hello", "Idle", timeout=30, plural=LIVE)
+    assert fleet.aimodel("hello", LIVE)["spec"]["replicas"] == 0
+    assert fleet.deployment("live-hello").spec.replicas == 0
 
 
 def test_a_live_runner_with_no_price_says_so_until_a_pricing_gives_one(fleet):

@@ -1,7 +1,8 @@
 """Demand records in Redis: the proxy writes them, the operator scales OnDemand models by them.
 
 Shared by the proxy and the operator; the layout and the rules are DESIGN.md's
-"Demand in Redis". Per AIModel:
+"Demand in Redis". Per AIModel (and per LiveRunner, whose sessions are its jobs, under the
+subject `live_runner_subject(name)`: no AIModel name holds a `/`):
 
     kubepeer:demand:{namespace}:{aimodel}     hash
         last_request  unix seconds of the latest job start or end
@@ -42,6 +43,11 @@ if last > tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'sleeping', ARGV[1])
 return 1
 """
+
+
+def live_runner_subject(live_runner: str) -> str:
+    """The name a LiveRunner's demand records go under, beside AIModels' own names."""
+    return f"liverunner/{live_runner}"
 
 
 def demand_key(namespace: str, aimodel: str) -> str:

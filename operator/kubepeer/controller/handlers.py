@@ -23,9 +23,10 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, Phase, WarmPolicy
+from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, LiveRunner, Phase, WarmPolicy
+from kubepeer.api.workload import WorkloadSpec
 from kubepeer.contracts import labels as L
-from kubepeer.contracts.demand import claim_idle, idle_for, read_demand
+from kubepeer.contracts.demand import claim_idle, idle_for, live_runner_subject, read_demand
 from kubepeer.controller.builders import build_priority_classes
 from kubepeer.controller.fleet import (
     Key,
@@ -146,40 +147,67 @@ class Fleet:
             body = self.view.one(self.view.aimodels, key)
             if body is not None and self._idle_past_timeout(body, now):
                 self.scale_to_zero(body, now)
+        for key in snapshot(self.view.live_runners):
+            body = self.view.one(self.view.live_runners, key)
+            try:
+                app = LiveRunner.model_validate(body)
+            except ValidationError:  # None, or invalid: its status says why
+                continue
+            meta, spec = body["metadata"], app.spec
+            subject = live_runner_subject(meta["name"])
+            if idle_past_timeout(self.redis, meta["namespace"], subject, spec, app.status, now):
+                timeout = spec.warm.idle_timeout_seconds
+                scale_to_zero(self.kube, self.redis, body, subject, timeout, now)
 
     def _idle_past_timeout(self, body: Mapping[str, Any], now: float) -> bool:
         try:
             model = AIModel.model_validate(body)
         except ValidationError:
             return False
-        spec = model.spec
-        if spec.warm.policy is not WarmPolicy.ON_DEMAND or spec.desired_replicas == 0:
-            return False
-        status = model.status or AIModelStatus()
-        ready_at = None
-        if status.ready_replicas > 0 and status.last_scale_up_time is not None:
-            ready_at = status.last_scale_up_time.timestamp() + (status.last_cold_start_seconds or 0)
         meta = body["metadata"]
-        demand = read_demand(self.redis, meta["namespace"], meta["name"], now)
-        idle = idle_for(demand, ready_at, now)
-        return idle is not None and idle > spec.warm.idle_timeout_seconds
+        return idle_past_timeout(self.redis, meta["namespace"], meta["name"], model.spec,
+                                 model.status, now)  # fmt: skip
 
     def scale_to_zero(self, body: Mapping[str, Any], now: float) -> None:
-        """Claim the model idle in Redis, then scale it to zero only if the AIModel is
-        unchanged since we read it (resourceVersion): a job arriving in between wins."""
-        meta = body["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
         timeout = AIModel.model_validate(body).spec.warm.idle_timeout_seconds
-        if not claim_idle(self.redis, namespace, name, idle_since=now - timeout, now=now):
-            return
-        try:
-            self.kube.scale_aimodel(namespace, name, 0, resource_version=meta["resourceVersion"])
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return  # it changed (a wake-up, an edit): the next sweep decides again
-            raise
-        log.info("scaled %s/%s to zero: idle past warm.idleTimeout", namespace, name)
-        self.kube.post_event(dict(body), "ScaledToZero", "idle past warm.idleTimeout")
+        scale_to_zero(self.kube, self.redis, body, body["metadata"]["name"], timeout, now)
+
+
+def idle_past_timeout(
+    redis: Any, namespace: str, subject: str, spec: WorkloadSpec,
+    status: AIModelStatus | None, now: float,
+) -> bool:  # fmt: skip
+    """An OnDemand workload running replicas with no demand for longer than idleTimeout,
+    counted from its demand records (`subject`) and from when it turned Ready."""
+    if spec.warm.policy is not WarmPolicy.ON_DEMAND or spec.desired_replicas == 0:
+        return False
+    status = status or AIModelStatus()
+    ready_at = None
+    if status.ready_replicas > 0 and status.last_scale_up_time is not None:
+        ready_at = status.last_scale_up_time.timestamp() + (status.last_cold_start_seconds or 0)
+    idle = idle_for(read_demand(redis, namespace, subject, now), ready_at, now)
+    return idle is not None and idle > spec.warm.idle_timeout_seconds
+
+
+def scale_to_zero(
+    kube: Kube, redis: Any, body: Mapping[str, Any], subject: str, timeout: float, now: float
+) -> None:
+    """Claim the workload idle in Redis, then scale it to zero only if the object is
+    unchanged since we read it (resourceVersion): a job or session arriving in between wins."""
+    meta = body["metadata"]
+    namespace, name, kind = meta["namespace"], meta["name"], body.get("kind", "AIModel")
+    if not claim_idle(redis, namespace, subject, idle_since=now - timeout, now=now):
+        return
+    plural = "liverunners" if kind == "LiveRunner" else "aimodels"
+    try:
+        kube.scale_aimodel(namespace, name, 0, resource_version=meta["resourceVersion"],
+                           plural=plural)  # fmt: skip
+    except ApiException as exc:
+        if exc.status in (404, 409):
+            return  # it changed (a wake-up, an edit): the next sweep decides again
+        raise
+    log.info("scaled %s %s/%s to zero: idle past warm.idleTimeout", kind, namespace, name)
+    kube.post_event(dict(body), "ScaledToZero", "idle past warm.idleTimeout")
 
 
 class NoDiffBase(kopf.DiffBaseStorage):

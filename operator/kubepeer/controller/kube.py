@@ -78,17 +78,24 @@ class Kube:
         )
 
     def scale_aimodel(
-        self, namespace: str, name: str, replicas: int, resource_version: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        replicas: int,
+        resource_version: str | None = None,
+        plural: str = "aimodels",
     ) -> None:
-        """Set spec.replicas; with `resource_version`, only if the AIModel is unchanged."""
+        """Set spec.replicas of an AIModel (or a LiveRunner); with `resource_version`, only
+        if the object is unchanged."""
         metadata = {"resourceVersion": resource_version} if resource_version else {}
         self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, "aimodels", name,
+            GROUP, VERSION, namespace, plural, name,
             {"metadata": metadata, "spec": {"replicas": replicas}},
         )  # fmt: skip
 
     def post_event(self, body: dict[str, Any], reason: str, message: str) -> None:
-        """A Normal Event on an AIModel, for decisions made outside kopf's handlers."""
+        """A Normal Event on an AIModel or a LiveRunner, for decisions made outside kopf's
+        handlers."""
         meta = body["metadata"]
         now = datetime.now(UTC)
         self.core.create_namespaced_event(

@@ -28,7 +28,7 @@ def namespaced_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
             "resources": ["aimodels", "liverunners", "pricings"],
             "verbs": READ,
         },
-        {"apiGroups": [GROUP], "resources": ["aimodels"], "verbs": ["patch"]},
+        {"apiGroups": [GROUP], "resources": ["aimodels", "liverunners"], "verbs": ["patch"]},
         {
             "apiGroups": [GROUP],
             "resources": ["aimodels/status", "liverunners/status"],
