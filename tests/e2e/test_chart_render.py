@@ -93,6 +93,7 @@ def test_helm_lint_is_clean(values):
         ("redis.externalUrl=http://redis:6379", "/redis/externalUrl"),  # not a redis URL
         ("proxy.live.trickleUrlForRunner=proxy:8935", "/proxy/live/trickleUrlForRunner"),
         ("proxy.live.paymentIntervalSeconds=0", "/proxy/live/paymentIntervalSeconds"),
+        ("proxy.tls.certManager.issuerRef.kind=Vault", "/proxy/tls/certManager/issuerRef/kind"),
     ],
 )
 def test_the_schema_refuses_bad_values_naming_the_field(setting, named):
@@ -286,3 +287,50 @@ def test_the_charts_proxy_defaults_are_the_proxys_own():
     )
     settings = args.settings(args)
     assert (settings.max_queue, settings.metrics_port, settings.payments) == (8, 9101, True)
+
+
+def _proxy_tls(objects: list[dict]) -> tuple[list[str], list[str]]:
+    """The proxy's TLS flags, and the Secret its tls volume mounts (if any)."""
+    pod = find(objects, "Deployment", "kubepeer-proxy")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    flags = [a for a in args if a.startswith("--tls") or a.startswith("/var/run/kubepeer/tls")]
+    secrets = [v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "tls"]
+    return flags, secrets
+
+
+def test_cert_manager_issues_the_proxys_certificate_for_its_public_host():
+    """Issue 26, item 6: a certificate a verifying client accepts (tests/proxy/test_tls.py
+    checks the proxy serves it, and its renewals, to a client trusting only its CA)."""
+    issuer = ["--set", "proxy.tls.certManager.enabled=true",
+              "--set", "proxy.tls.certManager.issuerRef.name=letsencrypt"]  # fmt: skip
+    objects = render(*REQUIRED, *issuer)
+    certificate = find(objects, "Certificate", "kubepeer-proxy")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    assert spec["secretName"] == "kubepeer-proxy-tls"
+    assert spec["dnsNames"] == ["orchestrator.example.com"]  # publicUrl's host, no port
+    assert "ipAddresses" not in spec
+    assert spec["issuerRef"] == {"name": "letsencrypt", "kind": "ClusterIssuer",
+                                 "group": "cert-manager.io"}  # fmt: skip
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    flags, secrets = _proxy_tls(objects)
+    assert flags == ["--tls-cert", "/var/run/kubepeer/tls/tls.crt",
+                     "--tls-key", "/var/run/kubepeer/tls/tls.key"]  # fmt: skip
+    assert secrets == ["kubepeer-proxy-tls"]
+
+    by_ip = render(*REQUIRED, *issuer, "--set", "proxy.publicUrl=https://203.0.113.7:8935",
+                   "--set", "proxy.tls.secretName=orchestrator-tls")  # fmt: skip
+    spec = find(by_ip, "Certificate", "kubepeer-proxy")["spec"]
+    assert (spec["ipAddresses"], "dnsNames" in spec) == (["203.0.113.7"], False)
+    assert spec["secretName"] == "orchestrator-tls" == _proxy_tls(by_ip)[1][0]
+
+    unnamed = helm("template", "kubepeer", str(CHART), *REQUIRED,
+                   "--set", "proxy.tls.certManager.enabled=true", check=False)  # fmt: skip
+    assert unnamed.returncode != 0
+    assert "proxy.tls.certManager.issuerRef.name" in unnamed.stderr
+    plaintext = render(*REQUIRED, *issuer, "--set", "proxy.tls.plaintext=true")
+    assert not [o for o in plaintext if o["kind"] == "Certificate"]
+    assert _proxy_tls(plaintext) == ([], [])
+    self_signed = render(*REQUIRED)  # the default: no Secret, a certificate per pod
+    assert not [o for o in self_signed if o["kind"] == "Certificate"]
+    assert _proxy_tls(self_signed) == ([], [])

@@ -111,3 +111,12 @@ securityContext:
 {{- define "kubepeer.secretKey" -}}
 {{- if .spec.existingSecret -}}{{ .spec.key }}{{- else -}}{{ .default }}{{- end -}}
 {{- end -}}
+
+{{/* The Secret holding the proxy's certificate: the user's, cert-manager's, or none
+     (a self-signed certificate per pod). Empty in plaintext mode. */}}
+{{- define "kubepeer.proxyTlsSecret" -}}
+{{- $tls := .Values.proxy.tls -}}
+{{- if not $tls.plaintext -}}
+{{- if $tls.secretName -}}{{ $tls.secretName }}{{- else if $tls.certManager.enabled -}}kubepeer-proxy-tls{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -343,7 +343,8 @@ def run_proxy(args: ProxySettings) -> int:
     async def main() -> None:
         keeper = asyncio.create_task(keep_current())
         try:
-            await serve(proxy, config, args.server)
+            reload = args.tls_reload if args.tls_cert and not args.plaintext else 0.0
+            await serve(proxy, config, args.server, reload)
         finally:
             keeper.cancel()
             await demand_written(proxy)

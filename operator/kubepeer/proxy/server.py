@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import shutil
 import signal
+import ssl
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Generator, Iterable
@@ -24,6 +25,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kubepeer.proxy import http1
+
+log = logging.getLogger("kubepeer.proxy.server")
 
 CERT_DAYS = 365
 SERVERS = ("uvicorn", "hypercorn")  # the first is the default (hack/bench/proxy.py)
@@ -103,11 +106,32 @@ def hypercorn_config(
     return config
 
 
-async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = SERVERS[0]) -> None:
-    """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish."""
+async def serve(
+    app: Callable[..., Awaitable[None]],
+    config: Any,
+    server: str = SERVERS[0],
+    reload_seconds: float = 0.0,
+) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting and let jobs in flight finish.
+    `reload_seconds` > 0 (uvicorn): check the certificate files that often and serve a
+    renewed certificate (cert-manager rewrites its Secret) to every new connection."""
     if server == "uvicorn":
         with stop_signals_handled():
-            await uvicorn_server(app, config, getattr(app, "lean_jobs", None)).serve()
+            served = uvicorn_server(app, config, getattr(app, "lean_jobs", None))
+            reloader = None
+            if reload_seconds > 0 and config.certfile:
+                served.config.load()  # public: builds the SSLContext that serve() then uses
+                reloader = asyncio.create_task(
+                    keep_certificate_current(
+                        served.config.ssl, Path(config.certfile), Path(config.keyfile),
+                        reload_seconds,
+                    )
+                )  # fmt: skip
+            try:
+                await served.serve()
+            finally:
+                if reloader is not None:
+                    reloader.cancel()
         return
     from hypercorn.asyncio import serve as hypercorn_serve
 
@@ -116,6 +140,48 @@ async def serve(app: Callable[..., Awaitable[None]], config: Any, server: str = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def _read_pair(cert: Path, key: Path) -> tuple[bytes, bytes] | None:
+    try:
+        return cert.read_bytes(), key.read_bytes()
+    except OSError:
+        return None
+
+
+def load_pair(context: ssl.SSLContext, pair: tuple[bytes, bytes]) -> None:
+    """Load a certificate and key read earlier into `context`, only if they belong together:
+    OpenSSL replaces a context's certificate before it checks the key, so a bad pair loaded
+    straight in would leave the context serving no working certificate at all."""
+    with tempfile.TemporaryDirectory(prefix="kubepeer-tls-") as folder:
+        cert, key = Path(folder) / "tls.crt", Path(folder) / "tls.key"
+        cert.write_bytes(pair[0])
+        key.touch(mode=0o600)
+        key.write_bytes(pair[1])
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)  # raises if not
+        context.load_cert_chain(cert, key)
+
+
+async def keep_certificate_current(
+    context: ssl.SSLContext, cert: Path, key: Path, every: float
+) -> None:
+    """Serve the certificate and key again whenever their files change (cert-manager
+    renewing its Secret), to new connections. A pair that does not load (a new certificate
+    whose key has not arrived yet) is logged and the old one kept; the next check retries."""
+    seen = refused = _read_pair(cert, key)
+    while True:
+        await asyncio.sleep(every)
+        pair = _read_pair(cert, key)
+        if pair is None or pair in (seen, refused):
+            continue
+        try:
+            load_pair(context, pair)
+        except (ssl.SSLError, OSError) as exc:
+            refused = pair  # said once; a change to either file is tried again
+            log.error("renewed TLS certificate not loaded, still serving the old one: %s", exc)
+            continue
+        seen = pair
+        log.info("serving the renewed TLS certificate", extra={"cert": str(cert)})
 
 
 def uvicorn_server(

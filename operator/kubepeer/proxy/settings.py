@@ -33,6 +33,12 @@ class ProxySettings(BaseSettings):
         default=None, description="certificate (a Secret); default: self-signed"
     )
     tls_key: Path | None = Field(default=None, description="its key (a Secret)")
+    tls_reload: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds between checks of --tls-cert and --tls-key for a renewed "
+        "certificate, served to new connections without a restart (0: never)",
+    )
     metrics_port: int = Field(
         default=0,
         ge=0,
