@@ -4,7 +4,8 @@ Used by the chain tests and by `make demo` (hack/demo.py).
 
 Hardhat's node is a full EVM with automining; the contracts are compiled from
 hack/chain/contracts by solc-js: a Controller (registry and pause switch), a RoundsManager
-and a BondingManager driven by the tests, and a TicketBroker as strict as Livepeer's.
+and a BondingManager driven by the tests, a TicketBroker as strict as Livepeer's, and an
+ETH/USD price feed that answers as Chainlink's aggregators do.
 Accounts are made fresh per test and funded with `hardhat_setBalance`, so no well-known
 private key is relied on.
 """
@@ -56,6 +57,7 @@ class DevChain:
     rounds: Contract
     bonding: Contract
     deployer: LocalAccount
+    price_feed: Contract
 
     def __init__(self, url: str, process: subprocess.Popen[bytes], w3: Web3) -> None:
         self.url, self.process, self.w3 = url, process, w3
@@ -96,10 +98,17 @@ class DevChain:
         chain.rounds = chain.deploy(artifacts["TestRoundsManager"])
         chain.bonding = chain.deploy(artifacts["TestBondingManager"], controller.address)
         chain.broker = chain.deploy(artifacts["TestTicketBroker"], controller.address)
+        # ETH/USD as Chainlink's aggregator answers it (8 decimals), at 3,000 USD.
+        chain.price_feed = chain.deploy(artifacts["TestPriceFeed"], 8, "ETH / USD", 3000 * 10**8)
         for name, contract in (("RoundsManager", chain.rounds), ("BondingManager", chain.bonding),
                                ("TicketBroker", chain.broker)):  # fmt: skip
             chain.transact(chain.deployer, controller.functions.setContract(name, contract.address))
         return chain
+
+    def set_eth_usd(self, answer: int) -> None:
+        """A new round of the ETH/USD feed (in its 8 decimals: 3000 USD is 3000 * 10**8)."""
+        # A fixed limit: hardhat's estimate for rewriting the same answer falls short.
+        self.transact(self.deployer, self.price_feed.functions.setAnswer(answer), gas=100_000)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -17,6 +17,7 @@ from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
 from kubepeer.contracts.demand import job_alive, job_finished, job_started, live_runner_subject
 from kubepeer.controller.kube import Kube
+from kubepeer.livepeer.price_feed import EthUsd, publish
 from support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
@@ -529,13 +530,18 @@ LIVE, APP_LABEL = "liverunners", "kubepeer.io/live-runner"
 HOURLY = {"price": {"amount": "3.50", "currency": "USD", "unit": "hour"}}
 
 
-def test_a_live_runner_app_runs_ready_beside_a_model_and_is_never_taken_for_a_runner(fleet):
+def test_a_live_runner_app_runs_ready_beside_a_model_and_is_never_taken_for_a_runner(
+    fleet, redis_server
+):
+    # The ETH/USD reading the payments controller publishes (tests/chain/test_price_feed.py).
+    publish(redis_server.client(), EthUsd(3000 * 10**8, 8, 1, 0, "0xfeed", time.time()))
     fleet.apply("beside")  # an AIModel in the same namespace: its watches see the app too
     fleet.apply_live("echo", port=9000, capacity=4, pricing=HOURLY)
     status = fleet.wait_phase("echo", "Ready", plural=LIVE)
     assert status["readyReplicas"] == 1
     assert status["selector"] == f"{APP_LABEL}=live-echo"
     assert fleet.condition("echo", "Priced", LIVE)["status"] == "True"
+    assert (status["price"]["wei"], status["price"]["unit"]) == ("324074074074", "seconds")
     deployment = fleet.deployment("live-echo")
     [app] = deployment.spec.template.spec.containers
     assert (app.image, app.ports[0].container_port) == ("example.invalid/app:v1", 9000)
@@ -555,6 +561,12 @@ def test_a_live_runner_app_runs_ready_beside_a_model_and_is_never_taken_for_a_ru
              what="two ready replicas of the app")  # fmt: skip
     assert fleet.deployment("live-echo").metadata.uid == deployment.metadata.uid
     assert fleet.aimodel("echo", LIVE)["status"]["observedGeneration"] == 3
+
+    # A new reading of the feed reprices the app (3.50 USD an hour at 3,500 USD per ETH).
+    publish(redis_server.client(), EthUsd(3500 * 10**8, 8, 2, 0, "0xfeed", time.time()))
+    wait_for(lambda: fleet.status("echo", LIVE)["price"]["wei"] == "277777777777", timeout=30,
+             what="the app repriced at the new ETH/USD rate")  # fmt: skip
+    assert fleet.status("echo", LIVE)["price"]["roundId"] == "2"
 
 
 def test_an_on_demand_live_runner_wakes_when_scaled_and_sleeps_when_idle(fleet, redis_server):

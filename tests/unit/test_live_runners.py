@@ -21,6 +21,7 @@ from kubepeer.controller.live_runners import (
     live_runner_status,
 )
 from kubepeer.controller.settings import OperatorSettings
+from kubepeer.livepeer.price_feed import EthUsd
 
 SETTINGS = OperatorSettings(runner_image="runner:default", startup_timeout_seconds=900)
 PRICE = {"price": {"amount": "3.50", "currency": "USD", "unit": "hour"}}
@@ -233,13 +234,46 @@ def summary(built: dict[str, Any], ready: int, replicas: int | None = None) -> d
     }
 
 
-def test_status_is_ready_when_the_rolled_out_app_is():
+AT_3000 = EthUsd(answer=3000 * 10**8, decimals=8, round_id=7, updated_at=1, feed="0xfeed",
+                 read_at=NOW.timestamp())  # fmt: skip
+
+
+def priced(status) -> tuple[str, str]:
+    condition = next(c for c in status.conditions if c.type == "Priced")
+    return condition.status.value, condition.message
+
+
+def test_status_is_ready_when_the_rolled_out_app_is_and_carries_its_price_in_wei():
     b = body()
     built = build_live_runner("ns", "echo", "uid-1", LiveRunner.model_validate(b).spec, SETTINGS)
-    status = live_runner_status(SETTINGS, b, summary(built[1], 1), [], {}, NOW)
+    status = live_runner_status(SETTINGS, b, summary(built[1], 1), [], {}, NOW, AT_3000)
     assert status.phase is Phase.READY
     assert status.selector == f"{L.LIVE_RUNNER}=live-echo"
-    assert {c.type: c.status.value for c in status.conditions}["Priced"] == "True"
+    assert priced(status)[0] == "True"
+    assert status.price is not None
+    wire = status.price.to_wire()  # 3.50 USD an hour at 3,000 USD (live-runner-wire.md 8)
+    assert wire == {"wei": "324074074074", "unit": "seconds", "usdPerEth": "3000",
+                    "feed": "0xfeed", "roundId": "7", "readAt": NOW.isoformat().replace(
+                        "+00:00", "Z")}  # fmt: skip
+
+
+def test_a_usd_price_waits_for_a_rate_and_a_wei_price_does_not():
+    b = body()
+    built = build_live_runner("ns", "echo", "uid-1", LiveRunner.model_validate(b).spec, SETTINGS)
+    waiting = live_runner_status(SETTINGS, b, summary(built[1], 1), [], {}, NOW, None)
+    assert waiting.price is None
+    assert waiting.phase is Phase.READY  # it runs; it is only not offered for money yet
+    state, message = priced(waiting)
+    assert state == "False"
+    assert "no ETH/USD rate" in message
+    in_wei = body(pricing={"price": {"amount": "36000", "currency": "wei", "unit": "hour"}})
+    status = live_runner_status(SETTINGS, in_wei, None, [], {}, NOW, None)
+    assert status.price is not None
+    assert (status.price.wei, status.price.unit, status.price.feed) == ("10", "seconds", None)
+    tiny = body(pricing={"price": {"amount": "100", "currency": "wei", "unit": "hour"}})
+    state, message = priced(live_runner_status(SETTINGS, tiny, None, [], {}, NOW, None))
+    assert state == "False"
+    assert "under 1 wei" in message
 
 
 def test_status_waits_for_the_current_spec_and_says_when_no_price_applies():

@@ -7,13 +7,14 @@ warm policy from the same parts an AIModel uses (`workload.py`).
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar, Self
 
 from pydantic import Field, field_validator, model_validator
 
 from kubepeer.api.aimodel import MAX_CAPACITY, AIModelStatus
-from kubepeer.api.common import KubeResource, cel
+from kubepeer.api.common import DecimalString, KubeModel, KubeResource, cel
 from kubepeer.api.pricing import APP_NAME_PATTERN, REF_OR_PRICE, AppPrice, RefOrPrice
 from kubepeer.api.workload import REPLICAS_WITHIN_MAX, WorkloadSpec
 
@@ -122,6 +123,34 @@ class LiveRunnerSpec(WorkloadSpec):
         return self
 
 
+class AdvertisedPrice(KubeModel):
+    """The app's price as discovery advertises it (live-runner-wire.md 8)."""
+
+    wei: str = Field(pattern=r"^[0-9]+$", max_length=40, description="Wei per unit.")
+    unit: str = Field(
+        description="seconds, 720p-pixel-seconds (a pixel of nominal 720p30) or fixed.",
+        json_schema_extra={"enum": ["seconds", "720p-pixel-seconds", "fixed"]},
+    )
+    usd_per_eth: DecimalString | None = Field(
+        default=None, description="The ETH/USD rate a USD price was converted at."
+    )
+    feed: str | None = Field(
+        default=None, max_length=42, description="The Chainlink aggregator the rate came from."
+    )
+    round_id: str | None = Field(
+        default=None, pattern=r"^[0-9]+$", max_length=30, description="The feed's round read."
+    )
+    read_at: datetime | None = Field(default=None, description="When the feed was read.")
+
+
+class LiveRunnerStatus(AIModelStatus):
+    price: AdvertisedPrice | None = Field(
+        default=None,
+        description="The price in wei clients are offered; absent while none can be computed "
+        "(a USD price before the first ETH/USD reading, or under 1 wei).",
+    )
+
+
 class LiveRunner(KubeResource):
     """A container served as a paid Livepeer Live Runner app, kept warm on GPUs by a policy."""
 
@@ -130,6 +159,6 @@ class LiveRunner(KubeResource):
 
     kind: str = Field(default="LiveRunner", description="LiveRunner.")
     spec: LiveRunnerSpec = Field(description="The app, its price and how to keep it warm.")
-    status: AIModelStatus | None = Field(
-        default=None, description="What the operator observed (as an AIModel's status)."
+    status: LiveRunnerStatus | None = Field(
+        default=None, description="What the operator observed: an AIModel's status, and the price."
     )

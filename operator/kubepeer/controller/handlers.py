@@ -62,7 +62,7 @@ class Fleet:
     def __init__(self, settings: OperatorSettings, kube: Kube, redis: Any | None) -> None:
         self.settings, self.kube, self.redis = settings, kube, redis
         self.view = View()
-        self.live = LiveRunners(settings, kube, self.view)
+        self.live = LiveRunners(settings, kube, self.view, redis)
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
         self.retry: set[Key] = set()  # AIModels whose last reconcile failed
         self._locks: dict[Key, threading.Lock] = {}

@@ -12,13 +12,15 @@ import logging
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import API_VERSION, AIModelStatus, LiveRunner, LiveRunnerSpec, WarmPolicy
-from kubepeer.api.pricing import PricingSpec, match_app_price
+from kubepeer.api import API_VERSION, LiveRunner, LiveRunnerSpec, WarmPolicy
+from kubepeer.api.live_runner import AdvertisedPrice, LiveRunnerStatus
+from kubepeer.api.pricing import AppCurrency, AppPrice, PricingSpec, match_app_price
 from kubepeer.contracts import labels as L
 from kubepeer.controller.builders import (
     GPU_RESOURCE,
@@ -30,27 +32,75 @@ from kubepeer.controller.builders import (
 from kubepeer.controller.fleet import validation_message
 from kubepeer.controller.settings import OperatorSettings
 from kubepeer.controller.status import Observed, compute_status
+from kubepeer.livepeer.price_feed import EthUsd, published, to_wei
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, Deployment name)
 
 
-def app_pricing_problem(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec]) -> str | None:
-    """Why no price applies to the app, or None when one does (inline, referenced, or from
-    a Pricing in the namespace with an entry for the app or '*')."""
+class NoAppPrice(ValueError):
+    """Why no price applies to an app."""
+
+
+def resolve_app_price(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec]) -> AppPrice:
+    """The app's price: inline, from the Pricing it names, or from a Pricing in the
+    namespace with an entry for the app or '*' (the first by name). Raises NoAppPrice."""
     choice = spec.pricing
     if choice is not None and choice.price is not None:
-        return None
+        return choice.price
     if choice is not None and choice.ref is not None:
         pricing = pricings.get(choice.ref)
         if pricing is None:
-            return f"pricing.ref names Pricing '{choice.ref}', which is not in this namespace"
-        if match_app_price(pricing.apps, spec.app) is None:
-            return f"Pricing '{choice.ref}' has no spec.apps entry for app '{spec.app}' or '*'"
-        return None
-    if any(match_app_price(p.apps, spec.app) for p in pricings.values()):
-        return None
-    return f"no Pricing in this namespace has a spec.apps entry for app '{spec.app}' or '*'"
+            raise NoAppPrice(
+                f"pricing.ref names Pricing '{choice.ref}', which is not in this namespace"
+            )
+        found = match_app_price(pricing.apps, spec.app)
+        if found is None:
+            raise NoAppPrice(
+                f"Pricing '{choice.ref}' has no spec.apps entry for app '{spec.app}' or '*'"
+            )
+        return found
+    for name in sorted(pricings):
+        found = match_app_price(pricings[name].apps, spec.app)
+        if found is not None:
+            return found
+    raise NoAppPrice(
+        f"no Pricing in this namespace has a spec.apps entry for app '{spec.app}' or '*'"
+    )
+
+
+def app_pricing_problem(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec]) -> str | None:
+    """Why no price applies to the app, or None when one does."""
+    try:
+        resolve_app_price(spec, pricings)
+    except NoAppPrice as exc:
+        return str(exc)
+    return None
+
+
+def advertised_price(price: AppPrice, eth_usd: EthUsd | None) -> AdvertisedPrice:
+    """The app's price in wei as discovery advertises it. Raises NoAppPrice when there is
+    none (a USD price with no ETH/USD reading yet, or one under 1 wei)."""
+    usd = price.currency is AppCurrency.USD
+    wei = to_wei(price.amount, price.currency.value, price.unit.value, eth_usd)
+    if wei is None and usd and eth_usd is None:
+        raise NoAppPrice(
+            "the price is in USD and no ETH/USD rate has been read yet (the payments "
+            "controller reads the Chainlink feed and publishes it)"
+        )
+    if wei is None:
+        raise NoAppPrice(f"{price.amount} {price.currency.value} per {price.unit.value} is "
+                         "under 1 wei: no price, as go-livepeer advertises none")  # fmt: skip
+    if not usd or eth_usd is None:
+        return AdvertisedPrice(wei=str(wei.price), unit=wei.unit)
+    return AdvertisedPrice(
+        wei=str(wei.price),
+        unit=wei.unit,
+        usd_per_eth=Decimal(eth_usd.answer) / 10**eth_usd.decimals,
+        feed=eth_usd.feed,
+        round_id=str(eth_usd.round_id),
+        read_at=datetime.fromtimestamp(eth_usd.read_at, UTC),
+    )
 
 
 def build_live_runner(
@@ -157,12 +207,14 @@ def live_runner_status(
     pods: list[dict[str, Any]],
     pricings: Mapping[str, PricingSpec],
     now: datetime | None = None,
-) -> AIModelStatus:
+    eth_usd: EthUsd | None = None,
+) -> LiveRunnerStatus:
     """A LiveRunner's status from its Deployment's summary and pods, as the index keeps
-    them (`deployment["hash"]` is the content hash the operator stamped on it)."""
+    them (`deployment["hash"]` is the content hash the operator stamped on it), and its
+    price in wei at the ETH/USD reading given."""
     meta = body["metadata"]
-    previous = AIModelStatus.model_validate(body.get("status") or {})
-    invalid = pricing_problem = None
+    previous = LiveRunnerStatus.model_validate(body.get("status") or {})
+    invalid = pricing_problem = price = None
     desired, current = 0, False
     try:
         model = LiveRunner.model_validate(body)
@@ -170,7 +222,10 @@ def live_runner_status(
         invalid = validation_message(exc)
     else:
         desired = model.spec.desired_replicas
-        pricing_problem = app_pricing_problem(model.spec, pricings)
+        try:
+            price = advertised_price(resolve_app_price(model.spec, pricings), eth_usd)
+        except NoAppPrice as exc:
+            pricing_problem = str(exc)
         wanted = build_live_runner(meta["namespace"], meta["name"], meta.get("uid", ""),
                                    model.spec, settings)[1]  # fmt: skip
         current = bool(deployment) and deployment["hash"] == _hash_of(wanted)
@@ -186,7 +241,8 @@ def live_runner_status(
         current=current,
         nodes_fixed=settings.nodes_fixed,
     )
-    return compute_status(observed, previous, now or datetime.now(UTC))
+    status = compute_status(observed, previous, now or datetime.now(UTC))
+    return LiveRunnerStatus(**dict(status), price=price)
 
 
 def _hash_of(deployment: Mapping[str, Any]) -> str:
@@ -200,11 +256,27 @@ class LiveRunners:
     `live_deployments` ((ns, name) -> Deployment summary with its `hash`), `live_pods`
     ((ns, Deployment name) -> pod summaries) and `pricings` (ns -> (name, spec))."""
 
-    def __init__(self, settings: OperatorSettings, kube: Any, view: Any) -> None:
-        self.settings, self.kube, self.view = settings, kube, view
+    def __init__(self, settings: OperatorSettings, kube: Any, view: Any, redis: Any = None) -> None:
+        self.settings, self.kube, self.view, self.redis = settings, kube, view, redis
         self.retry: set[Key] = set()  # apps whose last reconcile failed: the sweep retries
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until seen
+        self.eth_usd: EthUsd | None = None  # the payments controller's last feed reading
+        self._rate_read = False
         self._lock = threading.Lock()
+
+    def read_rate(self) -> bool:
+        """Read the ETH/USD reading the payments controller published; True when it changed
+        (then every app's price in wei is computed again)."""
+        self._rate_read = True
+        if self.redis is None:
+            return False
+        try:
+            reading = published(self.redis)
+        except Exception as exc:  # Redis away: the prices stay at the last reading
+            log.warning("ETH/USD reading not read from Redis: %s", exc)
+            return False
+        changed, self.eth_usd = reading != self.eth_usd, reading
+        return changed
 
     def changed(self, namespace: str, deployment: str) -> None:
         """Apply the app's manifests when they differ from what is there; then its status."""
@@ -245,9 +317,12 @@ class LiveRunners:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             known = {**body, "status": self.written.get(key) or body.get("status")}
+            if not self._rate_read:
+                self.read_rate()
             status = live_runner_status(
                 self.settings, known, self.view.one(self.view.live_deployments, key),
                 self.view.many(self.view.live_pods, key), self.view.pricings_in(namespace),
+                eth_usd=self.eth_usd,
             )  # fmt: skip
             wire = status.to_wire()
             have = known.get("status") or {}
@@ -266,6 +341,9 @@ class LiveRunners:
     def sweep(self) -> None:
         for key in sorted(self.retry):
             self.changed(*key)
+        if self.read_rate():
+            for key in list(self.view.live_runners):
+                self.refresh_status(*key)
 
     def in_namespace(self, namespace: str) -> list[Key]:
         return [key for key in list(self.view.live_runners) if key[0] == namespace]

@@ -25,6 +25,7 @@ from redis import Redis
 from web3 import Web3
 
 from kubepeer.livepeer.broker import ARBITRUM_CONTROLLER, ARBITRUM_ONE_CHAIN_ID
+from kubepeer.livepeer.price_feed import ARBITRUM_ETH_USD, FeedWatch
 from kubepeer.payments.lease import Lease, LeaseKeeper
 from kubepeer.payments.redeemer import (
     TRANSPORT_ERRORS,
@@ -165,12 +166,16 @@ def _run(config: PaymentsSettings, rpc_url: str) -> int:
             redis, w3, contract_address(w3, controller, "BondingManager"), account,
             config.max_fee_per_gas, may_send=may_send,
         )  # fmt: skip
+    feed_address = config.price_feed or (ARBITRUM_ETH_USD if arbitrum else None)
+    feed = FeedWatch(w3, feed_address, redis) if feed_address else None
     if config.metrics_port:
         start_http_server(config.metrics_port)
     log.info("redeeming as %s on chain %d via broker %s", account.address, chain_id, broker)
 
     def one_pass(block_ms: int) -> None:
         view = watcher.publish(redis)  # every replica keeps the shared view fresh
+        if feed is not None:  # ETH/USD for Live Runner prices, each hour
+            feed.maybe_refresh()
         if not may_send():
             return
         if rewards is not None:

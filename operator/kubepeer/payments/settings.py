@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kubepeer.livepeer.price_feed import ARBITRUM_ETH_USD
 from kubepeer.payments.ledger import WINNING_STREAM
 from kubepeer.payments.redeemer import RedeemerSettings
 
@@ -50,6 +51,12 @@ class PaymentsSettings(BaseSettings):
     )
     confirmations: int = Field(
         default=RedeemerSettings.confirmations, ge=0, description="blocks before redeemed"
+    )
+    price_feed: str | None = Field(
+        default=None,
+        pattern=r"^0x[0-9a-fA-F]{40}$",
+        description="Chainlink ETH/USD aggregator read each hour for Live Runner prices in USD "
+        "(default on arbitrum-one: go-livepeer's, " + ARBITRUM_ETH_USD + "; none on dev)",
     )
     reward: bool = Field(default=False, description="call reward() once per round")
     once: bool = Field(default=False, description="handle what is queued, then exit")
