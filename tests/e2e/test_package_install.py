@@ -141,6 +141,26 @@ def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, wheel, tiny_
     finally:
         runner.terminate()
         runner.wait(timeout=30)
+    # The example Live Runner apps come with it (the LiveRunner samples run them).
+    app_port = free_port()
+    with log.open("ab") as out:
+        app = subprocess.Popen([str(bin_dir / "kubepeer-app"), "hello-world", "--host",
+                                "127.0.0.1", "--port", str(app_port)], cwd=tmp_path, env=env,
+                               stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+
+        def greets() -> bool:
+            assert app.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{app_port}/hi", timeout=2) as r:
+                    return json.loads(r.read()).get("message") == "hello, world"
+            except OSError:
+                return False
+
+        wait_for(greets, timeout=60, what="kubepeer-app hello-world from a clean install")
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
 
 
 def test_the_offline_builds_need_nothing_from_a_package_cache(tmp_path):
