@@ -341,6 +341,7 @@ def test_tickets_at_a_price_not_offered_for_the_job_credit_nothing():
         (SenderInfo(deposit=0, withdraw_round=0, reserve=10**18), "no deposit"),
         (SenderInfo(deposit=1, withdraw_round=0, reserve=10**18), "exceeds"),
     ],
+    ids=["unlocking", "no-reserve", "no-deposit", "exceeds"],  # the same in every process
 )
 def test_a_sender_without_funds_is_rejected(info, why):
     outcome = rejected(payment(), info=info)
