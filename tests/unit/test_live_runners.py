@@ -16,9 +16,10 @@ from kubepeer.controller.builders import Member as AIModelMember
 from kubepeer.controller.builders import RunnerPlan, build_runner_deployment
 from kubepeer.controller.handlers import LIVE_OURS, OURS
 from kubepeer.controller.live_runners import (
-    app_pricing_problem,
+    NoAppPrice,
     build_live_runner,
     live_runner_status,
+    resolve_app_price,
 )
 from kubepeer.controller.settings import OperatorSettings
 from kubepeer.livepeer.price_feed import EthUsd
@@ -106,20 +107,29 @@ def test_an_apps_own_price_beats_the_wildcard():
     assert match_app_price(entries[1:], "examples/other") is None
 
 
-def test_pricing_problems_name_what_is_missing():
-    with_echo = {
-        "default": PricingSpec.model_validate({"apps": [{"app": "examples/echo", "amount": "1"}]})
-    }
-    assert app_pricing_problem(spec(pricing=PRICE), {}) is None
-    assert app_pricing_problem(spec(pricing={"ref": "default"}), with_echo) is None
-    assert app_pricing_problem(spec(), with_echo) is None  # the namespace's Pricing decides
-    missing = app_pricing_problem(spec(pricing={"ref": "gone"}), with_echo)
-    assert missing is not None
-    assert "'gone'" in missing
-    other = app_pricing_problem(spec(app="examples/other", pricing={"ref": "default"}), with_echo)
-    assert other is not None
-    assert "examples/other" in other
-    assert app_pricing_problem(spec(), {}) is not None
+def test_an_apps_price_comes_inline_by_reference_or_from_the_namespace():
+    echo = PricingSpec.model_validate({"apps": [{"app": "examples/echo", "amount": "1"}]})
+    anything = PricingSpec.model_validate({"apps": [{"app": "*", "amount": "9"}]})
+    assert str(resolve_app_price(spec(pricing=PRICE), {}).amount) == "3.50"
+    assert str(resolve_app_price(spec(pricing={"ref": "echo"}), {"echo": echo}).amount) == "1"
+    # Unreferenced: the app's own entry in any Pricing beats a '*' in any, whatever the names.
+    both = {"a-anything": anything, "z-echo": echo}
+    assert str(resolve_app_price(spec(), both).amount) == "1"
+    assert str(resolve_app_price(spec(app="examples/other"), both).amount) == "9"
+
+
+@pytest.mark.parametrize(
+    ("fields", "pricings", "named"),
+    [
+        ({"pricing": {"ref": "gone"}}, {}, "'gone'"),
+        ({"app": "examples/other", "pricing": {"ref": "echo"}}, {"echo": True}, "examples/other"),
+        ({}, {}, "no Pricing in this namespace"),
+    ],
+)
+def test_no_price_says_what_is_missing(fields, pricings, named):
+    echo = PricingSpec.model_validate({"apps": [{"app": "examples/echo", "amount": "1"}]})
+    with pytest.raises(NoAppPrice, match=named):
+        resolve_app_price(spec(**fields), {name: echo for name in pricings})
 
 
 # --- the app's manifests ---

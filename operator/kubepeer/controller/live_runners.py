@@ -43,8 +43,8 @@ class NoAppPrice(ValueError):
 
 
 def resolve_app_price(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec]) -> AppPrice:
-    """The app's price: inline, from the Pricing it names, or from a Pricing in the
-    namespace with an entry for the app or '*' (the first by name). Raises NoAppPrice."""
+    """The app's price: inline, from the Pricing it names, or from the Pricings in the
+    namespace (an entry for the app, else one for '*'). Raises NoAppPrice, saying why."""
     choice = spec.pricing
     if choice is not None and choice.price is not None:
         return choice.price
@@ -60,22 +60,13 @@ def resolve_app_price(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec])
                 f"Pricing '{choice.ref}' has no spec.apps entry for app '{spec.app}' or '*'"
             )
         return found
-    for name in sorted(pricings):
-        found = match_app_price(pricings[name].apps, spec.app)
-        if found is not None:
-            return found
+    # An app's own entry in any Pricing beats a '*' in any (Pricings in name order).
+    found = match_app_price([e for n in sorted(pricings) for e in pricings[n].apps], spec.app)
+    if found is not None:
+        return found
     raise NoAppPrice(
         f"no Pricing in this namespace has a spec.apps entry for app '{spec.app}' or '*'"
     )
-
-
-def app_pricing_problem(spec: LiveRunnerSpec, pricings: Mapping[str, PricingSpec]) -> str | None:
-    """Why no price applies to the app, or None when one does."""
-    try:
-        resolve_app_price(spec, pricings)
-    except NoAppPrice as exc:
-        return str(exc)
-    return None
 
 
 def advertised_price(price: AppPrice, eth_usd: EthUsd | None) -> AdvertisedPrice:
