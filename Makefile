@@ -4,13 +4,12 @@ SHELL := /bin/bash
 VENV := .venv
 ARGS ?=
 
-.PHONY: help setup test test-fast test-parallel lint format cluster-up cluster-down demo demo-down
+.PHONY: help setup test test-fast lint format cluster-up cluster-down demo demo-down
 
 help:
 	@echo "make setup      install everything (Debian packages, Python env, control plane binaries)"
 	@echo "make test       run every test that does not need a GPU   (make test ARGS='-k crd -x')"
 	@echo "make test-fast  the unit and integration tiers only (no control plane, no chart)"
-	@echo "make test-parallel  make test on two workers (the control-plane tiers on one)"
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and autofix"
 	@echo "make cluster-up / cluster-down   a local cluster with GPU nodes (hack/cluster)"
@@ -28,9 +27,6 @@ test: $(VENV)/bin/python
 
 test-fast: $(VENV)/bin/python
 	$(VENV)/bin/pytest -m "unit or integration" $(ARGS)
-
-test-parallel: $(VENV)/bin/python
-	$(VENV)/bin/pytest -n 2 --dist loadgroup $(ARGS)
 
 lint: $(VENV)/bin/python
 	$(VENV)/bin/ruff check .

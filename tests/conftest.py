@@ -54,17 +54,9 @@ def tier(item: pytest.Item) -> str:
     return TIERS.get(folder, "integration")
 
 
-# Under pytest-xdist (`make test-parallel`), every test that needs the control plane runs
-# on one worker: one cluster per run, and the node agent's host routes and network
-# namespaces are never made by two processes at once. The other tiers spread over workers.
-SERIAL_TIERS = ("cluster", "e2e")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(tier(item))
-        if tier(item) in SERIAL_TIERS:
-            item.add_marker(pytest.mark.xdist_group("control-plane"))
     if any(item.get_closest_marker("gpu") for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
