@@ -568,6 +568,20 @@ def test_a_live_runner_app_runs_ready_beside_a_model_and_is_never_taken_for_a_ru
              what="the app repriced at the new ETH/USD rate")  # fmt: skip
     assert fleet.status("echo", LIVE)["price"]["roundId"] == "2"
 
+    # A price in wei needs no rate: the status's price is replaced whole, not merged...
+    in_wei = {"price": {"amount": "3600000000", "currency": "wei", "unit": "hour"}}
+    fleet.kubectl("patch", LIVE, "echo", "--type=merge", "-p",
+                  json.dumps({"spec": {"pricing": in_wei}}))  # fmt: skip
+    alone = {"wei": "1000000", "unit": "seconds"}
+    wait_for(lambda: fleet.status("echo", LIVE).get("price") == alone, timeout=30,
+             what="the wei price alone, no rate left over")  # fmt: skip
+    # ...and it goes when no price can be computed (under 1 wei a second).
+    fleet.kubectl("patch", LIVE, "echo", "--type=merge", "-p", json.dumps(
+        {"spec": {"pricing": {"price": {"amount": "100", "currency": "wei"}}}}))  # fmt: skip
+    wait_for(lambda: "price" not in fleet.status("echo", LIVE), timeout=30,
+             what="no price in the status")  # fmt: skip
+    assert fleet.condition("echo", "Priced", LIVE)["status"] == "False"
+
 
 def test_an_on_demand_live_runner_wakes_when_scaled_and_sleeps_when_idle(fleet, redis_server):
     fleet.apply_live(

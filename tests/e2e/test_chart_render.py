@@ -324,6 +324,9 @@ def test_cert_manager_issues_the_proxys_certificate_for_its_public_host():
     assert (spec["ipAddresses"], "dnsNames" in spec) == (["203.0.113.7"], False)
     assert spec["secretName"] == "orchestrator-tls" == _proxy_tls(by_ip)[1][0]
 
+    by_ipv6 = render(*REQUIRED, *issuer, "--set", "proxy.publicUrl=https://[2001:db8::1]:8935")
+    assert find(by_ipv6, "Certificate", "kubepeer-proxy")["spec"]["ipAddresses"] == ["2001:db8::1"]
+
     unnamed = helm("template", "kubepeer", str(CHART), *REQUIRED,
                    "--set", "proxy.tls.certManager.enabled=true", check=False)  # fmt: skip
     assert unnamed.returncode != 0

@@ -70,6 +70,8 @@ def test_defaults_are_go_livepeers():
         ({"pricing": {"ref": "default", "price": {"amount": "1"}}}, "pricing"),
         ({"pricing": {}}, "pricing"),
         ({"imagePullPolicy": "Always"}, "imagePullPolicy"),  # unknown fields are refused
+        ({"pricing": {"price": {"amount": "1e31"}}}, "out of range"),
+        ({"pricing": {"price": {"amount": "1e-99999999999999"}}}, "out of range"),
     ],
 )
 def test_invalid_live_runner_is_refused_naming_the_field(fields, field):
@@ -265,6 +267,17 @@ def test_status_is_ready_when_the_rolled_out_app_is_and_carries_its_price_in_wei
     assert wire == {"wei": "324074074074", "unit": "seconds", "usdPerEth": "3000",
                     "feed": "0xfeed", "roundId": "7", "readAt": NOW.isoformat().replace(
                         "+00:00", "Z")}  # fmt: skip
+
+
+def test_a_price_too_large_to_advertise_is_no_price():
+    """1e30 USD at a rate of 1e-8 USD per ETH is 1e56 wei: more digits than a price has."""
+    b = body(pricing={"price": {"amount": "1e30", "unit": "fixed"}})
+    absurd = EthUsd(answer=1, decimals=8, round_id=1, updated_at=1, feed="0xfeed", read_at=0.0)
+    status = live_runner_status(SETTINGS, b, None, [], {}, NOW, absurd)
+    assert status.price is None
+    state, message = priced(status)
+    assert state == "False"
+    assert "digits of wei" in message
 
 
 def test_a_usd_price_waits_for_a_rate_and_a_wei_price_does_not():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from enum import StrEnum
 from typing import ClassVar, Literal, Self
 
@@ -15,6 +16,7 @@ ANY = "*"
 ANY_APP = "*"
 APP_NAME_PATTERN = r"^\S(.*\S)?$"  # go-livepeer: required, no surrounding spaces
 _ZERO = r"^0+(\.0+)?([eE][-+]?[0-9]+)?$"
+APP_AMOUNT_EXPONENT = 30  # an app's price is between 1e-30 and 1e30 of its currency
 
 
 class Currency(StrEnum):
@@ -163,9 +165,14 @@ class AppPrice(KubeModel):
 
     @field_validator("amount")
     @classmethod
-    def _above_zero(cls, amount: object) -> object:
+    def _a_price(cls, amount: Decimal) -> Decimal:
         if amount == 0:
             raise ValueError("amount must be above zero")
+        if not -APP_AMOUNT_EXPONENT <= amount.adjusted() <= APP_AMOUNT_EXPONENT:
+            raise ValueError(
+                f"amount {amount} is out of range: between 1e-{APP_AMOUNT_EXPONENT} and "
+                f"1e{APP_AMOUNT_EXPONENT}"
+            )
         return amount
 
 

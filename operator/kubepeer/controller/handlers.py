@@ -23,7 +23,8 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, LiveRunner, Phase, WarmPolicy
+from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, LiveRunnerSpec, Phase, WarmPolicy
+from kubepeer.api.live_runner import LiveRunnerStatus
 from kubepeer.api.workload import WorkloadSpec
 from kubepeer.contracts import labels as L
 from kubepeer.contracts.demand import claim_idle, idle_for, live_runner_subject, read_demand
@@ -139,7 +140,12 @@ class Fleet:
     def sweep(self, now: float | None = None) -> None:
         for key in sorted(self.retry):
             self.model_changed(*key)
-        self.live.sweep()
+        try:
+            self._sweep_idle(now)
+        finally:
+            self.live.sweep()  # after the idle pass, which one app's failure must not stop
+
+    def _sweep_idle(self, now: float | None) -> None:
         if self.redis is None:
             return
         now = time.time() if now is None else now
@@ -150,12 +156,13 @@ class Fleet:
         for key in snapshot(self.view.live_runners):
             body = self.view.one(self.view.live_runners, key)
             try:
-                app = LiveRunner.model_validate(body)
-            except ValidationError:  # None, or invalid: its status says why
+                spec = LiveRunnerSpec.model_validate(body["spec"])
+                status = LiveRunnerStatus.model_validate(body.get("status") or {})
+            except (TypeError, KeyError, ValidationError):  # gone, or invalid: status says why
                 continue
-            meta, spec = body["metadata"], app.spec
+            meta = body["metadata"]
             subject = live_runner_subject(meta["name"])
-            if idle_past_timeout(self.redis, meta["namespace"], subject, spec, app.status, now):
+            if idle_past_timeout(self.redis, meta["namespace"], subject, spec, status, now):
                 timeout = spec.warm.idle_timeout_seconds
                 scale_to_zero(self.kube, self.redis, body, subject, timeout, now)
 

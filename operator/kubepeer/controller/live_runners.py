@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import API_VERSION, LiveRunner, LiveRunnerSpec, WarmPolicy
+from kubepeer.api import API_VERSION, LiveRunnerSpec, WarmPolicy
 from kubepeer.api.live_runner import AdvertisedPrice, LiveRunnerStatus
 from kubepeer.api.pricing import AppCurrency, AppPrice, PricingSpec, match_app_price
 from kubepeer.contracts import labels as L
@@ -36,6 +36,7 @@ from kubepeer.livepeer.price_feed import EthUsd, published, to_wei
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, Deployment name)
+WEI_DIGITS = 40  # the most an advertised price has (AdvertisedPrice.wei): 1e40 wei is 1e22 ETH
 
 
 class NoAppPrice(ValueError):
@@ -74,6 +75,10 @@ def advertised_price(price: AppPrice, eth_usd: EthUsd | None) -> AdvertisedPrice
     none (a USD price with no ETH/USD reading yet, or one under 1 wei)."""
     usd = price.currency is AppCurrency.USD
     wei = to_wei(price.amount, price.currency.value, price.unit.value, eth_usd)
+    if wei is not None and wei.price >= 10**WEI_DIGITS:
+        raise NoAppPrice(f"{price.amount} {price.currency.value} per {price.unit.value} is "
+                         f"{len(str(wei.price))} digits of wei: no price has more than "
+                         f"{WEI_DIGITS}")  # fmt: skip
     if wei is None and usd and eth_usd is None:
         raise NoAppPrice(
             "the price is in USD and no ETH/USD rate has been read yet (the payments "
@@ -204,21 +209,24 @@ def live_runner_status(
     them (`deployment["hash"]` is the content hash the operator stamped on it), and its
     price in wei at the ETH/USD reading given."""
     meta = body["metadata"]
-    previous = LiveRunnerStatus.model_validate(body.get("status") or {})
+    try:
+        previous = LiveRunnerStatus.model_validate(body.get("status") or {})
+    except ValidationError:  # written by another version, or by hand: start afresh
+        previous = LiveRunnerStatus()
     invalid = pricing_problem = price = None
     desired, current = 0, False
     try:
-        model = LiveRunner.model_validate(body)
+        spec = LiveRunnerSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
         invalid = validation_message(exc)
     else:
-        desired = model.spec.desired_replicas
+        desired = spec.desired_replicas
         try:
-            price = advertised_price(resolve_app_price(model.spec, pricings), eth_usd)
+            price = advertised_price(resolve_app_price(spec, pricings), eth_usd)
         except NoAppPrice as exc:
             pricing_problem = str(exc)
         wanted = build_live_runner(meta["namespace"], meta["name"], meta.get("uid", ""),
-                                   model.spec, settings)[1]  # fmt: skip
+                                   spec, settings)[1]  # fmt: skip
         current = bool(deployment) and deployment["hash"] == _hash_of(wanted)
     deployment_name = L.live_runner_name(meta["name"])
     observed = Observed(
@@ -234,6 +242,13 @@ def live_runner_status(
     )
     status = compute_status(observed, previous, now or datetime.now(UTC))
     return LiveRunnerStatus(**dict(status), price=price)
+
+
+def _without_nulls(value: Any) -> Any:
+    """A status value as the API server keeps it after a merge patch: no null fields."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _hash_of(deployment: Mapping[str, Any]) -> str:
@@ -278,7 +293,7 @@ class LiveRunners:
             self.written.pop(key, None)
             return  # its Deployment and Service are owned by it: garbage-collected with it
         try:
-            spec = LiveRunner.model_validate(body).spec
+            spec = LiveRunnerSpec.model_validate(body.get("spec") or {})
         except ValidationError:
             self.refresh_status(namespace, deployment)  # says why, in its conditions
             return
@@ -316,25 +331,40 @@ class LiveRunners:
                 eth_usd=self.eth_usd,
             )  # fmt: skip
             wire = status.to_wire()
+            # A merge patch keeps what it does not name: the price is always named, whole
+            # (its null fields remove what an earlier price had), or null when there is none.
+            wire["price"] = (
+                status.price.model_dump(by_alias=True, mode="json") if status.price else None
+            )
             have = known.get("status") or {}
-            if all(have.get(k) == v for k, v in wire.items()):
+            if all(_without_nulls(have.get(k)) == _without_nulls(v) for k, v in wire.items()):
                 return
+            name = body["metadata"]["name"]
             try:
-                self.kube.patch_status(namespace, body["metadata"]["name"], wire, "liverunners")
+                self.kube.patch_status(namespace, name, wire, "liverunners")
             except ApiException as exc:
                 if exc.status != 404:
-                    log.warning("LiveRunner %s/%s: status not written: %s",
-                                namespace, body["metadata"]["name"], exc)  # fmt: skip
+                    log.warning("LiveRunner %s/%s: status not written: %s", namespace, name, exc)
                     self.retry.add(key)
+                return
+            except Exception as exc:  # the network: the sweep tries again
+                log.warning("LiveRunner %s/%s: status not written: %s", namespace, name, exc)
+                self.retry.add(key)
                 return
             self.written[key] = wire
 
     def sweep(self) -> None:
-        for key in sorted(self.retry):
-            self.changed(*key)
+        """Retry what failed; price every app again when the ETH/USD reading changed. One
+        app's failure is logged and retried, never the end of the pass."""
+        keys = sorted(self.retry)
         if self.read_rate():
-            for key in list(self.view.live_runners):
-                self.refresh_status(*key)
+            keys += [key for key in list(self.view.live_runners) if key not in self.retry]
+        for key in keys:
+            try:
+                self.changed(*key)
+            except Exception:
+                log.exception("LiveRunner app %s/%s: reconcile failed, will retry", *key)
+                self.retry.add(key)
 
     def in_namespace(self, namespace: str) -> list[Key]:
         return [key for key in list(self.view.live_runners) if key[0] == namespace]

@@ -9,7 +9,8 @@ then at each whole UTC hour, and advertises the result rounded down:
     fixed  -> wei per session or call:       floor(P x 1e18 / ETHUSD)
 
 A price under 1 wei is no price. The payments controller (which holds the RPC) reads the
-feed and publishes the reading in Redis; the operator and the proxy read it from there.
+feed and publishes the reading in Redis; the operator reads it from there (and the proxy
+will, for the prices it offers Live Runner sessions).
 
     kubepeer:chain:eth-usd   hash: answer, decimals, round_id, updated_at, feed, read_at
 """

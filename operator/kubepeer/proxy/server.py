@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import os
 import shutil
 import signal
 import ssl
@@ -96,7 +97,7 @@ def hypercorn_config(
     if cert is None or key is None:
         host = urlsplit(public_url).hostname or "localhost"
         cert_pem, key_pem = self_signed(host)
-        folder = Path(tempfile.mkdtemp(prefix="kubepeer-proxy-tls-"))
+        folder = Path(tempfile.mkdtemp(prefix="kubepeer-proxy-tls-", dir=memory_dir()))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the key dies with us
         cert, key = folder / "cert.pem", folder / "key.pem"
         cert.write_bytes(cert_pem)
@@ -120,13 +121,12 @@ async def serve(
             served = uvicorn_server(app, config, getattr(app, "lean_jobs", None))
             reloader = None
             if reload_seconds > 0 and config.certfile:
+                cert, key = Path(config.certfile), Path(config.keyfile)
+                loaded = _read_pair(cert, key)  # before load(): a change after it is seen
                 served.config.load()  # public: builds the SSLContext that serve() then uses
-                reloader = asyncio.create_task(
-                    keep_certificate_current(
-                        served.config.ssl, Path(config.certfile), Path(config.keyfile),
-                        reload_seconds,
-                    )
-                )  # fmt: skip
+                reloader = asyncio.create_task(keep_certificate_current(
+                    served.config.ssl, cert, key, reload_seconds, loaded))  # fmt: skip
+                reloader.add_done_callback(_reloading_stopped)
             try:
                 await served.serve()
             finally:
@@ -135,11 +135,23 @@ async def serve(
         return
     from hypercorn.asyncio import serve as hypercorn_serve
 
+    if reload_seconds > 0 and config.certfile:
+        log.warning("--server hypercorn reads the TLS certificate at start only: a renewed "
+                    "one is served after a restart")  # fmt: skip
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def memory_dir() -> str | None:
+    """Where a private key may be written for a moment: /dev/shm (memory) when the
+    container has it, so that no copy of a key ever reaches the node's disk; else the
+    default temporary folder."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _read_pair(cert: Path, key: Path) -> tuple[bytes, bytes] | None:
@@ -153,7 +165,7 @@ def load_pair(context: ssl.SSLContext, pair: tuple[bytes, bytes]) -> None:
     """Load a certificate and key read earlier into `context`, only if they belong together:
     OpenSSL replaces a context's certificate before it checks the key, so a bad pair loaded
     straight in would leave the context serving no working certificate at all."""
-    with tempfile.TemporaryDirectory(prefix="kubepeer-tls-") as folder:
+    with tempfile.TemporaryDirectory(prefix="kubepeer-tls-", dir=memory_dir()) as folder:
         cert, key = Path(folder) / "tls.crt", Path(folder) / "tls.key"
         cert.write_bytes(pair[0])
         key.touch(mode=0o600)
@@ -162,13 +174,22 @@ def load_pair(context: ssl.SSLContext, pair: tuple[bytes, bytes]) -> None:
         context.load_cert_chain(cert, key)
 
 
+def _reloading_stopped(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("TLS certificate reloading stopped: %r", task.exception())
+
+
 async def keep_certificate_current(
-    context: ssl.SSLContext, cert: Path, key: Path, every: float
+    context: ssl.SSLContext,
+    cert: Path,
+    key: Path,
+    every: float,
+    loaded: tuple[bytes, bytes] | None = None,
 ) -> None:
     """Serve the certificate and key again whenever their files change (cert-manager
     renewing its Secret), to new connections. A pair that does not load (a new certificate
     whose key has not arrived yet) is logged and the old one kept; the next check retries."""
-    seen = refused = _read_pair(cert, key)
+    seen = refused = loaded if loaded is not None else _read_pair(cert, key)
     while True:
         await asyncio.sleep(every)
         pair = _read_pair(cert, key)

@@ -4,6 +4,7 @@ can be a paid Livepeer app, and these are the smallest ones worth paying for.
     kubepeer-app hello-world   single-shot HTTP: one JSON answer per call (price: fixed)
     kubepeer-app tokens        single-shot SSE: streams tokens as they are made
 
-Each answers `GET /health` with 200 once it can take calls, and reads the four
-`Livepeer-*` session headers the orchestrator sets (live-runner-wire.md 5.1).
+Each answers `GET /health` with 200 once it can take calls. The orchestrator sets four
+`Livepeer-*` session headers on each call (live-runner-wire.md 5.1); hello-world shows
+three of them back and never the session token.
 """
