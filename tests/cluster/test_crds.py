@@ -83,16 +83,21 @@ INVALID = [
 
 @pytest.mark.parametrize(("name", "spec", "field"), INVALID, ids=[n for n, _, _ in INVALID])
 def test_invalid_aimodel_is_rejected_naming_the_field(crds, namespace, name, spec, field):
-    result = crds.kubectl(
-        "-n", namespace, "apply", "-f", "-", stdin=aimodel_yaml(name, spec), check=False
-    )
+    assert_refused_naming(crds, namespace, aimodel_yaml(name, spec), field, AIModelSpec)
+
+
+def assert_refused_naming(crds, namespace: str, text: str, field: str, model: Any) -> None:
+    """The API server refuses the object, naming `field`, and stores nothing; the pydantic
+    model refuses the same spec: one source of truth, two enforcers."""
+    body = yaml.safe_load(text)
+    result = crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=text, check=False)
     assert result.returncode != 0
     assert "is invalid" in result.stderr
     assert field in result.stderr, result.stderr
-    assert crds.kubectl("-n", namespace, "get", "aimodel", name, check=False).returncode != 0
-    # The pydantic model refuses the same object: one source of truth, two enforcers.
+    name, kind = body["metadata"]["name"], body["kind"].lower()
+    assert crds.kubectl("-n", namespace, "get", kind, name, check=False).returncode != 0
     with pytest.raises(ValidationError):
-        AIModelSpec.model_validate(yaml.safe_load(aimodel_yaml(name, spec))["spec"])
+        model.model_validate(body["spec"])
 
 
 def live_runner_yaml(name: str, spec: dict[str, Any]) -> str:
@@ -121,15 +126,7 @@ INVALID_LIVE = [
     ("name", "spec", "field"), INVALID_LIVE, ids=[n for n, _, _ in INVALID_LIVE]
 )
 def test_invalid_live_runner_is_rejected_naming_the_field(crds, namespace, name, spec, field):
-    result = crds.kubectl(
-        "-n", namespace, "apply", "-f", "-", stdin=live_runner_yaml(name, spec), check=False
-    )
-    assert result.returncode != 0
-    assert "is invalid" in result.stderr
-    assert field in result.stderr, result.stderr
-    assert crds.kubectl("-n", namespace, "get", "liverunner", name, check=False).returncode != 0
-    with pytest.raises(ValidationError):  # and the model the operator reads refuses it too
-        LiveRunnerSpec.model_validate(yaml.safe_load(live_runner_yaml(name, spec))["spec"])
+    assert_refused_naming(crds, namespace, live_runner_yaml(name, spec), field, LiveRunnerSpec)
 
 
 def test_server_fills_in_a_live_runners_defaults_and_scales_it(crds, namespace):

@@ -360,7 +360,7 @@ def test_scale_to_zero_loses_to_a_change_made_since_it_looked(fleet, operator_ku
     seen = fleet.aimodel("raced")["metadata"]["resourceVersion"]
     fleet.kubectl("annotate", "aimodel", "raced", "kubepeer.io/woken-at=1")  # a wake-up lands
     with pytest.raises(client.ApiException) as refused:
-        operator_kube.scale_aimodel(fleet.namespace, "raced", 0, resource_version=seen)
+        operator_kube.scale(fleet.namespace, "raced", 0, resource_version=seen)
     assert refused.value.status == 409
     assert fleet.aimodel("raced")["spec"]["replicas"] == 1
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,28 @@ def test_the_control_extra_gives_every_control_plane_command(tmp_path, wheel):
     assert os.path.exists(bin_dir / "kubepeer-runner")  # the runner's entry point is declared
 
 
+def _serves(command: list[str], env: dict[str, str], cwd: Path, log: Path, url: str,
+            answer: Callable[[dict], bool], timeout: float, what: str) -> None:  # fmt: skip
+    """Start `command`, wait until GET `url` answers JSON that `answer` accepts, stop it."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+
+        def answered() -> bool:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return answer(json.loads(r.read()))
+            except OSError:
+                return False
+
+        wait_for(answered, timeout=timeout, what=what)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, wheel, tiny_models):
     bin_dir = _install(tmp_path / "venv", wheel, "runner")
     port = free_port()
@@ -124,43 +147,15 @@ def test_the_runner_extra_gives_a_serving_kubepeer_runner(tmp_path, wheel, tiny_
            "PIPELINE": "text-to-image", "MODEL_ID": "kubepeer-tiny/stable-diffusion",
            "MODEL_DIR": str(tiny_models), "HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
     log = tmp_path / "runner.log"
-    with log.open("wb") as out:
-        runner = subprocess.Popen([str(bin_dir / "kubepeer-runner")], cwd=tmp_path, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-
-        def healthy() -> bool:
-            assert runner.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    return json.loads(r.read()).get("status") == "OK"
-            except OSError:
-                return False
-
-        wait_for(healthy, timeout=240, what="kubepeer-runner from a clean install to load")
-    finally:
-        runner.terminate()
-        runner.wait(timeout=30)
+    _serves([str(bin_dir / "kubepeer-runner")], env, tmp_path, log,
+            f"http://127.0.0.1:{port}/health", lambda body: body.get("status") == "OK",
+            timeout=240, what="kubepeer-runner from a clean install to load")  # fmt: skip
     # The example Live Runner apps come with it (the LiveRunner samples run them).
     app_port = free_port()
-    with log.open("ab") as out:
-        app = subprocess.Popen([str(bin_dir / "kubepeer-app"), "hello-world", "--host",
-                                "127.0.0.1", "--port", str(app_port)], cwd=tmp_path, env=env,
-                               stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-
-        def greets() -> bool:
-            assert app.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{app_port}/hi", timeout=2) as r:
-                    return json.loads(r.read()).get("message") == "hello, world"
-            except OSError:
-                return False
-
-        wait_for(greets, timeout=60, what="kubepeer-app hello-world from a clean install")
-    finally:
-        app.terminate()
-        app.wait(timeout=30)
+    _serves([str(bin_dir / "kubepeer-app"), "hello-world", "--host", "127.0.0.1",
+             "--port", str(app_port)], env, tmp_path, log, f"http://127.0.0.1:{app_port}/hi",
+            lambda body: body.get("message") == "hello, world",
+            timeout=60, what="kubepeer-app hello-world from a clean install")  # fmt: skip
 
 
 def test_the_offline_builds_need_nothing_from_a_package_cache(tmp_path):

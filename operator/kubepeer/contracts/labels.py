@@ -77,21 +77,21 @@ def label_value(name: str) -> str:
     return f"{name[:51].rstrip('-.')}-{digest}"
 
 
-def common_labels(runner: str) -> dict[str, str]:
+def _workload_labels(component: str, key: str, deployment: str) -> dict[str, str]:
+    """What the operator puts on a workload's Deployment, Service and pods; `key` names the
+    Deployment, and is the label its pods are selected by."""
     return {
         PART_OF: "kubepeer",
-        NAME: "kubepeer-runner",
-        COMPONENT: RUNNER_COMPONENT,
+        NAME: f"kubepeer-{component}",
+        COMPONENT: component,
         MANAGED_BY: MANAGER,
-        RUNNER: runner,
+        key: deployment,
     }
+
+
+def common_labels(runner: str) -> dict[str, str]:
+    return _workload_labels(RUNNER_COMPONENT, RUNNER, runner)
 
 
 def live_runner_labels(deployment: str) -> dict[str, str]:
-    return {
-        PART_OF: "kubepeer",
-        NAME: "kubepeer-live-runner",
-        COMPONENT: LIVE_RUNNER_COMPONENT,
-        MANAGED_BY: MANAGER,
-        LIVE_RUNNER: deployment,
-    }
+    return _workload_labels(LIVE_RUNNER_COMPONENT, LIVE_RUNNER, deployment)

@@ -23,7 +23,16 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import GROUP, VERSION, AIModel, AIModelStatus, LiveRunnerSpec, Phase, WarmPolicy
+from kubepeer.api import (
+    GROUP,
+    VERSION,
+    AIModel,
+    AIModelStatus,
+    LiveRunner,
+    LiveRunnerSpec,
+    Phase,
+    WarmPolicy,
+)
 from kubepeer.api.live_runner import LiveRunnerStatus
 from kubepeer.api.workload import WorkloadSpec
 from kubepeer.contracts import labels as L
@@ -46,7 +55,7 @@ from kubepeer.controller.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 AIMODELS = (GROUP, VERSION, "aimodels")
-LIVE_RUNNERS = (GROUP, VERSION, "liverunners")
+LIVE_RUNNERS = (GROUP, VERSION, LiveRunner.PLURAL)
 PRICINGS = (GROUP, VERSION, "pricings")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 PODS = ("", "v1", "pods")
@@ -164,7 +173,8 @@ class Fleet:
             subject = live_runner_subject(meta["name"])
             if idle_past_timeout(self.redis, meta["namespace"], subject, spec, status, now):
                 timeout = spec.warm.idle_timeout_seconds
-                scale_to_zero(self.kube, self.redis, body, subject, timeout, now)
+                scale_to_zero(self.kube, self.redis, body, subject, timeout, now,
+                              LiveRunner.PLURAL)  # fmt: skip
 
     def _idle_past_timeout(self, body: Mapping[str, Any], now: float) -> bool:
         try:
@@ -177,7 +187,8 @@ class Fleet:
 
     def scale_to_zero(self, body: Mapping[str, Any], now: float) -> None:
         timeout = AIModel.model_validate(body).spec.warm.idle_timeout_seconds
-        scale_to_zero(self.kube, self.redis, body, body["metadata"]["name"], timeout, now)
+        scale_to_zero(self.kube, self.redis, body, body["metadata"]["name"], timeout, now,
+                      AIModel.PLURAL)  # fmt: skip
 
 
 def idle_past_timeout(
@@ -197,23 +208,22 @@ def idle_past_timeout(
 
 
 def scale_to_zero(
-    kube: Kube, redis: Any, body: Mapping[str, Any], subject: str, timeout: float, now: float
-) -> None:
+    kube: Kube, redis: Any, body: Mapping[str, Any], subject: str, timeout: float, now: float,
+    plural: str,
+) -> None:  # fmt: skip
     """Claim the workload idle in Redis, then scale it to zero only if the object is
     unchanged since we read it (resourceVersion): a job or session arriving in between wins."""
     meta = body["metadata"]
-    namespace, name, kind = meta["namespace"], meta["name"], body.get("kind", "AIModel")
+    namespace, name = meta["namespace"], meta["name"]
     if not claim_idle(redis, namespace, subject, idle_since=now - timeout, now=now):
         return
-    plural = "liverunners" if kind == "LiveRunner" else "aimodels"
     try:
-        kube.scale_aimodel(namespace, name, 0, resource_version=meta["resourceVersion"],
-                           plural=plural)  # fmt: skip
+        kube.scale(namespace, name, 0, resource_version=meta["resourceVersion"], plural=plural)
     except ApiException as exc:
         if exc.status in (404, 409):
             return  # it changed (a wake-up, an edit): the next sweep decides again
         raise
-    log.info("scaled %s %s/%s to zero: idle past warm.idleTimeout", kind, namespace, name)
+    log.info("scaled %s %s/%s to zero: idle past warm.idleTimeout", plural, namespace, name)
     kube.post_event(dict(body), "ScaledToZero", "idle past warm.idleTimeout")
 
 

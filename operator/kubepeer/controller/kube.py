@@ -77,7 +77,7 @@ class Kube:
             GROUP, VERSION, namespace, plural, name, {"status": status}
         )
 
-    def scale_aimodel(
+    def scale(
         self,
         namespace: str,
         name: str,

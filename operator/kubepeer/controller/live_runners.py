@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubepeer.api import API_VERSION, LiveRunnerSpec, WarmPolicy
+from kubepeer.api import API_VERSION, LiveRunner, LiveRunnerSpec, WarmPolicy
 from kubepeer.api.live_runner import AdvertisedPrice, LiveRunnerStatus
 from kubepeer.api.pricing import AppCurrency, AppPrice, PricingSpec, match_app_price
 from kubepeer.contracts import labels as L
@@ -341,7 +341,7 @@ class LiveRunners:
                 return
             name = body["metadata"]["name"]
             try:
-                self.kube.patch_status(namespace, name, wire, "liverunners")
+                self.kube.patch_status(namespace, name, wire, LiveRunner.PLURAL)
             except ApiException as exc:
                 if exc.status != 404:
                     log.warning("LiveRunner %s/%s: status not written: %s", namespace, name, exc)
@@ -365,6 +365,3 @@ class LiveRunners:
             except Exception:
                 log.exception("LiveRunner app %s/%s: reconcile failed, will retry", *key)
                 self.retry.add(key)
-
-    def in_namespace(self, namespace: str) -> list[Key]:
-        return [key for key in list(self.view.live_runners) if key[0] == namespace]
