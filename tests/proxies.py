@@ -93,6 +93,12 @@ class ProxyServer:
         tmp.write_text(json.dumps(table))
         tmp.replace(path)
 
+    def set_apps(self, document: dict) -> None:
+        path = self.workdir / "apps.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document))
+        tmp.replace(path)
+
     def set_models(self, document: dict) -> None:
         path = self.workdir / "models.json"
         tmp = path.with_suffix(".tmp")
@@ -104,7 +110,7 @@ def start_proxy(
     workdir: Path, redis: RedisServer, *, models: dict | None, endpoints: dict | None,
     args: list[str] = (), plaintext: bool = False, shared: Path | None = None,
     namespace: str = "test", kubeconfig: Path | None = None, runner_token: str = RUNNER_TOKEN,
-    recipient: bytes | None = RECIPIENT,
+    recipient: bytes | None = RECIPIENT, apps: dict | None = None,
 ) -> ProxyServer:  # fmt: skip
     """`kubepeer proxy` as a process; `shared` holds the secrets every replica shares.
     `recipient=None`: no --recipient (private mode only: the proxy advertises zero).
@@ -125,11 +131,14 @@ def start_proxy(
         proxy.set_models(models)
     if endpoints is not None:
         proxy.set_endpoints(endpoints)
+    if apps is not None:  # else: the operator's app table ConfigMaps, watched
+        proxy.set_apps(apps)
     command = [
         sys.executable, "-m", "kubepeer.cli", "proxy", "--bind", f"127.0.0.1:{port}",
         "--public-url", proxy.url, "--namespace", namespace, "--redis-url", redis.url,
         *(["--models-file", str(workdir / "models.json")] if models is not None else []),
         *(["--endpoints-file", str(workdir / "endpoints.json")] if endpoints is not None else []),
+        *(["--apps-file", str(workdir / "apps.json")] if apps is not None else []),
         *(["--recipient", "0x" + recipient.hex()] if recipient is not None else []),
         "--recipient-secret-file", str(shared / "recipient-secret"),
         "--auth-secret-file", str(shared / "auth-secret"),

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -156,3 +157,30 @@ def assert_valid(spec: dict[str, Any], path: str, response: httpx.Response, meth
     schema = response_schema(spec, path, response.status_code, method)
     problems = schema_errors(spec, schema, response.json())
     assert not problems, f"{path} {response.status_code}: {problems[:5]}"
+
+
+def serve_app(app: str, log: Path) -> Iterator[str]:
+    """An example Live Runner app (`kubepeer-app NAME`) on loopback, until the generator ends:
+    yields its URL once its health path answers."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "runner")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubepeer_runner.apps", app, "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=60, what=f"kubepeer-app {app}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import threading
 import time
@@ -15,6 +16,7 @@ from kubernetes import client
 
 from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
+from kubepeer.contracts.apps import APP_ROW_KEY, AppPrice, ServedApp, parse_row
 from kubepeer.contracts.demand import job_alive, job_finished, job_started, live_runner_subject
 from kubepeer.controller.kube import Kube
 from kubepeer.livepeer.price_feed import EthUsd, publish
@@ -120,6 +122,21 @@ class Fleet:
             }
             for c in found
         }
+
+    def app_table(self, live_runner: str) -> client.V1ConfigMap | None:
+        """A LiveRunner's table ConfigMap, if there is one."""
+        found = self.core.list_namespaced_config_map(
+            self.namespace, label_selector="kubepeer.io/table=app"
+        ).items
+        return next(
+            (c for c in found if c.metadata.annotations["kubepeer.io/live-runner"] == live_runner),
+            None,
+        )
+
+    def app_row(self, live_runner: str) -> ServedApp | None:
+        """A LiveRunner's row of the app table, read as the proxy reads it."""
+        table = self.app_table(live_runner)
+        return None if table is None else parse_row(json.loads(table.data[APP_ROW_KEY]), "test")
 
     def patch_template(self, runner: str, annotations: dict[str, str]) -> None:
         patch = {"spec": {"template": {"metadata": {"annotations": annotations}}}}
@@ -618,25 +635,57 @@ def test_a_live_runner_with_no_price_says_so_until_a_pricing_gives_one(fleet):
     priced = fleet.condition("unpriced", "Priced", LIVE)
     assert priced["reason"] == "PricingNotFound"
     assert "examples/unpriced" in priced["message"]
+    row = fleet.app_row("unpriced")  # written before the status: the proxy decides
+    assert row is not None
+    assert row.price is None
     fleet.kubectl("apply", "-f", "-", stdin=yaml.safe_dump({
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "Pricing", "metadata": {"name": "apps"},
         "spec": {"apps": [{"app": "*", "amount": "1000000", "currency": "wei"}]},
     }))  # fmt: skip
     wait_for(lambda: fleet.condition("unpriced", "Priced", LIVE).get("status") == "True",
              timeout=30, what="Priced=True once a Pricing prices every app")  # fmt: skip
+    assert fleet.app_row("unpriced").price == AppPrice(277, "seconds")  # 1e6 wei an hour
 
 
-def test_deleting_a_live_runner_collects_its_app(fleet):
-    fleet.apply_live("brief", pricing=HOURLY)
+def test_a_live_runner_publishes_its_app_table_row_which_goes_with_it(fleet):
+    in_wei = {"price": {"amount": "36000", "currency": "wei", "unit": "hour"}}  # 10 a second
+    fleet.apply_live("brief", capacity=2, pricing=in_wei)
+    row = wait_for(lambda: fleet.app_row("brief"), timeout=30, what="the app's table row")
+    assert row == ServedApp(
+        route="brief", app="examples/brief", mode="persistent", runner="live-brief", port=8080,
+        capacity=2, on_demand=False, max_replicas=1, proxy=False, metadata=None, version=None,
+        price=AppPrice(wei=10, unit="seconds"),
+    )  # fmt: skip
+    table = fleet.app_table("brief")
+    assert table.metadata.name == "kubepeer-app-brief"
+    [owner] = table.metadata.owner_references
+    uid = fleet.aimodel("brief", LIVE)["metadata"]["uid"]
+    assert (owner.kind, owner.uid, owner.controller) == ("LiveRunner", uid, True)
+
+    # A row deleted by hand is written again.
+    fleet.kubectl("delete", "configmap", "kubepeer-app-brief")
+    wait_for(lambda: fleet.app_row("brief") == row, timeout=30, what="the row written again")
+
+    # A new capacity is a new row (the proxy's admission), and no new app.
+    fleet.apply_live("brief", capacity=3, pricing=in_wei)
+    wait_for(lambda: fleet.app_row("brief").capacity == 3, timeout=30,
+             what="the new capacity in the app's row")  # fmt: skip
+    assert fleet.app_row("brief") == dataclasses.replace(row, capacity=3)
+    assert fleet.deployment("live-brief").metadata.generation == 1
+
+    # Deleting the LiveRunner collects its app and its row.
     fleet.wait_phase("brief", "Ready", plural=LIVE)
     fleet.kubectl("delete", "liverunner", "brief")
     wait_for(
         lambda: (
             not fleet.apps.list_namespaced_deployment(fleet.namespace).items
             and not fleet.core.list_namespaced_service(fleet.namespace).items
+            and fleet.app_table("brief") is None
         ),
-        timeout=30,
-        what="the app's Deployment and Service to be garbage-collected",
+        # The garbage collector finds a CRD's kind by discovery, every 30 s: run alone,
+        # this test can delete its LiveRunner before the collector knows the kind.
+        timeout=60,
+        what="the app's Deployment, Service and table row to be garbage-collected",
     )
 
 

@@ -5,17 +5,12 @@ headers set, SSE read as it is written."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import REPO, free_port
-from support import wait_for
+from runners import serve_app
 
 SESSION = {
     "Livepeer-Runner-Route": "runner_abcdefgh",
@@ -25,39 +20,14 @@ SESSION = {
 }
 
 
-def serve(app: str, log: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "runner")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kubepeer_runner.apps", app, "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, timeout=60, what=f"kubepeer-app {app}")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def hello(tmp_path_factory) -> Iterator[str]:
-    yield from serve("hello-world", tmp_path_factory.mktemp("hello") / "app.log")
+    yield from serve_app("hello-world", tmp_path_factory.mktemp("hello") / "app.log")
 
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Iterator[str]:
-    yield from serve("tokens", tmp_path_factory.mktemp("tokens") / "app.log")
+    yield from serve_app("tokens", tmp_path_factory.mktemp("tokens") / "app.log")
 
 
 def test_hello_world_answers_any_call_with_what_the_orchestrator_said(hello):

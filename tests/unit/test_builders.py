@@ -169,7 +169,7 @@ def test_no_handler_needs_the_diff_base_the_operator_stops_kopf_keeping():
     registry = build_registry(SETTINGS, None, None)  # type: ignore[arg-type]
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
-    assert len(registry._watching.get_all_handlers()) == 8  # the event handlers do run
+    assert len(registry._watching.get_all_handlers()) == 9  # the event handlers do run
 
 
 def test_service_selects_the_runner_pods():

@@ -16,7 +16,7 @@ RUNNER = "kubepeer.io/runner"  # the runner (Deployment/Service) a pod belongs t
 AIMODEL = "kubepeer.io/aimodel"  # the AIModel a dedicated runner serves (label-safe form)
 SHARE_GROUP = "kubepeer.io/share-group"  # the share group a packed runner serves
 PIPELINE = "kubepeer.io/pipeline"  # the pipeline of a dedicated runner
-TABLE = "kubepeer.io/table"  # on each AIModel's price-table ConfigMap, value "model"
+TABLE = "kubepeer.io/table"  # on each table ConfigMap: "model" (AIModel) or "app" (LiveRunner)
 MODELS_ANNOTATION = (
     "kubepeer.io/models"  # JSON on a runner Deployment: [{aimodel, pipeline, modelId}]
 )
@@ -31,6 +31,7 @@ DEDICATED_PREFIX = "runner-"
 GROUP_PREFIX = "group-"
 LIVE_PREFIX = "live-"
 TABLE_PREFIX = "kubepeer-model-"
+APP_TABLE_PREFIX = "kubepeer-app-"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -67,6 +68,11 @@ def live_runner_name(live_runner: str) -> str:
 def table_name(aimodel: str) -> str:
     """The ConfigMap holding one AIModel's row of the price table."""
     return bounded_name(TABLE_PREFIX, aimodel, limit=253)
+
+
+def app_table_name(live_runner: str) -> str:
+    """The ConfigMap holding one LiveRunner's row of the app table (contracts/apps.py)."""
+    return bounded_name(APP_TABLE_PREFIX, live_runner, limit=253)
 
 
 def label_value(name: str) -> str:

@@ -51,7 +51,8 @@ class View:
     Deployment serves it; pods: (ns, runner) -> pod summaries; pricings: ns -> (name, spec);
     tables: (ns, aimodel) -> content hash of its table ConfigMap; live_runners,
     live_deployments, live_pods: (ns, app Deployment) -> LiveRunner body, Deployment
-    summary, pod summaries (see live_runners.py)."""
+    summary, pod summaries; app_tables: (ns, LiveRunner) -> content hash of its app table
+    ConfigMap (see live_runners.py)."""
 
     aimodels: Mapping[Key, Any] = field(default_factory=dict)
     members: Mapping[Key, Any] = field(default_factory=dict)
@@ -63,6 +64,7 @@ class View:
     live_runners: Mapping[Key, Any] = field(default_factory=dict)
     live_deployments: Mapping[Key, Any] = field(default_factory=dict)
     live_pods: Mapping[Key, Any] = field(default_factory=dict)
+    app_tables: Mapping[Key, Any] = field(default_factory=dict)
     # What the operator applied in the last minute, by (ns, object name): the watch shows
     # a write later (tens of seconds on a loaded API server), and until then this stops the
     # same write being made twice. A deletion seen by the watch forgets the entry.

@@ -63,7 +63,7 @@ CONFIGMAPS = ("", "v1", "configmaps")
 OURS = {L.MANAGED_BY: L.MANAGER, L.COMPONENT: L.RUNNER_COMPONENT}  # AIModel runners
 LIVE_OURS = {L.MANAGED_BY: L.MANAGER, L.COMPONENT: L.LIVE_RUNNER_COMPONENT}  # LiveRunner apps
 INDICES = ("aimodels", "members", "runners", "listed_in", "pods", "pricings", "tables",
-           "live_runners", "live_deployments", "live_pods")  # fmt: skip
+           "live_runners", "live_deployments", "live_pods", "app_tables")  # fmt: skip
 
 
 class Fleet:
@@ -367,6 +367,14 @@ def build_registry(
             (namespace, annotations.get(L.AIMODEL_ANNOTATION, "")): annotations.get(L.CONTENT_HASH)
         }
 
+    @kopf.index(*CONFIGMAPS, labels={L.TABLE: "app"}, registry=registry, id="app_tables")
+    def app_tables(namespace: str, annotations: kopf.Annotations, **_: Any) -> dict[Key, Any]:
+        return {
+            (namespace, annotations.get(L.LIVE_RUNNER_ANNOTATION, "")): annotations.get(
+                L.CONTENT_HASH
+            )
+        }
+
     # --- handlers: one change, one thing reconciled ---
 
     @kopf.on.event(*AIMODELS, registry=registry)
@@ -429,6 +437,16 @@ def build_registry(
         if type == "DELETED":  # deleted by hand: the model (if it is still here) rewrites it
             fleet.view.applied.pop((namespace, name), None)
             fleet.model_changed(namespace, annotations.get(L.AIMODEL_ANNOTATION, ""))
+
+    @kopf.on.event(*CONFIGMAPS, labels={L.TABLE: "app"}, registry=registry)
+    @on
+    def app_table_event(
+        type: str | None, namespace: str, name: str, annotations: kopf.Annotations, **_: Any
+    ) -> None:
+        if type == "DELETED":  # deleted by hand: the LiveRunner (if it is still here) rewrites it
+            fleet.view.applied.pop((namespace, name), None)
+            live_runner = annotations.get(L.LIVE_RUNNER_ANNOTATION, "")
+            fleet.live.changed(namespace, L.live_runner_name(live_runner))
 
     # --- what needs time ---
 

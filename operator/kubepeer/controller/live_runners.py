@@ -1,13 +1,15 @@
 """LiveRunners: each app one Deployment and one headless Service, kept as AIModel runners are.
 
-The builders here are pure (a LiveRunner in, manifests out); `LiveRunners` is the small
-stateful part between kopf's events and the API server, reading only kopf indices (the
-`View`), writing only when what it would write differs from what is there. The status is
-`status.compute_status`, the same truth an AIModel's status tells.
+The builders here are pure (a LiveRunner in, manifests out: its app, and its row of the
+app table the proxy serves from); `LiveRunners` is the small stateful part between kopf's
+events and the API server, reading only kopf indices (the `View`), writing only when what
+it would write differs from what is there. The status is `status.compute_status`, the same
+truth an AIModel's status tells.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -22,6 +24,8 @@ from kubepeer.api import API_VERSION, LiveRunner, LiveRunnerSpec, WarmPolicy
 from kubepeer.api.live_runner import AdvertisedPrice, LiveRunnerStatus
 from kubepeer.api.pricing import AppCurrency, AppPrice, PricingSpec, match_app_price
 from kubepeer.contracts import labels as L
+from kubepeer.contracts.apps import APP_ROW_KEY, ServedApp, row_json
+from kubepeer.contracts.apps import AppPrice as WeiPrice
 from kubepeer.controller.builders import (
     GPU_RESOURCE,
     content_hash,
@@ -148,6 +152,51 @@ def build_live_runner(
     return [service, deployment]
 
 
+def app_row(name: str, spec: LiveRunnerSpec, price: AdvertisedPrice | None) -> ServedApp:
+    """The LiveRunner's row of the app table: its app as the proxy offers it, at the price
+    in wei its status advertises (None while there is none: the proxy decides)."""
+    return ServedApp(
+        route=name,
+        app=spec.app,
+        mode=spec.mode.value,
+        runner=L.live_runner_name(name),  # the headless Service
+        port=spec.port,
+        capacity=spec.capacity,
+        on_demand=spec.warm.policy is WarmPolicy.ON_DEMAND,
+        max_replicas=spec.warm.max_replicas,
+        proxy=spec.proxy,
+        metadata=spec.metadata,
+        version=spec.version,
+        price=None if price is None else WeiPrice(wei=int(price.wei), unit=price.unit),
+    )
+
+
+def build_app_table(namespace: str, name: str, uid: str, row: ServedApp) -> dict[str, Any]:
+    """The ConfigMap holding one LiveRunner's row: owned by it, so it goes when the app goes."""
+    data = {APP_ROW_KEY: json.dumps(row_json(row), sort_keys=True)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": L.app_table_name(name),
+            "namespace": namespace,
+            "labels": {L.PART_OF: "kubepeer", L.MANAGED_BY: L.MANAGER, L.TABLE: "app"},
+            "annotations": {L.LIVE_RUNNER_ANNOTATION: name, L.CONTENT_HASH: content_hash(data)},
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "LiveRunner",
+                    "name": name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "data": data,
+    }
+
+
 def _pod_spec(spec: LiveRunnerSpec, settings: OperatorSettings) -> dict[str, Any]:
     limits, requests = dict(spec.resources.limits), dict(spec.resources.requests)
     if spec.gpu.count:
@@ -260,7 +309,8 @@ class LiveRunners:
 
     `view` holds kopf's indices: `live_runners` ((ns, Deployment name) -> LiveRunner body),
     `live_deployments` ((ns, name) -> Deployment summary with its `hash`), `live_pods`
-    ((ns, Deployment name) -> pod summaries) and `pricings` (ns -> (name, spec))."""
+    ((ns, Deployment name) -> pod summaries), `app_tables` ((ns, LiveRunner name) -> the
+    content hash of its app table ConfigMap) and `pricings` (ns -> (name, spec))."""
 
     def __init__(self, settings: OperatorSettings, kube: Any, view: Any, redis: Any = None) -> None:
         self.settings, self.kube, self.view, self.redis = settings, kube, view, redis
@@ -330,6 +380,7 @@ class LiveRunners:
                 self.view.many(self.view.live_pods, key), self.view.pricings_in(namespace),
                 eth_usd=self.eth_usd,
             )  # fmt: skip
+            self.publish_row(body, status.price)
             wire = status.to_wire()
             # A merge patch keeps what it does not name: the price is always named, whole
             # (its null fields remove what an earlier price had), or null when there is none.
@@ -352,6 +403,32 @@ class LiveRunners:
                 self.retry.add(key)
                 return
             self.written[key] = wire
+
+    def publish_row(self, body: Mapping[str, Any], price: AdvertisedPrice | None) -> None:
+        """Write the LiveRunner's row of the app table when it differs from what is there,
+        priced or not (with no price the proxy decides). An invalid spec gets no row (its
+        status says why); a failed write is retried by the sweep."""
+        try:
+            spec = LiveRunnerSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            return
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        table = build_app_table(namespace, name, meta["uid"], app_row(name, spec, price))
+        wanted = table["metadata"]["annotations"][L.CONTENT_HASH]
+        written = (namespace, table["metadata"]["name"])  # the view's memory: by object name
+        if self.view.shows(written, self.view.one(self.view.app_tables, (namespace, name)),
+                           wanted):  # fmt: skip
+            return
+        try:
+            self.kube.apply(table)
+        except Exception as exc:  # an API error, or the network: retried by the sweep
+            self.retry.add((namespace, L.live_runner_name(name)))
+            log.warning("LiveRunner %s/%s: app table row not written, will retry: %s",
+                        namespace, name, exc)  # fmt: skip
+            return
+        self.view.wrote(written, wanted)
+        log.info("wrote the app table row of LiveRunner %s/%s", namespace, name)
 
     def sweep(self) -> None:
         """Retry what failed; price every app again when the ETH/USD reading changed. One

@@ -38,6 +38,7 @@ from kubepeer.proxy.jobs import (
     declared_large,
     read_body,
 )
+from kubepeer.proxy.liverunner.service import LiveRunners
 from kubepeer.proxy.pipeline import Job, JobContext, JobLog
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
@@ -103,6 +104,7 @@ class Proxy:
         store_reachable: Callable[[], Awaitable[bool]] = _always,
         live_video: live.LiveService | None = None,
         job_log: JobLog | None = None,
+        live_runners: LiveRunners | None = None,
     ) -> None:
         if config.payments and billing is None:
             raise ValueError("payments are on but no billing was given")
@@ -123,6 +125,7 @@ class Proxy:
         self.live = live_video  # None: live video not served (no cap 35, no trickle)
         self.job_log = job_log or _logged
         self.trickle = TrickleServer(live_video.store) if live_video else None
+        self.apps = live_runners  # None: Live Runner apps not served
         self.http: aiohttp.ClientSession | None = None  # live video's client to runners
         self.runners = RunnerClient()  # batch jobs' client to runners (upstream.py)
         self._endpoints_version = 0  # bumped by endpoints_changed
@@ -168,6 +171,9 @@ class Proxy:
         if self.trickle and scope["type"] == "http" and scope["path"].startswith(TRICKLE_PATH):
             await self.trickle(scope, receive, send)
             return
+        if self.apps and scope["type"] != "lifespan" and self.apps.handles(scope["path"]):
+            await self.apps(scope, receive, send)
+            return
         await self.http_app(scope, receive, send)
 
     async def _serve_job(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -204,6 +210,8 @@ class Proxy:
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=2)
             )
             keepers = []
+            if self.apps:
+                await self.apps.start()
             if self.billing is not None:  # the chain view and senders' facts, in memory
                 with contextlib.suppress(RedisError, OSError):
                     await self.billing.facts.refresh()
@@ -225,6 +233,8 @@ class Proxy:
                     keeper.cancel()
                 if self.live:
                     await self.live.stop_all()
+                if self.apps:
+                    await self.apps.close()
                 await self.http.close()
                 self.runners.close()
 
@@ -441,6 +451,8 @@ class Proxy:
         """Called when runner endpoints change: a model that became ready is awake."""
         self._endpoints_version += 1  # warm flags may have changed: `offered` is rebuilt
         self.activation.ready_again(self.catalogue().models)
+        if self.apps:
+            self.apps.endpoints_changed()
 
 
 def header_map(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:

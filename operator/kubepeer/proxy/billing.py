@@ -142,6 +142,13 @@ class Billing:
         """Params at `price`, the price offered for each (capability, model) of `priced_for`,
         their face value capped by the sender's max float as go-livepeer caps it (a sender
         with no reserve for us gets "insufficient sender reserve")."""
+        return await self.params_for(sender, price, [manifest_id(c, m) for c, m in priced_for])
+
+    async def params_for(
+        self, sender: bytes, price: tuple[int, int], offered: list[str]
+    ) -> net_pb2.TicketParams:
+        """`ticket_params` with the price offered for ledger keys `offered` (a Live Runner
+        app's is `app_key(route)`)."""
         try:
             info = await self.sender_facts(sender)
             params = issue_ticket_params(
@@ -151,7 +158,6 @@ class Billing:
             )  # fmt: skip
         except (TicketRejected, InsufficientSenderReserve) as exc:  # no params: no payment
             raise PaymentRefused(str(exc)) from None
-        offered = [manifest_id(cap, model) for cap, model in priced_for]
         await self.ledger.offer_price(sender, as_price(price), offered)
         return ticket_params_message(params)
 

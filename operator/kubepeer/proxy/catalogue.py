@@ -8,14 +8,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from kubepeer.contracts.price_table import CatalogueError, ServedModel, parse_row
 from kubepeer.livepeer.capabilities import Pipeline
 
 SUPPORTED_VERSION = 1
+Row = TypeVar("Row")
 log = logging.getLogger("kubepeer.proxy.catalogue")
 
 
@@ -54,13 +56,14 @@ def parse_catalogue(document: dict[str, Any], namespace: str) -> Catalogue:
     return Catalogue(namespace=namespace, models=tuple(models))
 
 
-class TableRows:
-    """The operator's per-AIModel table ConfigMaps (label kubepeer.io/table=model), kept
-    from their watch: a row that does not parse is left out, and logged."""
+class ConfigMapRows(Generic[Row]):
+    """One row per ConfigMap of a table the operator writes (its `key` in the data, read by
+    `parse`), kept from their watch: a row that does not parse is left out, and logged.
+    `apply` and `replace` are what `endpoints.ListWatch` calls: True when the rows changed."""
 
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-        self.rows: dict[str, ServedModel] = {}  # ConfigMap name -> model
+    def __init__(self, key: str, parse: Callable[[dict[str, Any], str], Row]) -> None:
+        self.key, self.parse = key, parse
+        self.rows: dict[str, Row] = {}  # ConfigMap name -> row
 
     def apply(self, event: str, config_map: Any) -> bool:
         meta = config_map.metadata if hasattr(config_map, "metadata") else None
@@ -71,7 +74,7 @@ class TableRows:
             self.rows.pop(name, None)
         else:
             try:
-                self.rows[name] = parse_row(json.loads(data.get("model.json", "{}")), name)
+                self.rows[name] = self.parse(json.loads(data.get(self.key, "{}")), name)
             except (CatalogueError, json.JSONDecodeError) as exc:
                 log.error("ignoring ConfigMap %s: %s", name, exc)
                 self.rows.pop(name, None)
@@ -83,6 +86,14 @@ class TableRows:
         for config_map in config_maps:
             self.apply("ADDED", config_map)
         return self.rows != before
+
+
+class TableRows(ConfigMapRows[ServedModel]):
+    """The operator's per-AIModel table ConfigMaps (label kubepeer.io/table=model)."""
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__("model.json", parse_row)
+        self.namespace = namespace
 
     def catalogue(self) -> Catalogue:
         models = sorted(self.rows.values(), key=lambda m: m.aimodel)

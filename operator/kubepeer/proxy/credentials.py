@@ -79,8 +79,9 @@ class AuthSecret:
         message = session_id.encode() + minimal_bytes(expiration)
         return hmac.new(self._value, message, hashlib.sha256).digest()
 
-    def issue(self, now: float | None = None) -> net_pb2.AuthToken:
-        session_id = secrets.token_hex(8)
+    def issue(self, now: float | None = None, session_id: str | None = None) -> net_pb2.AuthToken:
+        """A token for `session_id` (default: a fresh one), valid AUTH_TOKEN_SECONDS."""
+        session_id = session_id or secrets.token_hex(8)
         expiration = int(now if now is not None else time.time()) + AUTH_TOKEN_SECONDS
         return net_pb2.AuthToken(
             token=self.token(session_id, expiration), session_id=session_id, expiration=expiration

@@ -40,19 +40,29 @@ class BatchedDemand(Demand):
         self._writer: asyncio.Task[None] | None = None
 
     def start(self, model: ServedModel, job_id: str) -> asyncio.Future[bool] | None:
-        if not model.on_demand:
-            self.unrecorded.setdefault(model.aimodel, set()).add(job_id)
-            return None
-        woke: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.recorded.setdefault(model.aimodel, set()).add(job_id)
-        self._queue("started", model.aimodel, job_id, woke)
-        return woke
+        return self.start_subject(model.aimodel, model.on_demand, job_id)
 
     def end(self, model: ServedModel, job_id: str) -> None:
-        self.unrecorded.get(model.aimodel, set()).discard(job_id)
-        if job_id in self.recorded.get(model.aimodel, ()):
-            self.recorded[model.aimodel].discard(job_id)
-            self._queue("finished", model.aimodel, job_id, None)
+        self.end_subject(model.aimodel, job_id)
+
+    def start_subject(
+        self, subject: str, on_demand: bool, job_id: str
+    ) -> asyncio.Future[bool] | None:
+        """`start` for any subject the records go under: an AIModel's name, or a
+        LiveRunner's (`live_runner_subject`)."""
+        if not on_demand:
+            self.unrecorded.setdefault(subject, set()).add(job_id)
+            return None
+        woke: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.recorded.setdefault(subject, set()).add(job_id)
+        self._queue("started", subject, job_id, woke)
+        return woke
+
+    def end_subject(self, subject: str, job_id: str) -> None:
+        self.unrecorded.get(subject, set()).discard(job_id)
+        if job_id in self.recorded.get(subject, ()):
+            self.recorded[subject].discard(job_id)
+            self._queue("finished", subject, job_id, None)
 
     def heartbeat(self, on_demand: Iterable[str] = ()) -> None:
         """Push out the expiries of recorded jobs; record the running jobs of models that

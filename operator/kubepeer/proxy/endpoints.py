@@ -152,17 +152,20 @@ class ListWatch:
                 self._stop.wait(1)
 
 
-def endpoint_slice_watch(api_client: Any, namespace: str, on_change: Changed) -> ListWatch:
-    """Runner EndpointSlices (they carry their Service's `kubepeer.io/runner` label)."""
+def endpoint_slice_watch(
+    api_client: Any, namespace: str, on_change: Changed, selector: str = RUNNER
+) -> ListWatch:
+    """Workload EndpointSlices: they carry their Service's labels, `kubepeer.io/runner` for
+    runners (the default) or `kubepeer.io/live-runner` for Live Runner apps."""
     from kubernetes import client
 
     table = EndpointTable()
     return ListWatch(
         client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice,
         namespace,
-        RUNNER,
+        selector,
         replace=lambda items: bool(table.replace(items)),
         apply=lambda event, obj: bool(table.apply(event, obj)),
         on_change=lambda: on_change(table.snapshot()),
-        name="endpointslice-watch",
+        name=f"endpointslice-watch-{selector.rpartition('/')[2]}",
     )

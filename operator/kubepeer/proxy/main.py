@@ -15,17 +15,22 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
-from kubepeer.contracts.labels import TABLE, WOKEN_AT
+from kubepeer.contracts.apps import ServedApp
+from kubepeer.contracts.labels import LIVE_RUNNER, RUNNER, TABLE, WOKEN_AT
 from kubepeer.contracts.price_table import CatalogueError, ServedModel
 from kubepeer.livepeer.wire import ZERO_ADDRESS, parse_address
 from kubepeer.payments.recipient import RecipientSecret
 from kubepeer.proxy.app import JobLog, Proxy, ProxyConfig, Waker
 from kubepeer.proxy.billing import Billing
-from kubepeer.proxy.catalogue import Catalogue, TableRows, load_catalogue
+from kubepeer.proxy.catalogue import Catalogue, ConfigMapRows, TableRows, load_catalogue
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
 from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
+from kubepeer.proxy.liverunner.payments import AppPayments
+from kubepeer.proxy.liverunner.service import LiveRunnerContext, LiveRunners
+from kubepeer.proxy.liverunner.sessions import SessionStore
+from kubepeer.proxy.liverunner.table import AppRows, Apps, load_apps
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
 from kubepeer.proxy.server import hypercorn_config, serve
@@ -122,8 +127,8 @@ def read_endpoints(path: Path) -> dict[str, tuple[str, ...]]:
 
 
 class KubeWaker(Waker):
-    """Wakes an OnDemand model as DESIGN.md's "Demand in Redis" says: a patch of the AIModel
-    with spec.replicas >= 1 and the annotation kubepeer.io/woken-at."""
+    """Wakes an OnDemand model or app as DESIGN.md's "Demand in Redis" says: a patch of the
+    AIModel (or LiveRunner) with spec.replicas >= 1 and the annotation kubepeer.io/woken-at."""
 
     def __init__(self, api_client: Any, namespace: str) -> None:
         from kubernetes import client
@@ -131,19 +136,22 @@ class KubeWaker(Waker):
         self.api = client.CustomObjectsApi(api_client)
         self.namespace = namespace
 
-    def _wake(self, model: ServedModel) -> None:
-        args = ("kubepeer.io", "v1alpha1", self.namespace, "aimodels", model.aimodel)
-        aimodel = self.api.get_namespaced_custom_object(*args)
-        replicas = max(1, aimodel["spec"].get("replicas") or 0)
+    def _wake(self, plural: str, name: str) -> None:
+        args = ("kubepeer.io", "v1alpha1", self.namespace, plural, name)
+        found = self.api.get_namespaced_custom_object(*args)
+        replicas = max(1, found["spec"].get("replicas") or 0)
         patch = {
             "metadata": {"annotations": {WOKEN_AT: repr(time.time())}},
             "spec": {"replicas": replicas},
         }
         self.api.patch_namespaced_custom_object(*args, patch)
-        log.info("woke %s: spec.replicas %s", model.aimodel, replicas)
+        log.info("woke %s %s: spec.replicas %s", plural, name, replicas)
 
     async def wake(self, model: ServedModel) -> None:
-        await asyncio.to_thread(self._wake, model)
+        await asyncio.to_thread(self._wake, "aimodels", model.aimodel)
+
+    async def wake_app(self, app: ServedApp) -> None:
+        await asyncio.to_thread(self._wake, "liverunners", app.route)
 
 
 def _secret_bytes(path: Path | None) -> bytes | None:
@@ -198,7 +206,7 @@ def build(
     store = AsyncRedis.from_url(args.redis_url, socket_timeout=args.redis_timeout,
                                 socket_connect_timeout=args.redis_timeout)  # fmt: skip
     current: dict[str, Any] = {"catalogue": Catalogue(args.namespace), "models": False,
-                               "endpoints": False}  # fmt: skip
+                               "endpoints": False, "apps": {}}  # fmt: skip
     models_file = None
     if args.models_file is not None:
         models_file = WatchedFile(args.models_file, lambda p: load_catalogue(p, args.namespace))
@@ -241,30 +249,67 @@ def build(
         lambda: AsyncRedis.from_url(args.redis_url), args.namespace, args.demand_ttl
     )
     live_video = build_live(args, store, billing)
+    waker = KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None
+    apps_file = WatchedFile(args.apps_file, load_apps) if args.apps_file else None
+    if apps_file is not None and apps_file.value is not None:
+        current["apps"] = apps_file.value
+    auth_secret = AuthSecret(auth_raw) if auth_raw else AuthSecret.generate()
+    sessions = SessionStore(store, args.namespace)
+    app_payments = None
+    if billing is not None:
+        app_payments = AppPayments(billing, auth_secret, address, config.public_url, sessions,
+                                   interval=args.live_payment_interval)  # fmt: skip
+    live_runners = LiveRunners(
+        LiveRunnerContext(
+            apps=lambda: current["apps"],
+            urls=router.service_urls,
+            sessions=sessions,
+            trickle=live_video.store,
+            public_url=config.public_url,
+            runner_url=(args.trickle_url_for_runner or config.public_url).rstrip("/"),
+            payments=app_payments,
+            bearer_token=config.bearer_token,
+            open_door=args.offchain_gateways,
+            demand=demand,
+            wake=waker.wake_app if waker else None,
+            hold_timeout=args.hold_timeout,
+            session_idle=args.app_session_idle,
+            max_body_bytes=args.max_body_bytes,
+        )
+    )
     proxy = Proxy(
         config,
         catalogue=lambda: current["catalogue"],
         router=router,
-        auth_secret=AuthSecret(auth_raw) if auth_raw else AuthSecret.generate(),
+        auth_secret=auth_secret,
         results=ResultStore(store),
         billing=billing,
         address=address,
-        waker=KubeWaker(api_client, args.namespace) if (args.wake and api_client) else None,
+        waker=waker,
         demand=demand,
         ready=lambda: current["endpoints"] and current["models"],
         store_reachable=redis_pinger(AsyncRedis.from_url(args.redis_url), args.redis_timeout),
         live_video=live_video,
         job_log=job_log,
+        live_runners=live_runners,
     )
 
-    def apply_endpoints(table: dict[str, tuple[str, ...]]) -> None:
-        router.set_endpoints(table, current["catalogue"].models)
+    watched: dict[str, dict[str, tuple[str, ...]]] = {}  # selector -> {Service: URLs}
+
+    def apply_endpoints(table: dict[str, tuple[str, ...]], source: str = "file") -> None:
+        watched[source] = table
+        merged = {service: urls for part in watched.values() for service, urls in part.items()}
+        router.set_endpoints(merged, current["catalogue"].models)
         proxy.endpoints_changed()
         current["endpoints"] = True
 
     def apply_models(catalogue: Catalogue) -> None:
         current.update(catalogue=catalogue, models=True)
         router.serve_waiters(catalogue.models)
+
+    def apply_apps(apps: Apps) -> None:
+        current["apps"] = apps
+        live_runners.endpoints_changed()  # held reservations look at the new table
 
     async def keep_current() -> None:
         loop = asyncio.get_running_loop()
@@ -274,24 +319,21 @@ def build(
             if endpoints_file.value is not None:
                 apply_endpoints(endpoints_file.value)
         elif api_client is not None:
-            endpoint_slice_watch(
-                api_client,
-                args.namespace,
-                lambda table: loop.call_soon_threadsafe(apply_endpoints, table),
-            ).start()
+            for selector in (RUNNER, LIVE_RUNNER):  # runners', and Live Runner apps'
+                endpoint_slice_watch(
+                    api_client,
+                    args.namespace,
+                    lambda table, s=selector: loop.call_soon_threadsafe(apply_endpoints, table, s),
+                    selector,
+                ).start()
         if models_file is None and api_client is not None:
-            from kubernetes import client
-
             rows = TableRows(args.namespace)
-            ListWatch(
-                client.CoreV1Api(api_client).list_namespaced_config_map,
-                args.namespace,
-                f"{TABLE}=model",
-                replace=rows.replace,
-                apply=rows.apply,
-                on_change=lambda: loop.call_soon_threadsafe(apply_models, rows.catalogue()),
-                name="model-table-watch",
-            ).start()
+            on_rows = lambda: loop.call_soon_threadsafe(apply_models, rows.catalogue())  # noqa: E731
+            table_watch(api_client, args.namespace, "model", rows, on_rows).start()
+        if apps_file is None and api_client is not None:
+            app_rows = AppRows()
+            on_apps = lambda: loop.call_soon_threadsafe(apply_apps, app_rows.apps())  # noqa: E731
+            table_watch(api_client, args.namespace, "app", app_rows, on_apps).start()
         last_beat = 0.0
         while True:
             await asyncio.sleep(RELOAD_SECONDS)
@@ -299,11 +341,24 @@ def build(
                 apply_models(models_file.value)
             if endpoints_file is not None and endpoints_file.refresh():
                 apply_endpoints(endpoints_file.value)
+            if apps_file is not None and apps_file.refresh():
+                apply_apps(apps_file.value)
             if time.monotonic() - last_beat > args.demand_ttl / 3:
                 demand.heartbeat(m.aimodel for m in current["catalogue"].models if m.on_demand)
                 last_beat = time.monotonic()
 
     return proxy, keep_current
+
+
+def table_watch(api_client: Any, namespace: str, table: str, rows: ConfigMapRows[Any],
+                on_change: Callable[[], None]) -> ListWatch:  # fmt: skip
+    """A list+watch of the operator's table ConfigMaps of one kind (`kubepeer.io/table`:
+    `model` or `app`) feeding `rows`."""
+    from kubernetes import client
+
+    return ListWatch(client.CoreV1Api(api_client).list_namespaced_config_map, namespace,
+                     f"{TABLE}={table}", replace=rows.replace, apply=rows.apply,
+                     on_change=on_change, name=f"{table}-table-watch")  # fmt: skip
 
 
 def run_proxy(args: ProxySettings) -> int:

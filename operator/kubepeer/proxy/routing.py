@@ -57,6 +57,10 @@ class Router:
     def urls(self, model: ServedModel) -> tuple[str, ...]:
         return self._urls.get(model.runner, ())
 
+    def service_urls(self, service: str) -> tuple[str, ...]:
+        """The ready URLs of any workload Service (a runner's, or a Live Runner app's)."""
+        return self._urls.get(service, ())
+
     def ready(self, model: ServedModel) -> bool:
         return bool(self.urls(model))
 

@@ -49,6 +49,11 @@ class ProxySettings(BaseSettings):
         default=None,
         description="one models.json ({version, models}) instead of watching the operator's table",
     )
+    apps_file: Path | None = Field(
+        default=None,
+        description="one apps.json ({version, apps}) instead of watching the operator's app "
+        "table (LiveRunners)",
+    )
     endpoints_file: Path | None = Field(
         default=None,
         description="static ready URLs per runner Service (JSON) instead of watching "
@@ -139,11 +144,18 @@ class ProxySettings(BaseSettings):
         description="seconds between reads of the chain view and senders' facts the payments "
         "process publishes (held in memory: jobs never read them)",
     )
-    # -- live video ----------------------------------------------------------------------
+    # -- live video and Live Runner apps --------------------------------------------------
     trickle_url_for_runner: str | None = Field(
         default=None,
-        description="base URL runners reach our trickle channels at (default: the public URL), "
-        "as go-livepeer's -liveAITrickleHostForRunner",
+        description="base URL runners and apps reach us at: trickle channels, session control "
+        "(default: the public URL), as go-livepeer's -liveAITrickleHostForRunner and "
+        "-liveRunnerAddr",
+    )
+    app_session_idle: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds a free Live Runner session may go unused before it is released "
+        "and its slot freed (a request in flight keeps it)",
     )
     live_payment_interval: float = Field(
         default=5.0,

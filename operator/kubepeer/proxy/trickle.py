@@ -212,6 +212,10 @@ class TrickleStore:
             await pipe.execute()
         await self.redis.zadd(ACTIVE, {channel: now})
 
+    async def mime(self, channel: str) -> str | None:
+        raw = await self.redis.hget(meta_key(channel), "mime")
+        return None if raw is None else raw.decode()
+
     async def exists(self, channel: str) -> bool:
         return bool(await self.redis.exists(meta_key(channel)))
 

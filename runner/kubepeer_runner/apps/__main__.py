@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kubepeer_runner.apps import hello_world, tokens
+from kubepeer_runner.apps import echo, hello_world, tokens
 
 APPS: dict[str, Callable[[], Any]] = {
+    "echo": echo.create_app,
     "hello-world": hello_world.create_app,
     "tokens": tokens.create_app,
 }

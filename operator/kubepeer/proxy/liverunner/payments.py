@@ -1,0 +1,242 @@
+"""Paid Live Runner sessions (live-runner-wire.md 7): the 402 challenge, the paid retry,
+top-ups, `/refresh-payment`, and metering every interval.
+
+The tickets themselves are judged by the proxy's one door to payments (`Billing`): the
+price a payment claims must be the one its challenge offered this payer for this app
+(ledger key `app_key(route)`), and credits land on (payer, session id) as a batch job's
+do on (sender, manifest). A session's price is frozen at its reserving payment.
+
+Metering is shared by every proxy replica: due sessions sit in one sorted set in Redis
+and each replica's `meter_forever` claims those due (one script: a claimed session is
+pushed to its next due time at once), so each is billed once per interval by whichever
+replica claims it, and a replica that dies stops billing nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from kubepeer.contracts.apps import AppPrice
+from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.wire import (
+    PAYMENT_HEADER,
+    SEGMENT_HEADER,
+    BadHeader,
+    decode_payment,
+    decode_segment,
+)
+from kubepeer.proxy.billing import Billing, PaymentRefused, fee
+from kubepeer.proxy.credentials import AuthSecret, CredentialsRefused, check_segment
+from kubepeer.proxy.liverunner.sessions import Billed, Session, SessionStore
+
+log = logging.getLogger("kubepeer.proxy.liverunner")
+
+PAYER_HEADER = "livepeer-payer-address"
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+PIXELS_PER_SECOND = 1280 * 720 * 30  # a second of nominal 720p30 (wire 7.5)
+RATE = {"seconds": 1, "720p-pixel-seconds": PIXELS_PER_SECOND}  # units per second
+
+
+def app_key(route: str) -> str:
+    """The ledger key prices are offered under for an app (beside `<cap>_<model>` keys)."""
+    return f"liverunner_{route}"
+
+
+class PaymentProblem(Exception):
+    """An answer to a paid request: status, and a text (or a JSON error body)."""
+
+    def __init__(self, status: int, text: str, as_json: bool = False) -> None:
+        super().__init__(text)
+        self.status, self.text, self.as_json = status, text, as_json
+
+
+def wants_challenge(headers: Mapping[str, str]) -> bool:
+    """Neither payment header: the request is answered with a 402 challenge (wire 7.2)."""
+    return not headers.get(PAYMENT_HEADER.lower()) and not headers.get(SEGMENT_HEADER.lower())
+
+
+def units_due(unit: str, elapsed: float) -> int:
+    """Whole units in `elapsed` seconds (go-livepeer's floor(rate x elapsed))."""
+    return math.floor(RATE[unit] * elapsed)
+
+
+@dataclass(frozen=True)
+class Paid:
+    """A paid retry that passed: the payment, the session id it names, its price."""
+
+    payment: net_pb2.Payment
+    sid: str
+    billed: Billed
+
+
+class AppPayments:
+    def __init__(self, billing: Billing, auth: AuthSecret, address: bytes, public_url: str,
+                 sessions: SessionStore, interval: float) -> None:  # fmt: skip
+        self.billing, self.auth, self.address = billing, auth, address
+        self.public_url, self.sessions, self.interval = public_url, sessions, interval
+
+    # -- the challenge (7.2) --------------------------------------------------------------
+    async def _info(self, payer: bytes, route: str, price: AppPrice,
+                    session_id: str) -> net_pb2.OrchestratorInfo:  # fmt: skip
+        """OrchestratorInfo for a payer: ticket params at the app's price, that price, our
+        address, an auth token for the session id; no capabilities."""
+        try:
+            await self.billing.know_sender(payer)
+            params = await self.billing.params_for(payer, (price.wei, 1), [app_key(route)])
+        except PaymentRefused as exc:
+            raise PaymentProblem(500, str(exc)) from None
+        return net_pb2.OrchestratorInfo(
+            transcoder=self.public_url,
+            ticket_params=params,
+            price_info=net_pb2.PriceInfo(price_per_unit=price.wei, pixels_per_unit=1),
+            address=self.address,
+            auth_token=self.auth.issue(session_id=session_id),
+        )
+
+    async def challenge(self, route: str, price: AppPrice, headers: Mapping[str, str]) -> dict:
+        payer = headers.get(PAYER_HEADER, "")
+        if not _ADDRESS.match(payer):
+            raise PaymentProblem(402, "invalid live runner payment signer address", as_json=True)
+        manifest = secrets.token_hex(4)  # becomes the session id on the paid retry
+        info = await self._info(bytes.fromhex(payer[2:]), route, price, manifest)
+        return {
+            "payment_params": base64.b64encode(info.SerializeToString()).decode(),
+            "orchestrator": self.public_url,
+            "manifest_id": manifest,
+            "payment_url": f"{self.public_url}/apps/{route}/session/{manifest}/payment",
+        }
+
+    # -- the paid retry (7.3) -------------------------------------------------------------
+    def _credentials(self, headers: Mapping[str, str]) -> tuple[net_pb2.Payment, net_pb2.SegData]:
+        try:
+            payment = decode_payment(headers.get(PAYMENT_HEADER.lower(), ""))
+        except BadHeader as exc:
+            raise PaymentProblem(402, str(exc)) from None
+        try:
+            seg = decode_segment(headers.get(SEGMENT_HEADER.lower(), ""))
+        except BadHeader:
+            raise PaymentProblem(403, "ErrorSegEncoding") from None
+        try:  # a Live Runner segment names no capabilities: nothing to be compatible with
+            check_segment(seg, payment.sender, self.auth, compatible=True)
+        except CredentialsRefused as exc:
+            raise PaymentProblem(403, str(exc)) from None
+        return payment, seg
+
+    def check_retry(self, price: AppPrice, headers: Mapping[str, str]) -> Paid:
+        """Steps 1-4: the payment decodes, the segment is the payer's and carries our
+        unexpired token for the manifest it names; a fixed price is the app's exactly."""
+        payment, seg = self._credentials(headers)
+        manifest = seg.manifest_id.decode(errors="replace")
+        if manifest != seg.auth_token.session_id:
+            raise PaymentProblem(403, "mismatched manifest and auth token")
+        claimed = payment.expected_price
+        if price.fixed and (claimed.price_per_unit, claimed.pixels_per_unit) != (price.wei, 1):
+            raise PaymentProblem(400, "payment price does not match live runner price")
+        frozen = Fraction(claimed.price_per_unit, claimed.pixels_per_unit or 1)
+        billed = Billed(payer=payment.sender, price=frozen, unit=price.unit,
+                        billed_at=time.time())  # fmt: skip
+        return Paid(payment, manifest, billed)
+
+    async def settle(self, paid: Paid, session: Session, route: str, price: AppPrice) -> None:
+        """Steps 6-7 for a reserved session: credit the payment; a fixed price is debited
+        whole at once. Raises PaymentProblem (the caller releases the session)."""
+        try:
+            await self.billing.credit(paid.payment, paid.sid, app_key(route))
+        except PaymentRefused as exc:
+            raise PaymentProblem(400, str(exc)) from None
+        if price.fixed:
+            ledger = self.billing.ledger
+            if await ledger.balance(paid.billed.payer, paid.sid) < price.wei:
+                raise PaymentProblem(400, f"insufficient balance, mid={paid.sid}")
+            await ledger.charge(paid.billed.payer, paid.sid, price.wei)
+        first_due = None if price.fixed else time.time() + self.interval
+        if not await self.sessions.bill(session, paid.billed, first_due):
+            raise PaymentProblem(404, "runner session not found")
+
+    # -- top-ups (7.4) and refresh (7.6) --------------------------------------------------
+    async def top_up(self, session: Session, route: str, price: AppPrice,
+                     headers: Mapping[str, str]) -> bytes:  # fmt: skip
+        """A follow-up payment credited to the session; the PaymentResult's bytes."""
+        if session.billed is None or session.billed.unit == "fixed":
+            raise PaymentProblem(409, "fixed-price live runner sessions do not accept "
+                                      "follow-up payments")  # fmt: skip
+        payment, seg = self._credentials(headers)
+        if seg.manifest_id.decode(errors="replace") != session.sid:
+            raise PaymentProblem(403, "mismatched session and payment manifest")
+        try:
+            await self.billing.credit(payment, session.sid, app_key(route))
+        except PaymentRefused as exc:
+            raise PaymentProblem(400, str(exc)) from None
+        info = await self._info(payment.sender, route, price, session.sid)
+        info.auth_token.CopyFrom(seg.auth_token)  # the token sent, as go-livepeer answers
+        return net_pb2.PaymentResult(info=info).SerializeToString()
+
+    async def refresh(self, body: Any, find: Callable[[str], Awaitable[Session | None]],
+                      price_of: Callable[[str], AppPrice | None]) -> dict:  # fmt: skip
+        """POST /refresh-payment: new params for a session's payer at its recorded price."""
+        sender = body.get("sender") if isinstance(body, dict) else None
+        if not isinstance(sender, str) or not _ADDRESS.match(sender):
+            raise PaymentProblem(400, "invalid sender", as_json=True)
+        manifest = body.get("manifest_id")
+        if not isinstance(manifest, str) or not manifest:
+            raise PaymentProblem(400, "missing manifest_id", as_json=True)
+        session = await find(manifest)
+        price = price_of(session.route) if session else None
+        if session is None or session.billed is None or price is None:
+            raise PaymentProblem(409, "fixed price not found for session", as_json=True)
+        recorded = session.billed.price
+        at = AppPrice(wei=recorded.numerator // recorded.denominator, unit=price.unit)
+        info = await self._info(bytes.fromhex(sender[2:]), session.route, at, manifest)
+        return {
+            "payment_params": base64.b64encode(info.SerializeToString()).decode(),
+            "orchestrator": self.public_url,
+            "manifest_id": manifest,
+            "payment_url": f"{self.public_url}/payment",
+        }
+
+    # -- metering (7.5) -------------------------------------------------------------------
+    async def debit(self, session: Session, now: float) -> str | None:
+        """One interval's debit of a metered session; why it must end, or None."""
+        billed = session.billed
+        if billed is None or billed.unit not in RATE:
+            return None
+        elapsed = now - billed.billed_at
+        if elapsed < self.interval:
+            return None
+        units = units_due(billed.unit, elapsed)
+        charge = fee(units, billed.price)
+        ledger = self.billing.ledger
+        if await ledger.balance(billed.payer, session.sid) < charge:
+            return "its balance ran dry"
+        await ledger.charge(billed.payer, session.sid, charge)
+        await self.sessions.billed_to(session, billed.billed_at + units / RATE[billed.unit])
+        return None
+
+    async def meter_forever(self, release: Callable[[Session, str], Awaitable[None]]) -> None:
+        """Every half interval, bill the sessions due; release those that cannot pay."""
+        while True:
+            await asyncio.sleep(self.interval / 2)
+            try:
+                now = time.time()
+                for sid in await self.sessions.due(now, now + self.interval):
+                    session = await self.sessions.get(sid)
+                    if session is None:
+                        await self.sessions.unmeter(sid)
+                        continue
+                    why = await self.debit(session, now)
+                    if why is not None:
+                        await release(session, why)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away: the sessions stay due, billed next time
+                log.exception("metering Live Runner sessions failed; trying again")
