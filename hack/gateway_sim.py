@@ -154,14 +154,16 @@ class Gateway:
         return get_orchestrator(orch, self.request(cap, model))
 
     def headers(
-        self, info: net_pb2.OrchestratorInfo, cap: int, model: str, tickets: int = 1,
+        self, info: net_pb2.OrchestratorInfo, cap: int | None, model: str, tickets: int = 1,
         price: tuple[int, int] | None = None, manifest: str | None = None,
     ) -> dict[str, str]:  # fmt: skip
         """Livepeer-Segment, Livepeer-Payment and the AI worker Authorization (2.1); a live
-        stream's interval payments name the orchestrator's `manifest` id (3.5)."""
+        stream's interval payments name the orchestrator's `manifest` id (3.5). `cap` None:
+        a Live Runner payment (live-runner-wire.md 7.3), a segment with no capabilities."""
         manifest = manifest or f"{cap}_{model}"
         seg = net_pb2.SegData(manifest_id=manifest.encode(), seq=0, hash=keccak(b""))
-        seg.capabilities.CopyFrom(self.capabilities(cap, model))
+        if cap is not None:
+            seg.capabilities.CopyFrom(self.capabilities(cap, model))
         seg.auth_token.CopyFrom(info.auth_token)
         flatten = seg.manifest_id + (0).to_bytes(32, "big") + seg.hash
         seg.sig = personal_sign_keccak(self.account, flatten)

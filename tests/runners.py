@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import struct
@@ -184,3 +185,20 @@ def serve_app(app: str, log: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+SDK_PYTHON = REPO / ".gateway-sdk" / "bin" / "python"  # the official SDK's venv (hack/setup)
+SDK_APPS = REPO / "tests" / "live" / "sdk_apps.py"
+
+
+def sdk_apps(*args: str) -> dict:
+    """One run of the Live Runner client made with the official gateway SDK
+    (tests/live/sdk_apps.py, in the SDK's own venv): its JSON report."""
+    if not SDK_PYTHON.exists():
+        pytest.fail("the gateway SDK's venv is missing: run `make setup`")
+    done = subprocess.run([str(SDK_PYTHON), str(SDK_APPS), *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    assert "error" not in report, report  # what the SDK raised
+    return report

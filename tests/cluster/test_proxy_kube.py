@@ -244,3 +244,55 @@ def test_a_proxy_killed_mid_hold_leaves_no_demand_behind(crds, namespace, redis_
     finally:
         thread.join(timeout=60)
         stop_proxy(proxy)
+
+
+# -- Live Runner apps --------------------------------------------------------------------------
+def test_a_reservation_wakes_a_cold_live_runner_and_holds_until_a_replica_is_ready(
+    operator, crds, api, namespace, redis_server, tmp_path
+):
+    """The operator's app table row, the app's EndpointSlices and the wake, all through the
+    real API server: a session reserved on a LiveRunner at zero replicas is held while the
+    proxy scales it up, and answered once a replica is ready (kwok's pod IP: never dialled,
+    a reservation does not call the app)."""
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LiveRunner", "metadata": {"name": "cold"},
+            "spec": {"app": "examples/cold", "image": "example.invalid/app:v1", "replicas": 0,
+                     "warm": {"policy": "OnDemand", "maxReplicas": 1},
+                     "pricing": {"price": {"amount": "1", "currency": "wei",
+                                           "unit": "hour"}}}}  # fmt: skip
+    crds.kubectl("-n", namespace, "apply", "-f", "-", stdin=yaml.safe_dump(body))
+    custom = client.CustomObjectsApi(api)
+
+    def live_runner() -> dict:
+        return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "liverunners",
+                                                   "cold")  # fmt: skip
+
+    args = [*private(tmp_path), "--offchain-gateways"]
+    proxy = start_proxy(tmp_path, redis_server, models=None, endpoints=None, namespace=namespace,
+                        kubeconfig=crds.kubeconfig, args=args)  # fmt: skip
+    answers: list[httpx.Response] = []
+    try:
+        with proxy.http() as http:
+
+            def listed() -> list | None:
+                return http.get("/discovery").json()[0].get("runners")
+
+            [app] = wait_for(listed, timeout=60, what="the app in discovery")
+            assert (app["app"], app["url"]) == ("examples/cold", f"{proxy.url}/apps/cold/session")
+            assert live_runner()["spec"]["replicas"] == 0
+            reserving = threading.Thread(
+                target=lambda: answers.append(http.post("/apps/cold/session", json={}))
+            )
+            reserving.start()
+            wait_for(lambda: live_runner()["spec"].get("replicas") == 1, timeout=30,
+                     what="the wake-up")  # fmt: skip
+            assert WOKEN_AT in live_runner()["metadata"]["annotations"]
+            reserving.join(timeout=120)
+            [answer] = answers
+            assert answer.status_code == 200, answer.text
+            sid = answer.json()["session_id"]
+            assert answer.json()["control_url"] == f"{proxy.url}/apps/cold/session/{sid}"
+            [app] = listed()
+            assert (app["capacity"], app["capacity_used"]) == (1, 1)
+            assert http.post(f"/apps/cold/session/{sid}/stop").status_code == 204
+    finally:
+        stop_proxy(proxy)

@@ -3,10 +3,14 @@ apps use it against one orchestrator's `/discovery`. Run by tests/live/test_live
 with the SDK's own interpreter (.gateway-sdk, made by hack/setup); prints one JSON report.
 
     .gateway-sdk/bin/python tests/live/sdk_apps.py discover ORCH_URL [APP]
-    .gateway-sdk/bin/python tests/live/sdk_apps.py call ORCH_URL APP PATH PAYLOAD
-    .gateway-sdk/bin/python tests/live/sdk_apps.py stream ORCH_URL APP PATH PAYLOAD
+    .gateway-sdk/bin/python tests/live/sdk_apps.py call ORCH_URL APP PATH PAYLOAD [SIGNER]
+    .gateway-sdk/bin/python tests/live/sdk_apps.py stream ORCH_URL APP PATH PAYLOAD [SIGNER]
     .gateway-sdk/bin/python tests/live/sdk_apps.py reserve ORCH_URL APP
+    .gateway-sdk/bin/python tests/live/sdk_apps.py hold ORCH_URL APP SECONDS SIGNER
     .gateway-sdk/bin/python tests/live/sdk_apps.py stop CONTROL_URL
+
+With SIGNER (a remote signer's URL, hack/remote_signer.py) the SDK pays: the 402 challenge
+answered through the signer, metered sessions funded every few seconds as the SDK does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import sys
 import time
 
+import aiohttp
 from livepeer_gateway import (
     LiveRunnerSession,
     call_runner,
@@ -30,23 +35,28 @@ async def discover(orch: str, app: str | None = None) -> dict:
     return {"entries": entries}
 
 
-async def _runner_url(orch: str, app: str, path: str) -> str:
+async def _runner(orch: str, app: str, path: str) -> tuple[str, str | None]:
+    """The app's discovered URL with `path`, and its price's unit (None: free)."""
     entries = await discover_runners(discovery_url=f"{orch}/discovery", app=app)
-    url = entries[0]["runners"][0]["url"]
-    return url + path
+    runner = entries[0]["runners"][0]
+    return runner["url"] + path, (runner.get("price_info") or {}).get("unit")
 
 
-async def call(orch: str, app: str, path: str, payload: str) -> dict:
-    result = await call_runner(await _runner_url(orch, app, path), payload=json.loads(payload))
-    return {"data": result.data, "content_type": result.content_type}
+async def call(orch: str, app: str, path: str, payload: str, signer: str | None = None) -> dict:
+    url, unit = await _runner(orch, app, path)
+    result = await call_runner(url, payload=json.loads(payload), signer_url=signer,
+                               payment_unit=unit)  # fmt: skip
+    return {"data": result.data, "content_type": result.content_type,
+            "session_id": result.session_id}  # fmt: skip
 
 
-async def stream(orch: str, app: str, path: str, payload: str) -> dict:
+async def stream(orch: str, app: str, path: str, payload: str, signer: str | None = None) -> dict:
     started = time.monotonic()
     lines = []
+    url, unit = await _runner(orch, app, path)
     async with await call_runner(
-        await _runner_url(orch, app, path), payload=json.loads(payload), stream=True,
-        timeout=30,
+        url, payload=json.loads(payload), stream=True, timeout=30, signer_url=signer,
+        payment_unit=unit,
     ) as answer:  # fmt: skip
         async for line in answer.aiter_lines():
             if line:
@@ -60,6 +70,22 @@ async def reserve(orch: str, app: str) -> dict:
             "control_url": session.control_url}  # fmt: skip
 
 
+async def hold(orch: str, app: str, seconds: str, signer: str) -> dict:
+    """Reserve a paid session, keep it (the SDK funds it) for SECONDS, asking the app's
+    health through it each second; then close it."""
+    session = await reserve_session(discovery_url=f"{orch}/discovery", app=app,
+                                    signer_url=signer)  # fmt: skip
+    statuses = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as http:
+        for _ in range(int(seconds)):
+            await asyncio.sleep(1)
+            async with http.get(f"{session.app_url}/health") as answer:
+                statuses.append(answer.status)
+    released = session.released
+    await session.aclose()
+    return {"session_id": session.session_id, "statuses": statuses, "released": released}
+
+
 async def stop(control_url: str) -> dict:
     session = LiveRunnerSession(session_id="-", app_url="-", runner_url="-",
                                 control_url=control_url)  # fmt: skip
@@ -68,7 +94,7 @@ async def stop(control_url: str) -> dict:
 
 
 COMMANDS = {"discover": discover, "call": call, "stream": stream, "reserve": reserve,
-            "stop": stop}  # fmt: skip
+            "hold": hold, "stop": stop}  # fmt: skip
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]

@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import ClassVar
 
-import httpx
 import pytest
 from websockets.sync.client import connect as websocket
 
-from conftest import REPO, free_port
+from conftest import free_port
 from proxies import ProxyServer, models_json, start_proxy, stop_proxy
-from runners import serve_app
+from runners import sdk_apps, serve_app
 
 pytestmark = pytest.mark.redis
-
-SDK_PYTHON = REPO / ".gateway-sdk" / "bin" / "python"
-DRIVER = Path(__file__).with_name("sdk_apps.py")
 
 
 def app_row(route: str, app: str, mode: str, capacity: int = 1, **extra) -> dict:
@@ -72,8 +66,6 @@ def spy() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stack(redis_server, spy, tmp_path_factory) -> Iterator[tuple[ProxyServer, ProxyServer, dict]]:
-    if not SDK_PYTHON.exists():
-        pytest.fail("the gateway SDK's venv is missing: run `make setup`")
     workdir = tmp_path_factory.mktemp("live-runner-apps")
     apps = {name: serve_app(kind, workdir / f"{name}.log")
             for name, kind in [("hello", "hello-world"), ("tokens", "tokens"),
@@ -97,32 +89,21 @@ def stack(redis_server, spy, tmp_path_factory) -> Iterator[tuple[ProxyServer, Pr
         app.close()
 
 
-def sdk(*args: str) -> dict:
-    done = subprocess.run([str(SDK_PYTHON), str(DRIVER), *args], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)
-
-
-def client(proxy: ProxyServer) -> httpx.Client:
-    return httpx.Client(base_url=proxy.url, verify=False, timeout=30)
-
-
 def reserve(proxy: ProxyServer, route: str = "echo") -> dict:
-    with client(proxy) as http:
+    with proxy.http() as http:
         answer = http.post(f"/apps/{route}/session", json={})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
 
 def stop(proxy: ProxyServer, session: dict) -> None:
-    with client(proxy) as http:
+    with proxy.http() as http:
         assert http.post(f"{session['control_url']}/stop").status_code == 204
 
 
 def test_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
     proxy, _, urls = stack
-    report = sdk("discover", proxy.url)
+    report = sdk_apps("discover", proxy.url)
     [entry] = report["entries"]  # 1: one object, our public address
     assert entry["address"] == proxy.url
     runners = {r["app"]: r for r in entry["runners"]}
@@ -136,12 +117,12 @@ def test_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
     assert all("price_info" not in r for r in runners.values())  # 4: free, so no price
     text = json.dumps(report)
     assert not any(url in text for url in urls.values())  # 2: replicas never shown
-    assert sdk("discover", proxy.url, "kubepeer/echo")["entries"][0]["runners"] == [echo]
+    assert sdk_apps("discover", proxy.url, "kubepeer/echo")["entries"][0]["runners"] == [echo]
 
 
 def test_a_single_shot_call_reaches_the_app_with_the_session_headers(stack):
     proxy, _, _ = stack
-    report = sdk("call", proxy.url, "kubepeer/hello-world", "/greet/me", '{"name": "x"}')
+    report = sdk_apps("call", proxy.url, "kubepeer/hello-world", "/greet/me", '{"name": "x"}')
     data = report["data"]
     assert (data["method"], data["path"], data["message"]) == ("POST", "/greet/me",
                                                                "hello, world")  # fmt: skip
@@ -152,7 +133,7 @@ def test_a_single_shot_call_reaches_the_app_with_the_session_headers(stack):
         f"{proxy.url}/runner/hello/session/{session['session-id']}"
     )
     forged = {"Livepeer-Session-Id": "mine", "Livepeer-Runner-Route": "mine"}
-    with client(proxy) as http:
+    with proxy.http() as http:
         for path in ("/apps/hello/app", "/apps/hello/app/"):  # 24: both forms
             answer = http.get(path, headers=forged)
             assert answer.status_code == 200, answer.text
@@ -164,7 +145,7 @@ def test_a_single_shot_call_reaches_the_app_with_the_session_headers(stack):
 def test_sse_streams_through_the_proxy_as_the_app_writes_it(stack):
     proxy, _, _ = stack
     payload = {"prompt": "one two three", "max_tokens": 6, "delay_ms": 300}
-    report = sdk("stream", proxy.url, "kubepeer/tokens", "/v1/stream", json.dumps(payload))
+    report = sdk_apps("stream", proxy.url, "kubepeer/tokens", "/v1/stream", json.dumps(payload))
     assert report["status"] == 200
     assert report["content_type"] == "text/event-stream"
     lines = report["lines"]
@@ -182,7 +163,7 @@ def test_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
     started = threading.Event()
 
     def call() -> None:
-        with client(proxy) as http, http.stream("POST", "/apps/tokens/app/v1/stream",
+        with proxy.http() as http, http.stream("POST", "/apps/tokens/app/v1/stream",
                                                json=slow) as answer:  # fmt: skip
             started.set()
             answer.read()
@@ -191,7 +172,7 @@ def test_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
     caller = threading.Thread(target=call)
     caller.start()
     assert started.wait(30)
-    with client(second) as http:  # 24, 11: the slot is held, seen by the other replica
+    with second.http() as http:  # 24, 11: the slot is held, seen by the other replica
         tokens = next(r for r in http.get("/discovery").json()[0]["runners"]
                       if r["app"] == "kubepeer/tokens")  # fmt: skip
         assert (tokens["capacity_used"], tokens["capacity_available"]) == (1, 0)
@@ -199,7 +180,7 @@ def test_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
         assert (full.status_code, full.text) == (503, "no capacity available for runner\n")
     caller.join(30)
     assert answers == [200]
-    with client(second) as http:
+    with second.http() as http:
         tokens = next(r for r in http.get("/discovery").json()[0]["runners"]
                       if r["app"] == "kubepeer/tokens")  # fmt: skip
         assert tokens["capacity_used"] == 0
@@ -209,12 +190,12 @@ def test_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
 
 def test_a_persistent_session_through_the_sdk_echoes_channels_and_websockets(stack):
     proxy, second, _ = stack
-    session = sdk("reserve", proxy.url, "kubepeer/echo")  # 11
+    session = sdk_apps("reserve", proxy.url, "kubepeer/echo")  # 11
     sid = session["session_id"]
     assert session["control_url"] == f"{proxy.url}/apps/echo/session/{sid}"
     assert session["app_url"] == f"{session['control_url']}/app"
     app_path = session["app_url"].removeprefix(proxy.url)
-    with client(second) as http:  # any replica serves any request of the session
+    with second.http() as http:  # any replica serves any request of the session
         made = http.post(f"{app_path}/start", json={"mime_type": "video/mp2t"})
         assert made.status_code == 200, made.text
         channels = made.json()  # 25: the client's `url`s
@@ -230,8 +211,8 @@ def test_a_persistent_session_through_the_sdk_echoes_channels_and_websockets(sta
         assert socket.recv(timeout=10) == "text frame"
         socket.send(b"\x00\x01binary")
         assert socket.recv(timeout=10) == b"\x00\x01binary"
-    assert sdk("stop", session["control_url"]) == {"released": True}
-    with client(proxy) as http:  # released: app URL 404, channels closed, stop again 204
+    assert sdk_apps("stop", session["control_url"]) == {"released": True}
+    with proxy.http() as http:  # released: app URL 404, channels closed, stop again 204
         assert http.get(f"{session['app_url']}/health").status_code == 404
         assert http.post(f"{session['control_url']}/stop").status_code == 204  # 30
         gone = http.get(f"{channels['out']}/1")
@@ -241,7 +222,7 @@ def test_a_persistent_session_through_the_sdk_echoes_channels_and_websockets(sta
 def test_capacity_holds_across_proxy_replicas(stack):
     proxy, second, _ = stack
     sessions = [reserve(proxy), reserve(second)]  # two replicas, one session each
-    with client(second) as http:
+    with second.http() as http:
         full = http.post("/apps/echo/session", json={})
         assert (full.status_code, full.text) == (503, "no capacity available for runner\n")
     stop(second, sessions.pop())
@@ -255,7 +236,7 @@ def test_the_runners_callbacks_check_route_session_and_token(stack):
     session = reserve(proxy, "spy")
     sid = session["session_id"]
     control = f"/runner/spy/session/{sid}"
-    with client(second) as http:
+    with second.http() as http:
         forged = {
             "Livepeer-Session-Token": "forged",
             "X-Forwarded-For": "10.0.0.1",
@@ -316,14 +297,14 @@ def test_the_runners_callbacks_check_route_session_and_token(stack):
 def test_the_app_ends_its_own_session_through_the_sdk_path(stack):
     proxy, _, _ = stack
     session = reserve(proxy)
-    with client(proxy) as http:  # echo's /done calls <Livepeer-Session-Control>/stop
+    with proxy.http() as http:  # echo's /done calls <Livepeer-Session-Control>/stop
         assert http.post(f"{session['app_url']}/done").json() == {"stop": 204}
         assert http.post(f"{session['app_url']}/start", json={}).status_code == 404
 
 
 def test_the_wrong_kind_of_call_is_refused_as_go_livepeer_refuses_it(stack):
     proxy, _, urls = stack
-    with client(proxy) as http:
+    with proxy.http() as http:
         cases = [  # 12, 23
             (http.post("/apps/hello/session", json={}), 400,
              "only persistent runners have sessions"),

@@ -151,13 +151,14 @@ def operator_rbac(
 
 
 def proxy_rules() -> list[dict[str, Any]]:
-    """What `kubepeer proxy` does in its namespace: watch runner endpoints and the
-    operator's table ConfigMaps, and wake an OnDemand AIModel (get, then patch)."""
+    """What `kubepeer proxy` does in its namespace: watch runner and app endpoints and the
+    operator's table ConfigMaps, and wake an OnDemand AIModel or LiveRunner (get, patch)."""
     return [
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
          "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]},
-        {"apiGroups": [GROUP], "resources": ["aimodels"], "verbs": ["get", "patch"]},
+        {"apiGroups": [GROUP], "resources": ["aimodels", "liverunners"],
+         "verbs": ["get", "patch"]},
     ]  # fmt: skip
 
 
