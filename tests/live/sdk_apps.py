@@ -8,6 +8,11 @@ with the SDK's own interpreter (.gateway-sdk, made by hack/setup); prints one JS
     .gateway-sdk/bin/python tests/live/sdk_apps.py reserve ORCH_URL APP
     .gateway-sdk/bin/python tests/live/sdk_apps.py hold ORCH_URL APP SECONDS SIGNER
     .gateway-sdk/bin/python tests/live/sdk_apps.py stop CONTROL_URL
+    .gateway-sdk/bin/python tests/live/sdk_apps.py register ORCH_URL SECRET RUNNER_URL APP UNTIL
+
+`register` is the runner's side: the SDK's register_runner (heartbeats, the o2r channel's
+session events), held until the file UNTIL exists; it prints `registered <runner id>` first,
+a line per session event as it hears it, then its report.
 
 With SIGNER (a remote signer's URL, hack/remote_signer.py) the SDK pays: the 402 challenge
 answered through the signer, metered sessions funded every few seconds as the SDK does.
@@ -19,12 +24,15 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 from livepeer_gateway import (
     LiveRunnerSession,
+    LiveRunnerSessionEvent,
     call_runner,
     discover_runners,
+    register_runner,
     reserve_session,
     stop_runner_session,
 )
@@ -86,6 +94,25 @@ async def hold(orch: str, app: str, seconds: str, signer: str) -> dict:
     return {"session_id": session.session_id, "statuses": statuses, "released": released}
 
 
+async def register(orch: str, secret: str, runner_url: str, app: str, until: str) -> dict:
+    events: list[dict] = []
+
+    def heard(event: LiveRunnerSessionEvent) -> None:
+        events.append({"event": event.event, "session": event.session_id,
+                       "timestamp": event.timestamp})  # fmt: skip
+        print(f"{event.event} {event.session_id}", flush=True)
+
+    registration = await register_runner(
+        orch, secret=secret, runner_url=runner_url, app=app, auto_detect_gpu=False,
+        capacity=2, on_session_reserve=heard, on_session_release=heard,
+    )  # fmt: skip
+    print(f"registered {registration.runner_id}", flush=True)
+    while not Path(until).exists():
+        await asyncio.sleep(0.2)
+    await registration.close()
+    return {"runner_id": registration.runner_id, "events": events}
+
+
 async def stop(control_url: str) -> dict:
     session = LiveRunnerSession(session_id="-", app_url="-", runner_url="-",
                                 control_url=control_url)  # fmt: skip
@@ -94,7 +121,7 @@ async def stop(control_url: str) -> dict:
 
 
 COMMANDS = {"discover": discover, "call": call, "stream": stream, "reserve": reserve,
-            "hold": hold, "stop": stop}  # fmt: skip
+            "hold": hold, "stop": stop, "register": register}  # fmt: skip
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]

@@ -113,7 +113,12 @@ def publish(redis: Any, reading: EthUsd) -> None:
 
 def published(redis: Any) -> EthUsd | None:
     """The last reading the payments controller published, or None."""
-    raw = {k.decode(): v.decode() for k, v in (redis.hgetall(ETH_USD_KEY) or {}).items()}
+    return reading_from(redis.hgetall(ETH_USD_KEY))
+
+
+def reading_from(fields: dict[bytes, bytes] | None) -> EthUsd | None:
+    """A published reading from its Redis hash's fields (as HGETALL gives them), or None."""
+    raw = {k.decode(): v.decode() for k, v in (fields or {}).items()}
     try:
         return EthUsd(int(raw["answer"]), int(raw["decimals"]), int(raw["round_id"]),
                       int(raw["updated_at"]), raw["feed"], float(raw["read_at"]))  # fmt: skip

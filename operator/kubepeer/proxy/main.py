@@ -28,6 +28,7 @@ from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
 from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.liverunner.payments import AppPayments
+from kubepeer.proxy.liverunner.registry import DynamicRunners
 from kubepeer.proxy.liverunner.service import LiveRunnerContext, LiveRunners
 from kubepeer.proxy.liverunner.sessions import SessionStore
 from kubepeer.proxy.liverunner.table import AppRows, Apps, load_apps
@@ -259,6 +260,14 @@ def build(
     if billing is not None:
         app_payments = AppPayments(billing, auth_secret, address, config.public_url, sessions,
                                    interval=args.live_payment_interval)  # fmt: skip
+    runner_url = (args.trickle_url_for_runner or config.public_url).rstrip("/")
+    registry = None
+    orch_secret = _secret_bytes(args.orch_secret_file)
+    if orch_secret:
+        registry = DynamicRunners(store, args.namespace, live_video.store, orch_secret,
+                                  runner_url, on_chain=args.payments,
+                                  taken=lambda route: route in current["apps"],
+                                  ttl=args.runner_heartbeat_ttl)  # fmt: skip
     live_runners = LiveRunners(
         LiveRunnerContext(
             apps=lambda: current["apps"],
@@ -266,8 +275,9 @@ def build(
             sessions=sessions,
             trickle=live_video.store,
             public_url=config.public_url,
-            runner_url=(args.trickle_url_for_runner or config.public_url).rstrip("/"),
+            runner_url=runner_url,
             payments=app_payments,
+            registry=registry,
             bearer_token=config.bearer_token,
             open_door=args.offchain_gateways,
             demand=demand,

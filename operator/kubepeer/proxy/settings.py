@@ -84,6 +84,17 @@ class ProxySettings(BaseSettings):
     recipient_secret_file: Path | None = Field(
         default=None, description="recipientRand secret (a Secret)"
     )
+    orch_secret_file: Path | None = Field(
+        default=None,
+        description="the secret Live Runner apps outside the cluster register with (a Secret; "
+        "go-livepeer's -orchSecret); none: dynamic registration is off",
+    )
+    runner_heartbeat_ttl: float = Field(
+        default=20.0,
+        gt=0,
+        description="seconds a runner registered by heartbeat may go silent before it is "
+        "removed and its sessions released (go-livepeer's 20 s)",
+    )
     bearer_token_file: Path | None = Field(
         default=None, description="private mode's token (a Secret)"
     )

@@ -280,6 +280,17 @@ class TrickleStore:
             pipe.expire(key, self.key_ttl)
             await pipe.execute()
 
+    async def write_segment(self, channel: str, data: bytes) -> int | None:
+        """Publish one whole segment as the orchestrator (an o2r message); its sequence
+        number, or None when there is no such channel."""
+        seq = await self.open_write(channel, -1)
+        if seq is None:
+            return None
+        await self.append(channel, seq, data)
+        await self.first_byte(channel, seq)
+        await self.end_segment(channel, seq, DONE)
+        return seq
+
     async def end_reason(self, channel: str, seq: int) -> bytes | None:
         """How segment seq ended (`done`, `closed`, `evicted`); None while it is open."""
         last = await self.redis.xrevrange(segment_key(channel, seq), count=1)

@@ -11,8 +11,8 @@ With payments on, an app is offered at its price in wei and every reservation an
 single-shot call is paid (`payments.py`: the 402 challenge, the paid retry, top-ups,
 metering); with payments off (a private proxy) sessions are free, for the bearer token's
 holders or, with offchain gateways admitted, for anyone, as an offchain go-livepeer.
-Not served yet: generated proxy URLs (`/runner/.../proxy`, `/run/...`) and dynamic
-registration (`/runners/heartbeat`).
+Runners outside the cluster join by heartbeat (`registry.py`). Not served yet: generated
+proxy URLs (`/runner/.../proxy`, `/run/...`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from kubepeer.contracts.apps import AppPrice, ServedApp
 from kubepeer.contracts.demand import JOB_TTL_SECONDS, live_runner_subject
 from kubepeer.contracts.price_table import INT64_MAX
 from kubepeer.proxy.liverunner.payments import AppPayments, PaymentProblem, wants_challenge
+from kubepeer.proxy.liverunner.registry import DYNAMIC, DynamicRunners
+from kubepeer.proxy.liverunner.registry import Refusal as RegistrationRefused
 from kubepeer.proxy.liverunner.relay import (
     SessionHeaders,
     Upstream,
@@ -68,8 +70,10 @@ ROUTES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"^/runner/{_SEGMENT}/session/{_SEGMENT}/stop$"), "runner_stop"),
     (re.compile(rf"^/runner/{_SEGMENT}/session/{_SEGMENT}/channels$"), "channels"),
     (re.compile(r"^/refresh-payment$"), "refresh_payment"),
+    (re.compile(r"^/runners/heartbeat$"), "heartbeat"),
+    (re.compile(rf"^/runners/{_SEGMENT}/unregister$"), "unregister"),
 ]
-PREFIXES = ("/discovery", "/apps/", "/runner/", "/refresh-payment")
+PREFIXES = ("/discovery", "/apps/", "/runner/", "/refresh-payment", "/runners/")
 
 
 def route_of(path: str) -> tuple[str, tuple[str | None, ...]] | None:
@@ -126,6 +130,7 @@ class LiveRunnerContext:
     public_url: str  # ServiceURI: discovery, app and control URLs, channel `url`
     runner_url: str  # LiveRunnerURI: session control, channel `internal_url`
     payments: AppPayments | None  # None: free sessions (a private proxy)
+    registry: DynamicRunners | None = None  # runners that heartbeat; None: none
     bearer_token: str | None = None  # payments off: what a private client presents
     open_door: bool = False  # payments off: admit anyone, as an offchain go-livepeer does
     demand: AppDemand = field(default_factory=NoDemand)
@@ -143,18 +148,33 @@ class LiveRunners:
         self.upstream = Upstream()
         self._ready = asyncio.Event()  # replaced each time endpoints change
         self._waking: set[str] = set()
-        self._meter: asyncio.Task[None] | None = None
+        self._keepers: list[asyncio.Task[None]] = []  # metering, the registry's upkeep
 
     async def start(self) -> None:
         self.upstream.open()
         if self.ctx.payments is not None:
-            self._meter = asyncio.create_task(self.ctx.payments.meter_forever(self._ran_dry))
+            self._keepers.append(
+                asyncio.create_task(self.ctx.payments.meter_forever(self._ran_dry)))  # fmt: skip
+        if self.ctx.registry is not None:
+            self._keepers.append(
+                asyncio.create_task(self.ctx.registry.keep_forever(self.release_all)))  # fmt: skip
 
     async def close(self) -> None:
-        if self._meter is not None:
-            self._meter.cancel()
-            await asyncio.gather(self._meter, return_exceptions=True)
+        for keeper in self._keepers:
+            keeper.cancel()
+        await asyncio.gather(*self._keepers, return_exceptions=True)
         await self.upstream.close()
+
+    def apps(self) -> Apps:
+        """The operator's apps, and the runners registered by heartbeat (route: their id)."""
+        if self.ctx.registry is None:
+            return self.ctx.apps()
+        return {**self.ctx.registry.apps(), **self.ctx.apps()}
+
+    def urls(self, service: str) -> tuple[str, ...]:
+        if service.startswith(DYNAMIC) and self.ctx.registry is not None:
+            return self.ctx.registry.urls(service)
+        return self.ctx.urls(service)
 
     async def _ran_dry(self, session: Session, why: str) -> None:
         await self.release(session.route, session.sid, why)
@@ -163,8 +183,8 @@ class LiveRunners:
         """Ready replicas changed: reservations held for a waking app look again."""
         ready, self._ready = self._ready, asyncio.Event()
         ready.set()
-        for route, app in self.ctx.apps().items():
-            if self.ctx.urls(app.runner):
+        for route, app in self.apps().items():
+            if self.urls(app.runner):
                 self._waking.discard(route)
 
     @staticmethod
@@ -206,11 +226,11 @@ class LiveRunners:
     async def discovery(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] != "GET":
             raise Refused(405, "method not allowed")
-        apps = [a for a in self.ctx.apps().values() if self.offered(a)]
+        apps = [a for a in self.apps().values() if self.offered(a)]
         used = await self.ctx.sessions.used(a.route for a in apps)
         runners = []
         for app in sorted(apps, key=lambda a: a.route):
-            urls = self.ctx.urls(app.runner)
+            urls = self.urls(app.runner)
             if not urls and not app.on_demand:
                 continue  # not ready: not listed (an OnDemand app is, to be woken)
             capacity = app.capacity * max(len(urls), 1)
@@ -242,7 +262,7 @@ class LiveRunners:
 
     # -- sessions (wire 4) --------------------------------------------------------------
     def _app(self, route: str) -> ServedApp:
-        app = self.ctx.apps().get(route)
+        app = self.apps().get(route)
         if app is None:
             raise RUNNER_NOT_FOUND
         return app
@@ -312,16 +332,19 @@ class LiveRunners:
         and the reservation held until one is ready (hold_timeout)."""
         deadline = time.monotonic() + self.ctx.hold_timeout
         while True:
-            urls = list(self.ctx.urls(app.runner))
+            urls = list(self.urls(app.runner))
             if urls:
                 random.shuffle(urls)  # ties go anywhere: proxy replicas do not pile up
                 try:
-                    return await self.ctx.sessions.reserve(
+                    session = await self.ctx.sessions.reserve(
                         app.route, app.mode, urls, app.capacity, lease, sid)  # fmt: skip
                 except Full:
                     raise NO_CAPACITY from None
                 except Exists:
                     raise Refused(409, "session already exists") from None
+                if self.ctx.registry is not None:
+                    await self.ctx.registry.send_event(app.route, "reserved", session.sid)
+                return session
             if not app.on_demand:
                 raise RUNNER_NOT_FOUND
             await self._wake(app)
@@ -331,7 +354,7 @@ class LiveRunners:
                 raise NO_CAPACITY
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ready.wait(), left)
-            app = self.ctx.apps().get(app.route, app)
+            app = self.apps().get(app.route, app)
 
     async def _wake(self, app: ServedApp, force: bool = False) -> None:
         """Ask for a replica once per app, however many reservations wait (`force`: again,
@@ -354,9 +377,16 @@ class LiveRunners:
         if self.ctx.trickle is not None:
             for channel in session.channels:
                 await self.ctx.trickle.close(channel)
+        if self.ctx.registry is not None:
+            await self.ctx.registry.send_event(route, "released", sid)
         log.info("live runner session released",
                  extra={"route": route, "session": sid, "why": why})  # fmt: skip
         return True
+
+    async def release_all(self, route: str, why: str) -> None:
+        """Release every session of an app (its runner went)."""
+        for sid in await self.ctx.sessions.sessions_of(route):
+            await self.release(route, sid, why)
 
     async def client_stop(self, scope: dict[str, Any], receive: Any, send: Any,
                           route: str, sid: str) -> None:  # fmt: skip
@@ -391,11 +421,45 @@ class LiveRunners:
             raise Refused(400, "invalid request body", as_json=True) from None
 
         def price_of(route: str) -> AppPrice | None:
-            app = self.ctx.apps().get(route)
+            app = self.apps().get(route)
             return app.price if app else None
 
         await _json(send, 200, await self.ctx.payments.refresh(body, self.ctx.sessions.get,
                                                               price_of))  # fmt: skip
+
+    # -- dynamic registration (wire 2.3) -------------------------------------------------
+    async def heartbeat(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            raise Refused(405, "method not allowed")
+        registry = self.ctx.registry
+        raw = await _drain(receive, MAX_CALLBACK_BODY)
+        if registry is None:
+            raise Refused(404, "dynamic live runner registration is disabled")
+        try:
+            body = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise Refused(400, f"invalid JSON body: {exc}") from None
+        secret = _headers(scope).get("authorization", "")
+        try:
+            answer = await registry.heartbeat(secret, body, self.ctx.sessions.sessions_of)
+        except RegistrationRefused as exc:
+            raise Refused(exc.status, exc.text) from None
+        await _json(send, 200, answer)
+
+    async def unregister(self, scope: dict[str, Any], receive: Any, send: Any,
+                         runner_id: str) -> None:  # fmt: skip
+        if scope["method"] != "POST":
+            raise Refused(405, "method not allowed")
+        await _drain(receive, MAX_CALLBACK_BODY)
+        if self.ctx.registry is None:
+            raise Refused(404, "runner not found")
+        secret = _headers(scope).get("authorization", "")
+        try:
+            await self.ctx.registry.unregister(runner_id, secret)
+        except RegistrationRefused as exc:
+            raise Refused(exc.status, exc.text) from None
+        await self.release_all(runner_id, "its runner unregistered")
+        await _empty(send, 204)
 
     # -- the app, proxied (wire 5) ------------------------------------------------------
     async def session_app(self, scope: dict[str, Any], receive: Any, send: Any,
@@ -404,7 +468,7 @@ class LiveRunners:
         session = await self.ctx.sessions.get(sid)
         if session is None or session.route != route:
             raise SESSION_NOT_FOUND
-        if session.url not in self.ctx.urls(app.runner):  # its replica went
+        if session.url not in self.urls(app.runner):  # its replica went
             await self.release(route, sid, "its replica is no longer ready")
             raise SESSION_NOT_FOUND
         if not await self.ctx.sessions.renew(session, self.ctx.session_idle):
@@ -501,7 +565,7 @@ class LiveRunners:
     # -- the runner's callbacks (wire 4.3, 6) -------------------------------------------
     async def _runner_session(self, scope: dict[str, Any], route: str, sid: str) -> Session:
         """Lookup order as go-livepeer's: runner 404, session 404, token 401."""
-        if route not in self.ctx.apps():
+        if route not in self.apps():
             raise RUNNER_NOT_FOUND
         session = await self.ctx.sessions.get(sid)
         if session is None or session.route != route:

@@ -242,6 +242,19 @@ class SessionStore:
     async def add_channel(self, session: Session, channel: str) -> bool:
         return bool(await self._add_channel(keys=[self.session_key(session.sid)], args=[channel]))
 
+    async def sessions_of(self, route: str) -> list[str]:
+        """The ids of an app's live sessions (and calls), oldest first."""
+        members = await self.redis.zrangebyscore(self.slots_key(route), f"({time.time()!r}", "+inf")
+        sids = [m.decode().split(" ", 1)[1] for m in members]
+        if not sids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hget(self.session_key(sid), "created")
+            created = await pipe.execute()
+        live = [(float(at), sid) for sid, at in zip(sids, created, strict=True) if at is not None]
+        return [sid for _, sid in sorted(live)]
+
     async def used(self, routes: Iterable[str]) -> dict[str, dict[str, int]]:
         """Live slots per replica URL, per route: one round trip for a whole discovery."""
         routes = list(routes)
