@@ -38,6 +38,8 @@ APPS = {"version": 1, "apps": [
     app_row("gone", "kubepeer/gone", "single-shot"),  # its one replica answers nothing
     app_row("cold", "kubepeer/cold", "persistent"),  # Always, no ready replica: not listed
     app_row("spy", "kubepeer/spy", "persistent"),  # tells the test what it was sent
+    app_row("web", "kubepeer/web", "persistent", proxy=True),  # a URL of its own per session
+    app_row("hi", "kubepeer/hi", "single-shot", proxy=True),  # a URL of its own
 ]}  # fmt: skip
 
 
@@ -73,7 +75,8 @@ def stack(redis_server, spy, tmp_path_factory) -> Iterator[tuple[ProxyServer, Pr
     urls = {name: next(app) for name, app in apps.items()}
     endpoints = {"live-hello": [urls["hello"]], "live-tokens": [urls["tokens"]],
                  "live-echo": [urls["echo-a"], urls["echo-b"]],
-                 "live-gone": [f"http://127.0.0.1:{free_port()}"], "live-spy": [spy]}  # fmt: skip
+                 "live-gone": [f"http://127.0.0.1:{free_port()}"], "live-spy": [spy],
+                 "live-web": [spy], "live-hi": [urls["hello"]]}  # fmt: skip
     (workdir / "bearer").write_text("private-token")
     args = ["--no-payments", "--bearer-token-file", str(workdir / "bearer"),
             "--offchain-gateways"]  # fmt: skip
@@ -108,7 +111,9 @@ def test_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
     assert entry["address"] == proxy.url
     runners = {r["app"]: r for r in entry["runners"]}
     assert set(runners) == {"kubepeer/hello-world", "kubepeer/tokens", "kubepeer/echo",
-                            "kubepeer/gone", "kubepeer/spy"}  # 2: "cold" is not  # fmt: skip
+                            "kubepeer/gone", "kubepeer/spy", "kubepeer/web",
+                            "kubepeer/hi"}  # 2: "cold" is not  # fmt: skip
+    assert runners["kubepeer/hi"]["url"] == f"{proxy.url}/run/hi"  # a proxy: true single-shot
     hello, echo = runners["kubepeer/hello-world"], runners["kubepeer/echo"]
     assert hello["url"] == f"{proxy.url}/apps/hello/app"  # 3
     assert echo["url"] == f"{proxy.url}/apps/echo/session"
@@ -319,3 +324,37 @@ def test_the_wrong_kind_of_call_is_refused_as_go_livepeer_refuses_it(stack):
         for answer, status, text in cases:
             assert (answer.status_code, answer.text.strip()) == (status, text)
             assert not any(url in answer.text for url in urls.values())
+
+
+def test_generated_proxy_urls_reach_the_session_and_go_with_it(stack):
+    proxy, _, _ = stack
+    with proxy.http() as http:
+        called = http.get("/run/hi/greet/me?x=1")  # a proxy: true single-shot's own URL
+        assert called.status_code == 200, called.text
+        assert called.json()["path"] == "/greet/me"
+        session = reserve(proxy, "web")  # a proxy: true persistent app: app_url generated
+        prefix = f"{proxy.url}/run/"
+        assert session["app_url"].startswith(prefix)
+        assert len(session["app_url"].removeprefix(prefix)) == 26
+        assert http.get(f"{session['app_url']}/page?q=2").status_code == 200
+        seen = Spy.seen[-1]
+        assert seen["livepeer-session-id"] == session["session_id"]
+        assert seen["livepeer-runner-route"] == "web"
+        token = {"Livepeer-Session-Token": seen["livepeer-session-token"]}
+        control = f"/runner/web/session/{session['session_id']}/proxy"
+        made = http.post(control, json={}, headers=token)  # 27: {} is the default target
+        assert made.status_code == 200, made.text
+        assert made.json()["url"] == f"{prefix}{made.json()['proxy_id']}"
+        assert http.get(f"{made.json()['url']}/other").status_code == 200
+        foreign = http.post(control, json={"target_url": "http://10.9.9.9:80/"}, headers=token)
+        assert (foreign.status_code, foreign.text) == (
+            400, "target_url hostname must match registered runner_url hostname\n")  # fmt: skip
+        assert http.post(control, content=b"{", headers=token).status_code == 400
+        assert (
+            http.post(control, json={}, headers={"Livepeer-Session-Token": "x"}).status_code == 401
+        )
+        stop(proxy, session)
+        for url in (session["app_url"], made.json()["url"]):  # 27: gone with the session
+            gone = http.get(f"{url}/page")
+            assert (gone.status_code, gone.text) == (404, "live runner proxy not found\n")
+        assert http.get("/run/nothing-here").status_code == 404

@@ -7,6 +7,7 @@ import pytest
 
 from kubepeer.contracts.apps import ServedApp, parse_row, row_json
 from kubepeer.contracts.price_table import CatalogueError
+from kubepeer.proxy.liverunner.proxy_urls import BadTemplate, ProxyTemplate
 from kubepeer.proxy.liverunner.relay import SessionHeaders, upstream_headers, upstream_url
 from kubepeer.proxy.liverunner.service import route_of
 
@@ -62,7 +63,9 @@ def test_upstream_headers_drop_hop_by_hop_and_set_the_session_over_the_clients()
         ("/runner/echo/session/s1/stop", ("runner_stop", ("echo", "s1"))),
         ("/runner/echo/session/s1/channels", ("channels", ("echo", "s1"))),
         ("/apps/echo", None),
-        ("/runner/echo/session/s1/proxy", None),  # generated proxy URLs: not served yet
+        ("/runner/echo/session/s1/proxy", ("create_proxy", ("echo", "s1"))),
+        ("/runners/heartbeat", ("heartbeat", ())),
+        ("/runners/runner_x/unregister", ("unregister", ("runner_x",))),
     ],
 )
 def test_routes(path, expected):
@@ -97,3 +100,34 @@ def test_an_app_row_reads_back_as_written():
     del row["runner"]
     with pytest.raises(CatalogueError, match="missing field runner"):
         parse_row(row, "app.json")
+
+
+@pytest.mark.parametrize(
+    ("template", "host", "path", "found"),
+    [
+        ("https://o.example:8935/run/{proxy}", "O.example:8935", "/run/AbC/x/y", ("abc", "/x/y")),
+        ("https://o.example:8935/run/{proxy}", "o.example:8935", "/run/abc", ("abc", "")),
+        ("https://o.example:8935/run/{proxy}", "other:8935", "/run/abc", None),
+        ("https://o.example:8935/run/{proxy}", "o.example:8935", "/apps/abc", None),
+        ("https://{proxy}.apps.example", "Abc.apps.example:443", "/x", ("abc", "/x")),
+        ("https://{proxy}.apps.example", "apps.example", "/x", None),
+        ("https://p-{proxy}.apps.example", "p-abc.apps.example", "/", ("abc", "/")),
+    ],
+)
+def test_a_generated_url_is_found_by_its_template(template, host, path, found):
+    assert ProxyTemplate.parse(template).find(host, path) == found
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/run/{proxy}",
+        "https://o/run/{proxy}/x",
+        "https://o/{proxy}/{proxy}",
+        "https://o/run",
+        "https://{proxy}.o/run",
+    ],
+)
+def test_a_bad_template_is_refused(template):
+    with pytest.raises(BadTemplate):
+        ProxyTemplate.parse(template)

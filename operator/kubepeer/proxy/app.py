@@ -171,7 +171,7 @@ class Proxy:
         if self.trickle and scope["type"] == "http" and scope["path"].startswith(TRICKLE_PATH):
             await self.trickle(scope, receive, send)
             return
-        if self.apps and scope["type"] != "lifespan" and self.apps.handles(scope["path"]):
+        if self.apps and scope["type"] != "lifespan" and self.apps.handles(scope):
             await self.apps(scope, receive, send)
             return
         await self.http_app(scope, receive, send)

@@ -28,6 +28,7 @@ from kubepeer.proxy.demand_batch import BatchedDemand
 from kubepeer.proxy.endpoints import ListWatch, endpoint_slice_watch
 from kubepeer.proxy.live import LedgerDoor, LiveCapacity, LiveService
 from kubepeer.proxy.liverunner.payments import AppPayments
+from kubepeer.proxy.liverunner.proxy_urls import BadTemplate, ProxyStore, ProxyTemplate
 from kubepeer.proxy.liverunner.registry import DynamicRunners
 from kubepeer.proxy.liverunner.service import LiveRunnerContext, LiveRunners
 from kubepeer.proxy.liverunner.sessions import SessionStore
@@ -268,6 +269,11 @@ def build(
                                   runner_url, on_chain=args.payments,
                                   taken=lambda route: route in current["apps"],
                                   ttl=args.runner_heartbeat_ttl)  # fmt: skip
+    try:
+        proxy_urls = ProxyTemplate.parse(args.live_runner_proxy_url
+                                         or f"{config.public_url}/run/{{proxy}}")  # fmt: skip
+    except BadTemplate as exc:
+        raise SystemExit(f"--live-runner-proxy-url: {exc}") from None
     live_runners = LiveRunners(
         LiveRunnerContext(
             apps=lambda: current["apps"],
@@ -278,6 +284,8 @@ def build(
             runner_url=runner_url,
             payments=app_payments,
             registry=registry,
+            proxy_urls=proxy_urls,
+            proxies=ProxyStore(store, args.namespace),
             bearer_token=config.bearer_token,
             open_door=args.offchain_gateways,
             demand=demand,

@@ -162,6 +162,12 @@ class ProxySettings(BaseSettings):
         "(default: the public URL), as go-livepeer's -liveAITrickleHostForRunner and "
         "-liveRunnerAddr",
     )
+    live_runner_proxy_url: str | None = Field(
+        default=None,
+        description="the template of generated proxy URLs, with one {proxy} as the last path "
+        "segment or in the host (go-livepeer's -liveRunnerProxyUrl; default: "
+        "<public URL>/run/{proxy})",
+    )
     app_session_idle: float = Field(
         default=600.0,
         gt=0,

@@ -11,8 +11,8 @@ With payments on, an app is offered at its price in wei and every reservation an
 single-shot call is paid (`payments.py`: the 402 challenge, the paid retry, top-ups,
 metering); with payments off (a private proxy) sessions are free, for the bearer token's
 holders or, with offchain gateways admitted, for anyone, as an offchain go-livepeer.
-Runners outside the cluster join by heartbeat (`registry.py`). Not served yet: generated
-proxy URLs (`/runner/.../proxy`, `/run/...`).
+Runners outside the cluster join by heartbeat (`registry.py`); sessions and `proxy: true`
+apps get URLs of their own (`proxy_urls.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -36,6 +37,12 @@ from kubepeer.contracts.apps import AppPrice, ServedApp
 from kubepeer.contracts.demand import JOB_TTL_SECONDS, live_runner_subject
 from kubepeer.contracts.price_table import INT64_MAX
 from kubepeer.proxy.liverunner.payments import AppPayments, PaymentProblem, wants_challenge
+from kubepeer.proxy.liverunner.proxy_urls import (
+    ProxyStore,
+    ProxyTemplate,
+    SessionProxy,
+    new_proxy_id,
+)
 from kubepeer.proxy.liverunner.registry import DYNAMIC, DynamicRunners
 from kubepeer.proxy.liverunner.registry import Refusal as RegistrationRefused
 from kubepeer.proxy.liverunner.relay import (
@@ -69,6 +76,7 @@ ROUTES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"^/apps/{_SEGMENT}/app(/.*)?$"), "single_shot"),
     (re.compile(rf"^/runner/{_SEGMENT}/session/{_SEGMENT}/stop$"), "runner_stop"),
     (re.compile(rf"^/runner/{_SEGMENT}/session/{_SEGMENT}/channels$"), "channels"),
+    (re.compile(rf"^/runner/{_SEGMENT}/session/{_SEGMENT}/proxy$"), "create_proxy"),
     (re.compile(r"^/refresh-payment$"), "refresh_payment"),
     (re.compile(r"^/runners/heartbeat$"), "heartbeat"),
     (re.compile(rf"^/runners/{_SEGMENT}/unregister$"), "unregister"),
@@ -131,6 +139,8 @@ class LiveRunnerContext:
     runner_url: str  # LiveRunnerURI: session control, channel `internal_url`
     payments: AppPayments | None  # None: free sessions (a private proxy)
     registry: DynamicRunners | None = None  # runners that heartbeat; None: none
+    proxy_urls: ProxyTemplate | None = None  # generated proxy URLs (wire 5.3)
+    proxies: ProxyStore | None = None
     bearer_token: str | None = None  # payments off: what a private client presents
     open_door: bool = False  # payments off: admit anyone, as an offchain go-livepeer does
     demand: AppDemand = field(default_factory=NoDemand)
@@ -187,18 +197,32 @@ class LiveRunners:
             if self.urls(app.runner):
                 self._waking.discard(route)
 
-    @staticmethod
-    def handles(path: str) -> bool:
-        return path.startswith(PREFIXES)
+    def handles(self, scope: dict[str, Any]) -> bool:
+        """Whether a request is ours: by path, or a generated proxy URL (by host, for a
+        host-form template)."""
+        if scope["path"].startswith(PREFIXES):
+            return True
+        return self._generated(scope) is not None
+
+    def _generated(self, scope: dict[str, Any]) -> tuple[str, str] | None:
+        template = self.ctx.proxy_urls
+        if template is None:
+            return None
+        if not template.host_form and not template.claims_path(scope["path"]):
+            return None
+        host = _headers(scope).get("host", "")
+        return template.find(host, scope["path"])
 
     # -- ASGI -----------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        routed = route_of(scope["path"])
+        generated = self._generated(scope)
+        routed = ("generated", (generated,)) if generated else route_of(scope["path"])
         if routed is None:
             await _text(send, 404, "404 page not found")
             return
         name, params = routed
-        if scope["type"] == "websocket" and name not in ("session_app", "single_shot"):
+        if scope["type"] == "websocket" and name not in ("session_app", "single_shot",
+                                                         "generated"):  # fmt: skip
             await send({"type": "websocket.close", "code": 1008})
             return
         try:
@@ -243,8 +267,11 @@ class LiveRunners:
 
     def _listing(self, app: ServedApp, capacity: int, in_use: int) -> dict[str, Any]:
         base = f"{self.ctx.public_url}/apps/{app.route}"
+        url = f"{base}/session" if app.persistent else f"{base}/app"
+        if app.proxy and not app.persistent and self.ctx.proxy_urls is not None:
+            url = self.ctx.proxy_urls.url(app.route)  # its own generated URL (wire 3)
         listing: dict[str, Any] = {
-            "url": f"{base}/session" if app.persistent else f"{base}/app",
+            "url": url,
             "app": app.app,
             "mode": app.mode,
             "capacity": capacity,
@@ -315,7 +342,10 @@ class LiveRunners:
         log.info("live runner session reserved",
                  extra={"route": route, "session": session.sid})  # fmt: skip
         control = f"{self.ctx.public_url}/apps/{route}/session/{session.sid}"
-        await _json(send, 200, {"session_id": session.sid, "app_url": f"{control}/app",
+        app_url = f"{control}/app"
+        if app.proxy and self.ctx.proxy_urls is not None:  # a default-target proxy URL
+            app_url = (await self._make_proxy(session, session.url))["url"]
+        await _json(send, 200, {"session_id": session.sid, "app_url": app_url,
                                 "control_url": control})  # fmt: skip
 
     async def _mark_demand(self, app: ServedApp, job_id: str) -> None:
@@ -377,6 +407,8 @@ class LiveRunners:
         if self.ctx.trickle is not None:
             for channel in session.channels:
                 await self.ctx.trickle.close(channel)
+        if self.ctx.proxies is not None:
+            await self.ctx.proxies.drop(list(session.proxies))
         if self.ctx.registry is not None:
             await self.ctx.registry.send_event(route, "released", sid)
         log.info("live runner session released",
@@ -490,7 +522,8 @@ class LiveRunners:
                 await self.release(route, session.sid, "the call ended")
 
     async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, app: ServedApp,
-                     session: Session, path: str, lease: float) -> None:  # fmt: skip
+                     session: Session, path: str, lease: float,
+                     base: str | None = None) -> None:  # fmt: skip
         """One request relayed to the session's replica, its lease renewed while it runs
         and its demand recorded from start to end."""
         subject = live_runner_subject(app.route)
@@ -500,7 +533,8 @@ class LiveRunners:
             await self._wake(app, force=True)  # claimed idle just now: woken again
         control = f"{self.ctx.runner_url}/runner/{app.route}/session/{session.sid}"
         headers = SessionHeaders(app.route, session.sid, session.token, control)
-        target = upstream_url(session.url, path, scope.get("query_string", b"").decode())
+        target = upstream_url(base or session.url, path,
+                              scope.get("query_string", b"").decode())  # fmt: skip
         raw = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
         watched = _Watched(send)
         if scope["type"] == "websocket":
@@ -582,6 +616,65 @@ class LiveRunners:
         await self._runner_session(scope, route, sid)
         await self.release(route, sid, "stopped by the runner")
         await _empty(send, 204)
+
+    # -- generated proxy URLs (wire 5.3) --------------------------------------------------
+    async def generated(self, scope: dict[str, Any], receive: Any, send: Any,
+                        found: tuple[str, str]) -> None:  # fmt: skip
+        """A request at a generated URL: a session's proxy, or a `proxy: true` single-shot
+        app's own URL (its route as the id)."""
+        proxy_id, rest = found
+        proxy = await self.ctx.proxies.get(proxy_id) if self.ctx.proxies else None
+        if proxy is None:
+            app = self.apps().get(proxy_id)
+            if app is not None and app.proxy and not app.persistent:
+                await self.single_shot(scope, receive, send, proxy_id, rest)
+                return
+            raise Refused(404, "live runner proxy not found")
+        app = self._app(proxy.route)
+        session = await self.ctx.sessions.get(proxy.sid)
+        if session is None or session.url not in self.urls(app.runner):
+            await self.ctx.proxies.drop([proxy_id])  # its session is gone
+            raise Refused(404, "live runner proxy not found")
+        await self.ctx.proxies.touch(proxy_id)
+        if not await self.ctx.sessions.renew(session, self.ctx.session_idle):
+            raise Refused(404, "live runner proxy not found")
+        await self._proxy(scope, receive, send, app, session, rest, self.ctx.session_idle,
+                          base=proxy.target)  # fmt: skip
+
+    async def create_proxy(self, scope: dict[str, Any], receive: Any, send: Any,
+                           route: str, sid: str) -> None:  # fmt: skip
+        if scope["method"] != "POST":
+            raise Refused(405, "method not allowed")
+        session = await self._runner_session(scope, route, sid)
+        if self.ctx.proxy_urls is None:
+            raise Refused(404, "live runner proxy URLs are not served")
+        raw = await _drain(receive, MAX_CALLBACK_BODY)
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise Refused(400, f"invalid JSON body: {exc}") from None
+        target = body.get("target_url") if isinstance(body, dict) else None
+        if target is None:
+            target = session.url
+        if not isinstance(target, str):
+            raise Refused(400, "target_url must be a string")
+        parts = urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            raise Refused(400, "target_url must be an absolute http or https URL without a "
+                               "fragment")  # fmt: skip
+        if parts.hostname != urlsplit(session.url).hostname:
+            raise Refused(400, "target_url hostname must match registered runner_url hostname")
+        await _json(send, 200, await self._make_proxy(session, target))
+
+    async def _make_proxy(self, session: Session, target: str) -> dict[str, str]:
+        assert self.ctx.proxy_urls is not None
+        assert self.ctx.proxies is not None
+        made = SessionProxy(new_proxy_id(), session.sid, session.route, target)
+        await self.ctx.proxies.add(made)
+        if not await self.ctx.sessions.add_proxy(session, made.proxy_id):
+            await self.ctx.proxies.drop([made.proxy_id])
+            raise SESSION_NOT_FOUND
+        return {"proxy_id": made.proxy_id, "url": self.ctx.proxy_urls.url(made.proxy_id)}
 
     async def channels(self, scope: dict[str, Any], receive: Any, send: Any,
                        route: str, sid: str) -> None:  # fmt: skip

@@ -5,7 +5,8 @@ request of every session, and an app's capacity holds across replicas
 Layout, per namespace `ns`:
 - `kubepeer:lr:{ns}:session:<sid>` hash: `route`, `url` (the app replica it is pinned to),
   `token` (what the replica presents on callbacks), `mode`, `created`, and `channels`
-  (the trickle channels made for it, space-separated). Expires with its lease.
+  (the trickle channels made for it, space-separated), `proxies` (its generated proxy URLs'
+  ids). Expires with its lease.
   A paid session also holds `payer`, `price` (wei per unit, "num/den", frozen at its
   reserving payment), `unit` and `billed_at` (unix seconds billed up to).
 - `kubepeer:lr:{ns}:meter` sorted set: paid metered session -> when its next debit is due.
@@ -49,7 +50,7 @@ end
 if not best then return {'full'} end
 redis.call('ZADD', KEYS[1], ARGV[2], best .. ' ' .. ARGV[4])
 redis.call('HSET', KEYS[2], 'route', ARGV[6], 'url', best, 'token', ARGV[5],
-           'mode', ARGV[7], 'created', ARGV[1], 'channels', '')
+           'mode', ARGV[7], 'created', ARGV[1], 'channels', '', 'proxies', '')
 redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[2])))
 return {'ok', best}
 """
@@ -83,14 +84,15 @@ redis.call('ZADD', KEYS[1], 'XX', ARGV[2], url .. ' ' .. ARGV[1])
 redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[2])))
 return 1
 """
-# KEYS: session. ARGV: channel name. Adds it to the session's channels; 0 if it is gone.
-_ADD_CHANNEL = """
-local have = redis.call('HGET', KEYS[1], 'channels')
+# KEYS: session. ARGV: a list field (channels, proxies), a name. Adds the name to the
+# session's list; 0 if the session is gone.
+_ADD_NAME = """
+local have = redis.call('HGET', KEYS[1], ARGV[1])
 if not have then return 0 end
 for name in string.gmatch(have, '%S+') do
-  if name == ARGV[1] then return 1 end
+  if name == ARGV[2] then return 1 end
 end
-redis.call('HSET', KEYS[1], 'channels', have .. ' ' .. ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], have .. ' ' .. ARGV[2])
 return 1
 """
 
@@ -126,6 +128,7 @@ class Session:
     token: str
     mode: str
     channels: tuple[str, ...] = ()
+    proxies: tuple[str, ...] = ()  # its generated proxy URLs' ids
     billed: Billed | None = None  # None: a free session
 
     @classmethod
@@ -137,6 +140,7 @@ class Session:
                             unit=text["unit"], billed_at=float(text["billed_at"]))  # fmt: skip
         return cls(sid=sid, route=text["route"], url=text["url"], token=text["token"],
                    mode=text["mode"], channels=tuple(text.get("channels", "").split()),
+                   proxies=tuple(text.get("proxies", "").split()),
                    billed=billed)  # fmt: skip
 
 
@@ -161,7 +165,7 @@ class SessionStore:
         self._reserve = redis.register_script(_RESERVE)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
-        self._add_channel = redis.register_script(_ADD_CHANNEL)
+        self._add_name = redis.register_script(_ADD_NAME)
         self._meter_claim = redis.register_script(_METER_CLAIM)
         self._set = redis.register_script(_SET)
         self.meter_key = f"{self.prefix}:meter"
@@ -240,7 +244,15 @@ class SessionStore:
         await self.redis.zrem(self.meter_key, sid)
 
     async def add_channel(self, session: Session, channel: str) -> bool:
-        return bool(await self._add_channel(keys=[self.session_key(session.sid)], args=[channel]))
+        """Note a trickle channel made for the session; False: it was released meanwhile."""
+        return await self._add(session, "channels", channel)
+
+    async def add_proxy(self, session: Session, proxy_id: str) -> bool:
+        """Note a generated proxy URL of the session; False: it was released meanwhile."""
+        return await self._add(session, "proxies", proxy_id)
+
+    async def _add(self, session: Session, field: str, name: str) -> bool:
+        return bool(await self._add_name(keys=[self.session_key(session.sid)], args=[field, name]))
 
     async def sessions_of(self, route: str) -> list[str]:
         """The ids of an app's live sessions (and calls), oldest first."""
