@@ -20,6 +20,7 @@ from websockets.sync.client import connect as websocket
 from conftest import free_port
 from proxies import ProxyServer, models_json, start_proxy, stop_proxy
 from runners import sdk_apps, serve_app
+from support import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -40,7 +41,9 @@ APPS = {"version": 1, "apps": [
     app_row("spy", "kubepeer/spy", "persistent"),  # tells the test what it was sent
     app_row("web", "kubepeer/web", "persistent", proxy=True),  # a URL of its own per session
     app_row("hi", "kubepeer/hi", "single-shot", proxy=True),  # a URL of its own
+    app_row("flaky", "kubepeer/flaky", "persistent"),  # its replica turns unready
 ]}  # fmt: skip
+ENDPOINTS: dict[str, list[str]] = {}  # what both proxies are told is ready (their file)
 
 
 class Spy(BaseHTTPRequestHandler):
@@ -76,7 +79,8 @@ def stack(redis_server, spy, tmp_path_factory) -> Iterator[tuple[ProxyServer, Pr
     endpoints = {"live-hello": [urls["hello"]], "live-tokens": [urls["tokens"]],
                  "live-echo": [urls["echo-a"], urls["echo-b"]],
                  "live-gone": [f"http://127.0.0.1:{free_port()}"], "live-spy": [spy],
-                 "live-web": [spy], "live-hi": [urls["hello"]]}  # fmt: skip
+                 "live-web": [spy], "live-hi": [urls["hello"]], "live-flaky": [spy]}  # fmt: skip
+    ENDPOINTS.update(endpoints)
     (workdir / "bearer").write_text("private-token")
     args = ["--no-payments", "--bearer-token-file", str(workdir / "bearer"),
             "--offchain-gateways"]  # fmt: skip
@@ -104,7 +108,7 @@ def stop(proxy: ProxyServer, session: dict) -> None:
         assert http.post(f"{session['control_url']}/stop").status_code == 204
 
 
-def test_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
+def test_01_02_03_04_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
     proxy, _, urls = stack
     report = sdk_apps("discover", proxy.url)
     [entry] = report["entries"]  # 1: one object, our public address
@@ -112,7 +116,7 @@ def test_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
     runners = {r["app"]: r for r in entry["runners"]}
     assert set(runners) == {"kubepeer/hello-world", "kubepeer/tokens", "kubepeer/echo",
                             "kubepeer/gone", "kubepeer/spy", "kubepeer/web",
-                            "kubepeer/hi"}  # 2: "cold" is not  # fmt: skip
+                            "kubepeer/hi", "kubepeer/flaky"}  # 2: "cold" is not  # fmt: skip
     assert runners["kubepeer/hi"]["url"] == f"{proxy.url}/run/hi"  # a proxy: true single-shot
     hello, echo = runners["kubepeer/hello-world"], runners["kubepeer/echo"]
     assert hello["url"] == f"{proxy.url}/apps/hello/app"  # 3
@@ -125,7 +129,7 @@ def test_discovery_lists_the_ready_apps_as_the_sdk_reads_them(stack):
     assert sdk_apps("discover", proxy.url, "kubepeer/echo")["entries"][0]["runners"] == [echo]
 
 
-def test_a_single_shot_call_reaches_the_app_with_the_session_headers(stack):
+def test_21_24_a_single_shot_call_reaches_the_app_with_the_session_headers(stack):
     proxy, _, _ = stack
     report = sdk_apps("call", proxy.url, "kubepeer/hello-world", "/greet/me", '{"name": "x"}')
     data = report["data"]
@@ -147,7 +151,7 @@ def test_a_single_shot_call_reaches_the_app_with_the_session_headers(stack):
             assert answer.json()["session"]["runner-route"] == "hello"
 
 
-def test_sse_streams_through_the_proxy_as_the_app_writes_it(stack):
+def test_22_sse_streams_through_the_proxy_as_the_app_writes_it(stack):
     proxy, _, _ = stack
     payload = {"prompt": "one two three", "max_tokens": 6, "delay_ms": 300}
     report = sdk_apps("stream", proxy.url, "kubepeer/tokens", "/v1/stream", json.dumps(payload))
@@ -161,7 +165,7 @@ def test_sse_streams_through_the_proxy_as_the_app_writes_it(stack):
     assert lines[-1]["at"] - lines[0]["at"] >= 1.0
 
 
-def test_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
+def test_11_24_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
     proxy, second, _ = stack
     slow = {"prompt": "slow", "max_tokens": 8, "delay_ms": 400}
     answers: list[int] = []
@@ -193,7 +197,7 @@ def test_a_single_shot_call_holds_a_slot_only_while_it_runs(stack):
         assert http.post("/apps/tokens/app/v1/stream", json=quick).status_code == 200
 
 
-def test_a_persistent_session_through_the_sdk_echoes_channels_and_websockets(stack):
+def test_11_22_25_26_30_a_persistent_session_through_the_sdk_echoes_channels_and_websockets(stack):
     proxy, second, _ = stack
     session = sdk_apps("reserve", proxy.url, "kubepeer/echo")  # 11
     sid = session["session_id"]
@@ -224,7 +228,7 @@ def test_a_persistent_session_through_the_sdk_echoes_channels_and_websockets(sta
         assert gone.status_code == 404 or gone.headers.get("lp-trickle-closed")  # 26
 
 
-def test_capacity_holds_across_proxy_replicas(stack):
+def test_11_capacity_holds_across_proxy_replicas(stack):
     proxy, second, _ = stack
     sessions = [reserve(proxy), reserve(second)]  # two replicas, one session each
     with second.http() as http:
@@ -236,7 +240,7 @@ def test_capacity_holds_across_proxy_replicas(stack):
         stop(proxy, session)
 
 
-def test_the_runners_callbacks_check_route_session_and_token(stack):
+def test_21_25_26_the_runners_callbacks_check_route_session_and_token(stack):
     proxy, second, _ = stack
     session = reserve(proxy, "spy")
     sid = session["session_id"]
@@ -307,7 +311,7 @@ def test_the_app_ends_its_own_session_through_the_sdk_path(stack):
         assert http.post(f"{session['app_url']}/start", json={}).status_code == 404
 
 
-def test_the_wrong_kind_of_call_is_refused_as_go_livepeer_refuses_it(stack):
+def test_12_23_30_the_wrong_kind_of_call_is_refused_as_go_livepeer_refuses_it(stack):
     proxy, _, urls = stack
     with proxy.http() as http:
         cases = [  # 12, 23
@@ -326,7 +330,7 @@ def test_the_wrong_kind_of_call_is_refused_as_go_livepeer_refuses_it(stack):
             assert not any(url in answer.text for url in urls.values())
 
 
-def test_generated_proxy_urls_reach_the_session_and_go_with_it(stack):
+def test_27_generated_proxy_urls_reach_the_session_and_go_with_it(stack):
     proxy, _, _ = stack
     with proxy.http() as http:
         called = http.get("/run/hi/greet/me?x=1")  # a proxy: true single-shot's own URL
@@ -358,3 +362,30 @@ def test_generated_proxy_urls_reach_the_session_and_go_with_it(stack):
             gone = http.get(f"{url}/page")
             assert (gone.status_code, gone.text) == (404, "live runner proxy not found\n")
         assert http.get("/run/nothing-here").status_code == 404
+
+
+def test_29_a_replica_that_turns_unready_leaves_discovery_and_releases_its_sessions(stack):
+    """go-livepeer's failing health check, as Kubernetes says it: the replica's EndpointSlice
+    turns it unready. The app leaves discovery, its session is released; ready again, it is
+    listed under the same route."""
+    proxy, second, _ = stack
+
+    def apps(server: ProxyServer) -> set[str]:
+        with server.http() as http:
+            return {r["app"] for r in http.get("/discovery").json()[0]["runners"]}
+
+    session = reserve(proxy, "flaky")
+    with proxy.http() as http:
+        assert http.get(f"{session['app_url']}/x").status_code == 200
+        for server in (proxy, second):
+            server.set_endpoints({**ENDPOINTS, "live-flaky": []})
+        try:
+            flaky = "kubepeer/flaky"
+            wait_for(lambda: flaky not in apps(proxy) and flaky not in apps(second),
+                     timeout=15, what="the unready app to leave discovery")  # fmt: skip
+            assert http.get(f"{session['app_url']}/x").status_code == 404
+        finally:
+            for server in (proxy, second):
+                server.set_endpoints(ENDPOINTS)
+        wait_for(lambda: "kubepeer/flaky" in apps(proxy), timeout=15, what="the app back")
+        assert http.get(f"{session['app_url']}/x").status_code == 404  # released for good

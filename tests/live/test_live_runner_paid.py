@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ def row(route: str, app: str, mode: str, price: dict | None, capacity: int = 1) 
             "metadata": None, "version": None, "price": price}  # fmt: skip
 
 
+REPLICA: dict = {}  # how the module's proxies are started: another replica starts the same
 APPS = {"version": 1, "apps": [
     row("hello", "kubepeer/hello-world", "single-shot", {"wei": str(FIXED), "unit": "fixed"}),
     row("tokens", "kubepeer/tokens", "single-shot", {"wei": str(PER_SECOND), "unit": "seconds"}),
@@ -59,9 +61,11 @@ def paid(redis_server, chain_facts, tmp_path_factory) -> Iterator[tuple[ProxySer
     urls = {name: next(app) for name, app in apps.items()}
     endpoints = {f"live-{name}": [url] for name, url in urls.items()}
     endpoints["live-unpriced"] = endpoints["live-flat"] = [urls["echo"]]
-    proxy = start_proxy(workdir / "proxy", redis_server, models=models_json(extra=[], base=False),
-                        endpoints=endpoints, apps=APPS,
-                        args=["--live-payment-interval", "1"])  # fmt: skip
+    replica = {"models": models_json(extra=[], base=False), "endpoints": endpoints,
+               "apps": APPS, "args": ["--live-payment-interval", "1"]}  # fmt: skip
+    REPLICA.update(replica, shared=workdir / "proxy")
+    proxy = start_proxy(workdir / "proxy", redis_server, **replica)
+    other = start_proxy(workdir / "other", redis_server, **REPLICA)
     key = workdir / "payer.key"
     key.write_text(Account.create().key.hex())
     port = free_port()
@@ -81,9 +85,10 @@ def paid(redis_server, chain_facts, tmp_path_factory) -> Iterator[tuple[ProxySer
             return False
 
     wait_for(up, timeout=30, what="the remote signer")
-    yield proxy, signer_url
+    yield proxy, signer_url, other
     signer.terminate()
     signer.wait(10)
+    stop_proxy(other)
     stop_proxy(proxy)
     for app in apps.values():
         app.close()
@@ -119,8 +124,8 @@ def pay(gateway: Gateway, info: net_pb2.OrchestratorInfo, manifest: str, tickets
     return headers
 
 
-def test_discovery_prices_each_app_in_wei(paid):
-    proxy, _ = paid
+def test_04_discovery_prices_each_app_in_wei(paid):
+    proxy, _, _ = paid
     runners = {r["app"]: r for r in sdk_apps("discover", proxy.url)["entries"][0]["runners"]}
     assert set(runners) == {"kubepeer/hello-world", "kubepeer/tokens", "kubepeer/echo",
                             "kubepeer/flat"}  # fmt: skip
@@ -134,8 +139,8 @@ def test_discovery_prices_each_app_in_wei(paid):
         assert refused.text.startswith("live runner price unavailable: ")
 
 
-def test_a_challenge_says_what_to_pay_and_a_bad_payer_is_refused(paid):
-    proxy, _ = paid
+def test_13_14_a_challenge_says_what_to_pay_and_a_bad_payer_is_refused(paid):
+    proxy, _, _ = paid
     gateway = Gateway()
     with proxy.http() as http:
         body, info = challenge(http, gateway, "/apps/echo/session")  # 13
@@ -156,8 +161,8 @@ def test_a_challenge_says_what_to_pay_and_a_bad_payer_is_refused(paid):
                 "error": {"message": "invalid live runner payment signer address"}}  # fmt: skip
 
 
-def test_a_paid_retry_opens_the_session_once_for_its_manifest(paid, redis_server):
-    proxy, _ = paid
+def test_15_16_a_paid_retry_opens_the_session_once_for_its_manifest(paid, redis_server):
+    proxy, _, _ = paid
     gateway = Gateway()
     with proxy.http() as http:
         body, info = challenge(http, gateway, "/apps/echo/session")
@@ -174,8 +179,8 @@ def test_a_paid_retry_opens_the_session_once_for_its_manifest(paid, redis_server
         assert http.post(f"/apps/echo/session/{manifest}/stop").status_code == 204
 
 
-def test_a_fixed_price_is_paid_exactly_once_and_takes_no_top_ups(paid, redis_server):
-    proxy, _ = paid
+def test_17_a_fixed_price_is_paid_exactly_once_and_takes_no_top_ups(paid, redis_server):
+    proxy, _, _ = paid
     gateway = Gateway()
     with proxy.http() as http:
         body, info = challenge(http, gateway, "/apps/hello/app/greet")
@@ -201,8 +206,10 @@ def test_a_fixed_price_is_paid_exactly_once_and_takes_no_top_ups(paid, redis_ser
         assert http.post(f"{opened.json()['control_url']}/stop").status_code == 204
 
 
-def test_an_unpaid_metered_session_is_released_at_its_first_unaffordable_debit(paid, redis_server):
-    proxy, _ = paid
+def test_18_an_unpaid_metered_session_is_released_at_its_first_unaffordable_debit(
+    paid, redis_server
+):
+    proxy, _, _ = paid
     gateway = Gateway()
     with proxy.http() as http:
         body, info, session = paid_retry(http, gateway, "/apps/echo/session")
@@ -218,8 +225,8 @@ def test_an_unpaid_metered_session_is_released_at_its_first_unaffordable_debit(p
         assert http.post(f"{control}/stop").status_code == 204
 
 
-def test_top_ups_credit_the_session_and_answer_a_payment_result(paid, redis_server):
-    proxy, _ = paid
+def test_19_20_top_ups_credit_the_session_and_answer_a_payment_result(paid, redis_server):
+    proxy, _, _ = paid
     gateway = Gateway()
     with proxy.http() as http:
         body, info, opened = paid_retry(http, gateway, "/apps/echo/session", tickets=5)
@@ -258,7 +265,7 @@ def test_top_ups_credit_the_session_and_answer_a_payment_result(paid, redis_serv
 
 
 def test_the_sdk_pays_calls_and_keeps_a_session_funded_through_its_signer(paid, redis_server):
-    proxy, signer = paid
+    proxy, signer, _ = paid
     fixed = sdk_apps("call", proxy.url, "kubepeer/hello-world", "/greet", "{}", signer)
     assert fixed["data"]["message"] == "hello, world"
     payer = bytes.fromhex(httpx.post(f"{signer}/sign-orchestrator-info", json={})
@@ -274,3 +281,59 @@ def test_the_sdk_pays_calls_and_keeps_a_session_funded_through_its_signer(paid, 
     assert held["statuses"] == [200] * 13
     assert held["released"] is False
     assert balance(redis_server, payer, held["session_id"]) >= 0
+
+
+def test_a_session_reserved_through_one_replica_is_proxied_metered_and_released_by_another(
+    paid, redis_server
+):
+    proxy, _, other = paid
+    gateway = Gateway()
+    with proxy.http() as http:
+        body, _, opened = paid_retry(http, gateway, "/apps/echo/session")  # 2 s of credit
+    manifest = body["manifest_id"]
+    app_path = opened.json()["app_url"].removeprefix(proxy.url)
+    with other.http() as http:
+        assert http.get(f"{app_path}/health").status_code == 200
+        wait_for(lambda: http.get(f"{app_path}/health").status_code == 404, timeout=15,
+                 what="the unpaid session's release")  # fmt: skip
+    assert balance(redis_server, gateway.address, manifest) == EV - 2 * PER_SECOND
+
+
+def test_a_replica_killed_mid_session_loses_no_accepted_payment(paid, redis_server, tmp_path):
+    _, _, other = paid
+    doomed = start_proxy(tmp_path / "doomed", redis_server, **REPLICA)
+    gateway = Gateway()
+    redis = redis_server.client()
+    try:
+        with doomed.http() as http:
+            body, info, opened = paid_retry(http, gateway, "/apps/echo/session", tickets=5)
+            manifest = body["manifest_id"]
+            topped = http.post(body["payment_url"], headers=pay(gateway, info, manifest, 2))
+            assert topped.status_code == 200, topped.text
+        session_key = f"kubepeer:lr:test:session:{manifest}"
+        started = float(redis.hget(session_key, "billed_at"))
+    finally:
+        doomed.process.send_signal(signal.SIGKILL)  # mid-session, no goodbye
+        doomed.process.wait(10)
+
+    def billed_seconds() -> float:
+        return float(redis.hget(session_key, "billed_at")) - started
+
+    def accounted(tickets: int) -> bool:
+        """The balance is every ticket accepted less what metering billed (read again if a
+        debit landed between the two reads)."""
+        billed = round(billed_seconds()) * PER_SECOND
+        return balance(redis_server, gateway.address, manifest) == tickets * EV - billed
+
+    # Every payment answered 200 is in the ledger: 7 tickets, less what metering billed.
+    wait_for(lambda: accounted(7), timeout=5, what="7 tickets accounted for")
+    app_path = opened.json()["app_url"].removeprefix(doomed.url)
+    with other.http() as http:  # the session lives on through the other replica
+        wait_for(lambda: billed_seconds() >= 3, timeout=15, what="metering by the survivor")
+        assert http.get(f"{app_path}/health").status_code == 200
+        more = http.post(body["payment_url"].removeprefix(doomed.url),
+                         headers=pay(gateway, info, manifest))  # fmt: skip
+        assert more.status_code == 200, more.text
+        wait_for(lambda: accounted(8), timeout=5, what="8 tickets accounted for")
+        assert http.post(opened.json()["control_url"].removeprefix(doomed.url)
+                         + "/stop").status_code == 204  # fmt: skip

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from conftest import free_port
 from proxies import ProxyServer, models_json, start_proxy, stop_proxy
 from runners import SDK_APPS, SDK_PYTHON, sdk_apps, serve_app
 from support import wait_for
@@ -21,6 +22,7 @@ from support import wait_for
 pytestmark = pytest.mark.redis
 
 SECRET = "orchestrator-secret-for-tests"
+SDK_RUNNER_APP = SDK_APPS.with_name("sdk_runner_app.py")
 TTL = 3  # the proxy's heartbeat TTL here (go-livepeer's is 20 s: a flag, so tests need not wait)
 
 
@@ -56,7 +58,7 @@ def listed(http: httpx.Client) -> dict[str, dict]:
     return {r["url"].rsplit("/apps/", 1)[1].split("/")[0]: r for r in runners}
 
 
-def test_a_first_heartbeat_registers_and_follow_ups_keep_it(registry):
+def test_05_06_07_09_a_first_heartbeat_registers_and_follow_ups_keep_it(registry):
     proxy, closed, echo = registry
     gpu = {"id": "GPU-1", "name": "L40S", "vram_mb": 46068}
     state = {"runner_url": echo, "app": "acme/echo", "capacity": 2, "version": "3",
@@ -111,7 +113,7 @@ def test_a_first_heartbeat_registers_and_follow_ups_keep_it(registry):
         )
 
 
-def test_a_wrong_secret_or_a_bad_registration_is_refused_naming_the_field(registry):
+def test_06_10_a_wrong_secret_or_a_bad_registration_is_refused_naming_the_field(registry):
     proxy, _, echo = registry
     good = {"runner_url": echo, "app": "acme/echo"}
     cases = [  # 10
@@ -136,7 +138,7 @@ def test_a_wrong_secret_or_a_bad_registration_is_refused_naming_the_field(regist
                          headers={"Authorization": SECRET}).status_code == 400  # fmt: skip
 
 
-def test_a_silent_runner_is_removed_with_its_sessions_and_may_register_again(registry):
+def test_08_a_silent_runner_is_removed_with_its_sessions_and_may_register_again(registry):
     proxy, _, echo = registry
     with proxy.http() as http:
         body = beat(http, SECRET, runner_url=echo, app="acme/quiet").json()
@@ -156,25 +158,57 @@ def test_a_silent_runner_is_removed_with_its_sessions_and_may_register_again(reg
         assert stopped.status_code == 204
 
 
-def test_an_sdk_registered_app_is_discovered_reserved_and_told_of_its_sessions(registry, tmp_path):
-    proxy, _, echo = registry
+@pytest.fixture(scope="module")
+def sdk_app(tmp_path_factory) -> Iterator[str]:
+    """tests/live/sdk_runner_app.py: an app that uses the SDK's runner-side calls."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("sdk-app") / "app.log"
+    process = subprocess.Popen([str(SDK_PYTHON), str(SDK_RUNNER_APP), str(port)],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=30, what="the SDK app")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def test_28_an_sdk_registered_app_is_discovered_reserved_and_told_of_its_sessions(
+    registry, sdk_app, tmp_path
+):
+    proxy, _, _ = registry
     until = tmp_path / "done"
     runner = subprocess.Popen(
-        [str(SDK_PYTHON), str(SDK_APPS), "register", proxy.url, SECRET, echo, "acme/sdk-echo",
-         str(until)],
+        [str(SDK_PYTHON), str(SDK_APPS), "register", proxy.url, SECRET, sdk_app,
+         "acme/sdk-app", str(until)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         first = runner.stdout.readline()
         assert first.startswith("registered "), runner.stderr.read()[-3000:]
         runner_id = first.split()[1]
-        session = sdk_apps("reserve", proxy.url, "acme/sdk-echo")
+        session = sdk_apps("reserve", proxy.url, "acme/sdk-app")
         sid = session["session_id"]
         assert session["control_url"] == f"{proxy.url}/apps/{runner_id}/session/{sid}"
-        with proxy.http() as http:
-            made = http.post(f"{session['app_url']}/start", json={})
+        with proxy.http() as http:  # the app's own SDK calls, through the session headers
+            made = http.post(f"{session['app_url']}/channels")
             assert made.status_code == 200, made.text
-        assert sdk_apps("stop", session["control_url"]) == {"released": True}
+            channels = {c["name"]: c for c in made.json()["channels"]}  # 25
+            assert channels["in"]["channel_name"] == f"{sid}-in"
+            assert channels["in"]["mime_type"] == "video/mp2t"
+            assert channels["out"]["internal_url"] == f"{proxy.url}/ai/trickle/{sid}-out"
+            assert http.post(f"{session['app_url']}/drop").json() == {"deleted": ["in"]}
+            proxied = http.post(f"{session['app_url']}/proxy").json()  # 27
+            assert http.get(f"{proxied['url']}/health").json() == {"status": "OK"}
+            assert http.post(f"{session['app_url']}/done").json() == {"stopped": True}
+            assert http.get(f"{session['app_url']}/health").status_code == 404
         heard = [runner.stdout.readline().split() for _ in range(2)]  # as the runner hears them
         assert heard == [["reserved", sid], ["released", sid]]  # 28
         until.touch()
@@ -184,8 +218,6 @@ def test_an_sdk_registered_app_is_discovered_reserved_and_told_of_its_sessions(r
             runner.kill()
     report = json.loads(out.strip().splitlines()[-1])
     assert report["runner_id"] == runner_id
-    events = [(e["event"], e["session"]) for e in report["events"]]
-    assert events == [("reserved", sid), ("released", sid)]
     assert all(e["timestamp"].endswith("Z") for e in report["events"])
     with proxy.http() as http:  # the SDK unregisters on close
         assert runner_id not in listed(http)
