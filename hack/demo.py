@@ -12,12 +12,15 @@ Steps, each with a log under <state-dir>/logs/:
     the orchestrator's account (keystore) active, a gateway sender funded;
  3. tiny models (hack/tiny_models.py, cached) behind a PersistentVolume;
  4. `helm install` of helm/kubepeer with the Secrets it references;
- 5. the sample Pricing and two AIModels (manifests/demo/): text-to-image Always,
-    image-to-text OnDemand;
+ 5. the sample Pricing, two AIModels and a LiveRunner (manifests/demo/): text-to-image
+    Always, image-to-text OnDemand, the `echo` app Always;
  6. a gateway (hack/gateway_sim.py), run inside the agent node's network namespace so it
     dials the proxy's Service through the node's kube-proxy: paid text-to-image jobs, the
     image saved, then image-to-text, which wakes the OnDemand model;
- 7. the winning tickets redeemed on the chain by the chart's payments Deployment;
+ 7. a paid Live Runner session through the official gateway SDK
+    (hack/live_runner_client.py, paying through hack/remote_signer.py with the gateway's
+    key), in the same namespace: discovered, challenged (402), paid, kept funded, proxied;
+ 8. the winning tickets redeemed on the chain by the chart's payments Deployment;
 and a summary. The chain here is a local dev node: no real ETH, nothing leaves the machine.
 """
 
@@ -62,6 +65,9 @@ PROXY_PORT = 8935
 BASE_FEE_WEI = 100
 EVS_PER_WIN = 2
 ETH = 10**18
+STEPS = 8
+APP = "examples/echo"  # the demo's LiveRunner (manifests/demo/liverunner-echo.yaml)
+SESSION_SECONDS = 4  # how long the SDK holds its paid session
 
 
 class StepFailed(RuntimeError):
@@ -368,12 +374,12 @@ def apply_samples(kube: Kube) -> None:
     kube("-n", NAMESPACE, "apply", "-f", str(REPO / "manifests" / "demo"), what="the samples")
 
 
-def aimodel(kube: Kube, name: str) -> dict:
-    return kube.json("-n", NAMESPACE, "aimodel", name)
+def aimodel(kube: Kube, name: str, kind: str = "aimodel") -> dict:
+    return kube.json("-n", NAMESPACE, kind, name)
 
 
-def phase(kube: Kube, name: str) -> str:
-    return (aimodel(kube, name).get("status") or {}).get("phase", "")
+def phase(kube: Kube, name: str, kind: str = "aimodel") -> str:
+    return (aimodel(kube, name, kind).get("status") or {}).get("phase", "")
 
 
 # -- 6. the gateway -------------------------------------------------------------------------
@@ -392,7 +398,44 @@ def gateway_jobs(paths: Paths, facts: dict) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-# -- 7. redemptions --------------------------------------------------------------------------
+# -- 7. a Live Runner session -----------------------------------------------------------------
+def live_session(paths: Paths, facts: dict) -> dict:
+    """The official SDK (its own venv) reserving a paid session on the echo app and keeping
+    it funded, paying through a remote signer that holds the gateway's key; both in the
+    agent node's netns, where the proxy's Service answers."""
+    log = paths.log("live-runner.log")
+    port = 9877
+    netns = ["ip", "netns", "exec", facts["node_netns"]]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
+    with log.open("ab") as out:
+        signer = subprocess.Popen(
+            [*netns, sys.executable, str(REPO / "hack" / "remote_signer.py"),
+             "--key-file", str(paths.secrets / "gateway.key"), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        signer_url = f"http://127.0.0.1:{port}"
+        probe = [*netns, sys.executable, "-c",
+                 f"import urllib.request as u; u.urlopen(u.Request('{signer_url}/"
+                 "sign-orchestrator-info', b'{}', method='POST'), timeout=2)"]  # fmt: skip
+        wait(lambda: subprocess.run(probe, capture_output=True).returncode == 0, timeout=60,
+             log=log, what="the remote signer")  # fmt: skip
+        out = run(
+            [*netns, str(REPO / ".gateway-sdk" / "bin" / "python"),
+             str(REPO / "hack" / "live_runner_client.py"), "hold", facts["proxy_url"], APP,
+             str(SESSION_SECONDS), signer_url],
+            log, what="the SDK's paid session", timeout=300,
+        )  # fmt: skip
+    finally:
+        signer.terminate()
+        signer.wait(10)
+    report = json.loads(out.strip().splitlines()[-1])
+    if "error" in report or report.get("statuses") != [200] * SESSION_SECONDS:
+        raise StepFailed(f"the Live Runner session failed: {report}", log)
+    return report
+
+
+# -- 8. redemptions --------------------------------------------------------------------------
 def redis_client(kube: Kube) -> Any:
     """The chart's Redis, at its pod's address (ours: the agent's netns, routed from here)."""
     import redis
@@ -443,7 +486,7 @@ def up(paths: Paths, name: str) -> dict:
     t0 = time.monotonic()
 
     def step(n: int, title: str, fn: Callable[[], Any], log: str) -> Any:
-        say(f"{n}/7 {title} ...")
+        say(f"{n}/{STEPS} {title} ...")
         start = time.monotonic()
         try:
             value = fn()
@@ -452,7 +495,7 @@ def up(paths: Paths, name: str) -> dict:
         except Exception as exc:  # anything unforeseen: still a message and the log to read
             raise StepFailed(f"{title}: {type(exc).__name__}: {exc}", paths.log(log)) from exc
         timings[title] = time.monotonic() - start
-        say(f"{n}/7 {title}: done in {timings[title]:.1f}s")
+        say(f"{n}/{STEPS} {title}: done in {timings[title]:.1f}s")
         return value
 
     facts |= step(1, "cluster with GPU nodes and the node agent", lambda: cluster_up(paths, name),
@@ -473,14 +516,17 @@ def up(paths: Paths, name: str) -> dict:
 
         def ready() -> bool:
             fail_if_broken(kube, cluster_dir)
-            return phase(kube, "text-to-image") == "Ready"
+            return phase(kube, "text-to-image") == phase(kube, "echo", "liverunner") == "Ready"
 
-        wait(ready, timeout=300, log=kube.log,
-             what="AIModel text-to-image Ready",
-             progress=lambda: phase(kube, "text-to-image") or "no status yet")  # fmt: skip
+        def progress() -> str:
+            return (f"text-to-image {phase(kube, 'text-to-image') or 'no status yet'}, "
+                    f"echo {phase(kube, 'echo', 'liverunner') or 'no status yet'}")  # fmt: skip
 
-    step(5, "sample Pricing and AIModels (text-to-image Always, image-to-text OnDemand)", samples,
-         "kubectl.log")  # fmt: skip
+        wait(ready, timeout=300, log=kube.log, progress=progress,
+             what="AIModel text-to-image and LiveRunner echo Ready")  # fmt: skip
+
+    step(5, "sample Pricing, AIModels (text-to-image Always, image-to-text OnDemand) and the "
+         "echo LiveRunner", samples, "kubectl.log")  # fmt: skip
     asleep = aimodel(kube, "image-to-text")
     facts["image_to_text_replicas_before"] = (asleep.get("status") or {}).get("replicas", 0)
     say(f"  image-to-text: {facts['image_to_text_replicas_before']} replicas (OnDemand, asleep)")
@@ -492,6 +538,9 @@ def up(paths: Paths, name: str) -> dict:
         raise StepFailed(f"jobs failed: {failed or 'none ran'} (the proxy's log: {proxy_log})",
                          paths.log("gateway.log"))  # fmt: skip
     facts["jobs"] = jobs
+    save()
+    facts["live_session"] = step(7, "a paid Live Runner session through the gateway SDK",
+                                 lambda: live_session(paths, facts), "live-runner.log")  # fmt: skip
     save()
 
     def redemptions() -> list[dict]:
@@ -505,7 +554,7 @@ def up(paths: Paths, name: str) -> dict:
              progress=lambda: f"{len(redeemed_tickets(facts))} redeemed")  # fmt: skip
         return redeemed_tickets(facts)
 
-    facts["redeemed"] = step(7, "winning tickets redeemed by the payments Deployment", redemptions,
+    facts["redeemed"] = step(8, "winning tickets redeemed by the payments Deployment", redemptions,
                              "kubectl.log")  # fmt: skip
     facts["cold_start_seconds"] = (aimodel(kube, "image-to-text").get("status") or {}).get(
         "lastColdStartSeconds"
@@ -540,6 +589,8 @@ def summary(paths: Paths, facts: dict) -> None:
         else "  cold start: not reported by the operator",
         f"  fees charged: {fees} wei over {len(jobs)} jobs; tickets sent: {tickets} "
         f"(EV {jobs[0]['ticket_ev_wei']} wei, win probability {jobs[0]['win_prob']:.2f})",
+        f"  Live Runner: a paid {APP} session {facts['live_session']['session_id']} held "
+        f"{SESSION_SECONDS}s through the gateway SDK (402 challenge, paid, funded, proxied)",
         f"  tickets won: {facts['tickets_won']}, redeemed on the chain: {len(facts['redeemed'])}",
     ]
     by_tx: dict[str, list[int]] = {}

@@ -188,12 +188,12 @@ def serve_app(app: str, log: Path) -> Iterator[str]:
 
 
 SDK_PYTHON = REPO / ".gateway-sdk" / "bin" / "python"  # the official SDK's venv (hack/setup)
-SDK_APPS = REPO / "tests" / "live" / "sdk_apps.py"
+SDK_APPS = REPO / "hack" / "live_runner_client.py"
 
 
 def sdk_apps(*args: str) -> dict:
     """One run of the Live Runner client made with the official gateway SDK
-    (tests/live/sdk_apps.py, in the SDK's own venv): its JSON report."""
+    (hack/live_runner_client.py, in the SDK's own venv): its JSON report."""
     if not SDK_PYTHON.exists():
         pytest.fail("the gateway SDK's venv is missing: run `make setup`")
     done = subprocess.run([str(SDK_PYTHON), str(SDK_APPS), *args], capture_output=True,

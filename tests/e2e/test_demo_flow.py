@@ -24,7 +24,8 @@ from web3 import Web3
 
 from conftest import ARTIFACTS, REPO, needs_root
 from demo import fast_forward
-from kubepeer.payments.ledger import WINNING_STREAM, nonces_key
+from gateway_sim import Gateway
+from kubepeer.payments.ledger import WINNING_STREAM, balance_key, nonces_key
 from kubepeer.payments.queue import State, TicketBook, WinningTicket
 from support import wait_for
 
@@ -147,6 +148,22 @@ def test_the_on_demand_model_woke_for_its_job(demo):
     assert model["status"]["readyReplicas"] == 1
     assert model["status"]["lastColdStartSeconds"] > 0
     assert demo.facts["cold_start_seconds"] == model["status"]["lastColdStartSeconds"]
+
+
+def test_a_paid_live_runner_session_ran_through_the_gateway_sdk(demo):
+    """The demo's step 7: the SDK reserved a session on the echo LiveRunner, paid its 402
+    challenge through the remote signer and kept it funded; every request through it was
+    answered. The chart's ledger shows the payments: credits on (payer, session id)."""
+    session = demo.facts["live_session"]
+    assert session["statuses"] == [200] * 4
+    assert session["released"] is False  # funded to the end, closed by the client
+    payer = Gateway.from_key_file(demo.state / "secrets" / "gateway.key").address
+    credited = demo.redis().get(balance_key(payer, session["session_id"]))
+    assert credited is not None  # the session's payments reached the ledger
+    runner = demo.get("liverunner", "echo")
+    assert runner["status"]["phase"] == "Ready"
+    assert runner["status"]["price"]["wei"] == "800000000"  # 2.88e12 wei an hour, per second
+    assert "Live Runner: a paid examples/echo session" in demo.stdout
 
 
 def test_each_winning_ticket_is_redeemed_exactly_once_on_the_chain(demo):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from support import wait_for
 pytestmark = pytest.mark.redis
 
 SECRET = "orchestrator-secret-for-tests"
-SDK_RUNNER_APP = SDK_APPS.with_name("sdk_runner_app.py")
+SDK_RUNNER_APP = Path(__file__).with_name("sdk_runner_app.py")
 TTL = 3  # the proxy's heartbeat TTL here (go-livepeer's is 20 s: a flag, so tests need not wait)
 
 

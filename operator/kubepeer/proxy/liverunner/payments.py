@@ -35,6 +35,7 @@ from kubepeer.livepeer.wire import (
     decode_payment,
     decode_segment,
 )
+from kubepeer.payments.ledger import balance_key
 from kubepeer.proxy.billing import Billing, PaymentRefused, fee
 from kubepeer.proxy.credentials import AuthSecret, CredentialsRefused, check_segment
 from kubepeer.proxy.liverunner.sessions import Billed, Session, SessionStore
@@ -205,8 +206,10 @@ class AppPayments:
         }
 
     # -- metering (7.5) -------------------------------------------------------------------
-    async def debit(self, session: Session, now: float) -> str | None:
-        """One interval's debit of a metered session; why it must end, or None."""
+    def debit(self, session: Session, now: float) -> tuple[Session, str, int, float] | None:
+        """One interval's debit of a metered session, as `SessionStore.debit_many` takes it:
+        floor(rate x elapsed) units at the frozen price, the billed instant moved by the
+        billed time (remainders carry). None: nothing is due yet."""
         billed = session.billed
         if billed is None or billed.unit not in RATE:
             return None
@@ -214,28 +217,32 @@ class AppPayments:
         if elapsed < self.interval:
             return None
         units = units_due(billed.unit, elapsed)
-        charge = fee(units, billed.price)
-        ledger = self.billing.ledger
-        if await ledger.balance(billed.payer, session.sid) < charge:
-            return "its balance ran dry"
-        await ledger.charge(billed.payer, session.sid, charge)
-        await self.sessions.billed_to(session, billed.billed_at + units / RATE[billed.unit])
-        return None
+        instant = billed.billed_at + units / RATE[billed.unit]
+        return session, balance_key(billed.payer, session.sid), fee(units, billed.price), instant
+
+    async def meter_once(self, now: float,
+                         release: Callable[[Session, str], Awaitable[None]]) -> None:  # fmt: skip
+        """Bill the sessions due now: three round trips however many there are."""
+        sids = await self.sessions.due(now, now + self.interval)
+        if not sids:
+            return
+        debits = []
+        for sid, session in zip(sids, await self.sessions.get_many(sids), strict=True):
+            if session is None:
+                await self.sessions.unmeter(sid)
+            elif (debit := self.debit(session, now)) is not None:
+                debits.append(debit)
+        for (session, *_), paid in zip(debits, await self.sessions.debit_many(debits),
+                                       strict=True):  # fmt: skip
+            if not paid:
+                await release(session, "its balance ran dry")
 
     async def meter_forever(self, release: Callable[[Session, str], Awaitable[None]]) -> None:
         """Every half interval, bill the sessions due; release those that cannot pay."""
         while True:
             await asyncio.sleep(self.interval / 2)
             try:
-                now = time.time()
-                for sid in await self.sessions.due(now, now + self.interval):
-                    session = await self.sessions.get(sid)
-                    if session is None:
-                        await self.sessions.unmeter(sid)
-                        continue
-                    why = await self.debit(session, now)
-                    if why is not None:
-                        await release(session, why)
+                await self.meter_once(time.time(), release)
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: the sessions stay due, billed next time

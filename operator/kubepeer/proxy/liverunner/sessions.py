@@ -70,6 +70,16 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, AR
 for _, sid in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], sid) end
 return due
 """
+# KEYS: the payer's balance for the session, session. ARGV: fee, new billed instant. Debits
+# the fee and moves the billed instant in one step; 0 (nothing done) when the balance is
+# short or the session is gone.
+_DEBIT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then return 0 end
+redis.call('DECRBY', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'billed_at', ARGV[2])
+return 1
+"""
 # KEYS: session. ARGV: field/value pairs. Sets them only while the session exists.
 _SET = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -168,6 +178,7 @@ class SessionStore:
         self._add_name = redis.register_script(_ADD_NAME)
         self._meter_claim = redis.register_script(_METER_CLAIM)
         self._set = redis.register_script(_SET)
+        self._debit = redis.register_script(_DEBIT)
         self.meter_key = f"{self.prefix}:meter"
 
     def slots_key(self, route: str) -> str:
@@ -228,10 +239,23 @@ class SessionStore:
             await self.redis.zadd(self.meter_key, {session.sid: first_due})
         return True
 
-    async def billed_to(self, session: Session, instant: float) -> bool:
-        """Move the session's billed instant; False: it was released meanwhile."""
-        return bool(await self._set(keys=[self.session_key(session.sid)],
-                                    args=["billed_at", repr(instant)]))  # fmt: skip
+    async def get_many(self, sids: list[str]) -> list[Session | None]:
+        """Sessions by id, in one round trip (None: gone)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hgetall(self.session_key(sid))
+            found = await pipe.execute()
+        return [Session.from_fields(s, f) if f else None for s, f in zip(sids, found, strict=True)]
+
+    async def debit_many(self, debits: list[tuple[Session, str, int, float]]) -> list[bool]:
+        """Each (session, its payer's balance key, fee, new billed instant): the fee debited
+        and the billed instant moved together, or nothing when the balance is short (False).
+        One round trip for all."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session, balance, charge, instant in debits:
+                await self._debit(keys=[balance, self.session_key(session.sid)],
+                                  args=[charge, repr(instant)], client=pipe)  # fmt: skip
+            return [bool(done) for done in await pipe.execute()]
 
     async def due(self, now: float, next_due: float, most: int = 256) -> list[str]:
         """Claim the sessions whose debit is due (pushed to `next_due` in the same step)."""

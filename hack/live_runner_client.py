@@ -1,14 +1,15 @@
 """A Live Runner client made with the official Livepeer gateway SDK (`livepeer-gateway`), as
-apps use it against one orchestrator's `/discovery`. Run by tests/live/test_live_runner_apps.py
-with the SDK's own interpreter (.gateway-sdk, made by hack/setup); prints one JSON report.
+apps use it against one orchestrator's `/discovery`: for `make demo` and the tests
+(tests/live/test_live_runner_*.py). Run with the SDK's own interpreter (.gateway-sdk, made
+by hack/setup); prints one JSON report.
 
-    .gateway-sdk/bin/python tests/live/sdk_apps.py discover ORCH_URL [APP]
-    .gateway-sdk/bin/python tests/live/sdk_apps.py call ORCH_URL APP PATH PAYLOAD [SIGNER]
-    .gateway-sdk/bin/python tests/live/sdk_apps.py stream ORCH_URL APP PATH PAYLOAD [SIGNER]
-    .gateway-sdk/bin/python tests/live/sdk_apps.py reserve ORCH_URL APP
-    .gateway-sdk/bin/python tests/live/sdk_apps.py hold ORCH_URL APP SECONDS SIGNER
-    .gateway-sdk/bin/python tests/live/sdk_apps.py stop CONTROL_URL
-    .gateway-sdk/bin/python tests/live/sdk_apps.py register ORCH_URL SECRET RUNNER_URL APP UNTIL
+    .gateway-sdk/bin/python hack/live_runner_client.py discover ORCH_URL [APP]
+    .gateway-sdk/bin/python hack/live_runner_client.py call ORCH_URL APP PATH PAYLOAD [SIGNER]
+    .gateway-sdk/bin/python hack/live_runner_client.py stream ORCH_URL APP PATH PAYLOAD [SIGNER]
+    .gateway-sdk/bin/python hack/live_runner_client.py reserve ORCH_URL APP
+    .gateway-sdk/bin/python hack/live_runner_client.py hold ORCH_URL APP SECONDS SIGNER
+    .gateway-sdk/bin/python hack/live_runner_client.py stop CONTROL_URL
+    .gateway-sdk/bin/python hack/live_runner_client.py register ORCH_URL SECRET RUNNER_URL APP UNTIL
 
 `register` is the runner's side: the SDK's register_runner (heartbeats, the o2r channel's
 session events), held until the file UNTIL exists; it prints `registered <runner id>` first,
