@@ -36,6 +36,40 @@ class AppPricingChoice(RefOrPrice):
     price: AppPrice | None = Field(default=None, description="A price for this app alone.")
 
 
+class SecretKey(KubeModel):
+    """A key of a Secret in the LiveRunner's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Secret's name.")
+    key: str = Field(default="orchSecret", min_length=1, max_length=253,
+                     description="The key whose value is the secret.")  # fmt: skip
+
+
+class ExternalOrchestrator(KubeModel):
+    """A go-livepeer orchestrator each Ready replica registers with by heartbeat
+    (live-runner-wire.md 2.3): Kubepeer as the GPU half under it."""
+
+    url: str = Field(
+        pattern=r"^https?://[^/\s]+(/.*)?$",
+        max_length=512,
+        description="Its runner-facing base URL (go-livepeer's -liveRunnerAddr), where "
+        "/runners/heartbeat is.",
+    )
+    secret_ref: SecretKey = Field(
+        description="The Secret holding its -orchSecret (read by the operator, never logged)."
+    )
+    runner_url: str = Field(
+        default="http://{podIP}:{port}",
+        max_length=512,
+        description="How the orchestrator reaches a replica: {podIP}, {pod}, {namespace} and "
+        "{port} are filled in. The default is the pod's address, for an orchestrator inside "
+        "the cluster network; from outside, a per-replica Service or ingress name.",
+    )
+    insecure_skip_verify: bool = Field(
+        default=False,
+        description="Do not verify its TLS certificate (go-livepeer's own is self-signed).",
+    )
+
+
 class LiveRunnerSpec(WorkloadSpec):
     model_config = WorkloadSpec.model_config | {
         "json_schema_extra": {
@@ -102,6 +136,11 @@ class LiveRunnerSpec(WorkloadSpec):
         default=None,
         description="What a session costs. Omitted: the Pricing objects in this namespace decide.",
     )
+    register_with: list[ExternalOrchestrator] = Field(
+        default_factory=list,
+        max_length=8,
+        description="External go-livepeer orchestrators each Ready replica registers with.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -143,7 +182,23 @@ class AdvertisedPrice(KubeModel):
     read_at: datetime | None = Field(default=None, description="When the feed was read.")
 
 
+class Registration(KubeModel):
+    """The replicas registered with one external orchestrator."""
+
+    orchestrator: str = Field(max_length=512, description="Its URL, as registerWith names it.")
+    registered: int = Field(default=0, ge=0, description="Replicas registered and kept alive.")
+    last_heartbeat: datetime | None = Field(
+        default=None, description="When a heartbeat last succeeded."
+    )
+    last_error: str | None = Field(
+        default=None, max_length=1024, description="Why the last failing request failed."
+    )
+
+
 class LiveRunnerStatus(AIModelStatus):
+    registrations: list[Registration] = Field(
+        default_factory=list, description="Per external orchestrator in registerWith."
+    )
     price: AdvertisedPrice | None = Field(
         default=None,
         description="The price in wei clients are offered; absent while none can be computed "

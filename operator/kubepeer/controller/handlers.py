@@ -51,6 +51,7 @@ from kubepeer.controller.fleet import (
 )
 from kubepeer.controller.kube import Kube
 from kubepeer.controller.live_runners import LiveRunners
+from kubepeer.controller.registration import Registrar, node_labels, read_orchestrator_secret
 from kubepeer.controller.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -73,17 +74,26 @@ class Fleet:
         self.settings, self.kube, self.redis = settings, kube, redis
         self.view = View()
         self.live = LiveRunners(settings, kube, self.view, redis)
+        self.live.registrar = self.registrar = Registrar(
+            self.view, functools.partial(read_orchestrator_secret, kube, settings),
+            functools.partial(node_labels, kube), self.live.app_price, self._live_status_soon,
+        )  # fmt: skip
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
         self.retry: set[Key] = set()  # AIModels whose last reconcile failed
         self._locks: dict[Key, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def _live_status_soon(self, key: Key) -> None:
+        """A LiveRunner's registrations changed (on the event loop): its status is written
+        off the loop."""
+        asyncio.get_running_loop().run_in_executor(None, self.live.refresh_status, *key)
 
     def bind(self, indices: Mapping[str, Any]) -> None:
         """Point the view at kopf's live indices (the same objects for the operator's life)."""
         if not isinstance(self.view.aimodels, dict):
             return  # bound already
         self.view = View(**{name: indices[name] for name in INDICES}, applied=self.view.applied)
-        self.live.view = self.view
+        self.live.view = self.registrar.view = self.view
 
     def lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -282,9 +292,13 @@ def _served(body: kopf.Body) -> list[str]:
 def _pod_summary(body: kopf.Body) -> dict[str, Any]:
     status = body.status
     return {
-        "metadata": {"name": body.metadata.name},
+        "metadata": {
+            "name": body.metadata.name,
+            "deletionTimestamp": body.metadata.get("deletionTimestamp"),
+        },
         "spec": {"nodeName": body.spec.get("nodeName")},
         "status": {
+            "podIP": status.get("podIP"),
             "conditions": status.get("conditions") or [],
             "containerStatuses": status.get("containerStatuses") or [],
         },
@@ -454,12 +468,14 @@ def build_registry(
     async def start_sweeps(memo: kopf.Memo, **kwargs: Any) -> None:
         fleet.bind(kwargs)
         memo["sweeper"] = asyncio.create_task(_sweep_forever(fleet))
+        memo["registrar"] = asyncio.create_task(fleet.registrar.run_forever())
 
     @kopf.on.cleanup(registry=registry)
     async def stop_sweeps(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("sweeper")
-        if task is not None:
-            task.cancel()
+        for name in ("sweeper", "registrar"):
+            task = memo.get(name)
+            if task is not None:
+                task.cancel()
 
     return registry
 

@@ -9,10 +9,11 @@ truth an AIModel's status tells.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -21,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubepeer.api import API_VERSION, LiveRunner, LiveRunnerSpec, WarmPolicy
-from kubepeer.api.live_runner import AdvertisedPrice, LiveRunnerStatus
+from kubepeer.api.live_runner import AdvertisedPrice, LiveRunnerStatus, Registration
 from kubepeer.api.pricing import AppCurrency, AppPrice, PricingSpec, match_app_price
 from kubepeer.contracts import labels as L
 from kubepeer.contracts.apps import APP_ROW_KEY, ServedApp, row_json
@@ -253,6 +254,7 @@ def live_runner_status(
     pricings: Mapping[str, PricingSpec],
     now: datetime | None = None,
     eth_usd: EthUsd | None = None,
+    registrations: Callable[[LiveRunnerSpec], list[Registration]] | None = None,
 ) -> LiveRunnerStatus:
     """A LiveRunner's status from its Deployment's summary and pods, as the index keeps
     them (`deployment["hash"]` is the content hash the operator stamped on it), and its
@@ -290,7 +292,8 @@ def live_runner_status(
         nodes_fixed=settings.nodes_fixed,
     )
     status = compute_status(observed, previous, now or datetime.now(UTC))
-    return LiveRunnerStatus(**dict(status), price=price)
+    registered = registrations(spec) if registrations and not invalid else []
+    return LiveRunnerStatus(**dict(status), price=price, registrations=registered)
 
 
 def _without_nulls(value: Any) -> Any:
@@ -317,6 +320,7 @@ class LiveRunners:
         self.retry: set[Key] = set()  # apps whose last reconcile failed: the sweep retries
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until seen
         self.eth_usd: EthUsd | None = None  # the payments controller's last feed reading
+        self.registrar: Any = None  # registration.Registrar, when the operator runs one
         self._rate_read = False
         self._lock = threading.Lock()
 
@@ -379,6 +383,8 @@ class LiveRunners:
                 self.settings, known, self.view.one(self.view.live_deployments, key),
                 self.view.many(self.view.live_pods, key), self.view.pricings_in(namespace),
                 eth_usd=self.eth_usd,
+                registrations=(functools.partial(self.registrar.registrations, key)
+                               if self.registrar else None),
             )  # fmt: skip
             self.publish_row(body, status.price)
             wire = status.to_wire()
@@ -429,6 +435,15 @@ class LiveRunners:
             return
         self.view.wrote(written, wanted)
         log.info("wrote the app table row of LiveRunner %s/%s", namespace, name)
+
+    def app_price(self, key: Key) -> tuple[AppPrice | None, EthUsd | None]:
+        """The app's price as configured (inline or a Pricing), and the ETH/USD reading."""
+        body = self.view.one(self.view.live_runners, key)
+        try:
+            spec = LiveRunnerSpec.model_validate((body or {}).get("spec") or {})
+            return resolve_app_price(spec, self.view.pricings_in(key[0])), self.eth_usd
+        except (ValidationError, NoAppPrice):
+            return None, self.eth_usd
 
     def sweep(self) -> None:
         """Retry what failed; price every app again when the ETH/USD reading changed. One

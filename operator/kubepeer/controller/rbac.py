@@ -62,8 +62,18 @@ def namespaced_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
         # The runners' auth token: created once, never read back (a 409 says it exists),
         # so the operator can neither read a Secret nor mint a readable token.
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        # External orchestrators' -orchSecret (LiveRunner registerWith): read only by these
+        # names, which the operator's settings list; any other Secret stays unreadable.
+        *_orchestrator_secrets(settings),
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
+
+
+def _orchestrator_secrets(settings: OperatorSettings) -> list[dict[str, Any]]:
+    if not settings.orchestrator_secrets:
+        return []
+    return [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+             "resourceNames": list(settings.orchestrator_secrets)}]  # fmt: skip
 
 
 def cluster_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -76,6 +86,8 @@ def cluster_rules(settings: OperatorSettings) -> list[dict[str, Any]]:
             "resources": ["customresourcedefinitions"],
             "verbs": READ,
         },
+        # A registered replica's GPU, from its node's GPU feature discovery labels.
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
         # Create cannot be limited by name; get and patch are.
         {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "verbs": ["create"]},
         {

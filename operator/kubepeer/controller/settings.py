@@ -62,6 +62,11 @@ class OperatorSettings(BaseSettings):
             "is Failed. Otherwise it is Pending, since a GPU pool may scale up from zero."
         ),
     )
+    orchestrator_secrets: list[str] = Field(
+        default_factory=lambda: ["kubepeer-orchestrator"],
+        description="Secrets a LiveRunner's registerWith may name: the only Secrets the "
+        "operator may read (RBAC resourceNames).",
+    )
     workers: int = Field(default=16, ge=1, description="Threads running handlers' API calls.")
     redis_url: str | None = Field(
         default=None,
