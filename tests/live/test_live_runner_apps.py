@@ -18,8 +18,9 @@ import pytest
 from websockets.sync.client import connect as websocket
 
 from conftest import free_port
-from proxies import ProxyServer, models_json, start_proxy, stop_proxy
-from runners import sdk_apps, serve_app
+from proxies import SD, T2I, ProxyServer, models_json, start_proxy, stop_proxy
+from runners import sdk_apps, serve_app, start_runner
+from runners import stop as stop_runner
 from support import wait_for
 
 pytestmark = pytest.mark.redis
@@ -389,3 +390,32 @@ def test_29_a_replica_that_turns_unready_leaves_discovery_and_releases_its_sessi
                 server.set_endpoints(ENDPOINTS)
         wait_for(lambda: "kubepeer/flaky" in apps(proxy), timeout=15, what="the app back")
         assert http.get(f"{session['app_url']}/x").status_code == 404  # released for good
+
+
+def test_the_runner_image_serves_a_batch_pipeline_as_a_live_runner_app(
+    stack, tiny_models, tmp_path
+):
+    """The bridge (DESIGN.md, "AIModels and LiveRunners"): the runner image, given a
+    pipeline and a model, is a single-shot app called at /apps/<route>/app/<pipeline>."""
+    proxy, second, _ = stack
+    runner = start_runner({"PIPELINE": "text-to-image", "MODEL_ID": SD,
+                           "MODEL_DIR": str(tiny_models)}, tmp_path / "runner.log")  # fmt: skip
+    try:
+        bridged = {**APPS, "apps": [*APPS["apps"], app_row("t2i", "text-to-image/tiny-sd",
+                                                           "single-shot")]}  # fmt: skip
+        for server in (proxy, second):
+            server.set_apps(bridged)
+            server.set_endpoints({**ENDPOINTS, "live-t2i": [runner.url]})
+        with proxy.http() as http:
+            wait_for(lambda: any(r["app"] == "text-to-image/tiny-sd"
+                                 for r in http.get("/discovery").json()[0]["runners"]),
+                     timeout=15, what="the bridged app in discovery")  # fmt: skip
+        answer = sdk_apps("call", proxy.url, "text-to-image/tiny-sd", "/text-to-image",
+                          json.dumps(T2I))  # fmt: skip
+        [image] = answer["data"]["images"]
+        assert image["url"].startswith("data:image/png;base64,")
+    finally:
+        for server in (proxy, second):
+            server.set_apps(APPS)
+            server.set_endpoints(ENDPOINTS)
+        stop_runner(runner)
