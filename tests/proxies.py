@@ -173,11 +173,14 @@ def start_proxy(
     return proxy
 
 
-def stop_proxy(proxy: ProxyServer) -> None:
+def stop_proxy(proxy: ProxyServer, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL after `grace` s. A proxy with live streams' trickle readers
+    still connected (their runner outlives it) waits for them up to its graceful timeout:
+    tests that do not check its shutdown pass a short grace."""
     if proxy.process.poll() is None:
         proxy.process.send_signal(signal.SIGTERM)
         try:
-            proxy.process.wait(timeout=30)
+            proxy.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proxy.process.kill()
             proxy.process.wait()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections.abc import Iterator
 from fractions import Fraction
 
 import grpc
@@ -17,7 +19,7 @@ import pytest
 from gateway_sim import Gateway, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
-from proxies import RUNNER_TOKEN, FreshChainView, ProxyServer
+from proxies import RUNNER_TOKEN, FreshChainView, ProxyServer, RunnerProcess
 from proxies import models_json as table
 from proxies import start_proxy as proxy_process
 from proxies import start_runner as runner_process
@@ -33,39 +35,54 @@ PRICE = "72"  # wei per pixel: ~2e9 wei a second, so one ticket (EV 8e9) pays ~4
 
 
 def paid_proxy(workdir, redis_server, runner_url: str, price: str = PRICE, shared=None,
-               args: tuple[str, ...] = ()) -> ProxyServer:  # fmt: skip
+               args: tuple[str, ...] = (), namespace: str = "test") -> ProxyServer:  # fmt: skip
     """A paid proxy serving one live model of capacity 1 on the runner at runner_url."""
     live = {"aimodel": "live", "pipeline": "live-video-to-video", "model_id": NOOP,
             "runner": "runner-live"}  # fmt: skip
     return proxy_process(
         workdir, redis_server, models=table(price, 1, [live], base=False), shared=shared,
         endpoints={"runner-live": [runner_url]}, args=["--live-payment-interval", "1", *args],
+        namespace=namespace,
     )  # fmt: skip
+
+
+def live_runner(workdir) -> RunnerProcess:
+    """A live runner serving the `noop` model (64 streams at once: tests' leftovers fit)."""
+    return runner_process(
+        {"PIPELINE": "live-video-to-video", "MODEL_ID": NOOP, "AUTH_TOKEN": RUNNER_TOKEN,
+         "MODEL_DIR": str(workdir)},
+        workdir / "runner.log",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_runner(tmp_path_factory, redis_server) -> Iterator[RunnerProcess]:
+    """One live runner for the module's tests, and the chain watcher's view kept fresh: a
+    stream is keyed by its own id, so tests share the runner as gateways share a node."""
+    chain = FreshChainView(redis_server.client())
+    runner = live_runner(tmp_path_factory.mktemp("live-runner"))
+    yield runner
+    chain.stop.set()
+    stop_runner(runner)
 
 
 @pytest.fixture
-def stack(tmp_path, redis_server):
-    """A fresh live runner and a paid proxy in front of it."""
-    chain = FreshChainView(redis_server.client())  # the chain watcher's view, kept fresh
-    runner = runner_process(
-        {"PIPELINE": "live-video-to-video", "MODEL_ID": NOOP, "AUTH_TOKEN": RUNNER_TOKEN,
-         "MODEL_DIR": str(tmp_path)},
-        tmp_path / "runner.log",
-    )  # fmt: skip
-    proxy = paid_proxy(tmp_path / "proxy", redis_server, runner.url)
-    yield proxy, runner
-    end_proxy(proxy)
-    chain.stop.set()
-    if runner.process.poll() is None:
-        stop_runner(runner)
+def stack(tmp_path, redis_server, shared_runner):
+    """A paid proxy of its own (its own namespace: capacity and streams apart from other
+    tests') in front of the module's live runner."""
+    proxy = paid_proxy(tmp_path / "proxy", redis_server, shared_runner.url,
+                       namespace=f"live-{uuid.uuid4().hex[:8]}")  # fmt: skip
+    yield proxy, shared_runner
+    end_proxy(proxy, grace=3)  # the runner's readers would hold its graceful stop
 
 
 def start(
     proxy: ProxyServer, gateway: Gateway, info: net_pb2.OrchestratorInfo | None = None
 ) -> httpx.Response:
     info = info or gateway.discover(proxy, LIVE, NOOP)
-    body = {"model_id": NOOP, "params": {"prompt": "a cat"}, "gateway_request_id": "req-1",
-            "stream_id": "stream-1"}  # fmt: skip
+    ids = uuid.uuid4().hex[:8]  # a gateway's request and stream ids are its own per stream
+    body = {"model_id": NOOP, "params": {"prompt": "a cat"}, "gateway_request_id": f"req-{ids}",
+            "stream_id": f"stream-{ids}"}  # fmt: skip
     with proxy.http() as client:
         return client.post("/live-video-to-video", json=body,
                            headers=gateway.headers(info, LIVE, NOOP))  # fmt: skip
@@ -216,8 +233,20 @@ def test_interval_payments_are_credited_and_the_stream_is_debited_per_second(sta
     assert lived - 2.5 <= charged_seconds <= lived + 0.5  # every second paid, none twice
 
 
-def test_a_runner_killed_mid_stream_ends_the_stream_and_frees_its_slot(stack):
-    proxy, runner = stack
+def test_a_runner_killed_mid_stream_ends_the_stream_and_frees_its_slot(
+    tmp_path, redis_server, shared_runner
+):
+    runner = live_runner(tmp_path)  # its own: this test kills it
+    proxy = paid_proxy(tmp_path / "proxy", redis_server, runner.url, namespace="live-killed")
+    try:
+        killed_stream_ends(proxy, runner)
+    finally:
+        end_proxy(proxy)
+        if runner.process.poll() is None:
+            stop_runner(runner)
+
+
+def killed_stream_ends(proxy: ProxyServer, runner: RunnerProcess) -> None:
     reply = start(proxy, Gateway())
     assert reply.status_code == 200, reply.text
     out = reply.json()["subscribe_url"]
@@ -271,21 +300,21 @@ def test_a_dead_replicas_stream_is_adopted_by_another_and_still_charged(
         end_proxy(second)
 
 
-def test_streams_spread_over_every_aimodel_serving_the_model_id(tmp_path, redis_server):
+def test_streams_spread_over_every_aimodel_serving_the_model_id(
+    tmp_path, redis_server, shared_runner
+):
     """Two AIModels serve the same live model id (capacity 1 each, their own runners): the
     capacity advertised is both together, two streams start, one on each, and only a third
     is refused, as a batch job may also go to any AIModel serving its model id."""
-    chain = FreshChainView(redis_server.client())
     env = {"PIPELINE": "live-video-to-video", "MODEL_ID": NOOP, "AUTH_TOKEN": RUNNER_TOKEN,
            "MODEL_DIR": str(tmp_path)}  # fmt: skip
-    runners = {
-        name: runner_process(env, tmp_path / f"{name}.log") for name in ("runner-a", "runner-b")
-    }
+    runners = {"runner-a": shared_runner,
+               "runner-b": runner_process(env, tmp_path / "runner-b.log")}  # fmt: skip
     group = [{"aimodel": f"live-{x}", "pipeline": "live-video-to-video", "model_id": NOOP,
               "runner": f"runner-{x}"} for x in "ab"]  # fmt: skip
     proxy = proxy_process(
         tmp_path / "proxy", redis_server, models=table(PRICE, 1, group, base=False),
-        endpoints={name: [r.url] for name, r in runners.items()},
+        endpoints={name: [r.url] for name, r in runners.items()}, namespace="live-spread",
     )  # fmt: skip
     try:
         assert live_constraint(proxy).capacity == 2
@@ -309,6 +338,4 @@ def test_streams_spread_over_every_aimodel_serving_the_model_id(tmp_path, redis_
         assert (third.status_code, third.text) == (503, "insufficient capacity\n")
     finally:
         end_proxy(proxy)
-        chain.stop.set()
-        for runner in runners.values():
-            stop_runner(runner)
+        stop_runner(runners["runner-b"])  # runner-a is the module's
