@@ -250,6 +250,7 @@ def test_21_25_26_the_runners_callbacks_check_route_session_and_token(stack):
         forged = {
             "Livepeer-Session-Token": "forged",
             "X-Forwarded-For": "10.0.0.1",
+            "Authorization": "Bearer private-token",  # the proxy's credential, not the app's
             "Connection": "close, X-Drop-Me",
             "X-Drop-Me": "1",
             "X-Kept": "yes",
@@ -262,7 +263,7 @@ def test_21_25_26_the_runners_callbacks_check_route_session_and_token(stack):
         assert token != "forged"
         assert seen["livepeer-session-control"] == f"{second.url}{control}"
         assert seen["x-kept"] == "yes"  # end to end; hop-by-hop and X-Forwarded-* dropped
-        assert not {"x-forwarded-for", "x-drop-me", "forwarded"} & set(seen)
+        assert not {"x-forwarded-for", "x-drop-me", "forwarded", "authorization"} & set(seen)
         good = {"Livepeer-Session-Token": token}
         one = {"channels": [{"name": "a/b"}]}
         first = http.post(f"{control}/channels", json=one, headers=good)

@@ -257,6 +257,7 @@ def test_19_20_top_ups_credit_the_session_and_answer_a_payment_result(paid, redi
         assert refreshed.json()["payment_url"] == f"{proxy.url}/payment"
         for request, status in [
             ({"sender": gateway.account.address, "manifest_id": "0badcafe"}, 409),
+            ({"sender": Gateway().account.address, "manifest_id": manifest}, 409),  # not its payer
             ({"sender": "0x12", "manifest_id": manifest}, 400),
             ({"sender": gateway.account.address}, 400),
         ]:
@@ -337,3 +338,32 @@ def test_a_replica_killed_mid_session_loses_no_accepted_payment(paid, redis_serv
         wait_for(lambda: accounted(8), timeout=5, what="8 tickets accounted for")
         assert http.post(opened.json()["control_url"].removeprefix(doomed.url)
                          + "/stop").status_code == 204  # fmt: skip
+
+
+def test_15_a_paid_retry_must_cover_the_first_interval_and_a_call_is_its_own(paid, redis_server):
+    """Beyond go-livepeer (which lets a payment with no tickets run until its first debit):
+    a metered session's payment must cover its first interval, and a refused one keeps
+    nothing. A single-shot call's session id reaches nothing but that call."""
+    proxy, _, _ = paid
+    gateway = Gateway()
+    with proxy.http() as http:
+        body, info = challenge(http, gateway, "/apps/echo/session")
+        manifest = body["manifest_id"]
+        free_ride = http.post("/apps/echo/session", json={},
+                              headers=pay(gateway, info, manifest, tickets=0))  # fmt: skip
+        assert (free_ride.status_code, free_ride.text) == (
+            400, f"insufficient balance, mid={manifest}\n")  # fmt: skip
+        assert http.post(f"/apps/echo/session/{manifest}/stop").status_code == 204  # not kept
+        paid_now = http.post("/apps/echo/session", json={}, headers=pay(gateway, info, manifest))
+        assert paid_now.status_code == 200, paid_now.text  # the same manifest, paid this time
+        assert http.post(f"{paid_now.json()['control_url']}/stop").status_code == 204
+        body, info = challenge(http, gateway, "/apps/tokens/app/v1/stream")
+        call = body["manifest_id"]
+        slow = {"prompt": "slow", "max_tokens": 6, "delay_ms": 400}
+        headers = pay(gateway, info, call, tickets=2)
+        with http.stream("POST", "/apps/tokens/app/v1/stream", json=slow,
+                         headers=headers) as streaming:  # fmt: skip
+            assert streaming.status_code == 200
+            riding = http.get(f"/apps/tokens/session/{call}/app/v1/stream")
+            assert riding.status_code == 404  # the call's session is the call's alone
+            streaming.read()

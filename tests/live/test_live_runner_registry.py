@@ -39,7 +39,7 @@ def registry(redis_server, tmp_path_factory) -> Iterator[tuple[ProxyServer, Prox
     empty = models_json(extra=[], base=False)
     proxy = start_proxy(workdir / "a", redis_server, models=empty, endpoints={}, apps={
         "version": 1, "apps": []}, recipient=None, namespace="registry", args=[
-        *private, "--orch-secret-file", str(workdir / "secret"),
+        *private, "--orch-secret-file", str(workdir / "secret"), "--loopback-runners",
         "--runner-heartbeat-ttl", str(TTL)])  # fmt: skip
     closed = start_proxy(workdir / "b", redis_server, models=empty, endpoints={},
                          apps={"version": 1, "apps": []}, recipient=None, namespace="closed",

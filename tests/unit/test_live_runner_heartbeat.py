@@ -51,3 +51,25 @@ def test_o2r_events_carry_the_session_and_an_rfc3339_utc_timestamp():
                        "timestamp": "2026-12-08T00:33:58.5Z"}  # fmt: skip
     whole = json.loads(o2r_event("released", "s", now=1_796_690_038.0))
     assert whole["timestamp"] == "2026-12-08T00:33:58Z"  # trailing zeros trimmed, dot too
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback", "refused"),
+    [
+        ("http://127.0.0.1:9000", False, True),
+        ("http://localhost:9000", False, True),
+        ("http://127.0.0.1:9000", True, False),  # --loopback-runners
+        ("http://169.254.169.254/", True, True),  # metadata: never
+        ("http://[fe80::1]:80/", True, True),
+        ("http://metadata.google.internal/", True, True),
+        ("http://10.1.2.3:8000", False, False),  # a LAN runner
+        ("https://runner.example:443", False, False),
+    ],
+)
+def test_a_runner_url_may_not_reach_the_proxys_host_or_metadata(url, loopback, refused):
+    body = {**GOOD, "runner_url": url}
+    if refused:
+        with pytest.raises(Refusal, match="runner_url must not point at"):
+            parse_heartbeat(body, False, loopback)
+    else:
+        assert parse_heartbeat(body, False, loopback).runner_url == url

@@ -127,6 +127,7 @@ class Held:
     owner: Key  # its LiveRunner
     runner_id: str
     secret: str  # its heartbeat secret
+    verify: bool  # whether the orchestrator's TLS certificate is verified
     interval: float
     due: float  # when its next heartbeat is due (monotonic)
 
@@ -251,8 +252,10 @@ class Registrar:
                     raise _Refused(answer.status, text.strip())
                 reply = await answer.json(content_type=None)
         except _Refused as exc:
-            if held is not None:  # forgotten there (restart, expiry): register again
-                self.held.pop(pair, None)
+            if held is not None and exc.status in (401, 404):
+                self.held.pop(pair, None)  # forgotten there (restart, expiry): register again
+            elif held is not None:  # anything else (a proxy's 502, a bad price): keep it
+                held.due = now + held.interval
             self._failed(key, summary, runner_id, f"{exc.status} {exc.text}"[:512])
             return
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -264,7 +267,8 @@ class Registrar:
         first = held is None
         if first:  # from now on, the secret it was given
             secret = reply.get("heartbeat_secret") or secret
-        self.held[pair] = Held(key, runner_id, secret, interval, now + interval)
+        self.held[pair] = Held(key, runner_id, secret, not orchestrator.insecure_skip_verify,
+                               interval, now + interval)  # fmt: skip
         summary.last_heartbeat = datetime.now(UTC)
         had_error = summary.errors.pop(runner_id, None) is not None
         if not summary.errors and summary.last_error is not None:
@@ -280,7 +284,7 @@ class Registrar:
         held = self.held.pop(pair)
         with_secret = {"Authorization": held.secret}
         try:
-            async with self._http(True).post(
+            async with self._http(held.verify).post(
                 f"{url.rstrip('/')}/runners/{runner_id}/unregister", headers=with_secret
             ) as answer:
                 await answer.read()

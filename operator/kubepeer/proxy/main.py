@@ -260,7 +260,8 @@ def build(
     app_payments = None
     if billing is not None:
         app_payments = AppPayments(billing, auth_secret, address, config.public_url, sessions,
-                                   interval=args.live_payment_interval)  # fmt: skip
+                                   interval=args.live_payment_interval,
+                                   lease=args.app_session_idle)  # fmt: skip
     runner_url = (args.trickle_url_for_runner or config.public_url).rstrip("/")
     registry = None
     orch_secret = _secret_bytes(args.orch_secret_file)
@@ -268,7 +269,8 @@ def build(
         registry = DynamicRunners(store, args.namespace, live_video.store, orch_secret,
                                   runner_url, on_chain=args.payments,
                                   taken=lambda route: route in current["apps"],
-                                  ttl=args.runner_heartbeat_ttl)  # fmt: skip
+                                  ttl=args.runner_heartbeat_ttl,
+                                  loopback=args.loopback_runners)  # fmt: skip
     try:
         proxy_urls = ProxyTemplate.parse(args.live_runner_proxy_url
                                          or f"{config.public_url}/run/{{proxy}}")  # fmt: skip

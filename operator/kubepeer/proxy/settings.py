@@ -95,6 +95,11 @@ class ProxySettings(BaseSettings):
         description="seconds a runner registered by heartbeat may go silent before it is "
         "removed and its sessions released (go-livepeer's 20 s)",
     )
+    loopback_runners: bool = Field(
+        default=False,
+        description="let runners that register by heartbeat name this host's loopback "
+        "addresses (one-machine setups and tests; link-local and metadata addresses never)",
+    )
     bearer_token_file: Path | None = Field(
         default=None, description="private mode's token (a Secret)"
     )

@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -81,10 +81,13 @@ class Paid:
 
 
 class AppPayments:
-    def __init__(self, billing: Billing, auth: AuthSecret, address: bytes, public_url: str,
-                 sessions: SessionStore, interval: float) -> None:  # fmt: skip
+    def __init__(
+        self, billing: Billing, auth: AuthSecret, address: bytes, public_url: str,
+        sessions: SessionStore, interval: float, lease: float = 600.0,
+    ) -> None:  # fmt: skip
         self.billing, self.auth, self.address = billing, auth, address
         self.public_url, self.sessions, self.interval = public_url, sessions, interval
+        self.lease = lease  # each paid debit renews its session's lease this far
 
     # -- the challenge (7.2) --------------------------------------------------------------
     async def _info(self, payer: bytes, route: str, price: AppPrice,
@@ -150,18 +153,25 @@ class AppPayments:
 
     async def settle(self, paid: Paid, session: Session, route: str, price: AppPrice) -> None:
         """Steps 6-7 for a reserved session: credit the payment; a fixed price is debited
-        whole at once. Raises PaymentProblem (the caller releases the session)."""
+        whole at once. A metered session must hold its first interval's fee: beyond
+        go-livepeer, which lets a payment with no tickets run until its first debit, as
+        Kubepeer's batch jobs need one ticket's worth. Billing starts now (after any wait
+        for a cold app). Raises PaymentProblem (the caller releases the session)."""
         try:
             await self.billing.credit(paid.payment, paid.sid, app_key(route))
         except PaymentRefused as exc:
             raise PaymentProblem(400, str(exc)) from None
+        ledger = self.billing.ledger
+        balance = await ledger.balance(paid.billed.payer, paid.sid)
+        owed = price.wei if price.fixed else fee(units_due(price.unit, self.interval),
+                                                 paid.billed.price)  # fmt: skip
+        if balance < owed:
+            raise PaymentProblem(400, f"insufficient balance, mid={paid.sid}")
         if price.fixed:
-            ledger = self.billing.ledger
-            if await ledger.balance(paid.billed.payer, paid.sid) < price.wei:
-                raise PaymentProblem(400, f"insufficient balance, mid={paid.sid}")
             await ledger.charge(paid.billed.payer, paid.sid, price.wei)
-        first_due = None if price.fixed else time.time() + self.interval
-        if not await self.sessions.bill(session, paid.billed, first_due):
+        billed = replace(paid.billed, billed_at=time.time())
+        first_due = None if price.fixed else billed.billed_at + self.interval
+        if not await self.sessions.bill(session, billed, first_due):
             raise PaymentProblem(404, "runner session not found")
 
     # -- top-ups (7.4) and refresh (7.6) --------------------------------------------------
@@ -193,11 +203,13 @@ class AppPayments:
             raise PaymentProblem(400, "missing manifest_id", as_json=True)
         session = await find(manifest)
         price = price_of(session.route) if session else None
-        if session is None or session.billed is None or price is None:
+        payer = bytes.fromhex(sender[2:])
+        if (session is None or session.billed is None or price is None
+                or session.billed.payer != payer):  # fmt: skip
             raise PaymentProblem(409, "fixed price not found for session", as_json=True)
         recorded = session.billed.price
         at = AppPrice(wei=recorded.numerator // recorded.denominator, unit=price.unit)
-        info = await self._info(bytes.fromhex(sender[2:]), session.route, at, manifest)
+        info = await self._info(payer, session.route, at, manifest)
         return {
             "payment_params": base64.b64encode(info.SerializeToString()).decode(),
             "orchestrator": self.public_url,
@@ -220,9 +232,11 @@ class AppPayments:
         instant = billed.billed_at + units / RATE[billed.unit]
         return session, balance_key(billed.payer, session.sid), fee(units, billed.price), instant
 
-    async def meter_once(self, now: float,
-                         release: Callable[[Session, str], Awaitable[None]]) -> None:  # fmt: skip
-        """Bill the sessions due now: three round trips however many there are."""
+    async def meter_once(self, now: float, release: Callable[[Session, str], Awaitable[None]],
+                         serving: Callable[[Session], bool]) -> None:  # fmt: skip
+        """Bill the sessions due now: three round trips however many there are. A session
+        whose replica no longer serves it (`serving`) is released, not billed (wire 7.5:
+        the loop stops when the runner is not ready)."""
         sids = await self.sessions.due(now, now + self.interval)
         if not sids:
             return
@@ -230,19 +244,24 @@ class AppPayments:
         for sid, session in zip(sids, await self.sessions.get_many(sids), strict=True):
             if session is None:
                 await self.sessions.unmeter(sid)
+            elif not serving(session):
+                await release(session, "its replica no longer serves it")
             elif (debit := self.debit(session, now)) is not None:
                 debits.append(debit)
-        for (session, *_), paid in zip(debits, await self.sessions.debit_many(debits),
-                                       strict=True):  # fmt: skip
-            if not paid:
+        if not debits:
+            return
+        done = await self.sessions.debit_many(debits, self.lease)
+        for (session, *_), paid in zip(debits, done, strict=True):
+            if paid is False:
                 await release(session, "its balance ran dry")
 
-    async def meter_forever(self, release: Callable[[Session, str], Awaitable[None]]) -> None:
+    async def meter_forever(self, release: Callable[[Session, str], Awaitable[None]],
+                            serving: Callable[[Session], bool]) -> None:  # fmt: skip
         """Every half interval, bill the sessions due; release those that cannot pay."""
         while True:
             await asyncio.sleep(self.interval / 2)
             try:
-                await self.meter_once(time.time(), release)
+                await self.meter_once(time.time(), release, serving)
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: the sessions stay due, billed next time

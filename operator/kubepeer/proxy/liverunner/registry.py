@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -111,8 +112,9 @@ def _text(body: dict[str, Any], name: str) -> str:
     return value
 
 
-def parse_heartbeat(body: Any, on_chain: bool) -> Registration:
-    """The heartbeat's state, or Refusal(400, reason) naming the field (wire 2.1, 2.3)."""
+def parse_heartbeat(body: Any, on_chain: bool, loopback: bool = False) -> Registration:
+    """The heartbeat's state, or Refusal(400, reason) naming the field (wire 2.1, 2.3).
+    `loopback`: runners on the proxy's own host are allowed (one-machine setups, tests)."""
     if not isinstance(body, dict):
         raise Refusal(400, "the body must be a JSON object")
     runner_url = _text(body, "runner_url")
@@ -120,6 +122,9 @@ def parse_heartbeat(body: Any, on_chain: bool) -> Registration:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Refusal(400, f"runner_url must be an absolute http or https URL, not "
                            f"{runner_url!r}")  # fmt: skip
+    if _never_a_runner(parts.hostname, loopback):
+        raise Refusal(400, f"runner_url must not point at {parts.hostname} (the proxy's own "
+                           "host, link-local or metadata addresses)")  # fmt: skip
     app = _text(body, "app")
     if not app or app != app.strip():
         raise Refusal(400, "app is required, without surrounding spaces")
@@ -150,6 +155,22 @@ def parse_heartbeat(body: Any, on_chain: bool) -> Registration:
         gpu=_gpu(body.get("gpu")), app=app, capacity=capacity or 1,
         price=_price_info(body.get("price_info")) if on_chain else None,
     )  # fmt: skip
+
+
+def _never_a_runner(host: str, loopback: bool) -> bool:
+    """Addresses a registered runner may not name: the proxy would reach its own host or a
+    cloud metadata service for whoever holds a session (the proxy relays to runner_url).
+    Names are not resolved here: a name that resolves to one of these is the orchestrator
+    secret holder's doing."""
+    if host.lower() == "metadata.google.internal" or (host.lower() == "localhost"
+                                                      and not loopback):  # fmt: skip
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ((address.is_loopback and not loopback) or address.is_link_local
+            or address.is_unspecified or address.is_multicast)  # fmt: skip
 
 
 def _gpu(raw: Any) -> dict[str, Any] | None:
@@ -210,7 +231,8 @@ def o2r_event(event: str, session: str, now: float | None = None) -> bytes:
 class DynamicRunners:
     def __init__(self, redis: Redis, namespace: str, trickle: TrickleStore | None,
                  orch_secret: bytes | None, runner_url: str, on_chain: bool,
-                 taken: Callable[[str], bool], ttl: float = HEARTBEAT_TTL) -> None:  # fmt: skip
+                 taken: Callable[[str], bool], ttl: float = HEARTBEAT_TTL,
+                 loopback: bool = False) -> None:  # fmt: skip
         self.redis = redis
         self.prefix = f"kubepeer:lr:{namespace}"
         self.trickle = trickle
@@ -219,6 +241,7 @@ class DynamicRunners:
         self.on_chain = on_chain
         self.taken = taken  # whether a route is an operator app's
         self.ttl = ttl  # a runner silent longer is gone
+        self.loopback = loopback  # runners on this host allowed
         self.known: dict[str, Known] = {}
         self._register = redis.register_script(_REGISTER)
         self._expire = redis.register_script(_EXPIRE)
@@ -287,7 +310,7 @@ class DynamicRunners:
         self, secret: str, body: Any, sessions: Callable[[str], Awaitable[list[str]]]
     ) -> dict[str, Any]:
         """A heartbeat's answer, or Refusal. `sessions(route)`: its live session ids."""
-        registration = parse_heartbeat(body, self.on_chain)
+        registration = parse_heartbeat(body, self.on_chain, self.loopback)
         runner_id = registration.runner_id or "runner_" + _base32(secrets.token_bytes(5))
         registration = _with_id(registration, runner_id)
         if self.taken(runner_id):

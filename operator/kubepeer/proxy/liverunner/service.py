@@ -65,6 +65,7 @@ CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 DEFAULT_MIME = "application/octet-stream"
 MAX_CALLBACK_BODY = 64 * 1024  # a channels request is a few names
 KEEP_EVERY = 5.0  # seconds between a running request's checks that its session still holds
+SWEEP_SECONDS = 10.0  # how often expired sessions are looked for
 
 _SEGMENT = r"([^/]+)"
 ROUTES: list[tuple[re.Pattern[str], str]] = [
@@ -163,8 +164,9 @@ class LiveRunners:
     async def start(self) -> None:
         self.upstream.open()
         if self.ctx.payments is not None:
-            self._keepers.append(
-                asyncio.create_task(self.ctx.payments.meter_forever(self._ran_dry)))  # fmt: skip
+            metering = self.ctx.payments.meter_forever(self._ran_dry, self._serving)
+            self._keepers.append(asyncio.create_task(metering))
+        self._keepers.append(asyncio.create_task(self._sweep_forever()))
         if self.ctx.registry is not None:
             self._keepers.append(
                 asyncio.create_task(self.ctx.registry.keep_forever(self.release_all)))  # fmt: skip
@@ -188,6 +190,24 @@ class LiveRunners:
 
     async def _ran_dry(self, session: Session, why: str) -> None:
         await self.release(session.route, session.sid, why)
+
+    def _serving(self, session: Session) -> bool:
+        """Whether the session's replica still serves its app (else metering stops)."""
+        app = self.apps().get(session.route)
+        return app is not None and session.url in self.urls(app.runner)
+
+    async def _sweep_forever(self, every: float = SWEEP_SECONDS) -> None:
+        """Release the sessions whose lease ran out (their channels closed, their runner
+        told), whichever replica finds them first (the release script is atomic)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                for route, sid in await self.ctx.sessions.expired(list(self.apps())):
+                    await self.release(route, sid, "its lease ran out")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away: the next pass finds them
+                log.exception("sweeping expired Live Runner sessions failed")
 
     def endpoints_changed(self) -> None:
         """Ready replicas changed: reservations held for a waking app look again."""
@@ -218,7 +238,7 @@ class LiveRunners:
         generated = self._generated(scope)
         routed = ("generated", (generated,)) if generated else route_of(scope["path"])
         if routed is None:
-            await _text(send, 404, "404 page not found")
+            await _refuse(scope, send, Refused(404, "404 page not found"))
             return
         name, params = routed
         if scope["type"] == "websocket" and name not in ("session_app", "single_shot",
@@ -315,6 +335,9 @@ class LiveRunners:
         if not self.offered(app) or app.price is None:
             raise Refused(503, "live runner price unavailable: the app has no price in wei "
                                "(see its LiveRunner's Priced condition)")  # fmt: skip
+        if scope["type"] == "websocket":
+            raise Refused(402, "a paid call is an HTTP request (a WebSocket goes through a "
+                               "paid session's app URL)")  # fmt: skip
         if wants_challenge(headers):
             await _json(send, 402, await payments.challenge(app.route, app.price, headers))
             return None
@@ -338,13 +361,18 @@ class LiveRunners:
         session = await self._open(scope, send, app, self.ctx.session_idle)
         if session is None:
             return  # challenged
-        await self._mark_demand(app, session.sid)
+        try:
+            await self._mark_demand(app, session.sid)
+            control = f"{self.ctx.public_url}/apps/{route}/session/{session.sid}"
+            app_url = f"{control}/app"
+            if app.proxy and self.ctx.proxy_urls is not None:  # a default-target proxy URL
+                app_url = (await self._make_proxy(session, session.url))["url"]
+        except BaseException:  # nothing answered: the session (paid or not) is not kept
+            with contextlib.suppress(RedisError):
+                await self.release(route, session.sid, "its reservation failed")
+            raise
         log.info("live runner session reserved",
                  extra={"route": route, "session": session.sid})  # fmt: skip
-        control = f"{self.ctx.public_url}/apps/{route}/session/{session.sid}"
-        app_url = f"{control}/app"
-        if app.proxy and self.ctx.proxy_urls is not None:  # a default-target proxy URL
-            app_url = (await self._make_proxy(session, session.url))["url"]
         await _json(send, 200, {"session_id": session.sid, "app_url": app_url,
                                 "control_url": control})  # fmt: skip
 
@@ -497,15 +525,27 @@ class LiveRunners:
     async def session_app(self, scope: dict[str, Any], receive: Any, send: Any,
                           route: str, sid: str, path: str | None) -> None:  # fmt: skip
         app = self._app(route)
-        session = await self.ctx.sessions.get(sid)
-        if session is None or session.route != route:
-            raise SESSION_NOT_FOUND
-        if session.url not in self.urls(app.runner):  # its replica went
-            await self.release(route, sid, "its replica is no longer ready")
-            raise SESSION_NOT_FOUND
-        if not await self.ctx.sessions.renew(session, self.ctx.session_idle):
+        session = await self._usable(app, await self.ctx.sessions.get(sid))
+        if session is None:
             raise SESSION_NOT_FOUND
         await self._proxy(scope, receive, send, app, session, path or "", self.ctx.session_idle)
+
+    async def _usable(self, app: ServedApp, session: Session | None) -> Session | None:
+        """The session, if a request may go through it now: a persistent app's (a
+        single-shot call's session is its own call's alone), paid for on a paying proxy
+        (not in the moment between its reservation and its payment's credit), on a replica
+        still ready (else it is released, as go-livepeer releases an unhealthy runner's),
+        its lease renewed."""
+        if session is None or session.route != app.route or not app.persistent:
+            return None
+        if self.ctx.payments is not None and session.billed is None:
+            return None
+        if session.url not in self.urls(app.runner):
+            await self.release(app.route, session.sid, "its replica is no longer ready")
+            return None
+        if not await self.ctx.sessions.renew(session, self.ctx.session_idle):
+            return None
+        return session
 
     async def single_shot(self, scope: dict[str, Any], receive: Any, send: Any,
                           route: str, path: str | None) -> None:  # fmt: skip
@@ -529,13 +569,25 @@ class LiveRunners:
         subject = live_runner_subject(app.route)
         job_id = f"{session.sid}/{time.monotonic_ns()}"
         woke = self.ctx.demand.start_subject(subject, app.on_demand, job_id)
-        if woke is not None and await woke:
-            await self._wake(app, force=True)  # claimed idle just now: woken again
+        try:
+            if woke is not None and await woke:
+                await self._wake(app, force=True)  # claimed idle just now: woken again
+            await self._relay(scope, receive, send, app, session, path, lease, base)
+        finally:
+            self.ctx.demand.end_subject(subject, job_id)
+
+    async def _relay(
+        self, scope: dict[str, Any], receive: Any, send: Any, app: ServedApp, session: Session,
+        path: str, lease: float, base: str | None,
+    ) -> None:  # fmt: skip
         control = f"{self.ctx.runner_url}/runner/{app.route}/session/{session.sid}"
         headers = SessionHeaders(app.route, session.sid, session.token, control)
         target = upstream_url(base or session.url, path,
                               scope.get("query_string", b"").decode())  # fmt: skip
         raw = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
+        if self.ctx.bearer_token:  # the credential that admitted it is not the app's to see
+            admitted = f"Bearer {self.ctx.bearer_token}"
+            raw = [(n, v) for n, v in raw if not (n == "authorization" and v == admitted)]
         watched = _Watched(send)
         if scope["type"] == "websocket":
             forwarded = upstream_headers(raw, headers, websocket=True)
@@ -558,7 +610,6 @@ class LiveRunners:
                 await send({"type": "websocket.close", "code": 1008})
         finally:
             keeper.cancel()
-            self.ctx.demand.end_subject(subject, job_id)
 
     async def _keep(self, session: Session, lease: float, relay: asyncio.Future[None]) -> bool:
         """Renew the session's lease while its request runs; if the session is released
@@ -631,13 +682,11 @@ class LiveRunners:
                 return
             raise Refused(404, "live runner proxy not found")
         app = self._app(proxy.route)
-        session = await self.ctx.sessions.get(proxy.sid)
-        if session is None or session.url not in self.urls(app.runner):
+        session = await self._usable(app, await self.ctx.sessions.get(proxy.sid))
+        if session is None:
             await self.ctx.proxies.drop([proxy_id])  # its session is gone
             raise Refused(404, "live runner proxy not found")
         await self.ctx.proxies.touch(proxy_id)
-        if not await self.ctx.sessions.renew(session, self.ctx.session_idle):
-            raise Refused(404, "live runner proxy not found")
         await self._proxy(scope, receive, send, app, session, rest, self.ctx.session_idle,
                           base=proxy.target)  # fmt: skip
 

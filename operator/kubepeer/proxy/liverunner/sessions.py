@@ -6,18 +6,19 @@ Layout, per namespace `ns`:
 - `kubepeer:lr:{ns}:session:<sid>` hash: `route`, `url` (the app replica it is pinned to),
   `token` (what the replica presents on callbacks), `mode`, `created`, and `channels`
   (the trickle channels made for it, space-separated), `proxies` (its generated proxy URLs'
-  ids). Expires with its lease.
+  ids), `expires` (its lease). Kept GRACE_SECONDS past its lease, so that the sweep that
+  releases an expired session still finds what to close.
   A paid session also holds `payer`, `price` (wei per unit, "num/den", frozen at its
   reserving payment), `unit` and `billed_at` (unix seconds billed up to).
 - `kubepeer:lr:{ns}:meter` sorted set: paid metered session -> when its next debit is due.
 - `kubepeer:lr:{ns}:slots:<route>` sorted set: `<replica url> <sid>` -> lease expiry (unix
   seconds). One member per session or single-shot call in flight; a replica takes
   `capacity` of them. An expired member holds nothing, so a proxy replica that dies
-  mid-call pins a slot for one lease at most.
+  mid-call pins a slot for one lease at most; `expired` finds them for the sweep.
 
-A reservation is one script: drop the expired slots, count the live ones per ready
-replica, take the least used replica under capacity, write the session. Two proxy
-replicas reserving at once cannot both take a replica's last slot.
+A reservation is one script: count the live slots per ready replica, take the least used
+replica under capacity, write the session. Two proxy replicas reserving at once cannot
+both take a replica's last slot.
 """
 
 from __future__ import annotations
@@ -32,26 +33,29 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-# KEYS: slots, session. ARGV: now, expiry, capacity, sid, token, route, mode, urls...
+GRACE_SECONDS = 120  # a session's record outlives its lease by this, for the sweep
+
+# KEYS: slots, session. ARGV: now, expiry, capacity, sid, token, route, mode, grace, urls...
+# Expired slots are not counted (the sweep releases them, so their channels close).
 _RESERVE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists'} end
 local used = {}
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
   local url = string.match(member, '^(%S+) ')
   used[url] = (used[url] or 0) + 1
 end
 local capacity = tonumber(ARGV[3])
 local best, least = nil, capacity
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   local n = used[ARGV[i]] or 0
   if n < least then best, least = ARGV[i], n end
 end
 if not best then return {'full'} end
 redis.call('ZADD', KEYS[1], ARGV[2], best .. ' ' .. ARGV[4])
 redis.call('HSET', KEYS[2], 'route', ARGV[6], 'url', best, 'token', ARGV[5],
-           'mode', ARGV[7], 'created', ARGV[1], 'channels', '', 'proxies', '')
-redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[2])))
+           'mode', ARGV[7], 'created', ARGV[1], 'channels', '', 'proxies', '',
+           'expires', ARGV[2])
+redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[2]) + tonumber(ARGV[8])))
 return {'ok', best}
 """
 # KEYS: slots, session, meter. ARGV: sid. Returns the session's fields before it went, or {}.
@@ -70,14 +74,20 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, AR
 for _, sid in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], sid) end
 return due
 """
-# KEYS: the payer's balance for the session, session. ARGV: fee, new billed instant. Debits
-# the fee and moves the billed instant in one step; 0 (nothing done) when the balance is
-# short or the session is gone.
+# KEYS: the payer's balance for the session, session, slots. ARGV: fee, new billed instant,
+# the billed instant it was computed from, lease expiry, sid, grace. Debits the fee, moves
+# the billed instant and renews the lease (a paying session is in use) in one step; 0 when
+# the balance is short or the session is gone, -1 when another replica billed it meanwhile.
 _DEBIT = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local billed = redis.call('HGET', KEYS[2], 'billed_at')
+if not billed then return 0 end
+if billed ~= ARGV[3] then return -1 end
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then return 0 end
 redis.call('DECRBY', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], 'billed_at', ARGV[2])
+redis.call('HSET', KEYS[2], 'billed_at', ARGV[2], 'expires', ARGV[4])
+local url = redis.call('HGET', KEYS[2], 'url')
+redis.call('ZADD', KEYS[3], 'XX', ARGV[4], url .. ' ' .. ARGV[5])
+redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[4]) + tonumber(ARGV[6])))
 return 1
 """
 # KEYS: session. ARGV: field/value pairs. Sets them only while the session exists.
@@ -86,12 +96,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
-# KEYS: slots, session. ARGV: sid, expiry. Pushes the lease out; 0 if the session is gone.
+# KEYS: slots, session. ARGV: sid, expiry, now, grace. Pushes the lease out; 0 if the
+# session is gone or its lease has run out (then the sweep releases it).
 _RENEW = """
 local url = redis.call('HGET', KEYS[2], 'url')
 if not url then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[2], url .. ' ' .. ARGV[1])
-redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[2])))
+local member = url .. ' ' .. ARGV[1]
+local expiry = tonumber(redis.call('ZSCORE', KEYS[1], member) or '0')
+if expiry <= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], member)
+redis.call('HSET', KEYS[2], 'expires', ARGV[2])
+redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[2]) + tonumber(ARGV[4])))
 return 1
 """
 # KEYS: session. ARGV: a list field (channels, proxies), a name. Adds the name to the
@@ -140,6 +155,7 @@ class Session:
     channels: tuple[str, ...] = ()
     proxies: tuple[str, ...] = ()  # its generated proxy URLs' ids
     billed: Billed | None = None  # None: a free session
+    expires: float = float("inf")  # its lease
 
     @classmethod
     def from_fields(cls, sid: str, fields: dict[bytes, bytes]) -> Session:
@@ -151,7 +167,7 @@ class Session:
         return cls(sid=sid, route=text["route"], url=text["url"], token=text["token"],
                    mode=text["mode"], channels=tuple(text.get("channels", "").split()),
                    proxies=tuple(text.get("proxies", "").split()),
-                   billed=billed)  # fmt: skip
+                   billed=billed, expires=float(text.get("expires", "inf")))  # fmt: skip
 
 
 def _base32(raw: bytes) -> str:
@@ -196,7 +212,17 @@ class SessionStore:
         now = time.time()
         answer = await self._reserve(
             keys=[self.slots_key(route), self.session_key(sid)],
-            args=[repr(now), repr(now + lease), capacity, sid, token, route, mode, *urls],
+            args=[
+                repr(now),
+                repr(now + lease),
+                capacity,
+                sid,
+                token,
+                route,
+                mode,
+                GRACE_SECONDS,
+                *urls,
+            ],
         )
         status = answer[0].decode()
         if status == "full":
@@ -206,15 +232,19 @@ class SessionStore:
         return Session(sid=sid, route=route, url=answer[1].decode(), token=token, mode=mode)
 
     async def get(self, sid: str) -> Session | None:
+        """A live session (None once released, or once its lease has run out)."""
         fields = await self.redis.hgetall(self.session_key(sid))
-        return Session.from_fields(sid, fields) if fields else None
+        if not fields:
+            return None
+        session = Session.from_fields(sid, fields)
+        return session if session.expires > time.time() else None
 
     async def renew(self, session: Session, lease: float) -> bool:
         """Push the session's lease `lease` seconds from now; False: it was released."""
         return bool(
             await self._renew(
                 keys=[self.slots_key(session.route), self.session_key(session.sid)],
-                args=[session.sid, repr(time.time() + lease)],
+                args=[session.sid, repr(time.time() + lease), repr(time.time()), GRACE_SECONDS],
             )
         )
 
@@ -247,15 +277,34 @@ class SessionStore:
             found = await pipe.execute()
         return [Session.from_fields(s, f) if f else None for s, f in zip(sids, found, strict=True)]
 
-    async def debit_many(self, debits: list[tuple[Session, str, int, float]]) -> list[bool]:
-        """Each (session, its payer's balance key, fee, new billed instant): the fee debited
-        and the billed instant moved together, or nothing when the balance is short (False).
+    async def debit_many(self, debits: list[tuple[Session, str, int, float]],
+                         lease: float) -> list[bool | None]:  # fmt: skip
+        """Each (session, its payer's balance key, fee, new billed instant): the fee debited,
+        the billed instant moved and the lease renewed together (True); nothing when the
+        balance is short (False) or another replica billed that interval already (None).
         One round trip for all."""
+        until = repr(time.time() + lease)
         async with self.redis.pipeline(transaction=False) as pipe:
             for session, balance, charge, instant in debits:
-                await self._debit(keys=[balance, self.session_key(session.sid)],
-                                  args=[charge, repr(instant)], client=pipe)  # fmt: skip
-            return [bool(done) for done in await pipe.execute()]
+                billed_from = repr(session.billed.billed_at) if session.billed else ""
+                await self._debit(
+                    keys=[balance, self.session_key(session.sid), self.slots_key(session.route)],
+                    args=[charge, repr(instant), billed_from, until, session.sid, GRACE_SECONDS],
+                    client=pipe,
+                )  # fmt: skip
+            done = await pipe.execute()
+        return [None if d == -1 else bool(d) for d in done]
+
+    async def expired(self, routes: Iterable[str]) -> list[tuple[str, str]]:
+        """(route, sid) of the sessions whose lease has run out, for the sweep to release."""
+        routes = list(routes)
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for route in routes:
+                pipe.zrangebyscore(self.slots_key(route), "-inf", repr(now))
+            found = await pipe.execute()
+        return [(route, m.decode().split(" ", 1)[1])
+                for route, members in zip(routes, found, strict=True) for m in members]  # fmt: skip
 
     async def due(self, now: float, next_due: float, most: int = 256) -> list[str]:
         """Claim the sessions whose debit is due (pushed to `next_due` in the same step)."""
