@@ -61,8 +61,8 @@ def live_stack(tiny_models, redis_server, tmp_path_factory) -> Iterator[tuple[Pr
               "--offchain-gateways"], recipient=None,
     )  # fmt: skip
     yield proxy, runner.url
+    stop_runner(runner)  # first: its trickle readers would hold the proxy's graceful stop
     stop_proxy(proxy)
-    stop_runner(runner)
 
 
 def sdk_gateway(proxy: ProxyServer, *args: str, timeout: float = 180) -> dict:

@@ -337,5 +337,5 @@ def test_streams_spread_over_every_aimodel_serving_the_model_id(
         third = start(proxy, late, late_info)
         assert (third.status_code, third.text) == (503, "insufficient capacity\n")
     finally:
-        end_proxy(proxy)
+        end_proxy(proxy, grace=3)  # its runners' readers would hold its graceful stop
         stop_runner(runners["runner-b"])  # runner-a is the module's
