@@ -138,6 +138,21 @@ def test_secrets_reach_pods_as_files_never_as_args_or_literal_env():
     assert set(generated) == {"recipient-secret", "auth-secret", "bearer-token"}
 
 
+def test_the_orchestrator_secret_reaches_the_proxy_as_a_file_when_named():
+    off = find(render(*REQUIRED), "Deployment", "kubepeer-proxy")
+    assert "--orch-secret-file" not in yaml.safe_dump(off)  # registration by heartbeat is off
+    objects = render(*REQUIRED, "--set", "secrets.orchSecret.existingSecret=orchestrator",
+                     "--set", "secrets.orchSecret.key=secret")  # fmt: skip
+    proxy = find(objects, "Deployment", "kubepeer-proxy")["spec"]["template"]["spec"]
+    args = proxy["containers"][0]["args"]
+    path = args[args.index("--orch-secret-file") + 1]
+    [mount] = [m for m in proxy["containers"][0]["volumeMounts"] if m["name"] == "orch"]
+    assert path == f"{mount['mountPath']}/orch-secret"
+    [volume] = [v for v in proxy["volumes"] if v["name"] == "orch"]
+    assert volume["secret"] == {"secretName": "orchestrator",
+                                "items": [{"key": "secret", "path": "orch-secret"}]}  # fmt: skip
+
+
 def test_images_and_placement_come_from_values():
     objects = render(
         *REQUIRED,
