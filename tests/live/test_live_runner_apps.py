@@ -420,3 +420,32 @@ def test_the_runner_image_serves_a_batch_pipeline_as_a_live_runner_app(
             server.set_apps(APPS)
             server.set_endpoints(ENDPOINTS)
         stop_runner(runner)
+
+
+def test_an_abandoned_free_session_is_released_with_its_channels(stack, redis_server, tmp_path):
+    """Kubepeer's bound on free sessions (go-livepeer keeps them until stopped): unused for
+    --app-session-idle, a session is released by the sweep, its channels closed."""
+    _, _, _ = stack
+    args = ["--no-payments", "--offchain-gateways", "--app-session-idle", "2"]
+    idle = start_proxy(tmp_path / "idle", redis_server, models=models_json(extra=[], base=False),
+                       endpoints=ENDPOINTS, apps=APPS, recipient=None, namespace="idle",
+                       args=args)  # fmt: skip
+    try:
+        session = reserve(idle)
+        with idle.http() as http:
+            made = http.post(f"{session['app_url']}/start", json={})
+            assert made.status_code == 200, made.text
+            out = made.json()["out"]
+            assert http.get(f"{out}/next").status_code == 200  # the channel exists
+
+            def echo_in_use() -> int:  # asked of discovery: a request to the app renews it
+                runners = http.get("/discovery").json()[0]["runners"]
+                return next(r for r in runners if r["app"] == "kubepeer/echo")["capacity_used"]
+
+            assert echo_in_use() == 1
+            wait_for(lambda: echo_in_use() == 0, timeout=10, what="the idle session released")
+            assert http.get(f"{session['app_url']}/health").status_code == 404
+            gone = http.get(f"{out}/0")
+            assert gone.status_code == 404 or gone.headers.get("lp-trickle-closed")
+    finally:
+        stop_proxy(idle, grace=3)

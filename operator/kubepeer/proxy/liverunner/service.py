@@ -65,7 +65,7 @@ CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 DEFAULT_MIME = "application/octet-stream"
 MAX_CALLBACK_BODY = 64 * 1024  # a channels request is a few names
 KEEP_EVERY = 5.0  # seconds between a running request's checks that its session still holds
-SWEEP_SECONDS = 10.0  # how often expired sessions are looked for
+SWEEP_SECONDS = 10.0  # how often expired sessions are looked for (at most)
 
 _SEGMENT = r"([^/]+)"
 ROUTES: list[tuple[re.Pattern[str], str]] = [
@@ -166,7 +166,8 @@ class LiveRunners:
         if self.ctx.payments is not None:
             metering = self.ctx.payments.meter_forever(self._ran_dry, self._serving)
             self._keepers.append(asyncio.create_task(metering))
-        self._keepers.append(asyncio.create_task(self._sweep_forever()))
+        every = min(SWEEP_SECONDS, self.ctx.session_idle / 2)  # a short idle, a short wait
+        self._keepers.append(asyncio.create_task(self._sweep_forever(every)))
         if self.ctx.registry is not None:
             self._keepers.append(
                 asyncio.create_task(self.ctx.registry.keep_forever(self.release_all)))  # fmt: skip
