@@ -7,8 +7,10 @@ reserved and called by the SDK's client functions through the proxy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import httpx
 import pytest
 
 from conftest import free_port
+from kubepeer.controller.fleet import View
+from kubepeer.controller.registration import Registrar
 from proxies import ProxyServer, models_json, start_proxy, stop_proxy
 from runners import SDK_APPS, SDK_PYTHON, sdk_apps, serve_app
 from support import wait_for
@@ -222,3 +226,49 @@ def test_28_an_sdk_registered_app_is_discovered_reserved_and_told_of_its_session
     assert all(e["timestamp"].endswith("Z") for e in report["events"])
     with proxy.http() as http:  # the SDK unregisters on close
         assert runner_id not in listed(http)
+
+
+def test_the_operators_registrations_survive_its_restart(registry, redis_server):
+    """Issue 27: the operator's registrar keeps what it holds in Redis, so a restarted
+    operator goes on heartbeating with the same secrets: the orchestrator keeps the runner
+    (and its sessions) instead of expiring it. Here the registrar runs on a view of its own
+    (the operator's kopf indices, as plain dicts); the orchestrator is the proxy's registry."""
+    proxy, _, _ = registry
+    key = ("ops", "live-echo")
+    body = {"metadata": {"name": "echo", "namespace": "ops"},
+            "spec": {"app": "acme/operated", "image": "x", "registerWith": [
+                {"url": proxy.url, "secretRef": {"name": "kubepeer-orchestrator"},
+                 "insecureSkipVerify": True}]}}  # fmt: skip
+    pod = {"metadata": {"name": "echo-abc"}, "spec": {"nodeName": None},
+           "status": {"podIP": "10.20.30.40",
+                      "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
+    view = View(live_runners={key: [body]}, live_pods={key: [pod]})
+    store = redis_server.client()
+
+    def registrar() -> Registrar:
+        return Registrar(view, lambda *_: SECRET, lambda _: None, lambda _: (None, None),
+                         lambda _: None, store=store, settle_seconds=0.5)  # fmt: skip
+
+    async def run(r: Registrar, until: float) -> None:
+        try:
+            while time.monotonic() < until:
+                await r.tick(time.monotonic())
+                await asyncio.sleep(0.2)
+        finally:
+            await r.close()
+
+    first = registrar()
+    asyncio.run(run(first, time.monotonic() + 1.5))
+    [(pair, held)] = first.held.items()
+    assert pair == (proxy.url, "ops.echo-abc")
+    with proxy.http() as http:
+        assert "ops.echo-abc" in listed(http)
+        restarted = registrar()  # a new operator process: nothing in memory
+        asyncio.run(run(restarted, time.monotonic() + 1.5))
+        assert restarted.held[pair].secret == held.secret  # heartbeats went on with it
+        assert not restarted.summaries[(key, proxy.url)].last_error
+        assert "ops.echo-abc" in listed(http)
+        view.live_pods[key] = []  # the replica goes: unregistered, and no longer stored
+        asyncio.run(run(restarted, time.monotonic() + 1.0))
+        assert "ops.echo-abc" not in listed(http)
+    assert not store.hgetall("kubepeer:registrations")

@@ -77,6 +77,7 @@ class Fleet:
         self.live.registrar = self.registrar = Registrar(
             self.view, functools.partial(read_orchestrator_secret, kube, settings),
             functools.partial(node_labels, kube), self.live.app_price, self._live_status_soon,
+            store=redis,
         )  # fmt: skip
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
         self.retry: set[Key] = set()  # AIModels whose last reconcile failed

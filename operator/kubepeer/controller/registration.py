@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +43,10 @@ from kubepeer.livepeer.price_feed import WEI_PER_ETH, EthUsd
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 5.0  # until an orchestrator says otherwise (go-livepeer's "5s")
+STORE_KEY = "kubepeer:registrations"  # Redis hash: "<url> <runner id>" -> what is held
+# After a restart, registrations read back from the store wait this long to be seen wanted
+# (kopf's indices fill in the meantime) before one that is not is unregistered.
+SETTLE_SECONDS = 30.0
 TIMEOUT = 5.0
 Key = tuple[str, str]  # (namespace, app Deployment)
 
@@ -150,10 +155,15 @@ class Registrar:
     def __init__(self, view: Any, secret: Callable[[str, Any], str | None],
                  node_labels: Callable[[str], Mapping[str, str] | None],
                  price: Callable[[Key], tuple[AppPrice | None, EthUsd | None]],
-                 write_status: Callable[[Key], None]) -> None:  # fmt: skip
+                 write_status: Callable[[Key], None], store: Any = None,
+                 settle_seconds: float = SETTLE_SECONDS) -> None:  # fmt: skip
         self.view, self.secret, self.node_labels = view, secret, node_labels
         self.price, self.write_status = price, write_status
+        self.store = store  # Redis (sync): held registrations outlive an operator restart
+        self.settle_seconds = settle_seconds
         self.held: dict[tuple[str, str], Held] = {}  # (orchestrator url, runner id) -> held
+        self._loaded: set[tuple[str, str]] = set()  # held from the store, not yet seen wanted
+        self._started: float | None = None
         self.summaries: dict[tuple[Key, str], Summary] = {}  # (LiveRunner, url) -> summary
         self._sessions: dict[bool, aiohttp.ClientSession] = {}  # by TLS verification
 
@@ -179,8 +189,13 @@ class Registrar:
                     log.exception("registering Live Runner replicas failed; trying again")
                 await asyncio.sleep(every)
         finally:
-            for session in self._sessions.values():
-                await session.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the connection pools (made again if the registrar goes on)."""
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
 
     def wanted(self) -> dict[tuple[str, str], tuple[Key, ExternalOrchestrator, Replica, Any]]:
         """(orchestrator url, runner id) -> what to register, from the view now."""
@@ -202,9 +217,17 @@ class Registrar:
         return wanted
 
     async def tick(self, now: float) -> None:
+        if self._started is None:
+            self._started = now
+            await asyncio.to_thread(self._load, now)
         wanted = self.wanted()
+        self._loaded -= wanted.keys()
+        settling = now - self._started < self.settle_seconds
         jobs = []
         for held_key in [k for k in self.held if k not in wanted]:
+            if held_key in self._loaded and settling:
+                continue  # read back after a restart: the view may not show it yet
+            self._loaded.discard(held_key)
             jobs.append(self._unregister(held_key))
         for pair, (key, orchestrator, replica, spec) in wanted.items():
             held = self.held.get(pair)
@@ -212,6 +235,43 @@ class Registrar:
                 jobs.append(self._beat(pair, key, orchestrator, replica, spec, now))
         if jobs:
             await asyncio.gather(*jobs)
+
+    # -- the store -----------------------------------------------------------------------
+    def _load(self, now: float) -> None:
+        """What was held before a restart: heartbeats go on with the same secrets, so the
+        orchestrator keeps the runners and their sessions."""
+        if self.store is None:
+            return
+        try:
+            stored = self.store.hgetall(STORE_KEY)
+        except Exception as exc:  # Redis away: registered afresh, as without a store
+            log.warning("held registrations not read back: %s", exc)
+            return
+        for name, value in stored.items():
+            url, runner_id = name.decode().rsplit(" ", 1)
+            held = json.loads(value)
+            pair = (url, runner_id)
+            owner = (held["owner"][0], held["owner"][1])
+            self.held[pair] = Held(owner, runner_id, held["secret"], held["verify"],
+                                   held["interval"], now)  # fmt: skip
+            self._loaded.add(pair)
+        if stored:
+            log.info("read back %d held registrations", len(stored))
+
+    def _keep(self, pair: tuple[str, str], held: Held | None) -> None:
+        """Write (or, None: remove) a held registration in the store, off the loop."""
+        if self.store is None:
+            return
+        field = f"{pair[0]} {pair[1]}"
+        try:
+            if held is None:
+                self.store.hdel(STORE_KEY, field)
+            else:
+                self.store.hset(STORE_KEY, field, json.dumps({
+                    "owner": list(held.owner), "secret": held.secret, "verify": held.verify,
+                    "interval": held.interval}))  # fmt: skip
+        except Exception as exc:  # the next change writes it again; a restart re-registers
+            log.warning("held registration of %s not stored: %s", pair[1], exc)
 
     # -- one replica ---------------------------------------------------------------------
     def _http(self, verify: bool) -> aiohttp.ClientSession:
@@ -254,6 +314,7 @@ class Registrar:
         except _Refused as exc:
             if held is not None and exc.status in (401, 404):
                 self.held.pop(pair, None)  # forgotten there (restart, expiry): register again
+                await asyncio.to_thread(self._keep, pair, None)
             elif held is not None:  # anything else (a proxy's 502, a bad price): keep it
                 held.due = now + held.interval
             self._failed(key, summary, runner_id, f"{exc.status} {exc.text}"[:512])
@@ -269,6 +330,8 @@ class Registrar:
             secret = reply.get("heartbeat_secret") or secret
         self.held[pair] = Held(key, runner_id, secret, not orchestrator.insecure_skip_verify,
                                interval, now + interval)  # fmt: skip
+        if first:
+            await asyncio.to_thread(self._keep, pair, self.held[pair])
         summary.last_heartbeat = datetime.now(UTC)
         had_error = summary.errors.pop(runner_id, None) is not None
         if not summary.errors and summary.last_error is not None:
@@ -282,6 +345,7 @@ class Registrar:
     async def _unregister(self, pair: tuple[str, str]) -> None:
         url, runner_id = pair
         held = self.held.pop(pair)
+        await asyncio.to_thread(self._keep, pair, None)
         with_secret = {"Authorization": held.secret}
         try:
             async with self._http(held.verify).post(
