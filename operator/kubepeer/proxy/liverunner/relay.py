@@ -123,16 +123,10 @@ class Upstream:
         """The app's answer at its head; raises aiohttp.ClientError when the replica could not
         be reached or broke the answer's head."""
         async with self.http.request(
-            method, url, headers=_multidict(headers), data=body, allow_redirects=False,
+            method, url, headers=headers, data=body, allow_redirects=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         ) as response:  # fmt: skip
             yield response
-
-
-def _multidict(headers: list[tuple[str, str]]) -> Any:
-    from multidict import CIMultiDict
-
-    return CIMultiDict(headers)
 
 
 async def relay_websocket(
@@ -145,7 +139,7 @@ async def relay_websocket(
     ws_url = "ws" + url.removeprefix("http")
     try:
         app = await upstream.http.ws_connect(
-            ws_url, headers=_multidict(headers), protocols=tuple(subprotocols),
+            ws_url, headers=headers, protocols=tuple(subprotocols),
             autoclose=False, autoping=True, max_msg_size=0,
         )  # fmt: skip
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
