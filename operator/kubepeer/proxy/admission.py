@@ -43,16 +43,19 @@ class Door:
     offchain_gateways: bool = False  # payments off: also an auth token from our discovery
 
 
+def bearer_ok(headers: Mapping[str, str], token: str | None) -> bool:
+    """Whether the request presents the private mode's bearer token (constant time)."""
+    presented = headers.get("authorization", "").removeprefix("Bearer ")
+    return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
+
+
 def check_credentials(headers: Mapping[str, str], door: Door,
                       offered: discovery.Offered) -> net_pb2.Payment | None:  # fmt: skip
     """The job's payment (None with payments off), or JobRefused: 401 without the bearer
     token (payments off), 402 for a payment that does not decode, 403 for a segment whose
     credentials do not pass. `headers` by lowercased name."""
     if not door.payments:
-        presented = headers.get("authorization", "").removeprefix("Bearer ")
-        if door.bearer_token and hmac.compare_digest(
-            presented.encode(), door.bearer_token.encode()
-        ):
+        if bearer_ok(headers, door.bearer_token):
             return None
         if door.offchain_gateways and _offchain_ok(headers, door.auth_secret):
             return None

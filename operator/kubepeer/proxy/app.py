@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from kubepeer.proxy.admission import Door, check_credentials
 from kubepeer.proxy.billing import Billing, PaymentRefused
 from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import AuthSecret, discovery_signed, go_address
-from kubepeer.proxy.http1 import Reply, Respond
+from kubepeer.proxy.http1 import Reply, Respond, header_map
 from kubepeer.proxy.jobs import (
     BATCH_PIPELINES,
     LARGE_BODY,
@@ -453,9 +453,3 @@ class Proxy:
         self.activation.ready_again(self.catalogue().models)
         if self.apps:
             self.apps.endpoints_changed()
-
-
-def header_map(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Headers with lowercased names (as ASGI and http1.py give them) by name; of a repeated
-    one the first, as Go's Header.Get and starlette's Headers.get read it."""
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}

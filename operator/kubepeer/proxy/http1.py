@@ -20,7 +20,7 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -448,3 +448,9 @@ class LeanJobs(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
+
+
+def header_map(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Headers with lowercased names (as ASGI and http1.py give them) by name; of a repeated
+    one the first, as Go's Header.Get and starlette's Headers.get read it."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}

@@ -113,11 +113,16 @@ class AppPayments:
             raise PaymentProblem(402, "invalid live runner payment signer address", as_json=True)
         manifest = secrets.token_hex(4)  # becomes the session id on the paid retry
         info = await self._info(bytes.fromhex(payer[2:]), route, price, manifest)
+        payment_url = f"{self.public_url}/apps/{route}/session/{manifest}/payment"
+        return self._challenge(info, manifest, payment_url)
+
+    def _challenge(self, info: net_pb2.OrchestratorInfo, manifest: str, payment_url: str) -> dict:
+        """A 402 challenge's body (wire 7.2), as /refresh-payment answers it too (7.6)."""
         return {
             "payment_params": base64.b64encode(info.SerializeToString()).decode(),
             "orchestrator": self.public_url,
             "manifest_id": manifest,
-            "payment_url": f"{self.public_url}/apps/{route}/session/{manifest}/payment",
+            "payment_url": payment_url,
         }
 
     # -- the paid retry (7.3) -------------------------------------------------------------
@@ -210,12 +215,7 @@ class AppPayments:
         recorded = session.billed.price
         at = AppPrice(wei=recorded.numerator // recorded.denominator, unit=price.unit)
         info = await self._info(payer, session.route, at, manifest)
-        return {
-            "payment_params": base64.b64encode(info.SerializeToString()).decode(),
-            "orchestrator": self.public_url,
-            "manifest_id": manifest,
-            "payment_url": f"{self.public_url}/payment",
-        }
+        return self._challenge(info, manifest, f"{self.public_url}/payment")
 
     # -- metering (7.5) -------------------------------------------------------------------
     def debit(self, session: Session, now: float) -> tuple[Session, str, int, float] | None:

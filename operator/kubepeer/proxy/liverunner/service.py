@@ -36,6 +36,8 @@ from redis.exceptions import RedisError
 from kubepeer.contracts.apps import AppPrice, ServedApp
 from kubepeer.contracts.demand import JOB_TTL_SECONDS, live_runner_subject
 from kubepeer.contracts.price_table import INT64_MAX
+from kubepeer.proxy.admission import bearer_ok
+from kubepeer.proxy.http1 import header_map
 from kubepeer.proxy.liverunner.payments import AppPayments, PaymentProblem, wants_challenge
 from kubepeer.proxy.liverunner.proxy_urls import (
     ProxyStore,
@@ -83,6 +85,11 @@ ROUTES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"^/runners/{_SEGMENT}/unregister$"), "unregister"),
 ]
 PREFIXES = ("/discovery", "/apps/", "/runner/", "/refresh-payment", "/runners/")
+# The methods each route answers (the app's own routes take any): others get 405.
+METHODS = {"discovery": {"GET"}, "channels": {"POST", "DELETE"}} | {
+    name: {"POST"} for name in ("reserve", "client_stop", "top_up", "runner_stop",
+                                "create_proxy", "refresh_payment", "heartbeat", "unregister")
+}  # fmt: skip
 
 
 def route_of(path: str) -> tuple[str, tuple[str | None, ...]] | None:
@@ -103,10 +110,18 @@ class Refused(Exception):
         self.status, self.text, self.as_json = status, text, as_json
 
 
-RUNNER_NOT_FOUND = Refused(404, "runner not found")
-SESSION_NOT_FOUND = Refused(404, "runner session not found")
-NO_CAPACITY = Refused(503, "no capacity available for runner")
-INVALID_AUTHORIZATION = Refused(401, "invalid authorization")
+# go-livepeer's common refusals: a new exception each time (a raised exception holds its
+# traceback, and with it the frames of the request that raised it).
+def runner_not_found() -> Refused:
+    return Refused(404, "runner not found")
+
+
+def session_not_found() -> Refused:
+    return Refused(404, "runner session not found")
+
+
+def no_capacity() -> Refused:
+    return Refused(503, "no capacity available for runner")
 
 
 class AppDemand(Protocol):
@@ -246,6 +261,9 @@ class LiveRunners:
                                                          "generated"):  # fmt: skip
             await send({"type": "websocket.close", "code": 1008})
             return
+        if scope["type"] == "http" and scope["method"] not in METHODS.get(name, {scope["method"]}):
+            await _refuse(scope, send, Refused(405, "method not allowed"))
+            return
         try:
             await getattr(self, name)(scope, receive, send, *params)
         except Refused as exc:
@@ -269,8 +287,6 @@ class LiveRunners:
         return app.price is not None and app.price.wei <= INT64_MAX
 
     async def discovery(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["method"] != "GET":
-            raise Refused(405, "method not allowed")
         apps = [a for a in self.apps().values() if self.offered(a)]
         used = await self.ctx.sessions.used(a.route for a in apps)
         runners = []
@@ -312,16 +328,12 @@ class LiveRunners:
     def _app(self, route: str) -> ServedApp:
         app = self.apps().get(route)
         if app is None:
-            raise RUNNER_NOT_FOUND
+            raise runner_not_found()
         return app
 
     def _admit_free(self, headers: Mapping[str, str]) -> None:
         """Payments off: the bearer token's holders, or anyone with offchain gateways on."""
-        if self.ctx.open_door:
-            return
-        presented = headers.get("authorization", "").removeprefix("Bearer ")
-        token = self.ctx.bearer_token
-        if not (token and hmac.compare_digest(presented.encode(), token.encode())):
+        if not (self.ctx.open_door or bearer_ok(headers, self.ctx.bearer_token)):
             raise Refused(401, "a valid bearer token is required")
 
     async def _open(self, scope: dict[str, Any], send: Any, app: ServedApp,
@@ -353,8 +365,6 @@ class LiveRunners:
         return await self.ctx.sessions.get(session.sid) or session
 
     async def reserve(self, scope: dict[str, Any], receive: Any, send: Any, route: str) -> None:
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         app = self._app(route)
         if not app.persistent:
             raise Refused(400, "only persistent runners have sessions")
@@ -391,6 +401,7 @@ class LiveRunners:
         and the reservation held until one is ready (hold_timeout)."""
         deadline = time.monotonic() + self.ctx.hold_timeout
         while True:
+            ready = self._ready  # before looking: a change from now on sets it
             urls = list(self.urls(app.runner))
             if urls:
                 random.shuffle(urls)  # ties go anywhere: proxy replicas do not pile up
@@ -398,19 +409,18 @@ class LiveRunners:
                     session = await self.ctx.sessions.reserve(
                         app.route, app.mode, urls, app.capacity, lease, sid)  # fmt: skip
                 except Full:
-                    raise NO_CAPACITY from None
+                    raise no_capacity() from None
                 except Exists:
                     raise Refused(409, "session already exists") from None
                 if self.ctx.registry is not None:
                     await self.ctx.registry.send_event(app.route, "reserved", session.sid)
                 return session
             if not app.on_demand:
-                raise RUNNER_NOT_FOUND
+                raise runner_not_found()
             await self._wake(app)
-            ready = self._ready
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NO_CAPACITY
+                raise no_capacity()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ready.wait(), left)
             app = self.apps().get(app.route, app)
@@ -426,7 +436,7 @@ class LiveRunners:
         except Exception:
             self._waking.discard(app.route)
             log.exception("could not wake LiveRunner %s", app.route)
-            raise NO_CAPACITY from None
+            raise no_capacity() from None
 
     async def release(self, route: str, sid: str, why: str) -> bool:
         """End a session: its slot freed, its channels closed. False: it was not there."""
@@ -451,29 +461,23 @@ class LiveRunners:
 
     async def client_stop(self, scope: dict[str, Any], receive: Any, send: Any,
                           route: str, sid: str) -> None:  # fmt: skip
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         self._app(route)
         await self.release(route, sid, "stopped by the client")
         await _empty(send, 204)
 
     async def top_up(self, scope: dict[str, Any], receive: Any, send: Any,
                      route: str, sid: str) -> None:  # fmt: skip
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         app = self._app(route)
         session = await self.ctx.sessions.get(sid)
         if self.ctx.payments is None or app.price is None:
             raise Refused(404, "live runner payments are not taken here")
         if session is None or session.route != route:
-            raise SESSION_NOT_FOUND
+            raise session_not_found()
         await _drain(receive, MAX_CALLBACK_BODY)
         result = await self.ctx.payments.top_up(session, route, app.price, _headers(scope))
         await _send(send, 200, result, None)
 
     async def refresh_payment(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         if self.ctx.payments is None:
             raise Refused(404, "live runner payments are not taken here")
         try:
@@ -490,8 +494,6 @@ class LiveRunners:
 
     # -- dynamic registration (wire 2.3) -------------------------------------------------
     async def heartbeat(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         registry = self.ctx.registry
         raw = await _drain(receive, MAX_CALLBACK_BODY)
         if registry is None:
@@ -509,8 +511,6 @@ class LiveRunners:
 
     async def unregister(self, scope: dict[str, Any], receive: Any, send: Any,
                          runner_id: str) -> None:  # fmt: skip
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         await _drain(receive, MAX_CALLBACK_BODY)
         if self.ctx.registry is None:
             raise Refused(404, "runner not found")
@@ -528,7 +528,7 @@ class LiveRunners:
         app = self._app(route)
         session = await self._usable(app, await self.ctx.sessions.get(sid))
         if session is None:
-            raise SESSION_NOT_FOUND
+            raise session_not_found()
         await self._proxy(scope, receive, send, app, session, path or "", self.ctx.session_idle)
 
     async def _usable(self, app: ServedApp, session: Session | None) -> Session | None:
@@ -606,7 +606,7 @@ class LiveRunners:
                 raise  # the client left, or the server stops
             # The session was released under the request (stopped, or unpaid): it ends.
             if not watched.started:
-                raise SESSION_NOT_FOUND from None
+                raise session_not_found() from None
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
         finally:
@@ -652,19 +652,17 @@ class LiveRunners:
     async def _runner_session(self, scope: dict[str, Any], route: str, sid: str) -> Session:
         """Lookup order as go-livepeer's: runner 404, session 404, token 401."""
         if route not in self.apps():
-            raise RUNNER_NOT_FOUND
+            raise runner_not_found()
         session = await self.ctx.sessions.get(sid)
         if session is None or session.route != route:
-            raise SESSION_NOT_FOUND
+            raise session_not_found()
         presented = _headers(scope).get("livepeer-session-token", "")
         if not hmac.compare_digest(presented.encode(), session.token.encode()):
-            raise INVALID_AUTHORIZATION
+            raise Refused(401, "invalid authorization")
         return session
 
     async def runner_stop(self, scope: dict[str, Any], receive: Any, send: Any,
                           route: str, sid: str) -> None:  # fmt: skip
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         await self._runner_session(scope, route, sid)
         await self.release(route, sid, "stopped by the runner")
         await _empty(send, 204)
@@ -693,8 +691,6 @@ class LiveRunners:
 
     async def create_proxy(self, scope: dict[str, Any], receive: Any, send: Any,
                            route: str, sid: str) -> None:  # fmt: skip
-        if scope["method"] != "POST":
-            raise Refused(405, "method not allowed")
         session = await self._runner_session(scope, route, sid)
         if self.ctx.proxy_urls is None:
             raise Refused(404, "live runner proxy URLs are not served")
@@ -723,13 +719,11 @@ class LiveRunners:
         await self.ctx.proxies.add(made)
         if not await self.ctx.sessions.add_proxy(session, made.proxy_id):
             await self.ctx.proxies.drop([made.proxy_id])
-            raise SESSION_NOT_FOUND
+            raise session_not_found()
         return {"proxy_id": made.proxy_id, "url": self.ctx.proxy_urls.url(made.proxy_id)}
 
     async def channels(self, scope: dict[str, Any], receive: Any, send: Any,
                        route: str, sid: str) -> None:  # fmt: skip
-        if scope["method"] not in ("POST", "DELETE"):
-            raise Refused(405, "method not allowed")
         session = await self._runner_session(scope, route, sid)
         if self.ctx.trickle is None:
             raise Refused(404, "trickle channels are not served")
@@ -770,7 +764,7 @@ class LiveRunners:
                 await self.ctx.trickle.create(channel, mime)
                 if not await self.ctx.sessions.add_channel(session, channel):
                     await self.ctx.trickle.close(channel)  # released meanwhile
-                    raise SESSION_NOT_FOUND
+                    raise session_not_found()
             made.append({
                 "name": name, "channel_name": channel, "mime_type": mime,
                 "url": f"{self.ctx.public_url}{TRICKLE_PATH}{channel}",
@@ -811,7 +805,7 @@ class _Watched:
 
 
 def _headers(scope: dict[str, Any]) -> dict[str, str]:
-    return {n.decode("latin-1"): v.decode("latin-1") for n, v in reversed(scope["headers"])}
+    return header_map(scope["headers"])
 
 
 async def _request_body(receive: Any, limit: int) -> AsyncIterator[bytes]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -241,10 +242,11 @@ class SessionStore:
 
     async def renew(self, session: Session, lease: float) -> bool:
         """Push the session's lease `lease` seconds from now; False: it was released."""
+        now = time.time()
         return bool(
             await self._renew(
                 keys=[self.slots_key(session.route), self.session_key(session.sid)],
-                args=[session.sid, repr(time.time() + lease), repr(time.time()), GRACE_SECONDS],
+                args=[session.sid, repr(now + lease), repr(now), GRACE_SECONDS],
             )
         )
 
@@ -298,13 +300,9 @@ class SessionStore:
     async def expired(self, routes: Iterable[str]) -> list[tuple[str, str]]:
         """(route, sid) of the sessions whose lease has run out, for the sweep to release."""
         routes = list(routes)
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for route in routes:
-                pipe.zrangebyscore(self.slots_key(route), "-inf", repr(now))
-            found = await pipe.execute()
-        return [(route, m.decode().split(" ", 1)[1])
-                for route, members in zip(routes, found, strict=True) for m in members]  # fmt: skip
+        slots = await self._slots(routes, live=False)
+        return [(route, sid) for route, held in zip(routes, slots, strict=True)
+                for _, sid in held]  # fmt: skip
 
     async def due(self, now: float, next_due: float, most: int = 256) -> list[str]:
         """Claim the sessions whose debit is due (pushed to `next_due` in the same step)."""
@@ -329,8 +327,8 @@ class SessionStore:
 
     async def sessions_of(self, route: str) -> list[str]:
         """The ids of an app's live sessions (and calls), oldest first."""
-        members = await self.redis.zrangebyscore(self.slots_key(route), f"({time.time()!r}", "+inf")
-        sids = [m.decode().split(" ", 1)[1] for m in members]
+        [held] = await self._slots([route], live=True)
+        sids = [sid for _, sid in held]
         if not sids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -343,18 +341,25 @@ class SessionStore:
     async def used(self, routes: Iterable[str]) -> dict[str, dict[str, int]]:
         """Live slots per replica URL, per route: one round trip for a whole discovery."""
         routes = list(routes)
+        slots = await self._slots(routes, live=True)
+        return {route: dict(Counter(url for url, _ in held))
+                for route, held in zip(routes, slots, strict=True)}  # fmt: skip
+
+    async def _slots(self, routes: list[str], live: bool) -> list[list[tuple[str, str]]]:
+        """Each route's slots as (replica url, sid), in one round trip: the live ones, or
+        those whose lease has run out."""
         if not routes:
-            return {}
-        now = time.time()
+            return []
+        now = repr(time.time())
+        low, high = (f"({now}", "+inf") if live else ("-inf", now)
         async with self.redis.pipeline(transaction=False) as pipe:
             for route in routes:
-                pipe.zrangebyscore(self.slots_key(route), f"({now!r}", "+inf")
+                pipe.zrangebyscore(self.slots_key(route), low, high)
             replies: list[Any] = await pipe.execute()
-        counts: dict[str, dict[str, int]] = {}
-        for route, members in zip(routes, replies, strict=True):
-            per_url: dict[str, int] = {}
-            for member in members:
-                url = member.decode().split(" ", 1)[0]
-                per_url[url] = per_url.get(url, 0) + 1
-            counts[route] = per_url
-        return counts
+        return [[_member(m) for m in members] for members in replies]
+
+
+def _member(raw: bytes) -> tuple[str, str]:
+    """A slot's member, `<replica url> <sid>`, as the scripts write it."""
+    url, sid = raw.decode().split(" ", 1)
+    return url, sid
