@@ -163,6 +163,8 @@ class Registrar:
         self.settle_seconds = settle_seconds
         self.held: dict[tuple[str, str], Held] = {}  # (orchestrator url, runner id) -> held
         self._loaded: set[tuple[str, str]] = set()  # held from the store, not yet seen wanted
+        self._specs: dict[Key, tuple[str, LiveRunnerSpec | None]] = {}  # by resourceVersion
+        self._retry: dict[tuple[str, str], float] = {}  # unregistered after a failure: when
         self._started: float | None = None
         self.summaries: dict[tuple[Key, str], Summary] = {}  # (LiveRunner, url) -> summary
         self._sessions: dict[bool, aiohttp.ClientSession] = {}  # by TLS verification
@@ -204,11 +206,8 @@ class Registrar:
             body = self.view.one(self.view.live_runners, key)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 continue
-            try:
-                spec = LiveRunnerSpec.model_validate(body.get("spec") or {})
-            except ValueError:
-                continue
-            if not spec.register_with:
+            spec = self._spec(key, body)
+            if spec is None or not spec.register_with:
                 continue
             for replica in ready_replicas(self.view.many(self.view.live_pods, key)):
                 runner_id = f"{key[0]}.{replica.pod}"
@@ -216,12 +215,29 @@ class Registrar:
                     wanted[(orchestrator.url, runner_id)] = (key, orchestrator, replica, spec)
         return wanted
 
+    def _spec(self, key: Key, body: Mapping[str, Any]) -> LiveRunnerSpec | None:
+        """The LiveRunner's spec, validated once per version of it (this runs every second,
+        on the event loop); None when it names no orchestrator or is invalid."""
+        if not (body.get("spec") or {}).get("registerWith"):
+            return None
+        version = body["metadata"].get("resourceVersion", "")
+        cached = self._specs.get(key)
+        if cached is None or cached[0] != version:
+            try:
+                spec: LiveRunnerSpec | None = LiveRunnerSpec.model_validate(body["spec"])
+            except ValueError:
+                spec = None
+            self._specs[key] = cached = (version, spec)
+        return cached[1]
+
     async def tick(self, now: float) -> None:
         if self._started is None:
             self._started = now
             await asyncio.to_thread(self._load, now)
         wanted = self.wanted()
         self._loaded -= wanted.keys()
+        self._retry = {pair: at for pair, at in self._retry.items() if pair in wanted}
+        self._specs = {key: v for key, v in self._specs.items() if key in self.view.live_runners}
         settling = now - self._started < self.settle_seconds
         jobs = []
         for held_key in [k for k in self.held if k not in wanted]:
@@ -231,7 +247,8 @@ class Registrar:
             jobs.append(self._unregister(held_key))
         for pair, (key, orchestrator, replica, spec) in wanted.items():
             held = self.held.get(pair)
-            if held is None or held.due <= now:
+            due = held.due if held else self._retry.get(pair, now)
+            if due <= now:
                 jobs.append(self._beat(pair, key, orchestrator, replica, spec, now))
         if jobs:
             await asyncio.gather(*jobs)
@@ -292,6 +309,7 @@ class Registrar:
             if secret is None:
                 self._failed(key, summary, runner_id, f"Secret {orchestrator.secret_ref.name} "
                              f"key {orchestrator.secret_ref.key} cannot be read")  # fmt: skip
+                self._retry[pair] = now + DEFAULT_INTERVAL
                 return
         else:
             secret = held.secret
@@ -317,15 +335,18 @@ class Registrar:
                 await asyncio.to_thread(self._keep, pair, None)
             elif held is not None:  # anything else (a proxy's 502, a bad price): keep it
                 held.due = now + held.interval
+            self._retry[pair] = now + DEFAULT_INTERVAL  # not registered: tried again then
             self._failed(key, summary, runner_id, f"{exc.status} {exc.text}"[:512])
             return
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._failed(key, summary, runner_id, f"{type(exc).__name__}: {exc}"[:512])
             if held is not None:
                 held.due = now + held.interval
+            self._retry[pair] = now + DEFAULT_INTERVAL
             return
         interval = _seconds(reply.get("heartbeat_interval"), DEFAULT_INTERVAL)
         first = held is None
+        self._retry.pop(pair, None)
         if first:  # from now on, the secret it was given
             secret = reply.get("heartbeat_secret") or secret
         self.held[pair] = Held(key, runner_id, secret, not orchestrator.insecure_skip_verify,

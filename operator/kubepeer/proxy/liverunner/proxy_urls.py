@@ -12,12 +12,13 @@ with its session.
 
 from __future__ import annotations
 
-import base64
 import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
+
+from kubepeer.proxy.liverunner.sessions import base32
 
 PLACEHOLDER = "{proxy}"
 KEEP_SECONDS = 24 * 3600
@@ -77,7 +78,7 @@ class ProxyTemplate:
 
 def new_proxy_id() -> str:
     """26 lowercase base32 characters (128 bits), as go-livepeer's."""
-    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+    return base32(secrets.token_bytes(16))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ whichever replica first claims that runner's 10 s slot.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import ipaddress
 import json
@@ -28,7 +27,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -38,7 +37,7 @@ from redis.asyncio import Redis
 
 from kubepeer.contracts.apps import AppPrice, ServedApp
 from kubepeer.livepeer.price_feed import ETH_USD_KEY, reading_from, to_wei
-from kubepeer.proxy.liverunner.sessions import new_token
+from kubepeer.proxy.liverunner.sessions import base32, new_token
 from kubepeer.proxy.trickle import BASE_PATH as TRICKLE_PATH
 from kubepeer.proxy.trickle import TrickleStore
 
@@ -311,12 +310,12 @@ class DynamicRunners:
     ) -> dict[str, Any]:
         """A heartbeat's answer, or Refusal. `sessions(route)`: its live session ids."""
         registration = parse_heartbeat(body, self.on_chain, self.loopback)
-        runner_id = registration.runner_id or "runner_" + _base32(secrets.token_bytes(5))
-        registration = _with_id(registration, runner_id)
+        runner_id = registration.runner_id or "runner_" + base32(secrets.token_bytes(5))
+        registration = replace(registration, runner_id=runner_id)
         if self.taken(runner_id):
             raise Refusal(400, f"runner_id {runner_id!r} is the route of a LiveRunner here")
         now = time.time()
-        stored = await self.redis.hmget(self.key(runner_id), "secret", "seen")
+        stored = await self.redis.hmget(self.key(runner_id), "secret", "seen", "o2r")
         answer: dict[str, Any] = {
             "runner_id": runner_id, "orchestrator": self.runner_url,
             "heartbeat_interval": f"{HEARTBEAT_INTERVAL:g}s",
@@ -328,7 +327,7 @@ class DynamicRunners:
             if not hmac.compare_digest(secret.encode(), self.orch_secret):
                 raise Refusal(401, "invalid registration authorization")
             heartbeat_secret = new_token()
-            o2r = f"{runner_id}-{_base32(secrets.token_bytes(10))[:16]}-o2r"
+            o2r = f"{runner_id}-{base32(secrets.token_bytes(10))[:16]}-o2r"
             state = json.dumps(asdict(registration))
             made = await self._register(
                 keys=[self.key(runner_id), self.set_key],
@@ -349,8 +348,10 @@ class DynamicRunners:
                 raise Refusal(401, "invalid heartbeat authorization")
             await self.redis.hset(self.key(runner_id), mapping={
                 "seen": repr(now), "state": json.dumps(asdict(registration))})  # fmt: skip
+            o2r = (stored[2] or b"").decode()
+        # Routable on this replica at once (the others read it within REFRESH_SECONDS).
+        self.known[runner_id] = Known(registration, now, o2r)
         answer["session_ids"] = await sessions(runner_id)
-        await self.refresh()
         return answer
 
     async def unregister(self, runner_id: str, secret: str) -> str:
@@ -416,11 +417,3 @@ class DynamicRunners:
                 raise
             except Exception:  # Redis away: the registry stays as last read
                 log.exception("the Live Runner registry could not be read; trying again")
-
-
-def _base32(raw: bytes) -> str:
-    return base64.b32encode(raw).decode().rstrip("=").lower()
-
-
-def _with_id(registration: Registration, runner_id: str) -> Registration:
-    return Registration(**{**asdict(registration), "runner_id": runner_id})

@@ -171,18 +171,19 @@ class Session:
                    billed=billed, expires=float(text.get("expires", "inf")))  # fmt: skip
 
 
-def _base32(raw: bytes) -> str:
+def base32(raw: bytes) -> str:
+    """Random bytes as go-livepeer writes its ids and secrets: lowercase, unpadded base32."""
     return base64.b32encode(raw).decode().rstrip("=").lower()
 
 
 def new_session_id() -> str:
     """`session_` and 8 lowercase base32 characters, as go-livepeer's (LR:ReserveSession)."""
-    return "session_" + _base32(secrets.token_bytes(5))
+    return "session_" + base32(secrets.token_bytes(5))
 
 
 def new_token() -> str:
     """An opaque secret of 52 lowercase base32 characters (256 bits), as go-livepeer's."""
-    return _base32(secrets.token_bytes(32))
+    return base32(secrets.token_bytes(32))
 
 
 class SessionStore:
