@@ -22,11 +22,16 @@ setup:
 $(VENV)/bin/python:
 	@echo "No $(VENV): run 'make setup' first." >&2; exit 1
 
+# Two workers (pytest-xdist): tests/conftest.py's worker_group keeps each module, the
+# control-plane tests and the node-agent tests on one worker each. WORKERS=0: one process.
+WORKERS ?= 2
+PARALLEL = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+
 test: $(VENV)/bin/python
-	$(VENV)/bin/pytest $(ARGS)
+	$(VENV)/bin/pytest $(PARALLEL) $(ARGS)
 
 test-fast: $(VENV)/bin/python
-	$(VENV)/bin/pytest -m "unit or integration" $(ARGS)
+	$(VENV)/bin/pytest $(PARALLEL) -m "unit or integration" $(ARGS)
 
 lint: $(VENV)/bin/python
 	$(VENV)/bin/ruff check .
@@ -43,7 +48,7 @@ cluster-down:
 	hack/cluster down
 
 demo: $(VENV)/bin/python
-	$(VENV)/bin/python hack/demo.py up
+	$(VENV)/bin/python -m kubepeer_dev.demo up
 
 demo-down: $(VENV)/bin/python
-	$(VENV)/bin/python hack/demo.py down
+	$(VENV)/bin/python -m kubepeer_dev.demo down

@@ -15,7 +15,7 @@ by hack/setup); prints one JSON report.
 session events), held until the file UNTIL exists; it prints `registered <runner id>` first,
 a line per session event as it hears it, then its report.
 
-With SIGNER (a remote signer's URL, hack/remote_signer.py) the SDK pays: the 402 challenge
+With SIGNER (a remote signer's URL, kubepeer_dev.remote_signer) the SDK pays: the 402 challenge
 answered through the signer, metered sessions funded every few seconds as the SDK does.
 """
 

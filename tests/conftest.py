@@ -23,10 +23,12 @@ import redis
 import yaml
 from kubernetes import client, config
 
-from devchain import DevChain
-from support import wait_for
+from kubepeer_dev.devchain import DevChain
+from tests.support import wait_for
 
-pytest.register_assert_rewrite("paying", "proxies")  # shared helpers (plugins) assert too
+pytest.register_assert_rewrite(
+    "tests.paying", "tests.proxies"
+)  # shared helpers (plugins) assert too
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
@@ -54,9 +56,26 @@ def tier(item: pytest.Item) -> str:
     return TIERS.get(folder, "integration")
 
 
+def worker_group(item: pytest.Item) -> str:
+    """Which tests run on one pytest-xdist worker (`make test`: `-n 2 --dist loadgroup`).
+
+    - node-agent: the node agent's network namespaces and host routes, and the demo's own
+      cluster and agent, are one at a time on this machine;
+    - control-plane: the other cluster tests share one control plane (and operator);
+    - otherwise the test's module, whose module-scoped fleets are then started once.
+    """
+    if item.get_closest_marker("agent") or Path(str(item.path)).parent.name == "agent":
+        return "node-agent"
+    if tier(item) == "cluster":
+        return "control-plane"
+    return item.nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(tier(item))
+        item.add_marker(pytest.mark.xdist_group(worker_group(item)))
     if any(item.get_closest_marker("gpu") for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
@@ -173,7 +192,7 @@ def cluster(
 
 
 AGENT_NODE = "agent-0"
-AGENT_TAINT = "kubepeer.io/node-agent"  # hack/node_agent/agent.py's NODE_TAINT
+AGENT_TAINT = "kubepeer.io/node-agent"  # kubepeer_dev.node_agent.agent's NODE_TAINT
 
 
 @dataclass
@@ -334,8 +353,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    """hack/tiny_models.py's models in a MODEL_DIR, cached by the script and library versions."""
-    import tiny_models as builder
+    """kubepeer_dev.tiny_models's models in a MODEL_DIR, cached by source and library versions."""
+    from kubepeer_dev import tiny_models as builder
 
     model_dir = builder.cached_dir()
     builder.build(model_dir)
@@ -362,7 +381,6 @@ def operator(
     env = {
         **os.environ,
         "KUBECONFIG": str(crds.kubeconfig),
-        "PYTHONPATH": str(REPO / "operator"),
         "KUBEPEER_RUNNER_IMAGE": "example.invalid/kubepeer-runner:test",
     }
     process = subprocess.Popen(

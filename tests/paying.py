@@ -1,6 +1,6 @@
 """Paying Kubepeer on real servers: the orchestrator and gateway fixtures, and helpers to
 pay, run the redeemer and check what the chain did. A pytest plugin of the chain tests
-(`pytest_plugins = ["paying"]`)."""
+(`pytest_plugins = ["tests.paying"]`)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from conftest import REPO
-from devchain import ETH, DevChain
 from kubepeer.livepeer import wire
 from kubepeer.payments.gateway import sign_payment
 from kubepeer.payments.ledger import WINNING_STREAM, Ledger, manifest_id
@@ -36,6 +34,7 @@ from kubepeer.payments.redeemer import Redeemer, RedeemerSettings
 from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.ticket import MAX_WIN_PROB
 from kubepeer.payments.validator import PaymentContext, ValidPayment, check_payment
+from kubepeer_dev.devchain import ETH, DevChain
 
 MANIFEST = manifest_id(27, "org/model")
 PRICE = Fraction(1000, 1)
@@ -144,8 +143,7 @@ def payments_process(
     rpc_url: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:  # fmt: skip
     """The command line and environment of `kubepeer payments` for this orchestrator."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator"),
-           "KUBEPEER_RPC_URL": rpc_url or chain.url}  # fmt: skip
+    env = {**os.environ, "KUBEPEER_RPC_URL": rpc_url or chain.url}
     if failpoint:
         env["KUBEPEER_FAILPOINT"] = failpoint
     command = [

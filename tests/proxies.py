@@ -23,14 +23,14 @@ import grpc
 import httpx
 import pytest
 
-from conftest import REPO, RedisServer, free_port
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.rounds import ChainView
 from kubepeer.payments.sender import SenderInfo
 from kubepeer.payments.senders import SenderWatch
 from kubepeer.payments.watcher import save_view
-from runners import RunnerProcess, start_runner, stop
-from support import wait_for
+from tests.conftest import RedisServer, free_port
+from tests.runners import RunnerProcess, start_runner, stop
+from tests.support import wait_for
 
 RECIPIENT = bytes.fromhex("5a" * 20)
 SD = "kubepeer-tiny/stable-diffusion"
@@ -145,12 +145,11 @@ def start_proxy(
         "--runner-token-file", str(shared / "runner-token"),
         *(["--no-wake"] if kubeconfig is None else []),
         *(["--plaintext"] if plaintext else []), *args,
-        # The suite on another server: KUBEPEER_PROXY_SERVER=uvicorn (and zttp on PYTHONPATH).
+        # The suite on another server: KUBEPEER_PROXY_SERVER=hypercorn.
         *(["--server", os.environ["KUBEPEER_PROXY_SERVER"]]
           if os.environ.get("KUBEPEER_PROXY_SERVER") else []),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    env = dict(os.environ)
     env.pop("KUBECONFIG", None)
     if kubeconfig is not None:  # the proxy wakes OnDemand models through this API server
         env["KUBECONFIG"] = str(kubeconfig)

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import REPO, free_port
-from support import wait_for
+from tests.conftest import REPO, free_port
+from tests.support import wait_for
 
 TOKEN = "runner-test-token"
 SPEC_NAME = "ai-runner-openapi-v0.14.1.yaml"
@@ -45,7 +45,7 @@ def start_runner(env: dict[str, str], log: Path, wait: bool = True) -> RunnerPro
     """`python -m kubepeer_runner` with env; by default waits until /health leaves LOADING."""
     port = free_port()
     full_env = {
-        **os.environ, "PYTHONPATH": str(REPO / "runner"), "HOST": "127.0.0.1",
+        **os.environ, "HOST": "127.0.0.1",
         "PORT": str(port), "HF_HUB_OFFLINE": "1", **env,
     }  # fmt: skip
     process = subprocess.Popen(
@@ -164,11 +164,10 @@ def serve_app(app: str, log: Path) -> Iterator[str]:
     """An example Live Runner app (`kubepeer-app NAME`) on loopback, until the generator ends:
     yields its URL once its health path answers."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "runner")}
     process = subprocess.Popen(
         [sys.executable, "-m", "kubepeer_runner.apps", app, "--host", "127.0.0.1",
          "--port", str(port)],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 

@@ -18,17 +18,12 @@ Never touches a kwok pod IP: nothing listens there.
 
 from __future__ import annotations
 
-import sys
-
-# This file's name shadows the standard library's `operator` for anything imported from
-# its folder, which Python puts first on sys.path: take the folder off before importing.
-sys.path.pop(0)
-
 import argparse
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,20 +32,19 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator")]
-
-from kubepeer.api import AIModelSpec  # noqa: E402
-from kubepeer.contracts.labels import MANAGED_BY  # noqa: E402
-from kubepeer.controller.builders import (  # noqa: E402
+from kubepeer.api import AIModelSpec
+from kubepeer.contracts.labels import MANAGED_BY
+from kubepeer.controller.builders import (
     Member,
     RunnerPlan,
     build_auth_secret,
     build_priority_classes,
     build_runner_deployment,
 )
-from kubepeer.controller.rbac import operator_rbac  # noqa: E402
-from kubepeer.controller.settings import OperatorSettings  # noqa: E402
+from kubepeer.controller.rbac import operator_rbac
+from kubepeer.controller.settings import OperatorSettings
+
+REPO = Path(__file__).resolve().parents[2]
 
 SPEC = {"pipeline": "text-to-image", "modelId": "org/bench", "warm": {"policy": "Always"}}
 SA_NAMESPACE = "kubepeer-system"
@@ -219,8 +213,7 @@ def bench(n: int, rest: float, workdir: Path) -> dict[str, float]:
         process = subprocess.Popen(
             [sys.executable, "-m", "kubepeer.cli", "operator", "--standalone",
              "--runner-image", settings.runner_image],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig),
-                 "PYTHONPATH": str(REPO / "operator")},
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         # Started and watching before the clock starts: under load, importing kopf and the

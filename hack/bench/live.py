@@ -7,7 +7,7 @@ and VAE with random weights instead of the tiny one, meant for a GPU), in the sa
 - in-process: the runner's own decoder, model and encoder called directly on the same
   segments, one after another: time per segment, and frames per second;
 - the whole path: a runner process serving the stream over real HTTP trickle (the test
-  oracle server, tests/runner/trickle_oracle.py), input segments published at a steady
+  oracle server, hack/kubepeer_dev/trickle_oracle.py), input segments published at a steady
   pace below the in-process rate: latency from an input segment fully published to its
   output segment fully readable, p50/p99 (with one-frame segments that is the latency of
   each frame); then the whole clip published at once: sustained output frames per second.
@@ -33,18 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from kubepeer_dev import tiny_models
+from kubepeer_dev.live_clips import clip_segments, decode_frames
+from kubepeer_dev.trickle_oracle import OracleServer
+from kubepeer_runner.config import RunnerSettings
+from kubepeer_runner.live.media import SegmentDecoder, SegmentEncoder
+from kubepeer_runner.live.models import LiveParams, load_model
+from kubepeer_runner.serving import Device
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "runner"), str(REPO / "hack"), str(REPO / "tests" / "runner")]
-
-import httpx  # noqa: E402
-from live_clips import clip_segments, decode_frames  # noqa: E402
-from trickle_oracle import OracleServer  # noqa: E402
-
-import tiny_models  # noqa: E402
-from kubepeer_runner.config import RunnerSettings  # noqa: E402
-from kubepeer_runner.live.media import SegmentDecoder, SegmentEncoder  # noqa: E402
-from kubepeer_runner.live.models import LiveParams, load_model  # noqa: E402
-from kubepeer_runner.serving import Device  # noqa: E402
 
 WARMUP_SEGMENTS = 3
 
@@ -69,7 +68,7 @@ class Runner:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(REPO / "runner"), "HOST": "127.0.0.1",
+        env = {**os.environ, "HOST": "127.0.0.1",
                "PORT": str(port), "PIPELINE": "live-video-to-video", "MODEL_ID": model_id,
                "MODEL_DIR": str(model_dir), "LIVE_INPUT_TIMEOUT_SECONDS": "5"}  # fmt: skip
         self.process = subprocess.Popen(

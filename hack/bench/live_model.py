@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """live-video-to-video's frame model alone, in variants side by side, in one run.
 
-The model is the full-size SD-Turbo-shaped one (hack/tiny_models.py, random weights) unless
+The model is the full-size SD-Turbo-shaped one (kubepeer_dev.tiny_models, random weights) unless
 --model names another; every variant runs the runner's own DiffusionModel on the same
 frames (random pixels, a few rotated so no variant times a cache), one frame per call as
 the runner calls it: host frame in, host frame out, synchronised. Variants:
@@ -29,20 +29,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kubepeer_dev import tiny_models
+from kubepeer_runner.live.models import DiffusionModel, LiveParams
+from kubepeer_runner.serving import Device
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "runner"), str(REPO / "hack")]
-
-import numpy as np  # noqa: E402
-
-import tiny_models  # noqa: E402
-from kubepeer_runner.live.models import DiffusionModel, LiveParams  # noqa: E402
-from kubepeer_runner.serving import Device  # noqa: E402
 
 WARMUP = 3
 VARIANTS = ("channels-last", "graph", "graph2", "taesd", "bf16-taesd", "bf16", "compile")

@@ -36,17 +36,13 @@ from base64 import b64decode
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "hack"), str(REPO / "hack" / "bench")]
+import httpx
+from redis import Redis
+from websockets.sync.client import connect
 
-import httpx  # noqa: E402
-from redis import Redis  # noqa: E402
-from websockets.sync.client import connect  # noqa: E402
-
-from gateway_sim import Gateway  # noqa: E402
-from kubepeer.livepeer import net_pb2  # noqa: E402
-from kubepeer.payments.senders import SenderWatch  # noqa: E402
-from proxy import (  # noqa: E402  (hack/bench/proxy.py: the proxy bench's helpers)
+from kubepeer.livepeer import net_pb2
+from kubepeer.payments.senders import SenderWatch
+from kubepeer_dev.bench import (
     FUNDED,
     cpu_seconds,
     free_port,
@@ -55,6 +51,9 @@ from proxy import (  # noqa: E402  (hack/bench/proxy.py: the proxy bench's helpe
     wait_up,
     wait_up_port,
 )
+from kubepeer_dev.gateway_sim import Gateway
+
+REPO = Path(__file__).resolve().parents[2]
 
 PER_SECOND = 4_000_000_000  # wei per second of a metered session: half a ticket's EV
 EV = 8_000_000_000
@@ -161,8 +160,7 @@ def main() -> int:
     parser.add_argument("--sessions", default="10,100")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubepeer-bench-live-runner-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"),
-                                                         str(REPO / "runner")])}  # fmt: skip
+    env = dict(os.environ)
     env.pop("KUBECONFIG", None)
     processes: list[subprocess.Popen[bytes]] = []
     stopped = threading.Event()  # the sender watch's, before Redis goes

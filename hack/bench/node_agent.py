@@ -24,10 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "hack")]
+from kubepeer_dev import tiny_models
 
-import tiny_models  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 NAME = "bench-agent"
 NODE = "bench-agent-0"
@@ -53,7 +52,7 @@ def free_port() -> int:
 def direct_start_to_ready(model_dir: Path) -> float:
     port = free_port()
     env = {**os.environ, **RUNNER_ENV, "MODEL_DIR": str(model_dir), "PORT": str(port),
-           "HOST": "127.0.0.1", "PYTHONPATH": str(REPO / "runner")}  # fmt: skip
+           "HOST": "127.0.0.1"}  # fmt: skip
     started = time.monotonic()
     proc = subprocess.Popen([str(REPO / ".venv/bin/python"), "-m", "kubepeer_runner"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

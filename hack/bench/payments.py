@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import argparse
 import socket
-import sys
 import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
 
+from coincurve import PublicKey
+from eth_account import Account
+
+from kubepeer.livepeer import wire
+from kubepeer.payments.gateway import sign_payment
+from kubepeer.payments.recipient import RecipientSecret, ticket_params
+from kubepeer.payments.rounds import ChainView
+from kubepeer.payments.ticket import MAX_WIN_PROB, SIGNED_MESSAGE_PREFIX, keccak
+from kubepeer.payments.validator import PaymentContext, ValidPayment, check_payment
+from kubepeer_dev.devchain import ETH, DevChain
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "hack")]
-
-from coincurve import PublicKey  # noqa: E402
-from eth_account import Account  # noqa: E402
-
-from devchain import ETH, DevChain  # noqa: E402
-from kubepeer.livepeer import wire  # noqa: E402
-from kubepeer.payments.gateway import sign_payment  # noqa: E402
-from kubepeer.payments.recipient import RecipientSecret, ticket_params  # noqa: E402
-from kubepeer.payments.rounds import ChainView  # noqa: E402
-from kubepeer.payments.ticket import MAX_WIN_PROB, SIGNED_MESSAGE_PREFIX, keccak  # noqa: E402
-from kubepeer.payments.validator import PaymentContext, ValidPayment, check_payment  # noqa: E402
 
 PRICE = (1000, 1)
 

@@ -48,40 +48,44 @@ import contextlib
 import gc
 import json
 import os
-import random
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import grpc
+import httpx
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import keccak
+from redis import Redis
+
+from kubepeer.livepeer import net_pb2
+from kubepeer.payments.senders import SenderWatch
+from kubepeer.payments.watcher import save_view
+from kubepeer.proxy.main import build
+from kubepeer.proxy.server import SERVERS, self_signed
+from kubepeer.proxy.settings import ProxySettings
+from kubepeer_dev.bench import (
+    CHAIN,
+    FUNDED,
+    cpu_seconds,
+    free_port,
+    keep_view_fresh,
+    percentile,
+    wait_up,
+    wait_up_port,
+)
+from kubepeer_dev.gateway_sim import Gateway
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "hack")]
-
-import aiohttp  # noqa: E402
-import grpc  # noqa: E402
-import httpx  # noqa: E402
-from eth_account import Account  # noqa: E402
-from eth_account.messages import encode_defunct  # noqa: E402
-from eth_utils import keccak  # noqa: E402
-from redis import Redis  # noqa: E402
-
-from gateway_sim import Gateway  # noqa: E402
-from kubepeer.livepeer import net_pb2  # noqa: E402
-from kubepeer.payments.rounds import ChainView  # noqa: E402
-from kubepeer.payments.sender import SenderInfo  # noqa: E402
-from kubepeer.payments.senders import SenderWatch  # noqa: E402
-from kubepeer.payments.watcher import save_view  # noqa: E402
-from kubepeer.proxy.main import build  # noqa: E402
-from kubepeer.proxy.server import SERVERS, self_signed  # noqa: E402
-from kubepeer.proxy.settings import ProxySettings  # noqa: E402
 
 MODEL = "kubepeer-bench/fast"
 BODY = {"prompt": "x", "height": 8, "width": 8, "model_id": MODEL}
@@ -250,22 +254,6 @@ http {{
   }}
 }}
 """
-CHAIN = ChainView(l1_block=5_000, current_round=10, creation_round=10,
-                  creation_round_block_hash=bytes.fromhex("ab" * 32))  # fmt: skip
-FUNDED = SenderInfo(deposit=10**21, withdraw_round=0, reserve=10**21, reserve_alloc=10**20)
-
-
-def keep_view_fresh(redis_url: str) -> None:
-    """The chain watcher's view, saved now and every 5 s (a thread, for the whole run)."""
-    redis = Redis.from_url(redis_url)
-
-    def keep() -> None:
-        while True:
-            save_view(redis, CHAIN)
-            time.sleep(5)
-
-    save_view(redis, CHAIN)
-    threading.Thread(target=keep, daemon=True).start()
 
 
 def ping_time(url: str, pings: int = 200) -> float:
@@ -277,46 +265,6 @@ def ping_time(url: str, pings: int = 200) -> float:
         times.append(time.perf_counter() - start)
     client.close()
     return statistics.median(times)
-
-
-def wait_up_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range: the bench's own connections take
-    ephemeral ports while the servers start, and one could take a port picked for a server."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(10_000, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
-def wait_up(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, verify=False, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @contextlib.contextmanager
@@ -404,20 +352,6 @@ async def closed_loop(url: str, concurrency: int, seconds: float, headers: dict[
             deadline = time.perf_counter() + seconds
             await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
     return done / seconds
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (nginx's worker), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
 
 
 def discovery_request() -> net_pb2.OrchestratorRequest:
@@ -762,13 +696,13 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="kubepeer-bench-proxy-"))
     processes: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    env = dict(os.environ)
     env.pop("KUBECONFIG", None)
 
-    def spawn(*command: str, pythonpath: Path = REPO / "operator") -> int:
+    def spawn(*command: str, pythonpath: Path | None = None) -> int:
+        """`pythonpath`: another tree's source (a baseline commit), before the installed one."""
         log = (work / f"{len(processes)}.log").open("wb")
-        own = {**env, "PYTHONPATH": os.pathsep.join([str(pythonpath), env["PYTHONPATH"]])}
+        own = env if pythonpath is None else {**env, "PYTHONPATH": str(pythonpath)}
         processes.append(subprocess.Popen(command, env=own, stdout=log, stderr=subprocess.STDOUT))
         return processes[-1].pid
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runner overhead: text-to-image through HTTP against the same pipeline called in-process.
 
-Both sides load the same tiny model (hack/tiny_models.py) and run the same request; the
+Both sides load the same tiny model (hack/kubepeer_dev/tiny_models.py) and run the same request; the
 difference is what the HTTP API, JSON, the guard and the device queue cost. The overhead is
 paired per request: each request's latency minus the time that same request held the device
 (the runner's `runner_inference_seconds`, read after each one), sent by a keep-alive
@@ -31,17 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "runner"), str(REPO / "hack")]
 # What `python -m kubepeer_runner` sets before torch loads: the in-process side runs alike.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import httpx  # noqa: E402
+import httpx
 
-import tiny_models  # noqa: E402
-from kubepeer_runner.config import ModelSpec  # noqa: E402
-from kubepeer_runner.pipelines import text_to_image  # noqa: E402
-from kubepeer_runner.serving import Device  # noqa: E402
+from kubepeer_dev import tiny_models
+from kubepeer_runner.config import ModelSpec
+from kubepeer_runner.pipelines import text_to_image
+from kubepeer_runner.serving import Device
+
+REPO = Path(__file__).resolve().parents[2]
 
 MODEL_ID = tiny_models.MODEL_IDS["text-to-image"]
 MIB = 1024 * 1024
@@ -162,7 +162,7 @@ def main() -> None:
         # image-to-image too: the route the 100 MB upload is sent to.
         models = json.dumps([{"pipeline": p, "model_id": MODEL_ID}
                              for p in ("text-to-image", "image-to-image")])  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO / "runner"), "MODELS": models,
+        env = {**os.environ, "MODELS": models,
                "MODEL_DIR": tmp, "HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
         server = subprocess.Popen(
             [sys.executable, "-m", "kubepeer_runner"], env=env,

@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+from redis.asyncio import Redis
+
+from kubepeer.proxy.trickle import TrickleStore
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "operator")]
-
-import aiohttp  # noqa: E402
-from redis.asyncio import Redis  # noqa: E402
-
-from kubepeer.proxy.trickle import TrickleStore  # noqa: E402
 
 
 def free_port() -> int:
@@ -132,7 +131,6 @@ async def main(args: argparse.Namespace) -> None:
              "--models-file", str(work / "models.json"),
              "--endpoints-file", str(work / "endpoints.json"), "--plaintext", "--no-payments",
              "--bearer-token-file", str(work / "bearer"), "--no-wake"],
-            env={**os.environ, "PYTHONPATH": str(REPO / "operator")},
             stdout=(work / f"proxy-{port}.log").open("wb"), stderr=subprocess.STDOUT,
         ))  # fmt: skip
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, needs_root
-from support import wait_for
+from tests.conftest import REPO, needs_root
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.agent]
 

@@ -9,8 +9,8 @@ import time
 import pytest
 from kubernetes import client
 
-from conftest import REPO, needs_root
-from support import wait_for
+from tests.conftest import REPO, needs_root
+from tests.support import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from conftest import NodeAgent
 from kubepeer.api import GROUP, VERSION
-from support import wait_for
+from tests.conftest import NodeAgent
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.agent]
 RUNNER_IMAGE = "example.invalid/kubepeer-runner:test"

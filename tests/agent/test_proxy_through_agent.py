@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_node_agent import IMAGE_REQUEST, TINY_SD, Fleet, assert_png_response
 
-from conftest import NodeAgent
 from kubepeer.controller.rbac import PROXY, proxy_rbac
-from proxies import start_proxy, stop_proxy
-from support import wait_for
+from tests.agent.test_node_agent import IMAGE_REQUEST, TINY_SD, Fleet, assert_png_response
+from tests.conftest import NodeAgent
+from tests.proxies import start_proxy, stop_proxy
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.agent, pytest.mark.redis]
 

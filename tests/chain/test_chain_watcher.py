@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from web3 import Web3
 
-from devchain import DevChain
 from kubepeer.payments.watcher import ChainWatcher, load_view, save_view
-from paying import relay_rpc
+from kubepeer_dev.devchain import DevChain
+from tests.paying import relay_rpc
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
 

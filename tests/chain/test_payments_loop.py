@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis as redis_lib
 
-import paying
-from conftest import free_port
 from kubepeer.payments.ledger import WINNING_STREAM, Ledger, balance_key
 from kubepeer.payments.queue import State, TicketBook
 from kubepeer.payments.ticket import MAX_WIN_PROB
 from kubepeer.payments.validator import TicketRejected, ValidPayment
-from paying import (
+from tests import paying
+from tests.conftest import free_port
+from tests.paying import (
     MANIFEST,
     assert_redeemed_exactly_once,
     funds,
@@ -23,10 +23,10 @@ from paying import (
     run_redeemer,
     winners,
 )
-from support import wait_for
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
-pytest_plugins = ["paying"]
+pytest_plugins = ["tests.paying"]
 
 
 def test_full_loop_gateway_to_ledger_to_chain(chain, orchestrator, gateway):

@@ -15,10 +15,10 @@ from kubepeer.livepeer.price_feed import (
     published,
     read_eth_usd,
 )
-from paying import run_redeemer
+from tests.paying import run_redeemer
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
-pytest_plugins = ["paying"]
+pytest_plugins = ["tests.paying"]
 
 HOUR = 3600.0
 

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devchain import ETH
 from kubepeer.livepeer import wire
 from kubepeer.payments.gateway import sign_payment
 from kubepeer.payments.ledger import Ledger
@@ -23,7 +22,8 @@ from kubepeer.payments.redeemer import LeaseLost
 from kubepeer.payments.reward import RewardCaller
 from kubepeer.payments.ticket import MAX_WIN_PROB
 from kubepeer.payments.validator import PaymentContext, TicketRejected, ValidPayment, check_payment
-from paying import (
+from kubepeer_dev.devchain import ETH
+from tests.paying import (
     MANIFEST,
     assert_redeemed_exactly_once,
     chain_view,
@@ -36,10 +36,10 @@ from paying import (
     run_redeemer,
     winners,
 )
-from support import wait_for
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
-pytest_plugins = ["paying"]
+pytest_plugins = ["tests.paying"]
 
 
 def states(orch, tickets) -> list[State | None]:

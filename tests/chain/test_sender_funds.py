@@ -17,8 +17,6 @@ import grpc
 import pytest
 from web3 import Web3
 
-from devchain import ETH
-from gateway_sim import Gateway
 from kubepeer.payments.ledger import balance_key
 from kubepeer.payments.sender import SenderInfo
 from kubepeer.payments.senders import (
@@ -30,12 +28,14 @@ from kubepeer.payments.senders import (
     sender_key,
 )
 from kubepeer.payments.watcher import load_view
-from paying import payments_process
-from proxies import SD, models_json, start_proxy, stop_proxy
-from support import wait_for
+from kubepeer_dev.devchain import ETH
+from kubepeer_dev.gateway_sim import Gateway
+from tests.paying import payments_process
+from tests.proxies import SD, models_json, start_proxy, stop_proxy
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.redis]
-pytest_plugins = ["paying"]
+pytest_plugins = ["tests.paying"]
 
 T2I = {"prompt": "a cat", "height": 32, "width": 32, "model_id": SD}
 
@@ -48,19 +48,22 @@ def stack(chain, orchestrator, redis_server, tmp_path) -> Iterator:
     command, env = payments_process(chain, orchestrator)
     log = (tmp_path / "payments.log").open("wb")
     payments = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proxy = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
-                        endpoints={"runner-fleet": ["http://127.0.0.1:9"]},
-                        recipient=orchestrator.address)  # fmt: skip
+    proxy = None
     try:
 
         def watched() -> bool:  # this chain's view (another test's stand-in may linger)
             view = load_view(redis_server.client())
             return view is not None and abs(view.l1_block - chain.w3.eth.block_number) <= 5
 
+        # The proxy after the view: it reads the view at start, then every --chain-refresh.
         wait_for(watched, timeout=60, what="the payments process's view of the dev chain")
+        proxy = start_proxy(tmp_path / "proxy", redis_server, models=models_json(),
+                            endpoints={"runner-fleet": ["http://127.0.0.1:9"]},
+                            recipient=orchestrator.address)  # fmt: skip
         yield proxy
     finally:
-        stop_proxy(proxy)
+        if proxy is not None:
+            stop_proxy(proxy)
         payments.terminate()
         payments.wait(timeout=30)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
-from conftest import GPUS_PER_NODE
-from support import wait_for
+from tests.conftest import GPUS_PER_NODE
+from tests.support import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -13,8 +13,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from conftest import REPO
 from kubepeer.api import GROUP, VERSION, AIModelSpec, LiveRunnerSpec, Pipeline, PricingSpec
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.cluster
 

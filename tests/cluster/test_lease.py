@@ -9,7 +9,7 @@ import pytest
 from kubernetes import client
 
 from kubepeer.payments.lease import Lease, LeaseKeeper
-from support import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.cluster
 

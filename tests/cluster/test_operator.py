@@ -14,13 +14,13 @@ import pytest
 import yaml
 from kubernetes import client
 
-from conftest import GPU_MEMORY_MIB
 from kubepeer.api import GROUP, VERSION
 from kubepeer.contracts.apps import APP_ROW_KEY, AppPrice, ServedApp, parse_row
 from kubepeer.contracts.demand import job_alive, job_finished, job_started, live_runner_subject
 from kubepeer.controller.kube import Kube
 from kubepeer.livepeer.price_feed import EthUsd, publish
-from support import wait_for
+from tests.conftest import GPU_MEMORY_MIB
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
 
@@ -751,7 +751,7 @@ def test_capacity_changes_the_table_and_restarts_no_runner(fleet):
 
 
 def test_pod_policy_example_refuses_foreign_images(crds, namespace, fleet):
-    from conftest import REPO
+    from tests.conftest import REPO
 
     policy = REPO / "manifests" / "policy" / "aimodel-images.yaml"
     crds.kubectl("apply", "-f", str(policy))

@@ -19,12 +19,12 @@ import pytest
 import yaml
 from kubernetes import client
 
-from gateway_sim import Gateway
 from kubepeer.api import GROUP, VERSION
 from kubepeer.contracts.demand import read_demand
 from kubepeer.contracts.labels import WOKEN_AT
 from kubepeer.proxy.endpoints import endpoint_slice_watch
-from proxies import (
+from kubepeer_dev.gateway_sim import Gateway
+from tests.proxies import (
     SD,
     FreshChainView,
     RunnerProcess,
@@ -34,7 +34,7 @@ from proxies import (
     stop,
     stop_proxy,
 )
-from support import wait_for
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
 T2I = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 1, "model_id": SD}

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from conftest import REPO
 from kubepeer.controller.rbac import operator_rbac
 from kubepeer.controller.settings import OperatorSettings
-from support import wait_for
+from tests.conftest import REPO
+from tests.support import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -36,7 +36,6 @@ def restricted_operator(operator_kubeconfig, namespace, tmp_path) -> Iterator[Pa
     env = {
         **os.environ,
         "KUBECONFIG": str(operator_kubeconfig),
-        "PYTHONPATH": str(REPO / "operator"),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "kubepeer.cli", "operator", "--namespace", namespace,

@@ -20,8 +20,8 @@ import yaml
 from kubernetes import client
 
 from kubepeer.api import GROUP, VERSION
-from proxies import ProxyServer, models_json, start_proxy, stop_proxy
-from support import wait_for
+from tests.proxies import ProxyServer, models_json, start_proxy, stop_proxy
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO
+from tests.conftest import REPO
 
 CHART = REPO / "helm" / "kubepeer"
 RECIPIENT = "0x1111111111111111111111111111111111111111"

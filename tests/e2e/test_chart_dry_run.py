@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from charts import CHART, REQUIRED, helm
+
+from tests.e2e.charts import CHART, REQUIRED, helm
 
 pytestmark = pytest.mark.cluster
 

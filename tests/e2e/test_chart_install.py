@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from charts import CHART, helm, sets
 from eth_account import Account
 
-from conftest import Cluster, NodeAgent
-from support import wait_for
+from tests.conftest import Cluster, NodeAgent
+from tests.e2e.charts import CHART, helm, sets
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.agent, pytest.mark.chain]
 

@@ -8,9 +8,7 @@ import subprocess
 
 import pytest
 import yaml
-from charts import CHART, RECIPIENT, REQUIRED, REQUIRED_VALUES, find, helm, render, sets
 
-from conftest import REPO
 from kubepeer.api.crd import stale_crds
 from kubepeer.controller.rbac import (
     cluster_rules,
@@ -20,6 +18,8 @@ from kubepeer.controller.rbac import (
     proxy_rules,
 )
 from kubepeer.controller.settings import OperatorSettings
+from tests.conftest import REPO
+from tests.e2e.charts import CHART, RECIPIENT, REQUIRED, REQUIRED_VALUES, find, helm, render, sets
 
 
 def test_the_charts_crds_are_crds_byte_for_byte_and_current():

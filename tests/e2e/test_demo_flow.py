@@ -1,6 +1,6 @@
-"""End to end, as a visitor runs it: `make demo`'s flow (hack/demo.py) with the Helm chart
+"""End to end, as a visitor runs it: `make demo`'s flow (kubepeer_dev.demo) with the Helm chart
 installed on a real control plane, every chart pod a process run by the node agent, the
-dev chain's strict TicketBroker, and a gateway speaking the real wire (hack/gateway_sim.py).
+dev chain's strict TicketBroker, and a gateway speaking the real wire (kubepeer_dev.gateway_sim).
 
 What is checked comes from the outside: the chain's own records (usedTickets, the
 broker's WinningTicketRedeemed events), the PNG the gateway downloaded, the Deployment's
@@ -22,20 +22,18 @@ from eth_utils import keccak
 from PIL import Image
 from web3 import Web3
 
-from conftest import ARTIFACTS, REPO, needs_root
-from demo import fast_forward
-from gateway_sim import Gateway
 from kubepeer.payments.ledger import WINNING_STREAM, balance_key, nonces_key
 from kubepeer.payments.queue import State, TicketBook, WinningTicket
-from support import wait_for
+from kubepeer_dev.demo import fast_forward
+from kubepeer_dev.gateway_sim import Gateway
+from tests.conftest import ARTIFACTS, needs_root
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.agent, pytest.mark.chain, pytest.mark.redis]
 
-DEMO = REPO / "hack" / "demo.py"
-
 
 class Demo:
-    """A demo brought up by hack/demo.py under its own cluster name and state dir."""
+    """A demo brought up by kubepeer_dev.demo under its own cluster name and state dir."""
 
     def __init__(self, state: Path, name: str) -> None:
         self.state, self.name = state, name
@@ -43,7 +41,8 @@ class Demo:
 
     def command(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, str(DEMO), *args, "--name", self.name, "--state-dir", str(self.state)],
+            [sys.executable, "-m", "kubepeer_dev.demo", *args, "--name", self.name,
+             "--state-dir", str(self.state)],
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
@@ -73,10 +72,10 @@ class Demo:
         return self.w3().eth.contract(address=self.facts["broker"], abi=abi)
 
     def gateway(self, *args: str) -> subprocess.Popen[str]:
-        """hack/gateway_sim.py in the agent node's netns (where the proxy's Service answers)."""
+        """kubepeer_dev.gateway_sim in the agent node's netns, where the proxy's Service answers."""
         return subprocess.Popen(
             ["ip", "netns", "exec", self.facts["node_netns"], sys.executable,
-             str(REPO / "hack" / "gateway_sim.py"), "--orchestrator", self.facts["proxy_url"],
+             "-m", "kubepeer_dev.gateway_sim", "--orchestrator", self.facts["proxy_url"],
              "--key-file", str(self.state / "secrets" / "gateway.key"),
              "--out", str(self.state / "out-e2e"), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -94,7 +93,7 @@ def demo(tmp_path_factory) -> Demo:
             ARTIFACTS.mkdir(exist_ok=True)
             subprocess.run(["cp", "-r", str(state / "logs"), str(ARTIFACTS / "demo-logs")])
             pytest.fail(
-                f"hack/demo.py up failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+                f"kubepeer_dev.demo up failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
             )
         up.facts = json.loads((state / "demo.json").read_text())
         up.stdout = result.stdout

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE, REPO, free_port
-from node_agent.images import build_image, build_wheel
-from support import wait_for
+from kubepeer_dev.node_agent.images import build_image, build_wheel
+from tests.conftest import CACHE, REPO, free_port
+from tests.support import wait_for
 
 # The interpreter the checkout's .venv was built on: uv.lock's markers resolve as for it.
 PYTHON = str((REPO / ".venv" / "bin" / "python").resolve())

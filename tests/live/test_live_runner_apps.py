@@ -17,11 +17,11 @@ from typing import ClassVar
 import pytest
 from websockets.sync.client import connect as websocket
 
-from conftest import free_port
-from proxies import SD, T2I, ProxyServer, models_json, start_proxy, stop_proxy
-from runners import sdk_apps, serve_app, start_runner
-from runners import stop as stop_runner
-from support import wait_for
+from tests.conftest import free_port
+from tests.proxies import SD, T2I, ProxyServer, models_json, start_proxy, stop_proxy
+from tests.runners import sdk_apps, serve_app, start_runner
+from tests.runners import stop as stop_runner
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
 

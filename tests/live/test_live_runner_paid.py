@@ -1,7 +1,7 @@
 """Paid Live Runner sessions (issue 26, item 3; live-runner-wire.md 7): the 402 challenge,
 the paid retry, fixed prices, top-ups, `/refresh-payment` and metering, on a paying proxy
 process with real Redis. Clients are the official gateway SDK paying through a remote
-signer (hack/remote_signer.py), and this repo's gateway for the refusals the SDK never
+signer (hack/kubepeer_dev/remote_signer.py), and this repo's gateway for the refusals the SDK never
 sends. The chain view and the senders' funds are stood in for (`chain_facts`): tickets are
 judged as in every paid test. Section 10's checklist numbers are in the comments.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,16 +19,16 @@ import httpx
 import pytest
 from eth_account import Account
 
-from conftest import REPO, free_port
-from gateway_sim import Gateway
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
-from proxies import RECIPIENT, ProxyServer, models_json, start_proxy, stop_proxy
-from runners import sdk_apps, serve_app
-from support import wait_for
+from kubepeer_dev.gateway_sim import Gateway
+from tests.conftest import free_port
+from tests.proxies import RECIPIENT, ProxyServer, models_json, start_proxy, stop_proxy
+from tests.runners import sdk_apps, serve_app
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
-pytest_plugins = ["proxies"]  # its chain_facts fixture
+pytest_plugins = ["tests.proxies"]  # its chain_facts fixture
 
 EV = 8_000_000_000  # the proxy's ticket EV (wei), its default
 PER_SECOND = EV // 2  # wei per second: one ticket pays two seconds
@@ -69,11 +68,10 @@ def paid(redis_server, chain_facts, tmp_path_factory) -> Iterator[tuple[ProxySer
     key = workdir / "payer.key"
     key.write_text(Account.create().key.hex())
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
     signer = subprocess.Popen(
-        [sys.executable, str(REPO / "hack" / "remote_signer.py"), "--key-file", str(key),
+        [sys.executable, "-m", "kubepeer_dev.remote_signer", "--key-file", str(key),
          "--port", str(port)],
-        env=env, stdout=(workdir / "signer.log").open("wb"), stderr=subprocess.STDOUT,
+        stdout=(workdir / "signer.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     signer_url = f"http://127.0.0.1:{port}"
 

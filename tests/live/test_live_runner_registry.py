@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
 from kubepeer.controller.fleet import View
 from kubepeer.controller.registration import Registrar
-from proxies import ProxyServer, models_json, start_proxy, stop_proxy
-from runners import SDK_APPS, SDK_PYTHON, sdk_apps, serve_app
-from support import wait_for
+from tests.conftest import free_port
+from tests.proxies import ProxyServer, models_json, start_proxy, stop_proxy
+from tests.runners import SDK_APPS, SDK_PYTHON, sdk_apps, serve_app
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO
-from gateway_rules import gateway_accepts, selectable
-from gateway_sim import Gateway, get_orchestrator
-from proxies import RUNNER_TOKEN, ProxyServer, models_json, start_proxy, stop_proxy
-from proxies import start_runner as runner_process
-from proxies import stop as stop_runner
-from support import wait_for
+from kubepeer_dev.gateway_sim import Gateway, get_orchestrator
+from tests.conftest import REPO
+from tests.gateway_rules import gateway_accepts, selectable
+from tests.proxies import RUNNER_TOKEN, ProxyServer, models_json, start_proxy, stop_proxy
+from tests.proxies import start_runner as runner_process
+from tests.proxies import stop as stop_runner
+from tests.support import wait_for
 
 LIVE_RUNNER = REPO / "runner" / "kubepeer_runner" / "live"  # the streaming runner's package
 pytestmark = [
@@ -33,7 +33,7 @@ pytestmark = [
 
 SDK_PYTHON = REPO / ".gateway-sdk" / "bin" / "python"
 DRIVER = Path(__file__).with_name("sdk_gateway.py")
-MODEL = "kubepeer-tiny/sd-turbo"  # the live runner's tiny img2img model (hack/tiny_models.py)
+MODEL = "kubepeer-tiny/sd-turbo"  # the live runner's tiny img2img model (kubepeer_dev.tiny_models)
 SIZE = {"width": 64, "height": 64}  # small: the tiny model runs on a CPU here
 
 

@@ -16,16 +16,16 @@ import grpc
 import httpx
 import pytest
 
-from gateway_sim import Gateway, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
-from proxies import RUNNER_TOKEN, FreshChainView, ProxyServer, RunnerProcess
-from proxies import models_json as table
-from proxies import start_proxy as proxy_process
-from proxies import start_runner as runner_process
-from proxies import stop as stop_runner
-from proxies import stop_proxy as end_proxy
-from support import wait_for
+from kubepeer_dev.gateway_sim import Gateway, ticket_ev
+from tests.proxies import RUNNER_TOKEN, FreshChainView, ProxyServer, RunnerProcess
+from tests.proxies import models_json as table
+from tests.proxies import start_proxy as proxy_process
+from tests.proxies import start_runner as runner_process
+from tests.proxies import stop as stop_runner
+from tests.proxies import stop_proxy as end_proxy
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
 

@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from kubepeer.proxy.trickle import CLOSED, DONE, TrickleStore
-from proxies import ProxyServer, models_json, start_proxy, stop_proxy
+from tests.proxies import ProxyServer, models_json, start_proxy, stop_proxy
 
 pytestmark = pytest.mark.redis
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from kubepeer.payments.rounds import ChainView
@@ -17,7 +18,7 @@ from kubepeer.payments.senders import (
     save_facts,
     sender_key,
 )
-from kubepeer.payments.watcher import CHAIN_VIEW_KEY, save_view
+from kubepeer.payments.watcher import save_view
 from kubepeer.proxy.chain_facts import ChainFacts
 
 pytestmark = pytest.mark.redis
@@ -37,16 +38,18 @@ class Clock:
 
 
 def test_what_a_job_reads_is_in_memory_and_a_refresh_keeps_it_true(redis_server):
-    redis = redis_server.client()
+    # A database of its own: the chain view and senders' keys are global, and the session's
+    # database 0 holds other modules' (their proxies read the view this test deletes).
+    url = redis_server.url.removesuffix("/0") + "/15"
+    redis = Redis.from_url(url)
+    redis.flushdb()
     met, unknown = b"\x01" * 20, b"\x02" * 20
-    for key in (CHAIN_VIEW_KEY, SENDERS_ASKED, SENDERS_WANTED):
-        redis.delete(key)
     clock = Clock(1_000_000.0)
     save_view(redis, VIEW, now=clock.now)
     save_facts(redis, met, RICH)
 
     async def scenario() -> None:
-        client = AsyncRedis.from_url(redis_server.url)
+        client = AsyncRedis.from_url(url)
         facts = ChainFacts(client, max_age=60, clock=clock)
         assert facts.view() is None  # nothing read yet
         await facts.refresh()

@@ -28,10 +28,10 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RedisServer, _pings, free_port
-from gateway_sim import Gateway
 from kubepeer.payments.ledger import balance_key
-from proxies import (
+from kubepeer_dev.gateway_sim import Gateway
+from tests.conftest import RedisServer, _pings, free_port
+from tests.proxies import (
     SD,
     T2I,
     FreshChainView,
@@ -40,10 +40,10 @@ from proxies import (
     start_proxy,
     stop_proxy,
 )
-from support import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
-pytest_plugins = ["proxies"]  # its chain_facts fixture
+pytest_plugins = ["tests.proxies"]  # its chain_facts fixture
 
 BLIP = "kubepeer-tiny/blip"
 

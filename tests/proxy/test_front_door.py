@@ -31,12 +31,12 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from gateway_rules import gateway_accepts, selectable
-from gateway_sim import Gateway, fee, get_orchestrator, ticket_ev
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.ledger import balance_key
 from kubepeer.proxy.server import SERVERS
-from proxies import (
+from kubepeer_dev.gateway_sim import Gateway, fee, get_orchestrator, ticket_ev
+from tests.gateway_rules import gateway_accepts, selectable
+from tests.proxies import (
     LLAMA,
     RECIPIENT,
     RUNNER_TOKEN,
@@ -51,10 +51,10 @@ from proxies import (
     stop,
     stop_proxy,
 )  # fmt: skip
-from support import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
-pytest_plugins = ["proxies"]  # its chain_facts fixture
+pytest_plugins = ["tests.proxies"]  # its chain_facts fixture
 
 T2I = {"prompt": "a cat", "height": 32, "width": 48, "num_inference_steps": 1, "seed": 3,
        "model_id": SD}  # fmt: skip
@@ -664,11 +664,11 @@ class ClosingRunner(SocketRunner):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             reader.read(length)
+            self.answered += 1  # before the answer: the test may read it once the answer is in
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER)
             )
-            self.answered += 1
             reader.readline()  # the next request's first line: closed unanswered
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway_sim import Gateway, fee, ticket_ev
 from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.payments.ledger import balance_key
 from kubepeer.proxy.units import billed_units
-from proxies import (
+from kubepeer_dev.gateway_sim import Gateway, fee, ticket_ev
+from tests.proxies import (
     SD,
     T2I,
     ProxyServer,
@@ -33,7 +33,7 @@ from proxies import (
 )
 
 pytestmark = pytest.mark.redis
-pytest_plugins = ["proxies"]  # its chain_facts fixture
+pytest_plugins = ["tests.proxies"]  # its chain_facts fixture
 
 JOBS = 20
 
@@ -111,7 +111,9 @@ def relayed(tmp_path_factory, redis_server, sd_runner, chain_facts):
     server = start_proxy(
         tmp_path_factory.mktemp("proxy"), _Relayed(relay.url), models=models_json(),
         endpoints={"runner-fleet": [sd_runner.url]},
-        args=["--chain-refresh", "3600", "--live-lease-seconds", "36000"],
+        # No timer of the proxy's writes to Redis while the jobs are counted: the chain view,
+        # live leases and in-flight demand expiries (every --demand-ttl / 3) stay put.
+        args=["--chain-refresh", "3600", "--live-lease-seconds", "36000", "--demand-ttl", "3600"],
     )  # fmt: skip
     yield server, relay
     stop_proxy(server)

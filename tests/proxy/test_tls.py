@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxies import models_json, start_proxy, stop_proxy
-from support import wait_for
+from tests.proxies import models_json, start_proxy, stop_proxy
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
 

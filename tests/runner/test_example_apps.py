@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from runners import serve_app
+from tests.runners import serve_app
 
 SESSION = {
     "Livepeer-Runner-Route": "runner_abcdefgh",

@@ -14,12 +14,19 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from live_clips import clip_segments, codec_of, decode_audio, decode_frames, pattern, video_start
 from PIL import Image
-from trickle_oracle import OracleServer
 
-from runners import RunnerProcess, start_runner, stop
-from support import wait_for
+from kubepeer_dev.live_clips import (
+    clip_segments,
+    codec_of,
+    decode_audio,
+    decode_frames,
+    pattern,
+    video_start,
+)
+from kubepeer_dev.trickle_oracle import OracleServer
+from tests.runners import RunnerProcess, start_runner, stop
+from tests.support import wait_for
 
 TINY = "kubepeer-tiny/sd-turbo"
 # Short watchdogs, and one torch thread: two OpenMP threads on a shared two-core machine

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import REPO
-from runners import (
+from tests.runners import (
     TOKEN,
     RunnerProcess,
     ai_runner_spec,
@@ -573,7 +572,7 @@ def test_startup_fails_clearly_without_a_job_or_with_a_bad_limit():
     for env, message in cases:
         result = subprocess.run(
             [sys.executable, "-m", "kubepeer_runner"],
-            env={**clean, "PYTHONPATH": str(REPO / "runner"), **env},
+            env={**clean, **env},
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert result.returncode == 2, env

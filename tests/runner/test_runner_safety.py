@@ -25,7 +25,7 @@ from kubepeer_runner.app import create_app
 from kubepeer_runner.config import ModelSpec, RunnerConfig
 from kubepeer_runner.pipelines import text_to_image
 from kubepeer_runner.serving import Device
-from runners import RunnerProcess, error, png, start_runner, stop
+from tests.runners import RunnerProcess, error, png, start_runner, stop
 
 MIB = 1024 * 1024
 T2I = {"prompt": "a cat", "height": 64, "width": 64, "num_inference_steps": 2}

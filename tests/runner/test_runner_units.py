@@ -131,7 +131,7 @@ def test_masks_over_the_byte_budget_are_halved_until_they_fit():
 def test_an_oversized_body_gets_a_status_ai_runner_documents_for_its_route():
     from kubepeer_runner.app import route_policies
     from kubepeer_runner.config import PIPELINES, ModelSpec
-    from runners import ai_runner_spec
+    from tests.runners import ai_runner_spec
 
     spec = ai_runner_spec()
     config = RunnerConfig(models=tuple(ModelSpec(p, "a/b") for p in PIPELINES))

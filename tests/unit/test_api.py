@@ -13,10 +13,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from conftest import REPO
 from kubepeer.api import AIModel, LiveRunner, Pipeline, Pricing, WarmPolicy
 from kubepeer.api.common import duration_seconds, quantity_bytes
 from kubepeer.api.crd import crd_files, stale_crds, structural_schema
+from tests.conftest import REPO
 
 MANIFESTS = REPO / "manifests"
 KINDS = {"AIModel": AIModel, "LiveRunner": LiveRunner, "Pricing": Pricing}
@@ -167,7 +167,7 @@ def test_committed_crds_are_current():
     result = subprocess.run(
         [sys.executable, "-m", "kubepeer.cli", "crds", "--check"],
         cwd=REPO,
-        env={"PYTHONPATH": str(REPO / "operator")},
+        env={},  # no KUBEPEER_* setting of this shell
         capture_output=True,
         text=True,
         check=False,

@@ -1,4 +1,4 @@
-"""hack/gateway_sim.py pays as go-livepeer's gateway does (gateway-wire 2.1, newBalanceUpdate):
+"""kubepeer_dev.gateway_sim pays as go-livepeer's gateway does (gateway-wire 2.1, newBalanceUpdate):
 enough tickets to bring its credit for the session up to max(fee, ticket EV), none when the
 credit already covers that, and its balance is kept per (recipient, auth-token session)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_sim import MAX_WIN_PROB, Gateway, fee, ticket_ev
 from kubepeer.livepeer import net_pb2
+from kubepeer_dev.gateway_sim import MAX_WIN_PROB, Gateway, fee, ticket_ev
 
 EV = 8_000_000_000
 

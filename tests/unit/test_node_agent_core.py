@@ -1,4 +1,4 @@
-"""The node agent's kubelet decisions (hack/node_agent/core.py), checked against what the
+"""The node agent's kubelet decisions (kubepeer_dev.node_agent.core), checked against what the
 Kubernetes documentation says a kubelet does."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.core import (
+from kubepeer_dev.node_agent.core import (
     ContainerView,
     EnvSources,
     PodSpecError,
@@ -26,7 +26,7 @@ from node_agent.core import (
     resolve_env,
     rewrite_path,
 )
-from node_agent.images import build_image, command_for, image_repository, image_table
+from kubepeer_dev.node_agent.images import build_image, command_for, image_repository, image_table
 
 POD = {
     "metadata": {"name": "p", "namespace": "ns", "uid": "u1", "labels": {"app": "x"}},
@@ -243,7 +243,7 @@ def test_a_built_image_outlives_the_checkout_that_built_it(tmp_path):
 
 
 def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
-    from node_agent.volumes import materialise
+    from kubepeer_dev.node_agent.volumes import materialise
 
     ca_item = [{"key": "ca.crt", "path": "ca.crt"}]
     a_item = [{"key": "a", "path": "x/a"}]
@@ -292,7 +292,7 @@ def test_volumes_become_files_like_a_kubelet_lays_them_out(tmp_path):
 
 
 def test_unsupported_or_missing_volumes_are_refused_with_the_volume_named(tmp_path):
-    from node_agent.volumes import materialise
+    from kubepeer_dev.node_agent.volumes import materialise
 
     def pod(vol):
         return {"metadata": {"name": "p", "namespace": "ns"}, "spec": {"volumes": [vol]}}

@@ -17,7 +17,6 @@ from eth_account.messages import encode_defunct
 from eth_utils import keccak
 from PIL import Image
 
-from gateway_rules import gateway_accepts
 from kubepeer.contracts.price_table import ModelPrice, ServedModel, Surge
 from kubepeer.livepeer import net_pb2
 from kubepeer.livepeer.capabilities import Pipeline
@@ -36,6 +35,7 @@ from kubepeer.proxy.results import gateway_fields, shape_reply
 from kubepeer.proxy.routing import NoCapacity, Router
 from kubepeer.proxy.settings import ProxySettings
 from kubepeer.proxy.units import UnitsError, billed_units
+from tests.gateway_rules import gateway_accepts
 
 N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 SD = "kubepeer-tiny/stable-diffusion"

@@ -12,10 +12,7 @@ from fractions import Fraction
 import pytest
 from eth_account import Account
 from redis.asyncio import Redis
-from test_proxy import SD, discovery_request, info_for, model
 
-from gateway_rules import gateway_accepts
-from gateway_sim import Gateway
 from kubepeer.contracts.price_table import ModelPrice
 from kubepeer.livepeer import net_pb2
 from kubepeer.payments.recipient import REDEEM_GAS_L2, RecipientSecret, issue_ticket_params
@@ -27,6 +24,9 @@ from kubepeer.proxy.catalogue import Catalogue
 from kubepeer.proxy.credentials import AuthSecret
 from kubepeer.proxy.results import ResultStore
 from kubepeer.proxy.routing import Router
+from kubepeer_dev.gateway_sim import Gateway
+from tests.gateway_rules import gateway_accepts
+from tests.unit.test_proxy import SD, discovery_request, info_for, model
 
 
 def two_serving_sd(price_a=Fraction(1), price_b=Fraction(1), capacity=1, on_demand=False):

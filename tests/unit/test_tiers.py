@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from conftest import SocketOpened
+from tests.conftest import SocketOpened
 
 
 @pytest.mark.parametrize("call", ["connect", "bind"])
@@ -27,3 +27,12 @@ def test_a_unit_test_may_still_make_an_event_loop():
 def test_this_module_is_a_unit_test(request):
     assert request.node.get_closest_marker("unit") is not None
     assert request.node.get_closest_marker("integration") is None
+
+
+def test_each_test_is_grouped_for_the_workers_and_the_workers_see_the_group(request):
+    """make test's two workers run a module's tests on one worker (conftest.worker_group);
+    under pytest-xdist the group is in the test's id, which is what its scheduler reads."""
+    [group] = request.node.iter_markers("xdist_group")
+    assert group.args == ("tests/unit/test_tiers.py",)
+    if hasattr(request.config, "workerinput"):  # a pytest-xdist worker
+        assert request.node.nodeid.endswith("@tests/unit/test_tiers.py")

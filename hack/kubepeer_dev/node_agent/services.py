@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from node_agent.pods import kill_group, process_start_ticks
-from node_agent.sandbox import CLUSTER_DOMAIN, NodeNet
+from kubepeer_dev.node_agent.pods import kill_group, process_start_ticks
+from kubepeer_dev.node_agent.sandbox import CLUSTER_DOMAIN, NodeNet
 
 log = logging.getLogger("node-agent")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: the whole stack, installed the way users install it, serving paid jobs.
 
-    hack/demo.py up     [--name N] [--state-dir DIR]   (make demo; re-running starts afresh)
-    hack/demo.py down   [--name N] [--state-dir DIR]   (make demo-down)
+    python -m kubepeer_dev.demo up    [--name N] [--state-dir DIR]  (make demo; starts afresh)
+    python -m kubepeer_dev.demo down  [--name N] [--state-dir DIR]  (make demo-down)
 
 Steps, each with a log under <state-dir>/logs/:
  1. a local cluster (hack/cluster): kwok GPU nodes and the node agent's node, on which
@@ -10,15 +10,15 @@ Steps, each with a log under <state-dir>/logs/:
  2. the dev chain (Hardhat, on the host's address in the agent node's network, so pods
     reach it): Livepeer's contracts as our strict test TicketBroker, a round initialized,
     the orchestrator's account (keystore) active, a gateway sender funded;
- 3. tiny models (hack/tiny_models.py, cached) behind a PersistentVolume;
+ 3. tiny models (kubepeer_dev.tiny_models, cached) behind a PersistentVolume;
  4. `helm install` of helm/kubepeer with the Secrets it references;
  5. the sample Pricing, two AIModels and a LiveRunner (manifests/demo/): text-to-image
     Always, image-to-text OnDemand, the `echo` app Always;
- 6. a gateway (hack/gateway_sim.py), run inside the agent node's network namespace so it
+ 6. a gateway (kubepeer_dev.gateway_sim), run inside the agent node's network namespace so it
     dials the proxy's Service through the node's kube-proxy: paid text-to-image jobs, the
     image saved, then image-to-text, which wakes the OnDemand model;
  7. a paid Live Runner session through the official gateway SDK
-    (hack/live_runner_client.py, paying through hack/remote_signer.py with the gateway's
+    (hack/live_runner_client.py, paying through kubepeer_dev.remote_signer with the gateway's
     key), in the same namespace: discovered, challenged (402), paid, kept funded, proxied;
  8. the winning tickets redeemed on the chain by the chart's payments Deployment;
 and a summary. The chain here is a local dev node: no real ETH, nothing leaves the machine.
@@ -40,10 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO / "operator", REPO / "hack"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+REPO = Path(__file__).resolve().parents[2]  # the checkout this tooling is installed from
 
 NAMESPACE = "kubepeer"
 RELEASE = "kubepeer"
@@ -189,7 +186,7 @@ def cluster_up(paths: Paths, name: str) -> dict:
 def chain_up(paths: Paths, host_ip: str) -> dict:
     from eth_account import Account
 
-    from devchain import DevChain
+    from kubepeer_dev.devchain import DevChain
 
     log = paths.log("hardhat.log")
     chain = DevChain.start(CHAIN_PORT, log, host=host_ip, detach=True)
@@ -215,13 +212,13 @@ def chain_up(paths: Paths, host_ip: str) -> dict:
 
 # -- 3. tiny models -------------------------------------------------------------------------
 def models_up(paths: Paths) -> str:
-    """The tiny models in the shared cache (built once: hack/tiny_models.py)."""
-    import tiny_models
+    """The tiny models in the shared cache (built once: kubepeer_dev.tiny_models)."""
+    from kubepeer_dev import tiny_models
 
     model_dir = tiny_models.cached_dir()
-    run([sys.executable, str(REPO / "hack" / "tiny_models.py"), str(model_dir),
+    run([sys.executable, "-m", "kubepeer_dev.tiny_models", str(model_dir),
          "--pipeline", "text-to-image", "--pipeline", "image-to-text"],
-        paths.log("models.log"), what="hack/tiny_models.py", timeout=900)  # fmt: skip
+        paths.log("models.log"), what="kubepeer_dev.tiny_models", timeout=900)  # fmt: skip
     return str(model_dir)
 
 
@@ -384,12 +381,12 @@ def phase(kube: Kube, name: str, kind: str = "aimodel") -> str:
 
 # -- 6. the gateway -------------------------------------------------------------------------
 def gateway_jobs(paths: Paths, facts: dict) -> list[dict]:
-    """hack/gateway_sim.py inside the agent node's netns: the proxy's Service address is
+    """kubepeer_dev.gateway_sim inside the agent node's netns: the proxy's Service address is
     served there by the node's kube-proxy (the host has no route to Service addresses)."""
     log = paths.log("gateway.log")
     out = run(
         ["ip", "netns", "exec", facts["node_netns"], sys.executable,
-         str(REPO / "hack" / "gateway_sim.py"), "--orchestrator", facts["proxy_url"],
+         "-m", "kubepeer_dev.gateway_sim", "--orchestrator", facts["proxy_url"],
          "--key-file", str(paths.secrets / "gateway.key"), "--out", str(paths.out),
          "--text-to-image", T2I_MODEL, "--images", str(IMAGES),
          "--image-to-text", I2T_MODEL],
@@ -406,12 +403,11 @@ def live_session(paths: Paths, facts: dict) -> dict:
     log = paths.log("live-runner.log")
     port = 9877
     netns = ["ip", "netns", "exec", facts["node_netns"]]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
     with log.open("ab") as out:
         signer = subprocess.Popen(
-            [*netns, sys.executable, str(REPO / "hack" / "remote_signer.py"),
+            [*netns, sys.executable, "-m", "kubepeer_dev.remote_signer",
              "--key-file", str(paths.secrets / "gateway.key"), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         signer_url = f"http://127.0.0.1:{port}"
@@ -610,7 +606,7 @@ def summary(paths: Paths, facts: dict) -> None:
         f"    ip netns exec {facts['node_netns']} curl -k {facts['proxy_url']}/healthz)",
         f"  the chain: {facts['chain_url']} (TicketBroker {facts['broker']})",
         "  more jobs (the gateway in the node's netns, where the Service answers):",
-        f"    ip netns exec {facts['node_netns']} .venv/bin/python hack/gateway_sim.py "
+        f"    ip netns exec {facts['node_netns']} .venv/bin/python -m kubepeer_dev.gateway_sim "
         f"--orchestrator {facts['proxy_url']} --key-file {paths.secrets}/gateway.key "
         f"--out {paths.out} --text-to-image {T2I_MODEL} --prompt 'a red boat'",
         "  make demo-down   removes all of it",

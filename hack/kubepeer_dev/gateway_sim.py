@@ -9,7 +9,8 @@ and the result fetched from the URL in the answer. It keeps its own balance per
 (recipient, auth-token session), paying only the tickets a job needs beyond its credit
 (go-livepeer's `newBalanceUpdate`).
 
-    hack/gateway_sim.py --orchestrator https://10.0.0.8:8935 --key-file gateway.key \\
+    python -m kubepeer_dev.gateway_sim --orchestrator https://10.0.0.8:8935 \\
+        --key-file gateway.key \\
         --out DIR --text-to-image MODEL --prompt "a lighthouse" --image-to-text MODEL
 
 prints one JSON object per job on stdout; progress goes to stderr.
@@ -29,21 +30,17 @@ from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "operator") not in sys.path:  # run as a script from the checkout
-    sys.path.insert(0, str(REPO / "operator"))
+import grpc
+import httpx
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import keccak
 
-import grpc  # noqa: E402
-import httpx  # noqa: E402
-from eth_account import Account  # noqa: E402
-from eth_account.messages import encode_defunct  # noqa: E402
-from eth_utils import keccak  # noqa: E402
-
-from kubepeer.livepeer import net_pb2  # noqa: E402
-from kubepeer.livepeer.capabilities import CAPABILITY_IDS, Pipeline  # noqa: E402
-from kubepeer.livepeer.wire import encode  # noqa: E402
-from kubepeer.payments.gateway import sign_payment  # noqa: E402
-from kubepeer.payments.recipient import TicketParams  # noqa: E402
+from kubepeer.livepeer import net_pb2
+from kubepeer.livepeer.capabilities import CAPABILITY_IDS, Pipeline
+from kubepeer.livepeer.wire import encode
+from kubepeer.payments.gateway import sign_payment
+from kubepeer.payments.recipient import TicketParams
 
 # gateway-wire 1.4: the AI gateway asks for DefaultCapabilities() (0-12, 14, 26) + its cap.
 GATEWAY_DEFAULT_CAPS = [*range(13), 14, 26]

@@ -21,8 +21,8 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from node_agent import sandbox as sb
-from node_agent.pods import NodeSettings, PodWorker, kill_group, process_start_ticks
+from kubepeer_dev.node_agent import sandbox as sb
+from kubepeer_dev.node_agent.pods import NodeSettings, PodWorker, kill_group, process_start_ticks
 
 log = logging.getLogger("node-agent")
 LEASE_SECONDS = 40

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from kubernetes import config
 
-from node_agent.agent import Agent, ca_pem_from_kubeconfig, node_manifest
-from node_agent.images import build_image, image_table
-from node_agent.pods import NodeSettings
-from node_agent.sandbox import NodeNet, create_node, destroy_node
-from node_agent.services import NodeServices
+from kubepeer_dev.node_agent.agent import Agent, ca_pem_from_kubeconfig, node_manifest
+from kubepeer_dev.node_agent.images import build_image, image_table
+from kubepeer_dev.node_agent.pods import NodeSettings
+from kubepeer_dev.node_agent.sandbox import NodeNet, create_node, destroy_node
+from kubepeer_dev.node_agent.services import NodeServices
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
 
 

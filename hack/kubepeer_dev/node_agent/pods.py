@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from node_agent import sandbox as sb
-from node_agent.core import (
+from kubepeer_dev.node_agent import sandbox as sb
+from kubepeer_dev.node_agent.core import (
     ContainerView,
     EnvSources,
     PodSpecError,
@@ -39,8 +39,8 @@ from node_agent.core import (
     rewrite_path,
     should_restart,
 )
-from node_agent.images import LocalImage, command_for, image_repository
-from node_agent.volumes import materialise
+from kubepeer_dev.node_agent.images import LocalImage, command_for, image_repository
+from kubepeer_dev.node_agent.volumes import materialise
 
 log = logging.getLogger("node-agent")
 TICK = 0.25
@@ -216,7 +216,7 @@ class PodWorker(threading.Thread):
                     c,
                     "ErrImagePull",
                     f"image '{spec['image']}' is not in the node agent's image table "
-                    f"(hack/node_agent/images.py); it runs no image pulls",
+                    f"(hack/kubepeer_dev/node_agent/images.py); it runs no image pulls",
                 )
                 c.unrunnable = True
             self.containers.append(c)

@@ -1,6 +1,6 @@
 """A real Ethereum JSON-RPC dev node (Hardhat's, from npm) with our test TicketBroker on it.
 
-Used by the chain tests and by `make demo` (hack/demo.py).
+Used by the chain tests and by `make demo` (hack/kubepeer_dev/demo.py).
 
 Hardhat's node is a full EVM with automining; the contracts are compiled from
 hack/chain/contracts by solc-js: a Controller (registry and pause switch), a RoundsManager
@@ -25,7 +25,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-CHAIN_DIR = Path(__file__).resolve().parent / "chain"
+CHAIN_DIR = Path(__file__).resolve().parents[1] / "chain"  # hack/chain
 CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
 ETH = 10**18
 

@@ -5,8 +5,8 @@ The runner loads them through the same `from_pretrained(model_id, cache_dir=MODE
 path as real weights; nothing is fetched from any hub. Shapes are tiny so CPU inference
 takes milliseconds; the outputs are noise, but of the right kind and size.
 
-    hack/tiny_models.py MODEL_DIR [--pipeline text-to-image ...]
-    hack/tiny_models.py MODEL_DIR --model kubepeer-full/sd-turbo   # one model by id
+    python -m kubepeer_dev.tiny_models MODEL_DIR [--pipeline text-to-image ...]
+    python -m kubepeer_dev.tiny_models MODEL_DIR --model kubepeer-full/sd-turbo   # one model by id
 
 prints `pipeline model_id` (or the model id) for each model it wrote.
 """

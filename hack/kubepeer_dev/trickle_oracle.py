@@ -168,7 +168,9 @@ class OracleServer:
             port = s.getsockname()[1]
         self.base = f"http://127.0.0.1:{port}/ai/trickle"
         self.process = subprocess.Popen(
-            [sys.executable, __file__, str(port)], stdout=log.open("wb"), stderr=subprocess.STDOUT
+            [sys.executable, "-m", "kubepeer_dev.trickle_oracle", str(port)],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         self.http = httpx.Client(timeout=httpx.Timeout(120, connect=5))
         deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from node_agent.core import PodSpecError
+from kubepeer_dev.node_agent.core import PodSpecError
 
 Data = Mapping[str, str] | None
 

@@ -13,7 +13,7 @@ and the demo. It holds the payer's key and signs what the SDK asks for:
   credentials naming the manifest and the challenge's auth token. A price over `maxPrice`
   answers 481, as go-livepeer's signer does.
 
-    hack/remote_signer.py --key-file payer.key --port 9000
+    python -m kubepeer_dev.remote_signer --key-file payer.key --port 9000
 
 Tickets are made by `gateway_sim.Gateway` (this repo's gateway, whose tickets the payments
 tests check against the TicketBroker's rules).
@@ -34,10 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gateway_sim, beside this file
-
-from gateway_sim import Gateway, personal_sign_keccak, ticket_ev
 from kubepeer.livepeer import net_pb2
+from kubepeer_dev.gateway_sim import Gateway, personal_sign_keccak, ticket_ev
 
 PIXELS_PER_SECOND = 1280 * 720 * 30
 FIRST_SECONDS = {"live": 10, "lv2v": 60}  # what a session's first payment covers
