@@ -382,6 +382,9 @@ def operator(
         **os.environ,
         "KUBECONFIG": str(crds.kubeconfig),
         "KUBEPEER_RUNNER_IMAGE": "example.invalid/kubepeer-runner:test",
+        "KUBEPEER_REVENUE_INTERVAL_SECONDS": "1",  # Revenue models decided every second
+        # kwok's pods load in about a second: with no patience any cold start loses a job
+        "KUBEPEER_GATEWAY_PATIENCE_SECONDS": "0",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "kubepeer.cli", "operator", "--status-interval", "0.5",

@@ -17,6 +17,7 @@ from kubernetes import client
 from kubepeer.api import GROUP, VERSION
 from kubepeer.contracts.apps import APP_ROW_KEY, AppPrice, ServedApp, parse_row
 from kubepeer.contracts.demand import job_alive, job_finished, job_started, live_runner_subject
+from kubepeer.contracts.earnings import hour_of, record_served
 from kubepeer.controller.kube import Kube
 from kubepeer.livepeer.price_feed import EthUsd, publish
 from tests.conftest import GPU_MEMORY_MIB
@@ -772,3 +773,55 @@ def test_pod_policy_example_refuses_foreign_images(crds, namespace, fleet):
         assert "not from ghcr.io/kubepeer/" in message
     finally:
         crds.kubectl("delete", "-f", str(policy), "--wait=false", check=False)
+
+
+def _earnings(redis, namespace: str, aimodel: str, wei_per_hour: int, jobs_per_hour: int,
+              now: float) -> None:  # fmt: skip
+    """A week of the same hour and the last hour on record, as proxies write them."""
+    hour = hour_of(now)
+    pipe = redis.pipeline()
+    for past in [hour - 1, *(hour - 24 * day for day in range(1, 8))]:
+        for _ in range(jobs_per_hour):
+            record_served(pipe, namespace, aimodel, earned_wei=wei_per_hour // jobs_per_hour,
+                          cold=False, now=past * 3600 + 1)  # fmt: skip
+    pipe.execute()
+
+
+def test_a_revenue_model_that_earns_is_woken_and_kept_and_one_that_does_not_sleeps(
+    fleet, redis_server
+):
+    """warm.policy Revenue (kubepeer/controller/revenue.py) on the real control plane: the
+    operator's GPU price is 0.0006 ETH an hour (its default), and gateways wait no cold start
+    out (the operator fixture's patience is 0 s: kwok's cold starts take a second)."""
+    redis, now = redis_server.client(), time.time()
+    _earnings(redis, fleet.namespace, "earner", 10**18, 100, now)  # 1 ETH an hour
+    _earnings(redis, fleet.namespace, "loser", 10**12, 10, now)  # 0.000001 ETH an hour
+    fleet.apply("earner", warm={"policy": "Revenue", "idleTimeout": "3s"})
+    fleet.apply("loser", warm={"policy": "Revenue", "idleTimeout": "3s"}, replicas=1)
+
+    # The earner, at zero, is woken and kept: a Warm condition and an event with its numbers.
+    fleet.wait_phase("earner", "Ready", timeout=60)
+    warm = fleet.condition("earner", "Warm")
+    assert (warm["status"], warm["reason"]) == ("True", "KeptWarm")
+    assert warm["message"].startswith("kept warm: 1.00 ETH/h expected vs 0.0006 ETH/h GPU cost")
+    time.sleep(5)  # past its 3 s idle timeout without a job: kept all the same
+    assert fleet.aimodel("earner")["spec"]["replicas"] == 1
+    earned = fleet.status("earner")["earnings"]
+    assert (earned["earnedWei"], earned["jobs"], earned["coldWaits"]) == (str(10**18), 100, 0)
+
+    # The loser runs at first (spec.replicas 1), then sleeps once idle: on demand.
+    fleet.wait_phase("loser", "Idle", timeout=60)
+    assert fleet.aimodel("loser")["spec"]["replicas"] == 0
+    cold = fleet.condition("loser", "Warm")
+    assert (cold["status"], cold["reason"]) == ("False", "OnDemand")
+    assert "ETH/h expected vs 0.0006 ETH/h GPU cost" in cold["message"]
+    events = fleet.kubectl("get", "events", "--field-selector", "involvedObject.name=loser",
+                           "-o", "json").stdout  # fmt: skip
+    messages = {e["reason"]: e["message"] for e in json.loads(events)["items"]}
+    assert messages["ScaledToZero"].startswith("on demand, idle 3s: 1e-06 ETH/h expected")
+    assert messages["OnDemand"] == cold["message"]
+
+    # It starts earning: woken and kept at the next decision.
+    _earnings(redis, fleet.namespace, "loser", 10**18, 100, now)
+    fleet.wait_phase("loser", "Ready", timeout=60)
+    assert fleet.condition("loser", "Warm")["reason"] == "KeptWarm"

@@ -21,9 +21,11 @@ from kubernetes import client
 
 from kubepeer.api import GROUP, VERSION
 from kubepeer.contracts.demand import read_demand
+from kubepeer.contracts.earnings import read_hours
 from kubepeer.contracts.labels import WOKEN_AT
 from kubepeer.proxy.endpoints import endpoint_slice_watch
 from kubepeer_dev.gateway_sim import Gateway
+from tests.conftest import free_port
 from tests.proxies import (
     SD,
     FreshChainView,
@@ -182,9 +184,10 @@ def test_jobs_for_a_cold_model_wake_it_once_and_are_served_in_arrival_order(
         return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "aimodels", "cold")
 
     generation = aimodel()["metadata"]["generation"]
+    metrics_port = free_port()
     proxy = start_proxy(tmp_path, redis_server, models=cold_models("cold"), endpoints={},
                         namespace=namespace, kubeconfig=crds.kubeconfig,
-                        args=private(tmp_path))  # fmt: skip
+                        args=[*private(tmp_path), "--metrics-port", str(metrics_port)])  # fmt: skip
     finished: list[tuple[int, int]] = []
     try:
 
@@ -214,6 +217,14 @@ def test_jobs_for_a_cold_model_wake_it_once_and_are_served_in_arrival_order(
         demand = read_demand(redis_server.client(), namespace, "cold")
         assert demand.in_flight == 0
         assert demand.last_request > time.time() - 60
+        # Each waited on the cold start: in its earnings records (private: no fee) and metrics.
+        hours = wait_for(lambda: (h := read_hours(redis, namespace, "cold"))
+                         and sum(r.jobs for r in h.values()) == 8 and h, timeout=10,
+                         what="eight jobs in the earnings records")  # fmt: skip
+        assert sum(r.cold_waits for r in hours.values()) == 8
+        assert sum(r.earned_wei + r.refused for r in hours.values()) == 0
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert 'kubepeer_proxy_cold_jobs_total{model="cold"} 8.0' in metrics
     finally:
         stop_proxy(proxy)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from kubepeer.contracts.earnings import parse_hours
 from kubepeer.livepeer.capabilities import Pipeline
 from kubepeer.payments.ledger import balance_key
 from kubepeer.proxy.units import billed_units
@@ -31,6 +32,7 @@ from tests.proxies import (
     start_proxy,
     stop_proxy,
 )
+from tests.support import wait_for
 
 pytestmark = pytest.mark.redis
 pytest_plugins = ["tests.proxies"]  # its chain_facts fixture
@@ -150,3 +152,37 @@ def test_a_paid_job_costs_two_redis_round_trips(relayed, redis_server):
     debited = balance + JOBS * ticket_ev(info) - after
     fees = JOBS * fee(billed_units(Pipeline.TEXT_TO_IMAGE, T2I), info)
     assert fees - JOBS <= debited <= fees, (debited, fees)
+
+
+def test_each_served_job_s_fee_is_in_its_model_s_earnings_records(relayed, redis_server):
+    """contracts/earnings.py against the ledger: the hour's earnings of the model are the
+    fees the ledger was debited (the tickets' expected value that paid them), job by job,
+    written on the pipeline that carries the fee (the test above counts its round trips)."""
+    proxy, _ = relayed
+    redis = redis_server.client()
+    for key in redis.scan_iter("kubepeer:earnings:test:*"):
+        redis.delete(key)
+    gateway = Gateway()
+    info = gateway.discover(proxy, 27, SD)
+    jobs = 5
+    ledger = balance_key(gateway.address, f"27_{SD}")
+    with proxy.http() as client:
+        first = client.post("/text-to-image", json=T2I,
+                            headers=gateway.headers(info, 27, SD, tickets=50))  # fmt: skip
+        assert first.status_code == 200, first.text
+        credited_once = int(redis.get(ledger))
+        for _ in range(jobs - 1):
+            response = client.post("/text-to-image", json=T2I,
+                                   headers=gateway.headers(info, 27, SD, tickets=0))  # fmt: skip
+            assert response.status_code == 200, response.text
+    debited = credited_once - int(redis.get(ledger))  # the last four jobs' fees, exactly
+    [key] = wait_for(lambda: list(redis.scan_iter("kubepeer:earnings:test:*")), timeout=10,
+                     what="the earnings records")  # fmt: skip
+    hours = wait_for(lambda: (h := parse_hours(redis.hgetall(key)))
+                     and sum(r.jobs for r in h.values()) == jobs and h, timeout=10,
+                     what=f"{jobs} jobs in the earnings records")  # fmt: skip
+    earned = sum(r.earned_wei for r in hours.values())
+    assert debited == (jobs - 1) * fee(billed_units(Pipeline.TEXT_TO_IMAGE, T2I), info)
+    assert earned == debited * jobs // (jobs - 1)  # the first job's fee too, the same price
+    assert sum(r.cold_waits + r.refused for r in hours.values()) == 0  # an Always model
+    assert key.decode().startswith("kubepeer:earnings:test:")

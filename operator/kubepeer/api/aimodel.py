@@ -171,6 +171,19 @@ class Phase(StrEnum):
     FAILED = "Failed"
 
 
+class Earnings(KubeModel):
+    """The last complete hour of the model's earnings records (`contracts/earnings.py`)."""
+
+    hour: datetime = Field(description="When the hour began.")
+    earned_wei: str = Field(
+        pattern=r"^[0-9]+$",
+        description="What its jobs earned: fees at the tickets' expected value, in wei.",
+    )
+    jobs: int = Field(ge=0, description="Jobs served.")
+    cold_waits: int = Field(ge=0, description="Of them, jobs that waited on a cold start.")
+    refused: int = Field(ge=0, description="Jobs refused for capacity.")
+
+
 class AIModelStatus(KubeModel):
     phase: Phase = Field(
         default=Phase.PENDING,
@@ -195,6 +208,9 @@ class AIModelStatus(KubeModel):
     )
     last_cold_start_seconds: float | None = Field(
         default=None, ge=0, description="Seconds from the last scale-up to its first ready replica."
+    )
+    earnings: Earnings | None = Field(
+        default=None, description="The last complete hour of its earnings, when on record."
     )
     last_scale_up_time: datetime | None = Field(
         default=None,

@@ -27,6 +27,7 @@ class WarmPolicy(StrEnum):
 
     ALWAYS = "Always"
     ON_DEMAND = "OnDemand"
+    REVENUE = "Revenue"
 
 
 class Gpu(KubeModel):
@@ -116,7 +117,9 @@ class Warm(KubeModel):
         description=(
             "Always: keep minReplicas loaded, each on its own GPU. OnDemand: scale to zero "
             "after idleTimeout without requests, wake on the first request, and run at a "
-            "lower priority so that Always models can preempt it."
+            "lower priority so that Always models can preempt it. Revenue: OnDemand, kept "
+            "warm while its expected earnings beat its GPU time (the operator's "
+            "--gpu-price-eth-per-hour), and asleep soon after its jobs stop while they do not."
         ),
     )
     min_replicas: int | None = Field(
@@ -156,6 +159,11 @@ class Warm(KubeModel):
                 "must be 0 (use policy Always to keep replicas warm)"
             )
         return self
+
+    @property
+    def on_demand(self) -> bool:
+        """Woken by its jobs (the proxy holds them while it wakes), its demand recorded."""
+        return self.policy is not WarmPolicy.ALWAYS
 
     @property
     def floor(self) -> int:

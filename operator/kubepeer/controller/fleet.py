@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubepeer.api import AIModel, AIModelSpec, AIModelStatus, PricingSpec
+from kubepeer.api.aimodel import Earnings
 from kubepeer.contracts import labels as L
 from kubepeer.controller.builders import (
     Member,
@@ -297,8 +298,11 @@ def model_status(
     body: Mapping[str, Any],
     outcome: RunnerOutcome | None = None,
     now: datetime | None = None,
+    earnings: Earnings | None = None,
+    warm: tuple[bool, str] | None = None,
 ) -> AIModelStatus:
-    """An AIModel's status from the view: its runner's Deployment and pods, its price."""
+    """An AIModel's status from the view: its runner's Deployment and pods, its price;
+    from Redis, its last hour's earnings and (a Revenue model) its warm decision."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     previous = _previous_status(body)
@@ -324,6 +328,8 @@ def model_status(
         pricing_problem=pricing_problem,
         current=current,
         nodes_fixed=settings.nodes_fixed,
+        earnings=earnings,
+        warm=warm,
     )
     return compute_status(observed, previous, now or datetime.now(UTC))
 

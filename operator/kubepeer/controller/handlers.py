@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -33,10 +34,12 @@ from kubepeer.api import (
     Phase,
     WarmPolicy,
 )
+from kubepeer.api.aimodel import Earnings
 from kubepeer.api.live_runner import LiveRunnerStatus
 from kubepeer.api.workload import WorkloadSpec
 from kubepeer.contracts import labels as L
 from kubepeer.contracts.demand import claim_idle, idle_for, live_runner_subject, read_demand
+from kubepeer.contracts.earnings import HOUR_SECONDS, Hour, hour_of, read_hours
 from kubepeer.controller.builders import build_priority_classes
 from kubepeer.controller.fleet import (
     Key,
@@ -52,9 +55,11 @@ from kubepeer.controller.fleet import (
 from kubepeer.controller.kube import Kube
 from kubepeer.controller.live_runners import LiveRunners
 from kubepeer.controller.registration import Registrar, node_labels, read_orchestrator_secret
+from kubepeer.controller.revenue import Decision, decide, forecast
 from kubepeer.controller.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
+DEFAULT_COLD_START = 60.0  # seconds: a Revenue model's cold start before one is measured
 AIMODELS = (GROUP, VERSION, "aimodels")
 LIVE_RUNNERS = (GROUP, VERSION, LiveRunner.PLURAL)
 PRICINGS = (GROUP, VERSION, "pricings")
@@ -81,6 +86,9 @@ class Fleet:
         )  # fmt: skip
         self.written: dict[Key, dict[str, Any]] = {}  # status last written, until watched back
         self.retry: set[Key] = set()  # AIModels whose last reconcile failed
+        self.decisions: dict[Key, Decision] = {}  # Revenue models: the last decision
+        self.earned: dict[Key, Earnings] = {}  # every model's last complete hour on record
+        self._decided_at = float("-inf")
         self._locks: dict[Key, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -141,7 +149,15 @@ class Fleet:
                 return
             # What we wrote last is newer than what the watch has shown back so far.
             known = {**body, "status": self.written.get(key) or body.get("status")}
-            status = model_status(self.settings, self.view, known, outcome)
+            decision = self.decisions.get(key)
+            status = model_status(
+                self.settings,
+                self.view,
+                known,
+                outcome,
+                earnings=self.earned.get(key),
+                warm=None if decision is None else (decision.warm, decision.reason),
+            )
             changes = status_changes(known, status)
             if changes is None:
                 return
@@ -161,6 +177,7 @@ class Fleet:
         for key in sorted(self.retry):
             self.model_changed(*key)
         try:
+            self._sweep_revenue(now)
             self._sweep_idle(now)
         finally:
             self.live.sweep()  # after the idle pass, which one app's failure must not stop
@@ -182,10 +199,80 @@ class Fleet:
                 continue
             meta = body["metadata"]
             subject = live_runner_subject(meta["name"])
-            if idle_past_timeout(self.redis, meta["namespace"], subject, spec, status, now):
-                timeout = spec.warm.idle_timeout_seconds
+            # (no earnings are recorded for sessions yet: a Revenue LiveRunner is OnDemand)
+            timeout = spec.warm.idle_timeout_seconds
+            if idle_past_timeout(self.redis, meta["namespace"], subject, spec, status, now,
+                                 timeout):  # fmt: skip
                 scale_to_zero(self.kube, self.redis, body, subject, timeout, now,
                               LiveRunner.PLURAL)  # fmt: skip
+
+    def _sweep_revenue(self, now: float | None) -> None:
+        """Every revenue_interval_seconds, from the earnings records: each model's last hour
+        into its status, and each Revenue model decided again: woken when it should be
+        warm, scaled to zero when it should not and has been idle for the decision's
+        timeout. A changed decision is an event and the Warm condition."""
+        now = time.time() if now is None else now
+        if self.redis is None or now - self._decided_at < self.settings.revenue_interval_seconds:
+            return
+        self._decided_at = now
+        for key in snapshot(self.view.aimodels):
+            body = self.view.one(self.view.aimodels, key)
+            try:
+                model = AIModel.model_validate(body)
+            except (ValidationError, TypeError):  # gone, or invalid: status says why
+                continue
+            hours = read_hours(self.redis, *key)
+            earned = last_hour(hours, hour_of(now))
+            changed = earned != self.earned.get(key)
+            if earned is None:
+                self.earned.pop(key, None)
+            else:
+                self.earned[key] = earned
+            if model.spec.warm.policy is not WarmPolicy.REVENUE:
+                self.decisions.pop(key, None)
+                if changed:
+                    self.refresh_status(*key)
+                continue
+            decision = self.decide(model, hours, now)
+            before, self.decisions[key] = self.decisions.get(key), decision
+            if before is None or before.warm != decision.warm:
+                log.info("AIModel %s/%s %s", *key, decision.reason)
+                self.kube.post_event(dict(body), "KeptWarm" if decision.warm else "OnDemand",
+                                     decision.reason)  # fmt: skip
+                changed = True
+            if changed:
+                self.refresh_status(*key)
+            if decision.warm and model.spec.desired_replicas == 0:
+                self._wake(body, max(1, model.spec.warm.floor))
+            elif not decision.warm and idle_past_timeout(
+                self.redis, *key, model.spec, model.status, now, decision.idle_timeout
+            ):
+                scale_to_zero(self.kube, self.redis, body, key[1], decision.idle_timeout, now,
+                              AIModel.PLURAL, why=decision.reason)  # fmt: skip
+
+    def _wake(self, body: Mapping[str, Any], replicas: int) -> None:
+        meta = body["metadata"]
+        try:
+            self.kube.scale(meta["namespace"], meta["name"], replicas,
+                            resource_version=meta["resourceVersion"])  # fmt: skip
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+            self._decided_at = float("-inf")  # changed since we read it: decided again next
+
+    def decide(self, model: AIModel, hours: Mapping[int, Hour], now: float) -> Decision:
+        spec, status = model.spec, model.status
+        prices = self.settings.gpu_prices_eth_per_hour
+        product = next((p for p in spec.gpu.products if p in prices), None)
+        per_gpu = prices[product] if product else self.settings.gpu_price_eth_per_hour
+        cold_start = status.last_cold_start_seconds if status else None
+        return decide(
+            forecast(hours, hour_of(now)),
+            gpu_cost_wei_per_hour=max(spec.gpu.count, 1) * per_gpu * 1e18,
+            cold_start_seconds=DEFAULT_COLD_START if cold_start is None else cold_start,
+            patience_seconds=self.settings.gateway_patience_seconds,
+            idle_timeout_seconds=spec.warm.idle_timeout_seconds,
+        )
 
     def _idle_past_timeout(self, body: Mapping[str, Any], now: float) -> bool:
         try:
@@ -202,25 +289,39 @@ class Fleet:
                       AIModel.PLURAL)  # fmt: skip
 
 
+def last_hour(hours: Mapping[int, Hour], hour: int) -> Earnings | None:
+    """The complete hour before `hour`, for the status (None: nothing on record)."""
+    last = hours.get(hour - 1)
+    if last is None:
+        return None
+    return Earnings(hour=datetime.fromtimestamp((hour - 1) * HOUR_SECONDS, UTC),
+                    earned_wei=str(last.earned_wei), jobs=last.jobs,
+                    cold_waits=last.cold_waits, refused=last.refused)  # fmt: skip
+
+
 def idle_past_timeout(
     redis: Any, namespace: str, subject: str, spec: WorkloadSpec,
-    status: AIModelStatus | None, now: float,
+    status: AIModelStatus | None, now: float, timeout: float | None = None,
 ) -> bool:  # fmt: skip
-    """An OnDemand workload running replicas with no demand for longer than idleTimeout,
-    counted from its demand records (`subject`) and from when it turned Ready."""
-    if spec.warm.policy is not WarmPolicy.ON_DEMAND or spec.desired_replicas == 0:
+    """An OnDemand workload running replicas with no demand for longer than idleTimeout
+    (or `timeout`: a Revenue model's decision), counted from its demand records (`subject`)
+    and from when it turned Ready. A Revenue model is idle only by its decision's timeout."""
+    if timeout is None and spec.warm.policy is WarmPolicy.REVENUE:
         return False
+    if not spec.warm.on_demand or spec.warm.floor > 0 or spec.desired_replicas == 0:
+        return False
+    timeout = spec.warm.idle_timeout_seconds if timeout is None else timeout
     status = status or AIModelStatus()
     ready_at = None
     if status.ready_replicas > 0 and status.last_scale_up_time is not None:
         ready_at = status.last_scale_up_time.timestamp() + (status.last_cold_start_seconds or 0)
     idle = idle_for(read_demand(redis, namespace, subject, now), ready_at, now)
-    return idle is not None and idle > spec.warm.idle_timeout_seconds
+    return idle is not None and idle > timeout
 
 
 def scale_to_zero(
     kube: Kube, redis: Any, body: Mapping[str, Any], subject: str, timeout: float, now: float,
-    plural: str,
+    plural: str, why: str = "idle past warm.idleTimeout",
 ) -> None:  # fmt: skip
     """Claim the workload idle in Redis, then scale it to zero only if the object is
     unchanged since we read it (resourceVersion): a job or session arriving in between wins."""
@@ -234,8 +335,8 @@ def scale_to_zero(
         if exc.status in (404, 409):
             return  # it changed (a wake-up, an edit): the next sweep decides again
         raise
-    log.info("scaled %s %s/%s to zero: idle past warm.idleTimeout", plural, namespace, name)
-    kube.post_event(dict(body), "ScaledToZero", "idle past warm.idleTimeout")
+    log.info("scaled %s %s/%s to zero: %s", plural, namespace, name, why)
+    kube.post_event(dict(body), "ScaledToZero", why)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):

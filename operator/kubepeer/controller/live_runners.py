@@ -163,7 +163,7 @@ def app_row(name: str, spec: LiveRunnerSpec, price: AdvertisedPrice | None) -> S
         runner=L.live_runner_name(name),  # the headless Service
         port=spec.port,
         capacity=spec.capacity,
-        on_demand=spec.warm.policy is WarmPolicy.ON_DEMAND,
+        on_demand=spec.warm.on_demand,
         max_replicas=spec.warm.max_replicas,
         proxy=spec.proxy,
         metadata=spec.metadata,

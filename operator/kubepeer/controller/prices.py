@@ -172,7 +172,7 @@ def model_entry(row: TableRow, runner_port: int) -> dict[str, Any]:
             runner=row.runner,
             port=runner_port,
             capacity=row.spec.capacity,
-            on_demand=row.spec.warm.policy is WarmPolicy.ON_DEMAND,
+            on_demand=row.spec.warm.on_demand,
             max_replicas=row.spec.warm.max_replicas,
             price=row.price.table_price() if row.price else None,
         )

@@ -47,6 +47,33 @@ class OperatorSettings(BaseSettings):
     probe_period_seconds: int = Field(default=5, ge=1, description="Probe period.")
     liveness_failure_threshold: int = Field(default=3, ge=1, description="Failed /health in a row.")
 
+    # The Revenue warm policy (kubepeer/controller/revenue.py).
+    gpu_price_eth_per_hour: float = Field(
+        default=0.0006,
+        ge=0,
+        description=(
+            "What an hour of one GPU costs, in ETH (0.0006: about $2 at $3,000 an ETH): a "
+            "Revenue model is kept warm while its expected earnings beat it."
+        ),
+    )
+    gpu_prices_eth_per_hour: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Per GPU product (the node label nvidia.com/gpu.product), in ETH an hour; a model "
+            "pinned to products (gpu.products) is costed at the first listed here."
+        ),
+    )
+    gateway_patience_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a gateway waits for a job before it tries another orchestrator.",
+    )
+    revenue_interval_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often Revenue models are decided again (earnings are hourly).",
+    )
+
     status_interval_seconds: float = Field(
         default=5.0,
         gt=0,

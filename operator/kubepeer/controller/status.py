@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubepeer.api import AIModelStatus, Condition, ConditionStatus, Phase
+from kubepeer.api.aimodel import Earnings
 
 READY, PROGRESSING, DEGRADED, PRICED = "Ready", "Progressing", "Degraded", "Priced"
+WARM = "Warm"  # Revenue models: the warm policy's last decision, with its numbers
 CRASH_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerError"}
 
 
@@ -29,6 +31,8 @@ class Observed:
     pricing_problem: str | None = None  # why no price applies, if none does
     current: bool = True  # the Deployment was written from this AIModel's current spec
     nodes_fixed: bool = False  # no node will ever be added (no autoscaler): see _never_fits
+    earnings: Earnings | None = None  # the last complete hour on record
+    warm: tuple[bool, str] | None = None  # a Revenue model's decision: (warm, why)
 
 
 def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
@@ -178,6 +182,11 @@ def compute_status(
     else:
         priced = (ConditionStatus.TRUE, "PriceResolved", "")
     conditions.append(_condition(previous, PRICED, *priced, observed.generation, now))
+    if observed.warm is not None:
+        kept, why = observed.warm
+        warm_c = (ConditionStatus.TRUE, "KeptWarm", why) if kept else (
+            ConditionStatus.FALSE, "OnDemand", why)  # fmt: skip
+        conditions.append(_condition(previous, WARM, *warm_c, observed.generation, now))
 
     # Cold start: from the scale-up (creation, or a wake from zero, noticed here as the
     # first status asking for replicas after Idle) to the moment the first pod turned Ready.
@@ -198,6 +207,7 @@ def compute_status(
         observed_generation=observed.generation,
         last_cold_start_seconds=cold_start,
         last_scale_up_time=scale_up,
+        earnings=observed.earnings,
     )
 
 

@@ -7,7 +7,8 @@ arrive (`Waker`). Waiting for nothing and no line: 503 `insufficient capacity`, 
 gateway takes as full and tries another orchestrator.
 
 The demand records the operator reads to scale OnDemand models to zero (`Demand`) are
-written from the job's choice of model to its end.
+written from the job's choice of model to its end, and its earnings records (what served
+jobs earned, and which were refused for capacity) when it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kubepeer.contracts.price_table import ServedModel
 from kubepeer.proxy import metrics
@@ -46,6 +48,14 @@ class Demand:
         return done
 
     def end(self, model: ServedModel, job_id: str) -> None: ...
+
+    def served(self, subject: str, earned_wei: int, cold: bool, pipe: Any = None) -> None:
+        """Record a served job's earnings (`contracts/earnings.py`); `cold`: it arrived while
+        its model had no ready replica. `pipe`: the job's own write pipeline, when it has
+        one to send (its fee's: no round trip of its own), else written off the path."""
+
+    def refused(self, subject: str) -> None:
+        """Record a job refused for capacity."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Activation:
                 await self.wake(model)
             return await waiting
         except NoCapacity:
+            self.demand.refused(model.aimodel)
             raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
         finally:
             if not waiting.done():
@@ -105,6 +116,7 @@ class Activation:
             return await self.router.reserve(model, timeout=self.waits.queue,
                                              exclude=list(tried))  # fmt: skip
         except NoCapacity:
+            self.demand.refused(model.aimodel)
             raise JobRefused(503, INSUFFICIENT_CAPACITY) from None
 
     def release(self, slot: Slot, model: ServedModel) -> None:

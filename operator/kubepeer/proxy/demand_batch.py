@@ -8,9 +8,10 @@ awaits its start record only when the answer matters (an OnDemand model the oper
 have claimed idle: then it must wake the model). A record not yet written when the proxy
 crashes is like one written and expired: the operator's rules already cover it.
 
-Only OnDemand models get records: the operator reads them for nothing else (scale to
-zero). A model switched to OnDemand while its jobs run has them recorded at the next
-heartbeat (ttl/3), well inside any idle timeout.
+Only OnDemand models get demand records: the operator reads them for nothing else (scale
+to zero). A model switched to OnDemand while its jobs run has them recorded at the next
+heartbeat (ttl/3), well inside any idle timeout. Every model gets earnings records
+(`contracts/earnings.py`), in the same pipelines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubepeer.contracts import demand as demand_records
+from kubepeer.contracts import earnings
 from kubepeer.contracts.price_table import ServedModel
 from kubepeer.proxy.activation import Demand
 
@@ -36,7 +38,8 @@ class BatchedDemand(Demand):
         # aimodel -> ids of the jobs in flight here, with and without demand records
         self.recorded: dict[str, set[str]] = {}
         self.unrecorded: dict[str, set[str]] = {}
-        self._queued: list[tuple[str, str, str, asyncio.Future[bool] | None]] = []
+        # (kind, subject, job id or a served job's (earned wei, cold), the start's answer)
+        self._queued: list[tuple[str, str, Any, asyncio.Future[bool] | None]] = []
         self._writer: asyncio.Task[None] | None = None
 
     def start(self, model: ServedModel, job_id: str) -> asyncio.Future[bool] | None:
@@ -64,6 +67,16 @@ class BatchedDemand(Demand):
             self.recorded[subject].discard(job_id)
             self._queue("finished", subject, job_id, None)
 
+    def served(self, subject: str, earned_wei: int, cold: bool, pipe: Any = None) -> None:
+        if pipe is not None:
+            earnings.record_served(pipe, self.namespace, subject, earned_wei=earned_wei,
+                                   cold=cold)  # fmt: skip
+        else:
+            self._queue("served", subject, (earned_wei, cold), None)
+
+    def refused(self, subject: str) -> None:
+        self._queue("refused", subject, None, None)
+
     def heartbeat(self, on_demand: Iterable[str] = ()) -> None:
         """Push out the expiries of recorded jobs; record the running jobs of models that
         became OnDemand (`on_demand`: their aimodel names) since those jobs started."""
@@ -81,7 +94,7 @@ class BatchedDemand(Demand):
             await asyncio.shield(self._writer)
 
     def _queue(
-        self, kind: str, aimodel: str, job_id: str, woke: asyncio.Future[bool] | None
+        self, kind: str, aimodel: str, job_id: Any, woke: asyncio.Future[bool] | None
     ) -> None:
         self._queued.append((kind, aimodel, job_id, woke))
         if self._writer is None or self._writer.done():
@@ -93,8 +106,16 @@ class BatchedDemand(Demand):
         while self._queued:
             batch, self._queued = self._queued, []
             pipe = self._redis.pipeline(transaction=False)
+            replies_at: list[int] = []  # where each record's first reply will be
             for kind, aimodel, job_id, _ in batch:
-                if kind == "started":
+                replies_at.append(len(pipe))
+                if kind == "served":
+                    earned, cold = job_id
+                    earnings.record_served(pipe, self.namespace, aimodel, earned_wei=earned,
+                                           cold=cold)  # fmt: skip
+                elif kind == "refused":
+                    earnings.record_refused(pipe, self.namespace, aimodel)
+                elif kind == "started":
                     demand_records.job_started(pipe, self.namespace, aimodel, job_id, ttl=self.ttl)
                 elif kind == "finished":
                     demand_records.job_finished(pipe, self.namespace, aimodel, job_id)
@@ -105,8 +126,6 @@ class BatchedDemand(Demand):
             except Exception:
                 log.exception("could not write %d demand records", len(batch))
                 replies = None
-            at = 0
-            for kind, _, _, woke in batch:
+            for (_, _, _, woke), at in zip(batch, replies_at, strict=True):
                 if woke is not None and not woke.done():
                     woke.set_result(bool(replies and replies[at]))
-                at += 2 if kind == "finished" else 1

@@ -25,6 +25,11 @@ HOLD = Histogram(
     buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 900),
 )
 FEES = Counter("kubepeer_proxy_fees_wei_total", "Fees debited for finished jobs, in wei", ["model"])
+COLD_JOBS = Counter(
+    "kubepeer_proxy_cold_jobs_total",
+    "Jobs that arrived while their model had no ready replica",
+    ["model"],
+)
 DISCOVERY = Counter(
     "kubepeer_proxy_discovery_total", "GetOrchestrator calls by outcome", ["outcome"]
 )

@@ -91,9 +91,25 @@ class Job:
     """One job: its request's headers (by lowercased name), what it holds from step 4 to
     its end, and what its end counts and logs."""
 
-    __slots__ = ("_ended", "activation", "headers", "in_flight", "log", "model", "model_label",
-                 "path", "pipeline", "refused", "request_id", "served", "slot", "started",
-                 "upstream", "woke")  # fmt: skip
+    __slots__ = (
+        "_ended",
+        "activation",
+        "cold",
+        "headers",
+        "in_flight",
+        "log",
+        "model",
+        "model_label",
+        "path",
+        "pipeline",
+        "refused",
+        "request_id",
+        "served",
+        "slot",
+        "started",
+        "upstream",
+        "woke",
+    )  # fmt: skip
 
     def __init__(self, path: str, headers: Mapping[str, str], activation: Activation,
                  job_log: JobLog) -> None:  # fmt: skip
@@ -107,6 +123,7 @@ class Job:
         self.model: ServedModel | None = None  # chosen at step 4; its demand recorded
         self.model_label = self.pipeline.value  # the AIModel's name once one is chosen
         self.woke: Any = None  # the demand record's answer (OnDemand models)
+        self.cold = False  # its model had no ready replica when it was chosen
         self.slot: Slot | None = None
         self.in_flight: Any = None  # the model's gauge, raised while the job is on a runner
         self.upstream: Answer | None = None  # an llm stream's answer, read by the reply
@@ -154,6 +171,9 @@ async def serve(ctx: JobContext, job: Job, body: bytes) -> Reply:
     request = JobRequest(job.pipeline, body, content_type, fields)
     serving = ctx.catalogue().serving(job.pipeline, request.model_id)
     model = job.take(ctx.activation.choose(serving))  # 4: the AIModel
+    job.cold = model.on_demand and not ctx.activation.router.ready(model)
+    if job.cold:
+        metrics.child(metrics.COLD_JOBS, model.aimodel).inc()
     job.slot = await ctx.activation.slot(model, job.woke)  # 4: a slot on one of its runners
     paid = await credit(ctx, model, payment)  # 5, 6
     job.running()
@@ -248,6 +268,8 @@ def debit(ctx: JobContext, job: Job, writes: AsyncPipeline, paid: Paid | None,
         metrics.child(metrics.FEES, job.model.aimodel).inc(fee)
     job.served = {"model": job.model.model_id, "runner": job.slot.url, "units": units,
                   "fee_wei": fee}  # fmt: skip
+    # Its earnings with its fee (one round trip) when it has writes to send anyway.
+    ctx.activation.demand.served(job.model.aimodel, fee, job.cold, writes if len(writes) else None)
 
 
 async def _sent(writes: AsyncPipeline) -> None:
