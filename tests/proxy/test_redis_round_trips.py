@@ -113,9 +113,12 @@ def relayed(tmp_path_factory, redis_server, sd_runner, chain_facts):
     server = start_proxy(
         tmp_path_factory.mktemp("proxy"), _Relayed(relay.url), models=models_json(),
         endpoints={"runner-fleet": [sd_runner.url]},
-        # No timer of the proxy's writes to Redis while the jobs are counted: the chain view,
-        # live leases and in-flight demand expiries (every --demand-ttl / 3) stay put.
-        args=["--chain-refresh", "3600", "--live-lease-seconds", "36000", "--demand-ttl", "3600"],
+        # No timer of the proxy's own on Redis while the jobs are counted (its pooled
+        # connections carried the credit script too): the chain view, live leases, in-flight
+        # demand expiries (every --demand-ttl / 3) and Live Runner metering (every half
+        # --live-payment-interval) stay put.
+        args=["--chain-refresh", "3600", "--live-lease-seconds", "36000", "--demand-ttl", "3600",
+              "--live-payment-interval", "36000"],
     )  # fmt: skip
     yield server, relay
     stop_proxy(server)
