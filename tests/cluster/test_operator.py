@@ -777,10 +777,13 @@ def test_pod_policy_example_refuses_foreign_images(crds, namespace, fleet):
 
 def _earnings(redis, namespace: str, aimodel: str, wei_per_hour: int, jobs_per_hour: int,
               now: float) -> None:  # fmt: skip
-    """A week of the same hour and the last hour on record, as proxies write them."""
+    """A week of the same hour and the last hour on record, as proxies write them; and the
+    same again an hour on, so that the test holds when the clock turns an hour under it."""
     hour = hour_of(now)
     pipe = redis.pipeline()
-    for past in [hour - 1, *(hour - 24 * day for day in range(1, 8))]:
+    hours = {h + turn for turn in (0, 1)
+             for h in [hour - 1, *(hour - 24 * day for day in range(1, 8))]}  # fmt: skip
+    for past in sorted(hours):
         for _ in range(jobs_per_hour):
             record_served(pipe, namespace, aimodel, earned_wei=wei_per_hour // jobs_per_hour,
                           cold=False, now=past * 3600 + 1)  # fmt: skip
