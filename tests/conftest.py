@@ -26,9 +26,8 @@ from kubernetes import client, config
 from kubepeer_dev.devchain import DevChain
 from tests.support import wait_for
 
-pytest.register_assert_rewrite(
-    "tests.paying", "tests.proxies"
-)  # shared helpers (plugins) assert too
+# Shared helpers (plugins) assert too.
+pytest.register_assert_rewrite("tests.paying", "tests.proxies")
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("KUBEPEER_CACHE", Path.home() / ".cache" / "kubepeer"))
@@ -51,20 +50,24 @@ TIERS = {"unit": "unit", "cluster": "cluster", "agent": "cluster", "e2e": "e2e"}
 TIER_NAMES = ("unit", "integration", "cluster", "e2e")
 
 
+def folder(item: pytest.Item) -> str:
+    """The folder under tests/ a test is filed in."""
+    return Path(str(item.path)).relative_to(REPO / "tests").parts[0]
+
+
 def tier(item: pytest.Item) -> str:
-    folder = Path(str(item.path)).relative_to(REPO / "tests").parts[0]
-    return TIERS.get(folder, "integration")
+    return TIERS.get(folder(item), "integration")
 
 
 def worker_group(item: pytest.Item) -> str:
-    """Which tests run on one pytest-xdist worker (`make test`: `-n 2 --dist loadgroup`).
+    """Which tests run on one pytest-xdist worker (`make test`: `-n 3 --dist loadgroup`).
 
     - node-agent: the node agent's network namespaces and host routes, and the demo's own
       cluster and agent, are one at a time on this machine;
     - control-plane: the other cluster tests share one control plane (and operator);
     - otherwise the test's module, whose module-scoped fleets are then started once.
     """
-    if item.get_closest_marker("agent") or Path(str(item.path)).parent.name == "agent":
+    if item.get_closest_marker("agent") or folder(item) == "agent":
         return "node-agent"
     if tier(item) == "cluster":
         return "control-plane"

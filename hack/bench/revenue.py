@@ -142,7 +142,7 @@ class Cluster:
         whose OnDemand models share one priority (the scheduler preempts none of them)."""
         return False
 
-    def job(self, job: Job, idle: float) -> None:
+    def job(self, job: Job) -> None:
         model = self.models[job.model]
         r = self.replicas.get(job.model)
         if r is None:
@@ -177,7 +177,7 @@ def replay_static(models: dict[str, Model], jobs: list[Job], start: float, end: 
         cluster.replicas[name] = Replica(start, start, start, warm=True)  # warm from the start
     for job in jobs:
         cluster.release_idle(job.at, idle)
-        cluster.job(job, idle)
+        cluster.job(job)
     cluster.release_idle(end, idle)
     return cluster.finish(end)
 
@@ -207,9 +207,8 @@ class RankedCluster(Cluster):
 def replay_revenue(models: dict[str, Model], history: dict[str, dict[int, Hour]],
                    jobs: list[Job], start: float, end: float, gpus: int, patience: float,
                    idle: float, gpu_wei_per_hour: float,
-                   brief_idle: float) -> tuple[Result, list[str]]:  # fmt: skip
+                   brief_idle: float) -> Result:  # fmt: skip
     cluster = RankedCluster(models, gpus, patience)
-    decisions: list[str] = []
     times = [j.at for j in jobs]
     hour_start = start
     while hour_start < end:
@@ -228,7 +227,6 @@ def replay_revenue(models: dict[str, Model], history: dict[str, dict[int, Hour]]
                 wanted.append(Candidate(name, 1, d.earnings))
             cluster.idle[name] = d.idle_timeout
         kept, _ = rank(wanted, gpus)
-        decisions.append(f"hour {hour % 24:02d}: {len(kept)} warm")
         for name, r in list(cluster.replicas.items()):
             r.warm = name in kept  # a model no longer kept is OnDemand from now
         for name in kept:
@@ -238,10 +236,10 @@ def replay_revenue(models: dict[str, Model], history: dict[str, dict[int, Hour]]
         hi = bisect.bisect_left(times, min(end, hour_start + HOUR))
         for job in jobs[lo:hi]:
             cluster.release_idle(job.at, idle)
-            cluster.job(job, idle)
+            cluster.job(job)
         hour_start += HOUR
     cluster.release_idle(end, idle)
-    return cluster.finish(end), decisions
+    return cluster.finish(end)
 
 
 def main() -> int:
@@ -281,7 +279,7 @@ def main() -> int:
             models, day, start, end, args.gpus, args.patience, idle=30 * 60, warm=[]
         ),
     }
-    runs["revenue"], _ = replay_revenue(models, history, day, start, end, args.gpus,
+    runs["revenue"] = replay_revenue(models, history, day, start, end, args.gpus,
                                         args.patience, 5 * 60, gpu_wei,
                                         args.brief_idle)  # fmt: skip
     best_static = max(r.net(gpu_wei) for name, r in runs.items() if name != "revenue")

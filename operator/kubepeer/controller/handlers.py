@@ -188,8 +188,15 @@ class Fleet:
         now = time.time() if now is None else now
         for key in snapshot(self.view.aimodels):
             body = self.view.one(self.view.aimodels, key)
-            if body is not None and self._idle_past_timeout(body, now):
-                self.scale_to_zero(body, now)
+            try:
+                model = AIModel.model_validate(body)
+            except (ValidationError, TypeError):  # gone, or invalid: status says why
+                continue
+            if model.spec.warm.policy is WarmPolicy.REVENUE:
+                continue  # _sweep_revenue decides it, with its decision's timeout
+            timeout = model.spec.warm.idle_timeout_seconds
+            if idle_past_timeout(self.redis, *key, model.spec, model.status, now, timeout):
+                scale_to_zero(self.kube, self.redis, body, key[1], timeout, now, AIModel.PLURAL)
         for key in snapshot(self.view.live_runners):
             body = self.view.one(self.view.live_runners, key)
             try:
@@ -201,8 +208,9 @@ class Fleet:
             subject = live_runner_subject(meta["name"])
             # (no earnings are recorded for sessions yet: a Revenue LiveRunner is OnDemand)
             timeout = spec.warm.idle_timeout_seconds
-            if idle_past_timeout(self.redis, meta["namespace"], subject, spec, status, now,
-                                 timeout):  # fmt: skip
+            if idle_past_timeout(
+                self.redis, meta["namespace"], subject, spec, status, now, timeout
+            ):
                 scale_to_zero(self.kube, self.redis, body, subject, timeout, now,
                               LiveRunner.PLURAL)  # fmt: skip
 
@@ -233,7 +241,7 @@ class Fleet:
                 if changed:
                     self.refresh_status(*key)
                 continue
-            decision = self.decide(model, hours, now)
+            decision = self._decision(model, hours, now)
             before, self.decisions[key] = self.decisions.get(key), decision
             if before is None or before.warm != decision.warm:
                 log.info("AIModel %s/%s %s", *key, decision.reason)
@@ -260,7 +268,7 @@ class Fleet:
                 raise
             self._decided_at = float("-inf")  # changed since we read it: decided again next
 
-    def decide(self, model: AIModel, hours: Mapping[int, Hour], now: float) -> Decision:
+    def _decision(self, model: AIModel, hours: Mapping[int, Hour], now: float) -> Decision:
         spec, status = model.spec, model.status
         prices = self.settings.gpu_prices_eth_per_hour
         product = next((p for p in spec.gpu.products if p in prices), None)
@@ -273,20 +281,6 @@ class Fleet:
             patience_seconds=self.settings.gateway_patience_seconds,
             idle_timeout_seconds=spec.warm.idle_timeout_seconds,
         )
-
-    def _idle_past_timeout(self, body: Mapping[str, Any], now: float) -> bool:
-        try:
-            model = AIModel.model_validate(body)
-        except ValidationError:
-            return False
-        meta = body["metadata"]
-        return idle_past_timeout(self.redis, meta["namespace"], meta["name"], model.spec,
-                                 model.status, now)  # fmt: skip
-
-    def scale_to_zero(self, body: Mapping[str, Any], now: float) -> None:
-        timeout = AIModel.model_validate(body).spec.warm.idle_timeout_seconds
-        scale_to_zero(self.kube, self.redis, body, body["metadata"]["name"], timeout, now,
-                      AIModel.PLURAL)  # fmt: skip
 
 
 def last_hour(hours: Mapping[int, Hour], hour: int) -> Earnings | None:
@@ -301,16 +295,13 @@ def last_hour(hours: Mapping[int, Hour], hour: int) -> Earnings | None:
 
 def idle_past_timeout(
     redis: Any, namespace: str, subject: str, spec: WorkloadSpec,
-    status: AIModelStatus | None, now: float, timeout: float | None = None,
+    status: AIModelStatus | None, now: float, timeout: float,
 ) -> bool:  # fmt: skip
-    """An OnDemand workload running replicas with no demand for longer than idleTimeout
-    (or `timeout`: a Revenue model's decision), counted from its demand records (`subject`)
-    and from when it turned Ready. A Revenue model is idle only by its decision's timeout."""
-    if timeout is None and spec.warm.policy is WarmPolicy.REVENUE:
-        return False
+    """A workload that scales to zero, running replicas with no demand for longer than
+    `timeout` (its idleTimeout, or a Revenue model's decision), counted from its demand
+    records (`subject`) and from when it turned Ready."""
     if not spec.warm.on_demand or spec.warm.floor > 0 or spec.desired_replicas == 0:
         return False
-    timeout = spec.warm.idle_timeout_seconds if timeout is None else timeout
     status = status or AIModelStatus()
     ready_at = None
     if status.ready_replicas > 0 and status.last_scale_up_time is not None:

@@ -32,9 +32,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kubepeer.contracts.earnings import Hour
+from kubepeer.contracts.earnings import HOUR_SECONDS, Hour
 
-HOUR = 3600.0
 DAY_HOURS = 24
 
 
@@ -102,7 +101,7 @@ def decide(
                         ("idle_timeout_seconds", idle_timeout_seconds)):  # fmt: skip
         if value < 0:
             raise ValueError(f"{name} must not be negative, not {value}")
-    asleep = math.exp(-expected.jobs_per_hour * idle_timeout_seconds / HOUR)
+    asleep = math.exp(-expected.jobs_per_hour * idle_timeout_seconds / HOUR_SECONDS)
     loses = cold_start_seconds > patience_seconds
     lost = expected.wei_per_hour * asleep if loses else 0.0
     saved = gpu_cost_wei_per_hour * asleep
@@ -152,7 +151,7 @@ def hourly(records: Sequence[tuple[float, int, bool, bool]]) -> dict[int, Hour]:
     """Jobs as (unix seconds, earned wei, waited on a cold start, refused) into hours."""
     hours: dict[int, list[int]] = {}
     for at, earned, cold, refused in records:
-        row = hours.setdefault(int(at // HOUR), [0, 0, 0, 0])
+        row = hours.setdefault(int(at // HOUR_SECONDS), [0, 0, 0, 0])
         if refused:
             row[3] += 1
             continue
